@@ -1,0 +1,141 @@
+"""Every exception surefetch raises.
+
+The tree::
+
+    SurefetchError
+    ├── IntegrityError
+    │   ├── ChecksumMismatch
+    │   └── SizeMismatch
+    ├── HTTPError                 (.status)
+    ├── NetworkError
+    ├── DownloadTimeout           (also a TimeoutError)
+    ├── Cancelled
+    ├── StorageError              (also an OSError: disk full, I/O error, cross-device rename)
+    ├── UnsafeDestination         (a name or path that would leave its directory)
+    ├── LockTimeout               (also a TimeoutError)
+    ├── LockfileError
+    ├── ManifestError
+    ├── SessionNotFound
+    └── NotOwner
+
+The native core raises these same classes (``surefetch._core`` imports them
+from here), so callers never see a bare ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Cancelled",
+    "ChecksumMismatch",
+    "DownloadTimeout",
+    "HTTPError",
+    "IntegrityError",
+    "LockTimeout",
+    "LockfileError",
+    "ManifestError",
+    "NetworkError",
+    "NotOwner",
+    "SessionNotFound",
+    "SizeMismatch",
+    "StorageError",
+    "SurefetchError",
+    "UnsafeDestination",
+]
+
+
+class SurefetchError(Exception):
+    """Base class of every error surefetch raises on purpose."""
+
+
+class IntegrityError(SurefetchError):
+    """The bytes that arrived are not the bytes that were promised."""
+
+
+class ChecksumMismatch(IntegrityError):
+    """A digest of the downloaded bytes differs from the expected one.
+
+    Attributes:
+        algorithm: ``"sha256"`` or ``"xxh3_128"``.
+        expected: the digest that was asked for (lowercase hex).
+        actual: the digest of what arrived (lowercase hex).
+    """
+
+    def __init__(
+        self, message: str, algorithm: str = "", expected: str = "", actual: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.algorithm = algorithm
+        self.expected = expected
+        self.actual = actual
+
+
+class SizeMismatch(IntegrityError):
+    """The body is longer or shorter than the expected size.
+
+    Attributes:
+        expected: the size that was asked for or announced, in bytes.
+        actual: the size seen, in bytes (for a body that ran long: where it was stopped).
+    """
+
+    def __init__(self, message: str, expected: int = -1, actual: int = -1) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
+class HTTPError(SurefetchError):
+    """The server answered with a status that is not a success (after any retries).
+
+    Attributes:
+        status: the HTTP status code.
+        url: the URL that answered it.
+    """
+
+    def __init__(self, message: str, status: int = 0, url: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.url = url
+
+
+class NetworkError(SurefetchError):
+    """The connection failed (refused, reset, cut short, TLS, too many redirects...)."""
+
+
+class DownloadTimeout(SurefetchError, TimeoutError):
+    """A connect, idle-read or overall timeout expired."""
+
+
+class Cancelled(SurefetchError):
+    """The transfer's CancelToken was cancelled; its part file is kept for resume."""
+
+
+class StorageError(SurefetchError, OSError):
+    """Writing, syncing or renaming on the local filesystem failed.
+
+    Raised with the ``errno`` of the failure (``ENOSPC``, ``EIO``, ``EXDEV``...).
+    The part file has been removed and the final path left as it was.
+    """
+
+
+class UnsafeDestination(SurefetchError, ValueError):
+    """A file name or path would leave the directory it must stay in."""
+
+
+class LockTimeout(SurefetchError, TimeoutError):
+    """Waiting for another process's lock took longer than allowed."""
+
+
+class LockfileError(SurefetchError):
+    """The lockfile is invalid, or would change where it must not."""
+
+
+class ManifestError(SurefetchError):
+    """The manifest is invalid or unsafe."""
+
+
+class SessionNotFound(SurefetchError):
+    """No session with that id exists (for this owner)."""
+
+
+class NotOwner(SurefetchError):
+    """The session exists but belongs to someone else."""
