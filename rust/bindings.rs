@@ -1,13 +1,169 @@
 //! The one place that speaks PyO3: classes, functions and error conversion.
 
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::cancel;
+use crate::download::{download_into, Options, Outcome, Progress};
+use crate::error::Error;
+use crate::retry::Backoff;
+
+pyo3::import_exception!(surefetch.errors, SurefetchError);
+pyo3::import_exception!(surefetch.errors, ChecksumMismatch);
+pyo3::import_exception!(surefetch.errors, SizeMismatch);
+pyo3::import_exception!(surefetch.errors, HTTPError);
+pyo3::import_exception!(surefetch.errors, NetworkError);
+pyo3::import_exception!(surefetch.errors, DownloadTimeout);
+pyo3::import_exception!(surefetch.errors, Cancelled);
+pyo3::import_exception!(surefetch.errors, StorageError);
+pyo3::import_exception!(surefetch.errors, LockTimeout);
+
+/// How often the waiting thread wakes to run signal handlers and report progress.
+const POLL: Duration = Duration::from_millis(50);
+/// Progress callbacks are called at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+/// After a Python-side error cancelled the transfer, how long to wait for it to wind down.
+const WIND_DOWN: Duration = Duration::from_secs(5);
+
+struct PyEngineError(Error);
+
+impl From<PyEngineError> for PyErr {
+    fn from(PyEngineError(err): PyEngineError) -> PyErr {
+        let message = err.to_string();
+        match err {
+            Error::InvalidArgument(_) => PyValueError::new_err(message),
+            Error::Http { status, url, .. } => HTTPError::new_err((message, status, url)),
+            Error::Network { .. } => NetworkError::new_err(message),
+            Error::Timeout { .. } => DownloadTimeout::new_err(message),
+            Error::Cancelled => Cancelled::new_err(message),
+            Error::ChecksumMismatch {
+                algorithm,
+                expected,
+                actual,
+            } => ChecksumMismatch::new_err((message, algorithm, expected, actual)),
+            Error::SizeMismatch { expected, actual } => {
+                SizeMismatch::new_err((message, expected, actual))
+            }
+            Error::Storage { source, path, .. } => {
+                let errno = source.raw_os_error().unwrap_or(0);
+                StorageError::new_err((errno, message, path))
+            }
+            Error::Busy { .. } => LockTimeout::new_err(message),
+        }
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("surefetch-io")
+            .build()
+            .expect("start the surefetch I/O runtime")
+    })
+}
+
+/// Runs `work` on the runtime without the GIL, waking every `POLL` to run Python's
+/// signal handlers (so Ctrl+C raises `KeyboardInterrupt` at once) and to report
+/// progress. Any Python error cancels the transfer, waits for it to stop, and is raised.
+fn run_blocking<T, F>(
+    py: Python<'_>,
+    token: &cancel::CancelToken,
+    progress: Option<(&Bound<'_, PyAny>, &Progress)>,
+    work: F,
+) -> PyResult<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::sync_channel(1);
+    runtime().spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    let mut reporter = progress.map(|(callback, progress)| Reporter::new(callback, progress));
+    // `Receiver` is `Send` but not `Sync`: it moves into the GIL-free closure and back.
+    let mut rx = Some(rx);
+    let mut wait = |py: Python<'_>, timeout: Duration| {
+        let Some(receiver) = rx.take() else {
+            return Err(mpsc::RecvTimeoutError::Disconnected);
+        };
+        let (receiver, got) = py.detach(move || {
+            let got = receiver.recv_timeout(timeout);
+            (receiver, got)
+        });
+        rx = Some(receiver);
+        got
+    };
+    loop {
+        match wait(py, POLL) {
+            Ok(result) => {
+                let value = result.map_err(|e| PyErr::from(PyEngineError(e)))?;
+                if let Some(reporter) = reporter.as_mut() {
+                    reporter.report(true)?;
+                }
+                return Ok(value);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let checked = py
+                    .check_signals()
+                    .and_then(|()| reporter.as_mut().map_or(Ok(()), |r| r.report(false)));
+                if let Err(err) = checked {
+                    token.cancel();
+                    let _ = wait(py, WIND_DOWN);
+                    return Err(err);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(SurefetchError::new_err(
+                "internal error: the transfer task stopped without a result; please report this",
+            )),
+        }
+    }
+}
+
+/// Calls a Python progress callback with `(done, total)`, at most every `PROGRESS_INTERVAL`.
+struct Reporter<'a, 'py> {
+    callback: &'a Bound<'py, PyAny>,
+    progress: &'a Progress,
+    last_call: Option<Instant>,
+    last_value: Option<(u64, Option<u64>)>,
+}
+
+impl<'a, 'py> Reporter<'a, 'py> {
+    fn new(callback: &'a Bound<'py, PyAny>, progress: &'a Progress) -> Self {
+        Self {
+            callback,
+            progress,
+            last_call: None,
+            last_value: None,
+        }
+    }
+
+    fn report(&mut self, last: bool) -> PyResult<()> {
+        let due = self
+            .last_call
+            .is_none_or(|at| at.elapsed() >= PROGRESS_INTERVAL);
+        let value = self.progress.get();
+        if (due || last) && self.last_value != Some(value) {
+            self.last_call = Some(Instant::now());
+            self.last_value = Some(value);
+            self.callback.call1(value)?;
+        }
+        Ok(())
+    }
+}
 
 /// A cancellation token: `cancel()`, `cancelled`, `child()`.
 #[pyclass(name = "CancelToken", module = "surefetch._core", frozen)]
 pub struct CancelToken {
-    pub(crate) inner: cancel::CancelToken,
+    inner: cancel::CancelToken,
 }
 
 #[pymethods]
@@ -42,8 +198,95 @@ impl CancelToken {
     }
 }
 
+fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
+    value
+        .map(|v| {
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name} must be a non-negative number of seconds, not {v}"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// Downloads `url` to the file `dest`; see `surefetch.download` for the arguments.
+#[pyfunction]
+#[pyo3(signature = (
+    url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
+    executable=false, timeout=None, connect_timeout=30.0, read_timeout=Some(30.0), retries=3,
+    backoff_base=0.25, backoff_cap=10.0, headers=Vec::new(), cancel=None, progress=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn download<'py>(
+    py: Python<'py>,
+    url: String,
+    dest: PathBuf,
+    sha256: Option<String>,
+    xxh3_128: Option<String>,
+    size: Option<u64>,
+    compute_sha256: bool,
+    durable: bool,
+    executable: bool,
+    timeout: Option<f64>,
+    connect_timeout: f64,
+    read_timeout: Option<f64>,
+    retries: u32,
+    backoff_base: f64,
+    backoff_cap: f64,
+    headers: Vec<(String, String)>,
+    cancel: Option<PyRef<'py, CancelToken>>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let options = Options {
+        sha256,
+        xxh3_128,
+        size,
+        compute_sha256,
+        durable,
+        executable,
+        timeout: seconds(timeout, "timeout")?,
+        connect_timeout: seconds(Some(connect_timeout), "connect_timeout")?.unwrap_or_default(),
+        read_timeout: seconds(read_timeout, "read_timeout")?,
+        retries,
+        backoff: Backoff {
+            base: seconds(Some(backoff_base), "backoff_base")?.unwrap_or_default(),
+            cap: seconds(Some(backoff_cap), "backoff_cap")?.unwrap_or_default(),
+        },
+        headers,
+    };
+    // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
+    let token = match &cancel {
+        Some(parent) => parent.inner.child(),
+        None => cancel::CancelToken::new(),
+    };
+    let shared = Progress::new();
+    let task_progress = Arc::clone(&shared);
+    let task_token = token.clone();
+    let outcome: Outcome = run_blocking(
+        py,
+        &token,
+        progress.as_ref().map(|cb| (cb, &*shared)),
+        async move { download_into(&url, &dest, &options, task_token, task_progress).await },
+    )?;
+    outcome_dict(py, outcome)
+}
+
+fn outcome_dict(py: Python<'_>, outcome: Outcome) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("path", outcome.path)?;
+    dict.set_item("size", outcome.size)?;
+    dict.set_item("sha256", outcome.sha256)?;
+    dict.set_item("xxh3_128", outcome.xxh3_128)?;
+    dict.set_item("resumed_from", outcome.resumed_from)?;
+    dict.set_item("bytes_transferred", outcome.bytes_transferred)?;
+    dict.set_item("elapsed", outcome.elapsed.as_secs_f64())?;
+    Ok(dict)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<CancelToken>()?;
+    m.add_function(wrap_pyfunction!(download, m)?)?;
     Ok(())
 }

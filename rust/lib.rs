@@ -2,7 +2,17 @@
 //!
 //! Only `bindings` knows about Python; every other module is plain Rust.
 
+pub mod atomic;
+pub mod buffer;
 pub mod cancel;
+pub mod download;
+pub mod error;
+pub mod guard;
+pub mod hash;
+pub mod http;
+pub mod part;
+pub mod retry;
+pub mod sink;
 
 mod bindings;
 

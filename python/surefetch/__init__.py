@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from surefetch._core import CancelToken, __version__
+from surefetch.download import DownloadResult, adownload, download
 from surefetch.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -25,6 +26,7 @@ __all__ = [
     "CancelToken",
     "Cancelled",
     "ChecksumMismatch",
+    "DownloadResult",
     "DownloadTimeout",
     "HTTPError",
     "IntegrityError",
@@ -39,4 +41,6 @@ __all__ = [
     "SurefetchError",
     "UnsafeDestination",
     "__version__",
+    "adownload",
+    "download",
 ]

@@ -1,0 +1,36 @@
+"""The private native core of surefetch (Rust). Use the public names in `surefetch`."""
+
+from collections.abc import Callable
+from os import PathLike
+from typing import Any, final
+
+__version__: str
+
+@final
+class CancelToken:
+    def __init__(self) -> None: ...
+    def cancel(self) -> None: ...
+    @property
+    def cancelled(self) -> bool: ...
+    def child(self) -> CancelToken: ...
+
+def download(
+    url: str,
+    dest: str | PathLike[str],
+    *,
+    sha256: str | None = None,
+    xxh3_128: str | None = None,
+    size: int | None = None,
+    compute_sha256: bool = True,
+    durable: bool = True,
+    executable: bool = False,
+    timeout: float | None = None,
+    connect_timeout: float = 30.0,
+    read_timeout: float | None = 30.0,
+    retries: int = 3,
+    backoff_base: float = 0.25,
+    backoff_cap: float = 10.0,
+    headers: list[tuple[str, str]] = ...,
+    cancel: CancelToken | None = None,
+    progress: Callable[[int, int | None], Any] | None = None,
+) -> dict[str, Any]: ...

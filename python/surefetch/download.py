@@ -1,0 +1,224 @@
+"""The Python face of the download engine: `download`, `adownload`, `DownloadResult`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from surefetch import _core
+from surefetch._core import CancelToken
+
+__all__ = ["DownloadResult", "ProgressCallback", "adownload", "download", "name_from_url"]
+
+ProgressCallback = Callable[[int, Optional[int]], Any]
+"""Called with (bytes done, total bytes or None), at most about ten times a second."""
+
+StrPath = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """A download that arrived whole and verified at `path`."""
+
+    path: Path
+    size: int
+    sha256: str | None
+    xxh3_128: str
+    resumed_from: int
+    bytes_transferred: int
+    elapsed: float
+
+
+def name_from_url(url: str) -> str:
+    """The file name a URL suggests: its last path segment, percent-decoded, as a bare name.
+
+    A name that would leave its directory (``..``, a decoded ``/``) is reduced to its
+    last component; an empty one becomes ``index``.
+    """
+    path = urllib.parse.urlsplit(url).path
+    segment = urllib.parse.unquote(path.rsplit("/", 1)[-1])
+    return safe_name(segment) or "index"
+
+
+def safe_name(name: str) -> str:
+    """`name` reduced to a bare file name that stays in its directory ('' if nothing is left)."""
+    bare = name.replace("\\", "/").rsplit("/", 1)[-1].replace("\0", "").strip()
+    return "" if bare in ("", ".", "..") else bare
+
+
+def _destination(url: str, dest: StrPath | None) -> Path:
+    if dest is None:
+        return Path.cwd() / name_from_url(url)
+    path = Path(os.fspath(dest))
+    if path.is_dir():
+        return path / name_from_url(url)
+    return path
+
+
+def _check(
+    connections: int | None, retries: int, timeout: float | None, read_timeout: float | None
+) -> None:
+    if connections is not None and connections < 1:
+        raise ValueError(f"connections must be at least 1, not {connections}")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, not {retries}")
+    for name, value in (("timeout", timeout), ("read_timeout", read_timeout)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, not {value}")
+
+
+def download(
+    url: str,
+    dest: StrPath | None = None,
+    *,
+    sha256: str | None = None,
+    xxh3_128: str | None = None,
+    size: int | None = None,
+    connections: int | None = None,
+    resume: bool = True,
+    durable: bool = True,
+    timeout: float | None = None,
+    read_timeout: float | None = 30.0,
+    connect_timeout: float = 30.0,
+    retries: int = 3,
+    headers: Mapping[str, str] | None = None,
+    cancel: CancelToken | None = None,
+    progress: ProgressCallback | None = None,
+    compute_sha256: bool = True,
+    executable: bool = False,
+) -> DownloadResult:
+    """Download `url` to `dest`, verified, atomically.
+
+    The body streams into ``<dest dir>/.surefetch/<name>.part`` while being hashed
+    (XXH3-128 always, SHA-256 unless ``compute_sha256=False``); only once its size
+    and digests check out is it fsynced and renamed to `dest`. Whatever was at
+    `dest` before stays untouched when anything fails.
+
+    Args:
+        url: an http or https URL.
+        dest: the file to create; an existing directory means "in it, named after
+            the URL"; None means the current directory.
+        sha256: expected SHA-256 (hex); a mismatch raises `ChecksumMismatch`.
+        xxh3_128: expected XXH3-128 (hex, canonical form as `xxhsum -H2` prints).
+        size: expected size in bytes; a body that differs raises `SizeMismatch`.
+        connections: parallel ranged connections (None: automatic).
+        resume: continue a part file left by an interrupted transfer.
+        durable: fsync the file and its directory (turn off for rebuildable caches).
+        timeout: overall limit in seconds (None: no limit).
+        read_timeout: how long the server may stay silent, in seconds.
+        connect_timeout: how long connecting may take, in seconds.
+        retries: further attempts after a transient failure (connect error, cut
+            body, 5xx, 408, 429 honouring Retry-After), with exponential backoff.
+        headers: extra request headers (credentials are dropped on a redirect to
+            another host).
+        cancel: a token whose cancellation stops the transfer within milliseconds.
+        progress: called with (bytes done, total or None) at most ~10 times a second.
+        compute_sha256: compute SHA-256 when no `sha256` is expected.
+        executable: create the file with the executable bits (0755 minus umask).
+
+    Returns:
+        A `DownloadResult` with the path, size and digests.
+
+    Raises:
+        ChecksumMismatch, SizeMismatch: the bytes are not the ones promised.
+        HTTPError: the server refused (after retries for 5xx, 408, 429).
+        NetworkError: the connection failed or broke (after retries), or a
+            redirect was unsafe.
+        DownloadTimeout: a connect, read or overall timeout expired.
+        Cancelled: `cancel` was cancelled; the part file is kept for resume.
+        StorageError: the disk is full, failed, or the rename crossed filesystems.
+        LockTimeout: another process is downloading to the same destination.
+        ValueError: an invalid argument (URL scheme, digest, number).
+        KeyboardInterrupt: Ctrl+C, raised within 100 ms; the transfer is cancelled.
+    """
+    _check(connections, retries, timeout, read_timeout)
+    path = _destination(url, dest)
+    raw = _core.download(
+        url,
+        path,
+        sha256=sha256,
+        xxh3_128=xxh3_128,
+        size=size,
+        compute_sha256=compute_sha256,
+        durable=durable,
+        executable=executable,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries=retries,
+        headers=list((headers or {}).items()),
+        cancel=cancel,
+        progress=progress,
+    )
+    return DownloadResult(
+        path=Path(raw["path"]),
+        size=raw["size"],
+        sha256=raw["sha256"],
+        xxh3_128=raw["xxh3_128"],
+        resumed_from=raw["resumed_from"],
+        bytes_transferred=raw["bytes_transferred"],
+        elapsed=raw["elapsed"],
+    )
+
+
+async def adownload(
+    url: str,
+    dest: StrPath | None = None,
+    *,
+    cancel: CancelToken | None = None,
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> DownloadResult:
+    """`download` for asyncio: the transfer runs on its own thread, never blocking the loop.
+
+    Takes the same arguments as `download`. `progress` is called on the event loop.
+    Cancelling the task cancels the transfer (its part file is kept) and raises
+    `asyncio.CancelledError` in the task once the transfer has stopped.
+    """
+    loop = asyncio.get_running_loop()
+    token = cancel.child() if cancel is not None else CancelToken()
+    done: asyncio.Future[DownloadResult] = loop.create_future()
+
+    def on_progress(now: int, total: int | None) -> None:
+        assert progress is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed under us
+            loop.call_soon_threadsafe(progress, now, total)
+
+    def settle(outcome: DownloadResult | BaseException) -> None:
+        if done.done():
+            return
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
+
+    def run() -> None:
+        outcome: DownloadResult | BaseException
+        try:
+            outcome = download(
+                url,
+                dest,
+                cancel=token,
+                progress=on_progress if progress is not None else None,
+                **options,
+            )
+        except BaseException as exc:
+            outcome = exc
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="surefetch-adownload", daemon=True).start()
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        token.cancel()
+        with contextlib.suppress(BaseException):
+            await done
+        raise

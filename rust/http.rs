@@ -1,0 +1,271 @@
+//! HTTP: one shared client per connect timeout, safe defaults, and redirects
+//! followed by hand so that every hop is checked (scheme, downgrade, credentials).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Client, Response, StatusCode, Url};
+
+use crate::error::{Error, Result, TimeoutKind};
+use crate::guard::Guard;
+use crate::retry::parse_retry_after;
+
+pub const MAX_REDIRECTS: usize = 10;
+const USER_AGENT: &str = concat!("surefetch/", env!("CARGO_PKG_VERSION"));
+/// Headers that must not follow a redirect to another host.
+const CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// The shared HTTP client (one per connect timeout, so connections are reused
+/// across calls) and the connect timeout it was built with.
+#[derive(Clone)]
+pub struct Http {
+    client: Client,
+    connect_timeout: Duration,
+}
+
+impl Http {
+    pub fn shared(connect_timeout: Duration) -> Result<Self> {
+        static CLIENTS: OnceLock<Mutex<HashMap<Duration, Client>>> = OnceLock::new();
+        let mut clients = CLIENTS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let client = match clients.get(&connect_timeout) {
+            Some(client) => client.clone(),
+            None => {
+                let client = Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    .user_agent(USER_AGENT)
+                    .build()
+                    .map_err(|e| {
+                        Error::network(format!("could not set up HTTP: {}", describe(&e)), false)
+                    })?;
+                clients.insert(connect_timeout, client.clone());
+                client
+            }
+        };
+        Ok(Self {
+            client,
+            connect_timeout,
+        })
+    }
+
+    /// Sends a GET and follows up to `MAX_REDIRECTS` redirects, checking each hop.
+    /// Non-success statuses become `Error::Http`.
+    pub async fn open(&self, url: &Url, headers: &HeaderMap, guard: &Guard) -> Result<Opened> {
+        let mut url = url.clone();
+        let mut headers = headers.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let request = self.client.get(url.clone()).headers(headers.clone());
+            let response = guard
+                .read(request.send())
+                .await?
+                .map_err(|e| self.transport_error(&e, &url))?;
+            let status = response.status();
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                let next = redirect_target(&url, &response)?;
+                if !same_origin(&url, &next) {
+                    for name in &CREDENTIAL_HEADERS {
+                        headers.remove(name);
+                    }
+                }
+                url = next;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(status_error(&response, &url));
+            }
+            return Ok(Opened { response, url });
+        }
+        Err(Error::network(
+            format!(
+                "more than {MAX_REDIRECTS} redirects starting at {url}: the server is misconfigured or loops"
+            ),
+            false,
+        ))
+    }
+
+    /// Maps a transport error to ours: connect failures and cut bodies are retryable.
+    pub fn transport_error(&self, e: &reqwest::Error, url: &Url) -> Error {
+        if e.is_timeout() && e.is_connect() {
+            // Only the connect timeout is set on the client; read timeouts are ours.
+            return Error::Timeout {
+                kind: TimeoutKind::Connect,
+                after: self.connect_timeout,
+            };
+        }
+        let what = if e.is_connect() {
+            "could not connect to"
+        } else if e.is_body() || e.is_decode() {
+            "the connection broke while reading from"
+        } else {
+            "request failed for"
+        };
+        Error::network(format!("{what} {url}: {}", describe(e)), true)
+    }
+}
+
+fn status_error(response: &Response, url: &Url) -> Error {
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    Error::Http {
+        status: response.status().as_u16(),
+        url: url.to_string(),
+        retry_after,
+    }
+}
+
+/// Parses a URL, accepting only http and https.
+pub fn parse_url(url: &str) -> Result<Url> {
+    let parsed =
+        Url::parse(url).map_err(|e| Error::InvalidArgument(format!("invalid URL {url:?}: {e}")))?;
+    match parsed.scheme() {
+        "http" | "https" if parsed.host_str().is_some() => Ok(parsed),
+        "http" | "https" => Err(Error::InvalidArgument(format!(
+            "invalid URL {url:?}: no host"
+        ))),
+        scheme => Err(Error::InvalidArgument(format!(
+            "unsupported URL scheme {scheme:?} in {url:?}: only http and https are allowed"
+        ))),
+    }
+}
+
+/// Turns caller-supplied headers into a header map, with the safe defaults.
+pub fn request_headers(extra: &[(String, String)]) -> Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in extra {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| Error::InvalidArgument(format!("invalid header name {name:?}")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| Error::InvalidArgument(format!("invalid value for header {name}")))?;
+        headers.append(name, value);
+    }
+    // The file must hold the bytes the server has, never a re-encoded form.
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    Ok(headers)
+}
+
+/// The response that ends a redirect chain, and the URL that gave it.
+pub struct Opened {
+    pub response: Response,
+    pub url: Url,
+}
+
+fn redirect_target(from: &Url, response: &Response) -> Result<Url> {
+    let location = response
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            Error::network(
+                format!("redirect from {from} without a usable Location header"),
+                false,
+            )
+        })?;
+    let next = from.join(location).map_err(|e| {
+        Error::network(
+            format!("bad redirect from {from} to {location:?}: {e}"),
+            false,
+        )
+    })?;
+    match (from.scheme(), next.scheme()) {
+        (_, "http" | "https") if next.host_str().is_none() => Err(Error::network(
+            format!("refused redirect from {from} to {next}: no host"),
+            false,
+        )),
+        ("https", "http") => Err(Error::network(
+            format!("refused redirect from {from} to {next}: a downgrade from https to plain http"),
+            false,
+        )),
+        (_, "http" | "https") => Ok(next),
+        (_, scheme) => Err(Error::network(
+            format!("refused redirect from {from} to {next}: scheme {scheme:?} is not allowed, only http and https"),
+            false,
+        )),
+    }
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// An error with its chain of causes, which reqwest keeps out of its `Display`.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The validator to send in If-Range later: a strong ETag, else Last-Modified.
+pub fn validators(response: &Response) -> (Option<String>, Option<String>) {
+    let get = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let etag = get(header::ETAG).filter(|tag| !tag.starts_with("W/"));
+    (etag, get(header::LAST_MODIFIED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_and_https() {
+        assert!(parse_url("https://example.org/a").is_ok());
+        assert!(parse_url("http://127.0.0.1:8080/a").is_ok());
+        for bad in [
+            "file:///etc/passwd",
+            "ftp://h/a",
+            "data:,x",
+            "not a url",
+            "http:///x",
+        ] {
+            assert!(
+                matches!(parse_url(bad), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn identity_encoding_is_forced() {
+        let h = request_headers(&[("Accept-Encoding".into(), "gzip".into())]).unwrap();
+        assert_eq!(h.get_all(header::ACCEPT_ENCODING).iter().count(), 1);
+        assert_eq!(h[header::ACCEPT_ENCODING], "identity");
+        assert!(request_headers(&[("bad name".into(), "v".into())]).is_err());
+    }
+
+    #[test]
+    fn origins() {
+        let a = Url::parse("http://h:80/x").unwrap();
+        assert!(same_origin(&a, &Url::parse("http://h/y").unwrap()));
+        assert!(!same_origin(&a, &Url::parse("http://h:81/y").unwrap()));
+        assert!(!same_origin(&a, &Url::parse("http://other/y").unwrap()));
+    }
+}
