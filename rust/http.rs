@@ -102,14 +102,20 @@ impl Http {
                 after: self.connect_timeout,
             };
         }
-        let what = if e.is_connect() {
-            "could not connect to"
+        let message = if e.is_connect() {
+            format!(
+                "could not connect to {url}: {}: check the URL and that the server is up",
+                root_cause(e)
+            )
         } else if e.is_body() || e.is_decode() {
-            "the connection broke while reading from"
+            format!(
+                "the connection broke while reading from {url}: {}",
+                root_cause(e)
+            )
         } else {
-            "request failed for"
+            format!("request to {url} failed: {}", describe(e))
         };
-        Error::network(format!("{what} {url}: {}", describe(e)), true)
+        Error::network(message, true)
     }
 }
 
@@ -201,6 +207,15 @@ fn redirect_target(from: &Url, response: &Response) -> Result<Url> {
 
 fn same_origin(a: &Url, b: &Url) -> bool {
     a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// The innermost cause, which names what actually went wrong ("Connection refused").
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// An error with its chain of causes, which reqwest keeps out of its `Display`.

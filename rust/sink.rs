@@ -32,7 +32,8 @@ struct Stages {
     input: mpsc::Sender<Job>,
     free: mpsc::UnboundedReceiver<Block>,
     allocated: usize,
-    writer: oneshot::Receiver<WriterResult>,
+    /// Taken once the writer's result was read.
+    writer: Option<oneshot::Receiver<WriterResult>>,
     sha: Option<oneshot::Receiver<String>>,
 }
 
@@ -145,7 +146,7 @@ impl Sink {
             input,
             free: free_rx,
             allocated: 1,
-            writer: writer_done,
+            writer: Some(writer_done),
             sha: sha_done,
         });
     }
@@ -155,9 +156,12 @@ impl Sink {
         let State::Threaded(stages) = &mut self.state else {
             return Error::network("internal error: the writer stopped", false);
         };
-        match (&mut stages.writer).await {
-            Ok(Err(e)) => e,
-            _ => Error::network("internal error: the writer thread stopped", false),
+        match stages.writer.take() {
+            Some(writer) => match writer.await {
+                Ok(Err(e)) => e,
+                _ => Error::network("internal error: the writer thread stopped", false),
+            },
+            None => Error::network("internal error: the writer already stopped", false),
         }
     }
 
@@ -201,6 +205,9 @@ impl Sink {
                     buffer::recycle(current);
                 }
                 drop(input);
+                let writer = writer.ok_or_else(|| {
+                    Error::network("internal error: the writer already stopped", false)
+                })?;
                 let (part, xxh, len) = writer.await.map_err(|_| {
                     Error::network("internal error: the writer thread stopped", false)
                 })??;
@@ -223,16 +230,33 @@ impl Sink {
         }
     }
 
-    /// Stops the stages after writing what was already handed off, and returns
-    /// how many bytes from the start of the file were written.
+    /// Stops the stages after writing everything received so far (it is good
+    /// data for a resume), and returns how many bytes from the start of the file
+    /// were written.
     pub async fn abort(self) -> u64 {
-        match self.state {
-            State::Inline { .. } => 0,
+        let Sink {
+            state,
+            current,
+            offset,
+        } = self;
+        match state {
+            State::Inline { mut part, .. } => {
+                let written = part.write_at(current.as_slice(), 0).is_ok();
+                let len = if written { current.len() as u64 } else { 0 };
+                buffer::recycle(current);
+                len
+            }
             State::Threaded(stages) => {
+                if !current.is_empty() {
+                    let _ = stages.input.send((current, offset)).await;
+                }
                 drop(stages.input);
-                match stages.writer.await {
-                    Ok(Ok((_, _, len))) => len,
-                    _ => 0,
+                match stages.writer {
+                    Some(writer) => match writer.await {
+                        Ok(Ok((_, _, len))) => len,
+                        _ => 0,
+                    },
+                    None => 0,
                 }
             }
         }
@@ -243,12 +267,11 @@ impl Stages {
     fn placeholder() -> Self {
         let (input, _) = mpsc::channel(1);
         let (_, free) = mpsc::unbounded_channel();
-        let (_, writer) = oneshot::channel();
         Self {
             input,
             free,
             allocated: 0,
-            writer,
+            writer: None,
             sha: None,
         }
     }

@@ -7,8 +7,22 @@ Exit codes (DESIGN.md): 0 success · 1 other error · 2 usage · 3 integrity ·
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, Callable, NoReturn
+
+from surefetch.errors import (
+    DownloadTimeout,
+    HTTPError,
+    IntegrityError,
+    NetworkError,
+    SurefetchError,
+)
+from typing import Any
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -25,8 +39,208 @@ def build_parser() -> argparse.ArgumentParser:
         prog="surefetch", description="Downloads that cannot corrupt anything."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_get_command(sub)
     _add_session_commands(sub)
     return parser
+
+
+# --- errors, signals and output -----------------------------------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised from the signal handler like KeyboardInterrupt for SIGINT."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception (DESIGN.md)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(exc, Terminated):
+        return EXIT_SIGTERM
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(exc, (HTTPError, NetworkError)):
+        return EXIT_NETWORK
+    if isinstance(exc, DownloadTimeout):
+        return EXIT_TIMEOUT
+    if isinstance(exc, ValueError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; the part file is kept: run the same command again to continue"
+    if isinstance(exc, Terminated):
+        return "terminated; the part file is kept: run the same command again to continue"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def run_reporting_errors(action: Callable[[], int]) -> int:
+    """Runs `action`, turning the exceptions surefetch documents into one stderr line
+    and an exit code."""
+    try:
+        with _sigterm_raises():
+            return action()
+    except (SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
+        print(f"surefetch: error: {_error_line(exc)}", file=sys.stderr)
+        return exit_code_for(exc)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+# --- get ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', not {text!r}")
+    return name.strip(), value.strip()
+
+
+def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    get = sub.add_parser(
+        "get",
+        help="download one URL, verified, to a file",
+        description="Download URL to a file: nothing appears at the destination unless it "
+        "arrived whole and verified; an interrupted download keeps its part file.",
+    )
+    get.add_argument("url", metavar="URL")
+    get.add_argument("-o", "--output", metavar="PATH", help="file or directory to write to")
+    get.add_argument("--sha256", metavar="HEX", help="expected SHA-256")
+    get.add_argument("--xxh3", metavar="HEX", help="expected XXH3-128 (as xxhsum -H2 prints)")
+    get.add_argument("--size", metavar="N", type=_non_negative_int, help="expected size in bytes")
+    get.add_argument(
+        "-c", "--connections", metavar="N", type=_positive_int, help="parallel connections"
+    )
+    get.add_argument("--no-resume", action="store_true", help="discard any part file")
+    get.add_argument("--no-fsync", action="store_true", help="skip fsync (rebuildable caches)")
+    get.add_argument("--no-sha256", action="store_true", help="compute only XXH3-128")
+    get.add_argument("--timeout", metavar="S", type=_seconds, help="overall time limit")
+    get.add_argument(
+        "--read-timeout", metavar="S", type=_seconds, default=30.0, help="idle read limit"
+    )
+    get.add_argument(
+        "--connect-timeout", metavar="S", type=_seconds, default=30.0, help="connect limit"
+    )
+    get.add_argument("--retries", metavar="N", type=_non_negative_int, default=3)
+    get.add_argument(
+        "-H",
+        "--header",
+        metavar="'NAME: VALUE'",
+        type=_header,
+        action="append",
+        default=[],
+        help="extra request header (repeatable)",
+    )
+    get.add_argument("--executable", action="store_true", help="make the file executable")
+    get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    get.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    get.set_defaults(handler=_run_get)
+
+
+def _run_get(args: argparse.Namespace) -> int:
+    from surefetch.download import download
+
+    show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    def action() -> int:
+        with _progress_bar(show_bar) as progress:
+            result = download(
+                args.url,
+                args.output,
+                sha256=args.sha256,
+                xxh3_128=args.xxh3,
+                size=args.size,
+                connections=args.connections,
+                resume=not args.no_resume,
+                durable=not args.no_fsync,
+                timeout=args.timeout,
+                read_timeout=args.read_timeout,
+                connect_timeout=args.connect_timeout,
+                retries=args.retries,
+                headers=dict(args.header),
+                progress=progress,
+                compute_sha256=not args.no_sha256,
+                executable=args.executable,
+            )
+        if args.json:
+            _print_json(
+                {
+                    "path": str(result.path),
+                    "size": result.size,
+                    "sha256": result.sha256,
+                    "xxh3_128": result.xxh3_128,
+                    "resumed_from": result.resumed_from,
+                    "bytes_transferred": result.bytes_transferred,
+                    "elapsed_s": round(result.elapsed, 6),
+                }
+            )
+        elif not args.quiet:
+            print(result.path)
+        return EXIT_OK
+
+    return run_reporting_errors(action)
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] | None]:
+    """A tqdm bar on stderr (bytes, rate, ETA), or None when not wanted."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 # --- sessions, users, serve -------------------------------------------------
@@ -34,6 +248,208 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_session_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Registers `sessions`, `users` and `serve` (each sets `handler` via set_defaults)."""
+    db_help = "session store URL (default: $SUREFETCH_DB, else sqlite under the XDG data dir)"
+
+    sessions = sub.add_parser("sessions", help="list, show and cancel your sessions")
+    ssub = sessions.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("list", "list your sessions, newest first"),
+        ("show", "show one of your sessions"),
+        ("cancel", "request the cancellation of one of your sessions"),
+    ):
+        p = ssub.add_parser(name, help=help_text)
+        if name != "list":
+            p.add_argument("id", metavar="ID", help="the session id")
+        else:
+            p.add_argument(
+                "--status",
+                choices=("pending", "running", "succeeded", "failed", "cancelled"),
+                help="only sessions in this status",
+            )
+            p.add_argument("--limit", type=int, default=None, help="at most N sessions")
+        p.add_argument("--db", default=None, metavar="URL", help=db_help)
+        p.add_argument(
+            "--user",
+            default=None,
+            metavar="NAME",
+            help="whose sessions (default: the current login user)",
+        )
+        p.add_argument("--json", action="store_true", help="print JSON on stdout")
+        p.set_defaults(handler=_cmd_sessions, action=name)
+
+    users = sub.add_parser("users", help="manage API users")
+    usub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    add = usub.add_parser("add", help="create a bearer token for a user and print it")
+    add.add_argument("name", metavar="NAME", help="the user name")
+    add.add_argument("--db", default=None, metavar="URL", help=db_help)
+    add.set_defaults(handler=_cmd_users_add)
+
+    serve = sub.add_parser("serve", help="serve the sessions HTTP API")
+    serve.add_argument("--db", default=None, metavar="URL", help=db_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any)")
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> int:
+    print(f"surefetch: {message}", file=sys.stderr)
+    return code
+
+
+def _open_store(url: str | None) -> Any:
+    from surefetch.sessions import SessionStore
+
+    return SessionStore(url)
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    import getpass
+    import json
+
+    from surefetch.errors import NotOwner, SessionNotFound, SurefetchError
+
+    user: str = args.user if args.user is not None else getpass.getuser()
+    try:
+        store = _open_store(args.db)
+    except ValueError as exc:
+        return _fail(f"{exc}", EXIT_USAGE)
+    except SurefetchError as exc:
+        return _fail(str(exc))
+    try:
+        if args.action == "list":
+            if args.limit is not None and args.limit < 0:
+                return _fail("--limit must be 0 or more", EXIT_USAGE)
+            found = store.list(user, status=args.status, limit=args.limit)
+            if args.json:
+                print(json.dumps({"sessions": [s.to_dict() for s in found]}))
+            else:
+                _print_session_table(found)
+            return EXIT_OK
+        if args.action == "show":
+            session = store.get(args.id, user)
+            if args.json:
+                print(json.dumps(session.to_dict()))
+            else:
+                for key, value in session.to_dict().items():
+                    shown = json.dumps(value) if key == "metadata" else value
+                    print(f"{key + ':':21}{'' if shown is None else shown}")
+            return EXIT_OK
+        changed = store.request_cancel(args.id, user)
+        session = store.get(args.id, user)
+        if args.json:
+            print(json.dumps({"id": session.id, "changed": changed, "session": session.to_dict()}))
+        else:
+            print(_cancel_message(session, changed))
+        return EXIT_OK
+    except SessionNotFound:
+        return _fail(
+            f"no session {args.id} for user {user}; see your sessions with "
+            "`surefetch sessions list` (or pass --user/--db)"
+        )
+    except NotOwner:
+        return _fail(
+            f"session {args.id} belongs to another user, not {user}; you can only see and "
+            "cancel your own sessions"
+        )
+    except (TypeError, ValueError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return _fail(str(exc))
+    finally:
+        store.close()
+
+
+def _print_session_table(found: Sequence[Any]) -> None:
+    if not found:
+        print("no sessions", file=sys.stderr)
+        return
+    print(f"{'ID':32}  {'STATUS':9}  {'UI':12}  {'CANCEL':9}  {'CREATED':20}  TITLE")
+    for s in found:
+        created = s.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        title = s.title.replace("\n", " ")
+        print(
+            f"{s.id:32}  {s.status:9}  {s.ui_status:12}  {s.cancellation_status:9}  "
+            f"{created:20}  {title}"
+        )
+
+
+def _cancel_message(session: Any, changed: bool) -> str:
+    if changed and session.pid is not None:
+        return (
+            f"cancellation of session {session.id} requested; the enforcer on host "
+            f"{session.host} stops process {session.pid}"
+        )
+    if changed:
+        return (
+            f"cancellation of session {session.id} requested; it has no process and will not start"
+        )
+    if session.cancellation_status == "requested":
+        return (
+            f"cancellation of session {session.id} was already requested by {session.cancelled_by}"
+        )
+    if session.status == "cancelled":
+        return f"session {session.id} is already cancelled"
+    return f"session {session.id} already finished ({session.status}); nothing to cancel"
+
+
+def _cmd_users_add(args: argparse.Namespace) -> int:
+    from surefetch.errors import SurefetchError
+
+    try:
+        store = _open_store(args.db)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return _fail(str(exc))
+    try:
+        token = store.add_user(args.name)
+    except (TypeError, ValueError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return _fail(str(exc))
+    finally:
+        store.close()
+    print(token)
+    print(
+        f"token for user {args.name} created; it is shown only this once: send it as "
+        "`Authorization: Bearer TOKEN`",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    from surefetch.errors import SurefetchError
+
+    try:
+        from surefetch.server import serve
+    except ImportError as exc:
+        return _fail(f"the HTTP API needs fastapi and uvicorn ({exc}); pip install surefetch")
+    if not 0 <= args.port <= 65535:
+        return _fail(f"--port must be between 0 and 65535, not {args.port}", EXIT_USAGE)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        sock = socket.create_server((args.host, args.port), family=family)
+    except OSError as exc:
+        return _fail(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
+            "pick another --port or --host"
+        )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    print(f"serving the sessions API on http://{shown}:{port} (Ctrl+C stops)", file=sys.stderr)
+    sys.stderr.flush()
+    try:
+        serve(args.db, host, port, sock=sock)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return _fail(str(exc))
+    finally:
+        sock.close()
+    return EXIT_OK
 
 
 # --- entry point --------------------------------------------------------------
