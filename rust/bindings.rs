@@ -214,8 +214,8 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
 #[pyfunction]
 #[pyo3(signature = (
     url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
-    executable=false, timeout=None, connect_timeout=30.0, read_timeout=Some(30.0), retries=3,
-    backoff_base=0.25, backoff_cap=10.0, headers=Vec::new(), cancel=None, progress=None
+    executable=false, timeout=None, connect_timeout=30.0, read_timeout=None, retries=3,
+    backoff_base=0.25, backoff_cap=10.0, headers=None, cancel=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn download<'py>(
@@ -234,7 +234,7 @@ fn download<'py>(
     retries: u32,
     backoff_base: f64,
     backoff_cap: f64,
-    headers: Vec<(String, String)>,
+    headers: Option<Vec<(String, String)>>,
     cancel: Option<PyRef<'py, CancelToken>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -253,7 +253,7 @@ fn download<'py>(
             base: seconds(Some(backoff_base), "backoff_base")?.unwrap_or_default(),
             cap: seconds(Some(backoff_cap), "backoff_cap")?.unwrap_or_default(),
         },
-        headers,
+        headers: headers.unwrap_or_default(),
     };
     // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
     let token = match &cancel {

@@ -289,7 +289,7 @@ impl<'a> Job<'a> {
                 .await?
                 .map_err(|e| self.http.transport_error(&e, url))?;
             let Some(chunk) = chunk else { break };
-            let received = sink.len() + chunk.len() as u64;
+            let received = sink.received() + chunk.len() as u64;
             if let Some(expected) = expected.filter(|&e| received > e) {
                 // Never write past the expected size.
                 return Err(Error::SizeMismatch {
@@ -302,7 +302,7 @@ impl<'a> Job<'a> {
             sink.push(&chunk, &self.guard).await?;
             self.progress.set_done(received);
         }
-        let received = sink.len();
+        let received = sink.received();
         match expected {
             Some(expected) if received < expected && announced == Some(expected) => {
                 Err(Error::network(

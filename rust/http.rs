@@ -71,7 +71,17 @@ impl Http {
                 .map_err(|e| self.transport_error(&e, &url))?;
             let status = response.status();
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
-                let next = redirect_target(&url, &response)?;
+                let location = response
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        Error::network(
+                            format!("redirect from {url} without a usable Location header"),
+                            false,
+                        )
+                    })?;
+                let next = redirect_target(&url, location)?;
                 if !same_origin(&url, &next) {
                     for name in &CREDENTIAL_HEADERS {
                         headers.remove(name);
@@ -171,17 +181,8 @@ pub struct Opened {
     pub url: Url,
 }
 
-fn redirect_target(from: &Url, response: &Response) -> Result<Url> {
-    let location = response
-        .headers()
-        .get(header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            Error::network(
-                format!("redirect from {from} without a usable Location header"),
-                false,
-            )
-        })?;
+/// Where a redirect leads, refusing other schemes and https → http downgrades.
+fn redirect_target(from: &Url, location: &str) -> Result<Url> {
     let next = from.join(location).map_err(|e| {
         Error::network(
             format!("bad redirect from {from} to {location:?}: {e}"),
@@ -259,7 +260,7 @@ mod tests {
             "ftp://h/a",
             "data:,x",
             "not a url",
-            "http:///x",
+            "http://",
         ] {
             assert!(
                 matches!(parse_url(bad), Err(Error::InvalidArgument(_))),
@@ -274,6 +275,27 @@ mod tests {
         assert_eq!(h.get_all(header::ACCEPT_ENCODING).iter().count(), 1);
         assert_eq!(h[header::ACCEPT_ENCODING], "identity");
         assert!(request_headers(&[("bad name".into(), "v".into())]).is_err());
+    }
+
+    #[test]
+    fn redirects_are_checked_per_hop() {
+        let https = Url::parse("https://h/a/b").unwrap();
+        assert_eq!(
+            redirect_target(&https, "c").unwrap().as_str(),
+            "https://h/a/c"
+        );
+        assert_eq!(
+            redirect_target(&https, "https://other/x").unwrap().as_str(),
+            "https://other/x"
+        );
+        let downgrade = redirect_target(&https, "http://h/a").unwrap_err();
+        assert!(downgrade.to_string().contains("downgrade"), "{downgrade}");
+        let http = Url::parse("http://h/a").unwrap();
+        assert!(redirect_target(&http, "https://h/a").is_ok());
+        for bad in ["file:///etc/passwd", "ftp://h/x", "javascript:alert(1)"] {
+            let err = redirect_target(&http, bad).unwrap_err();
+            assert!(err.to_string().contains("only http and https"), "{err}");
+        }
     }
 
     #[test]

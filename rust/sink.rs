@@ -66,7 +66,7 @@ impl Sink {
     }
 
     /// Bytes accepted so far.
-    pub fn len(&self) -> u64 {
+    pub fn received(&self) -> u64 {
         self.offset + self.current.len() as u64
     }
 

@@ -4,6 +4,8 @@ from collections.abc import Callable
 from os import PathLike
 from typing import Any, final
 
+__all__ = ["CancelToken", "__version__", "download"]
+
 __version__: str
 
 @final
@@ -26,11 +28,11 @@ def download(
     executable: bool = False,
     timeout: float | None = None,
     connect_timeout: float = 30.0,
-    read_timeout: float | None = 30.0,
+    read_timeout: float | None = None,
     retries: int = 3,
     backoff_base: float = 0.25,
     backoff_cap: float = 10.0,
-    headers: list[tuple[str, str]] = ...,
+    headers: list[tuple[str, str]] | None = None,
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...

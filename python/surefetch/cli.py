@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, cast
 
 from surefetch.errors import (
     DownloadTimeout,
@@ -22,7 +22,6 @@ from surefetch.errors import (
     NetworkError,
     SurefetchError,
 )
-from typing import Any
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -34,11 +33,19 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line that says where to look, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="surefetch", description="Downloads that cannot corrupt anything."
+    parser = _Parser(prog="surefetch", description="Downloads that cannot corrupt anything.")
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_get_command(sub)
     _add_session_commands(sub)
     return parser
@@ -246,7 +253,7 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] |
 # --- sessions, users, serve -------------------------------------------------
 
 
-def _add_session_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_session_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Registers `sessions`, `users` and `serve` (each sets `handler` via set_defaults)."""
     db_help = "session store URL (default: $SUREFETCH_DB, else sqlite under the XDG data dir)"
 
