@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
     )
     _add_get_command(sub)
+    _add_demo_command(sub)
     _add_session_commands(sub)
     return parser
 
@@ -248,6 +249,26 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] |
         yield update
     finally:
         bar.close()
+
+
+# --- demo ------------------------------------------------------------------------
+
+
+def _add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="download sample artifacts from a local server, with verification (no internet)",
+    )
+    demo.add_argument("--dir", metavar="DIR", help="keep the downloads here (default: a temp dir)")
+    demo.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from surefetch.demo import run_demo
+
+    return run_reporting_errors(lambda: run_demo(Path(args.dir) if args.dir else None))
 
 
 # --- sessions, users, serve -------------------------------------------------
