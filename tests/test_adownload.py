@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+
 import surefetch as sf
-from support import part_dir, payload
 from surefetch.testing import FaultServer
+
+from support import part_dir, payload
 
 DATA = payload(2 * 1024 * 1024, seed=3)
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from support import SUREFETCH, leftovers, part_dir, payload, restore_default_signals, run_cli
+
 from surefetch.testing import FaultServer
+
+from support import SUREFETCH, leftovers, part_dir, payload, restore_default_signals, run_cli
 
 DATA = payload(2 * 1024 * 1024 + 7, seed=2)
 SHA = hashlib.sha256(DATA).hexdigest()

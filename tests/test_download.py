@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import surefetch as sf
 import xxhash
-from support import leftovers, part_dir, payload
+
+import surefetch as sf
 from surefetch.testing import FaultServer, gzipped
+
+from support import leftovers, part_dir, payload
 
 DATA = payload(3 * 1024 * 1024 + 123)
 SHA = hashlib.sha256(DATA).hexdigest()

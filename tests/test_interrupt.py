@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-from support import part_dir, payload, restore_default_signals
+
 from surefetch.testing import FaultServer
+
+from support import part_dir, payload, restore_default_signals
 
 CHILD = """
 import json, sys, time

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+
 from surefetch.testing import FaultServer, gzipped
 
 DATA = bytes(range(256)) * 400  # 102400 bytes, every offset distinguishable mod 256

@@ -10,6 +10,7 @@ The tree::
     ├── NetworkError
     ├── DownloadTimeout           (also a TimeoutError)
     ├── Cancelled
+    │   └── SessionCancelled  (a session's cancellation was requested before its process started)
     ├── StorageError              (also an OSError: disk full, I/O error, cross-device rename)
     ├── UnsafeDestination         (a name or path that would leave its directory)
     ├── LockTimeout               (also a TimeoutError)
@@ -35,6 +36,7 @@ __all__ = [
     "ManifestError",
     "NetworkError",
     "NotOwner",
+    "SessionCancelled",
     "SessionNotFound",
     "SizeMismatch",
     "StorageError",
@@ -107,6 +109,21 @@ class DownloadTimeout(SurefetchError, TimeoutError):
 
 class Cancelled(SurefetchError):
     """The transfer's CancelToken was cancelled; its part file is kept for resume."""
+
+
+class SessionCancelled(Cancelled):
+    """The session's cancellation was requested before its process attached to it.
+
+    Raised by ``SessionStore.attach_process``: the process must not start the
+    work. The session has been marked cancelled. ``except Cancelled`` catches it.
+
+    Attributes:
+        session_id: the id of the cancelled session.
+    """
+
+    def __init__(self, message: str, session_id: str = "") -> None:
+        super().__init__(message)
+        self.session_id = session_id
 
 
 class StorageError(SurefetchError, OSError):

@@ -1,0 +1,177 @@
+"""`surefetch sessions|users|serve` as a user runs them: real processes, real stores."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from surefetch.sessions import SessionStore
+
+from session_support import store, store_url
+
+__all__ = ["store", "store_url"]  # fixtures, imported for pytest
+
+
+def sf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "surefetch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_list_show_cancel_json(store: SessionStore) -> None:
+    meta = {"k": ["v", 1]}
+    a1 = store.create("alice", "first", meta)
+    a2 = store.create("alice", "second")
+    store.create("bob", "bob's")
+    db = ("--db", store.url)
+
+    out = sf("sessions", "list", *db, "--user", "alice", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    assert [s["id"] for s in listed["sessions"]] == [a2.id, a1.id]
+    assert listed["sessions"][1] == a1.to_dict()
+
+    out = sf("sessions", "show", a1.id, *db, "--user", "alice", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == a1.to_dict()
+
+    out = sf("sessions", "cancel", a1.id, *db, "--user", "alice", "--json")
+    assert out.returncode == 0
+    result = json.loads(out.stdout)
+    assert result["changed"] is True and result["id"] == a1.id
+    assert result["session"]["cancellation_status"] == "requested"
+    assert result["session"]["metadata"] == meta
+    again = sf("sessions", "cancel", a1.id, *db, "--user", "alice", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False
+
+    out = sf("sessions", "list", *db, "--user", "alice", "--status", "pending", "--json")
+    assert len(json.loads(out.stdout)["sessions"]) == 2
+
+
+def test_human_output(store: SessionStore) -> None:
+    s = store.create("alice", "sync models")
+    db = ("--db", store.url, "--user", "alice")
+    out = sf("sessions", "list", *db)
+    assert out.returncode == 0
+    assert s.id in out.stdout and "sync models" in out.stdout and "pending" in out.stdout
+    out = sf("sessions", "show", s.id, *db)
+    assert re.search(r"^title:\s+sync models$", out.stdout, re.M)
+    out = sf("sessions", "cancel", s.id, *db)
+    assert out.returncode == 0 and "has no process and will not start" in out.stdout
+    out = sf("sessions", "cancel", s.id, *db)
+    assert "already requested by alice" in out.stdout
+    done = store.create("alice", "done")
+    store.finish(done.id, "succeeded")
+    out = sf("sessions", "cancel", done.id, *db)
+    assert out.returncode == 0 and "already finished (succeeded); nothing to cancel" in out.stdout
+    assert store.get(done.id, "alice").status == "succeeded"
+
+
+def test_users_are_isolated_in_the_cli(store: SessionStore) -> None:
+    s = store.create("alice", "mine")
+    db = ("--db", store.url)
+    out = sf("sessions", "list", *db, "--user", "bob", "--json")
+    assert json.loads(out.stdout) == {"sessions": []}
+    for action in ("show", "cancel"):
+        out = sf("sessions", action, s.id, *db, "--user", "bob")
+        assert out.returncode == 1
+        assert out.stdout == ""
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "belongs to another user" in lines[0]
+    assert store.get(s.id, "alice").cancellation_status == "none"
+
+
+def test_unknown_session_and_usage_errors(store: SessionStore) -> None:
+    out = sf("sessions", "show", "0" * 32, "--db", store.url)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no session" in lines[0] and "sessions list" in lines[0]
+    assert sf("sessions", "show").returncode == 2
+    assert sf("sessions", "frobnicate").returncode == 2
+    out = sf("sessions", "list", "--db", "mysql://x/y")
+    assert out.returncode == 2 and "unsupported" in out.stderr
+    out = sf("sessions", "list", "--db", store.url, "--limit", "-1")
+    assert out.returncode == 2
+
+
+def test_user_defaults_to_the_login_user_and_db_to_env(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/env.db"
+    st = SessionStore(url)
+    s = st.create(getpass.getuser(), "from env")
+    st.close()
+    out = sf("sessions", "list", "--json", env={"SUREFETCH_DB": url})
+    assert [x["id"] for x in json.loads(out.stdout)["sessions"]] == [s.id]
+    # Without --db nor SUREFETCH_DB: SQLite under the XDG data dir.
+    env = {"XDG_DATA_HOME": str(tmp_path / "xdg"), "SUREFETCH_DB": ""}
+    out = sf("sessions", "list", "--json", env=env)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"sessions": []}
+    assert (tmp_path / "xdg" / "surefetch" / "sessions.db").is_file()
+
+
+def test_users_add_prints_a_token(store: SessionStore) -> None:
+    out = sf("users", "add", "carol", "--db", store.url)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", token)
+    assert store.authenticate(token) == "carol"
+    assert sf("users", "add", "", "--db", store.url).returncode == 2
+
+
+def test_serve(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/serve.db"
+    token = sf("users", "add", "alice", "--db", url).stdout.strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "surefetch.cli", "serve", "--db", url, "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        base = f"http://127.0.0.1:{match.group(1)}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.get(base + "/sessions", headers={"Authorization": f"Bearer {token}"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert r.status_code == 200 and r.json() == {"sessions": []}
+        assert httpx.get(base + "/sessions").status_code == 401
+        assert httpx.get(base + "/openapi.json").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+
+
+def test_serve_on_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = sf("serve", "--db", f"sqlite:///{tmp_path}/x.db", "--port", str(port))
+    assert out.returncode == 1 and "pick another --port" in out.stderr
+
+
+@pytest.mark.parametrize("args", [["--port", "70000"]])
+def test_serve_usage(args: list[str], tmp_path: Path) -> None:
+    assert sf("serve", "--db", f"sqlite:///{tmp_path}/x.db", *args).returncode == 2
