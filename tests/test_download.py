@@ -433,3 +433,24 @@ def test_rename_across_filesystems_never_copies(url: str, tmp_path: Path, tiny_f
     assert info.value.errno == errno.EXDEV
     assert not (dest_dir / "f").exists()
     assert leftovers(tiny_fs) == []
+
+
+def test_large_files_take_the_direct_write_path(server: FaultServer, tmp_path: Path) -> None:
+    # Large enough for O_DIRECT block writes, with an unaligned tail; cut once mid-way.
+    data = payload((20 << 20) + 5, seed=20)
+    url = server.add("large.bin", data)
+    result = sf.download(url + "?cut=7000000&times=1", tmp_path / "large.bin", size=len(data))
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "large.bin").read_bytes() == data
+
+    token = sf.CancelToken()
+    stamp: list[float] = []
+    thread = _cancel_after(token, 0.5, stamp)
+    with pytest.raises(sf.Cancelled):
+        sf.download(url + "?throttle=10000000", tmp_path / "cancelled.bin", cancel=token)
+    thread.join()
+    sidecar = json.loads((tmp_path / ".surefetch" / "cancelled.bin.part.json").read_text())
+    done = sidecar["ranges_done"][0][1]
+    assert done > 1 << 20
+    part = (tmp_path / ".surefetch" / "cancelled.bin.part").read_bytes()
+    assert part[:done] == data[:done]
