@@ -352,7 +352,7 @@ impl<'a> Job<'a> {
 
     fn store_sidecar(&self, sidecar: &Sidecar) -> Result<()> {
         sidecar
-            .store(&self.paths.sidecar)
+            .store(&self.paths.sidecar, self.options.durable)
             .map_err(|e| Error::storage("writing", &self.paths.sidecar, e))
     }
 }

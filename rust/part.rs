@@ -97,8 +97,10 @@ impl Sidecar {
         (sidecar.version == Self::VERSION).then_some(sidecar)
     }
 
-    /// Writes to a temporary file, then renames it over the sidecar.
-    pub fn store(&self, path: &Path) -> io::Result<()> {
+    /// Writes to a temporary file, then renames it over the sidecar (fsyncing the
+    /// temporary file first when `durable`). A sidecar lost to a power cut only
+    /// means starting over: the digests of a resumed file cover every byte.
+    pub fn store(&self, path: &Path, durable: bool) -> io::Result<()> {
         let tmp = path.with_extension("json.tmp");
         let mut file = OpenOptions::new()
             .write(true)
@@ -107,7 +109,9 @@ impl Sidecar {
             .mode(0o644)
             .open(&tmp)?;
         file.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
-        file.sync_data()?;
+        if durable {
+            file.sync_data()?;
+        }
         fs::rename(&tmp, path)
     }
 }
@@ -164,7 +168,6 @@ impl Drop for PartLock {
     fn drop(&mut self) {
         // Unlink while still holding the lock, so that a waiter notices the change.
         let _ = fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }
 
@@ -389,7 +392,7 @@ mod tests {
             size: Some(10),
             ranges_done: vec![[0, 4]],
         };
-        sidecar.store(&path).unwrap();
+        sidecar.store(&path, true).unwrap();
         assert_eq!(Sidecar::load(&path), Some(sidecar));
         fs::write(&path, b"{\"version\": 1, \"url\": ").unwrap();
         assert_eq!(Sidecar::load(&path), None);

@@ -454,7 +454,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from surefetch.server import serve
     except ImportError as exc:
-        return _fail(f"the HTTP API needs fastapi and uvicorn ({exc}); pip install surefetch")
+        return _fail(
+            f"the HTTP API needs fastapi and uvicorn ({exc}): pip install 'surefetch[server]'"
+        )
     if not 0 <= args.port <= 65535:
         return _fail(f"--port must be between 0 and 65535, not {args.port}", EXIT_USAGE)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -308,7 +308,13 @@ class _Postgres(_Backend):
     name = "postgresql"
 
     def __init__(self, url: str, connect_timeout: float) -> None:
-        import psycopg  # noqa: F401  (fail early with a clear message when missing)
+        try:
+            import psycopg  # noqa: F401  (fail early with a clear message when missing)
+        except ImportError as exc:
+            raise SurefetchError(
+                f"PostgreSQL session stores need psycopg ({exc}): "
+                "pip install 'surefetch[postgres]'"
+            ) from None
 
         self.url = url
         self.connect_timeout = connect_timeout
