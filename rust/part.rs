@@ -120,7 +120,8 @@ impl Sidecar {
 /// releases it, so it can never go stale.
 #[derive(Debug)]
 pub struct PartLock {
-    file: File,
+    /// Held only for its lock, which closing the file releases.
+    _file: File,
     path: PathBuf,
 }
 
@@ -154,7 +155,7 @@ impl PartLock {
             match fs::metadata(path) {
                 Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
                     return Ok(Self {
-                        file,
+                        _file: file,
                         path: path.to_path_buf(),
                     })
                 }
