@@ -185,6 +185,7 @@ async def adownload(
     `asyncio.CancelledError` in the task once the transfer has stopped.
     """
     import asyncio  # lazily: it costs ~40 ms of start-up to every `surefetch` command
+
     loop = asyncio.get_running_loop()
     token = cancel.child() if cancel is not None else CancelToken()
     done: asyncio.Future[DownloadResult] = loop.create_future()

@@ -312,8 +312,7 @@ class _Postgres(_Backend):
             import psycopg  # noqa: F401  (fail early with a clear message when missing)
         except ImportError as exc:
             raise SurefetchError(
-                f"PostgreSQL session stores need psycopg ({exc}): "
-                "pip install 'surefetch[postgres]'"
+                f"PostgreSQL session stores need psycopg ({exc}): pip install 'surefetch[postgres]'"
             ) from None
 
         self.url = url
