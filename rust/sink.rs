@@ -121,23 +121,15 @@ impl Sink {
         };
         let (free_tx, free_rx) = mpsc::unbounded_channel();
         let (writer_tx, writer_rx) = mpsc::channel::<Job>(MAX_BLOCKS);
-        let (writer_done_tx, writer_done) = oneshot::channel();
-        thread::Builder::new()
-            .name("surefetch-writer".into())
-            .spawn(move || {
-                let _ = writer_done_tx.send(write_blocks(part, writer_rx, free_tx));
-            })
-            .expect("spawn the writer thread");
+        let writer_done = spawn_stage("surefetch-writer", move || {
+            write_blocks(part, writer_rx, free_tx)
+        });
         let (input, sha_done) = match sha {
             Some(sha) => {
                 let (sha_tx, sha_rx) = mpsc::channel::<Job>(MAX_BLOCKS);
-                let (sha_done_tx, sha_done) = oneshot::channel();
-                thread::Builder::new()
-                    .name("surefetch-sha256".into())
-                    .spawn(move || {
-                        let _ = sha_done_tx.send(hash_blocks(sha, sha_rx, writer_tx));
-                    })
-                    .expect("spawn the hashing thread");
+                let sha_done = spawn_stage("surefetch-sha256", move || {
+                    hash_blocks(sha, sha_rx, writer_tx)
+                });
                 (sha_tx, Some(sha_done))
             }
             None => (writer_tx, None),
@@ -275,6 +267,21 @@ impl Stages {
             sha: None,
         }
     }
+}
+
+/// Runs one pipeline stage on its own thread; its result arrives on the receiver.
+fn spawn_stage<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (done_tx, done_rx) = oneshot::channel();
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = done_tx.send(work());
+        })
+        .expect("spawn a pipeline thread");
+    done_rx
 }
 
 fn hash_blocks(
