@@ -285,10 +285,26 @@ class _SQLite(_Backend):
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         if not self._wal_done:
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             self._wal_done = True
         conn.execute("PRAGMA synchronous = FULL")
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new database to WAL needs an exclusive lock, and SQLite reports
+        # "database is locked" at once, without its busy handler, when several
+        # processes open the same new file together: retry until the busy timeout.
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     @contextlib.contextmanager
     def transaction(self, conn: Any) -> Iterator[None]:
