@@ -146,14 +146,14 @@ impl Sink {
     /// The error that stopped a stage (the writer's, as only it can fail).
     async fn stage_failure(&mut self) -> Error {
         let State::Threaded(stages) = &mut self.state else {
-            return Error::network("internal error: the writer stopped", false);
+            return stage_stopped("writer");
         };
         match stages.writer.take() {
             Some(writer) => match writer.await {
                 Ok(Err(e)) => e,
-                _ => Error::network("internal error: the writer thread stopped", false),
+                _ => stage_stopped("writer"),
             },
-            None => Error::network("internal error: the writer already stopped", false),
+            None => stage_stopped("writer"),
         }
     }
 
@@ -197,19 +197,13 @@ impl Sink {
                     buffer::recycle(current);
                 }
                 drop(input);
-                let writer = writer.ok_or_else(|| {
-                    Error::network("internal error: the writer already stopped", false)
-                })?;
-                let (part, xxh, len) = writer.await.map_err(|_| {
-                    Error::network("internal error: the writer thread stopped", false)
-                })??;
+                let writer = writer.ok_or_else(|| stage_stopped("writer"))?;
+                let (part, xxh, len) = writer.await.map_err(|_| stage_stopped("writer"))??;
                 while let Ok(block) = free.try_recv() {
                     buffer::recycle(block);
                 }
                 let sha256 = match sha {
-                    Some(rx) => Some(rx.await.map_err(|_| {
-                        Error::network("internal error: the hashing thread stopped", false)
-                    })?),
+                    Some(rx) => Some(rx.await.map_err(|_| stage_stopped("hashing"))?),
                     None => None,
                 };
                 Ok(SinkOutput {
@@ -267,6 +261,14 @@ impl Stages {
             sha: None,
         }
     }
+}
+
+/// A pipeline thread ended without its result: a bug, reported as such.
+fn stage_stopped(stage: &str) -> Error {
+    Error::network(
+        format!("internal error: the {stage} thread stopped unexpectedly; please report this"),
+        false,
+    )
 }
 
 /// Runs one pipeline stage on its own thread; its result arrives on the receiver.

@@ -99,6 +99,12 @@ def _error_line(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _fail(message: str, code: int = EXIT_ERROR) -> int:
+    """Prints the one stderr line of a failed command and returns its exit code."""
+    print(f"surefetch: error: {message}", file=sys.stderr)
+    return code
+
+
 def run_reporting_errors(action: Callable[[], int]) -> int:
     """Runs `action`, turning the exceptions surefetch documents into one stderr line
     and an exit code."""
@@ -106,8 +112,7 @@ def run_reporting_errors(action: Callable[[], int]) -> int:
         with _sigterm_raises():
             return action()
     except (SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
-        print(f"surefetch: error: {_error_line(exc)}", file=sys.stderr)
-        return exit_code_for(exc)
+        return _fail(_error_line(exc), exit_code_for(exc))
 
 
 def _print_json(obj: Any) -> None:
@@ -319,11 +324,6 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any]) -> None:
     serve.set_defaults(handler=_cmd_serve)
 
 
-def _fail(message: str, code: int = EXIT_ERROR) -> int:
-    print(f"surefetch: {message}", file=sys.stderr)
-    return code
-
-
 def _open_store(url: str | None) -> Any:
     from surefetch.sessions import SessionStore
 
@@ -332,9 +332,8 @@ def _open_store(url: str | None) -> Any:
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
     import getpass
-    import json
 
-    from surefetch.errors import NotOwner, SessionNotFound, SurefetchError
+    from surefetch.errors import NotOwner, SessionNotFound
 
     user: str = args.user if args.user is not None else getpass.getuser()
     try:
@@ -421,8 +420,6 @@ def _cancel_message(session: Any, changed: bool) -> str:
 
 
 def _cmd_users_add(args: argparse.Namespace) -> int:
-    from surefetch.errors import SurefetchError
-
     try:
         store = _open_store(args.db)
     except ValueError as exc:
@@ -448,8 +445,6 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import socket
-
-    from surefetch.errors import SurefetchError
 
     try:
         from surefetch.server import serve
