@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::cancel;
 use crate::download::{download_into, Options, Outcome, Progress};
 use crate::error::Error;
+use crate::hash;
 use crate::retry::Backoff;
 
 pyo3::import_exception!(surefetch.errors, SurefetchError);
@@ -272,6 +273,46 @@ fn download<'py>(
     outcome_dict(py, outcome)
 }
 
+/// Size and digests of a file: `(size, xxh3_128, sha256 or None)`.
+#[pyfunction]
+#[pyo3(signature = (path, *, sha256=true, cancel=None))]
+fn hash_file(
+    py: Python<'_>,
+    path: PathBuf,
+    sha256: bool,
+    cancel: Option<PyRef<'_, CancelToken>>,
+) -> PyResult<(u64, String, Option<String>)> {
+    let token = match &cancel {
+        Some(parent) => parent.inner.child(),
+        None => cancel::CancelToken::new(),
+    };
+    let task_token = token.clone();
+    let work = async move {
+        tokio::task::spawn_blocking(move || hash::hash_file(&path, sha256, &task_token))
+            .await
+            // A panic surfaces as run_blocking's "task stopped without a result".
+            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+    };
+    // The inner result carries file errors out as plain OSErrors, as open() raises them.
+    let digests =
+        run_blocking(py, &token, None, async move { Ok(work.await) })?.map_err(plain_os_error)?;
+    Ok((digests.size, digests.xxh3_128, digests.sha256))
+}
+
+/// A storage error as the OSError subclass Python's own file functions raise
+/// (FileNotFoundError, IsADirectoryError, ...), with the path; others as usual.
+fn plain_os_error(err: Error) -> PyErr {
+    match err {
+        Error::Storage { path, source, .. } => {
+            let errno = source.raw_os_error().unwrap_or(0);
+            let text = source.to_string();
+            let strerror = text.split(" (os error").next().unwrap_or_default();
+            PyOSError::new_err((errno, strerror.to_owned(), path))
+        }
+        other => PyEngineError(other).into(),
+    }
+}
+
 fn outcome_dict(py: Python<'_>, outcome: Outcome) -> PyResult<Bound<'_, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("path", outcome.path)?;
@@ -288,5 +329,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<CancelToken>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
+    m.add_function(wrap_pyfunction!(hash_file, m)?)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! engine writes only from page-aligned buffers kept in a process-wide pool.
 
 use std::alloc::{self, Layout};
+use std::io::{self, Read};
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
@@ -29,8 +30,10 @@ impl Block {
 
     fn allocate() -> Self {
         let layout = Self::layout();
+        // Zeroed (fresh mmap'd pages, no extra cost) so every byte is initialised
+        // and `read_from` may hand the free space to `Read::read`.
         // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { alloc::alloc(layout) };
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         Self { ptr, len: 0 }
     }
@@ -68,6 +71,17 @@ impl Block {
         }
         self.len += n;
         n
+    }
+
+    /// Reads from `reader` into the free space, at most `limit` bytes; returns how
+    /// many were read (0 at end of input or when the block is full).
+    pub fn read_from(&mut self, reader: &mut impl Read, limit: usize) -> io::Result<usize> {
+        let n = limit.min(BLOCK_SIZE - self.len);
+        // SAFETY: `len + n <= BLOCK_SIZE`, and the block was zeroed when allocated.
+        let spare = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.len), n) };
+        let read = reader.read(spare)?;
+        self.len += read;
+        Ok(read)
     }
 
     /// The filled part.

@@ -9,6 +9,8 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::buffer::{recycle, Block};
+use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 
 pub const SHA256_HEX_LEN: usize = 64;
@@ -67,23 +69,77 @@ pub fn parse_digest(algorithm: &str, value: &str, len: usize) -> Result<String> 
     Ok(value.to_ascii_lowercase())
 }
 
-/// Digests of a whole file: (xxh3_128, sha256 if asked).
-pub fn hash_file(path: &Path, with_sha256: bool) -> std::io::Result<(String, Option<String>)> {
-    let mut file = File::open(path)?;
+/// What `hash_file` found: the size and digests of a whole file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigests {
+    pub size: u64,
+    pub xxh3_128: String,
+    pub sha256: Option<String>,
+}
+
+/// Digests of a whole file, read through a page-aligned buffer; stops with
+/// `Cancelled` between blocks once `cancel` is cancelled.
+pub fn hash_file(path: &Path, with_sha256: bool, cancel: &CancelToken) -> Result<FileDigests> {
+    let mut file = File::open(path).map_err(|e| Error::storage("open", path, e))?;
     let mut xxh = Xxh3Hasher::default();
     let mut sha = with_sha256.then(Sha256Hasher::default);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
+    let mut reader = Cancellable {
+        inner: &mut file,
+        cancel,
+    };
+    let size = hash_prefix(&mut reader, u64::MAX, &mut xxh, sha.as_mut()).map_err(|e| {
+        if cancel.is_cancelled() {
+            Error::Cancelled
+        } else {
+            Error::storage("read", path, e)
+        }
+    })?;
+    Ok(FileDigests {
+        size,
+        xxh3_128: xxh.finish_hex(),
+        sha256: sha.map(Sha256Hasher::finish_hex),
+    })
+}
+
+/// A reader that fails once its token is cancelled.
+struct Cancellable<'a, R> {
+    inner: &'a mut R,
+    cancel: &'a CancelToken,
+}
+
+impl<R: Read> Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::from(std::io::ErrorKind::Interrupted));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Feeds up to `limit` bytes of `reader` to the hashers; returns how many there were.
+pub fn hash_prefix(
+    reader: &mut impl Read,
+    limit: u64,
+    xxh: &mut Xxh3Hasher,
+    mut sha: Option<&mut Sha256Hasher>,
+) -> std::io::Result<u64> {
+    let mut block = Block::take();
+    let mut total = 0u64;
+    while total < limit {
+        block.clear();
+        let want = usize::try_from(limit - total).unwrap_or(usize::MAX);
+        let n = block.read_from(reader, want)?;
         if n == 0 {
             break;
         }
-        xxh.update(&buf[..n]);
-        if let Some(sha) = sha.as_mut() {
-            sha.update(&buf[..n]);
+        xxh.update(block.as_slice());
+        if let Some(sha) = sha.as_deref_mut() {
+            sha.update(block.as_slice());
         }
+        total += n as u64;
     }
-    Ok((xxh.finish_hex(), sha.map(Sha256Hasher::finish_hex)))
+    recycle(block);
+    Ok(total)
 }
 
 #[cfg(test)]

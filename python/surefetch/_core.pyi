@@ -4,7 +4,7 @@ from collections.abc import Callable
 from os import PathLike
 from typing import Any, final
 
-__all__ = ["CancelToken", "__version__", "download"]
+__all__ = ["CancelToken", "__version__", "download", "hash_file"]
 
 __version__: str
 
@@ -36,3 +36,7 @@ def download(
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...
+
+def hash_file(
+    path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None
+) -> tuple[int, str, str | None]: ...
