@@ -41,7 +41,7 @@ impl From<PyEngineError> for PyErr {
         match err {
             Error::InvalidArgument(_) => PyValueError::new_err(message),
             Error::Http { status, url, .. } => HTTPError::new_err((message, status, url)),
-            Error::Network { .. } => NetworkError::new_err(message),
+            Error::Network { .. } | Error::SourceChanged { .. } => NetworkError::new_err(message),
             Error::Timeout { .. } => DownloadTimeout::new_err(message),
             Error::Cancelled => Cancelled::new_err(message),
             Error::ChecksumMismatch {
@@ -216,7 +216,8 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
 #[pyo3(signature = (
     url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
     executable=false, timeout=None, connect_timeout=30.0, read_timeout=None, retries=3,
-    backoff_base=0.25, backoff_cap=10.0, headers=None, cancel=None, progress=None
+    backoff_base=0.25, backoff_cap=10.0, headers=None, connections=None, resume=true,
+    cancel=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn download<'py>(
@@ -236,6 +237,8 @@ fn download<'py>(
     backoff_base: f64,
     backoff_cap: f64,
     headers: Option<Vec<(String, String)>>,
+    connections: Option<u32>,
+    resume: bool,
     cancel: Option<PyRef<'py, CancelToken>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -255,6 +258,8 @@ fn download<'py>(
             cap: seconds(Some(backoff_cap), "backoff_cap")?.unwrap_or_default(),
         },
         headers: headers.unwrap_or_default(),
+        connections,
+        resume,
     };
     // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
     let token = match &cancel {

@@ -1,23 +1,27 @@
 //! `download_into`: stream → hash → part file → verify → fsync → rename → fsync dir,
 //! with retries, timeouts and cancellation.
 
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::header::HeaderMap;
-use reqwest::Url;
+use futures_util::future::try_join_all;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{StatusCode, Url};
 
 use crate::atomic;
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
-use crate::http::{self, Http};
+use crate::http::{self, ContentRange, Http};
 use crate::part::{file_mode, PartFile, PartLock, PartPaths, Sidecar};
+use crate::ranges::RangeSet;
 use crate::retry::Backoff;
-use crate::sink::{Sink, SinkOutput};
+use crate::sink::{self, Checkpoint, RangeStream, Sink, SinkOutput};
 
 /// What the caller asks of a download.
 #[derive(Debug, Clone)]
@@ -35,6 +39,10 @@ pub struct Options {
     pub retries: u32,
     pub backoff: Backoff,
     pub headers: Vec<(String, String)>,
+    /// Parallel ranged connections; `None` chooses (one for small files).
+    pub connections: Option<u32>,
+    /// Continue a part file an earlier call left, when it is safe to.
+    pub resume: bool,
 }
 
 impl Default for Options {
@@ -52,6 +60,8 @@ impl Default for Options {
             retries: 3,
             backoff: Backoff::default(),
             headers: Vec::new(),
+            connections: None,
+            resume: true,
         }
     }
 }
@@ -89,6 +99,10 @@ impl Progress {
 
     fn set_done(&self, done: u64) {
         self.done.store(done, Ordering::Relaxed);
+    }
+
+    fn add_done(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -132,10 +146,99 @@ pub async fn download_into(
         size,
         sha256,
         xxh3_128,
-        resumed_from: 0,
+        resumed_from: job.resumed_from.load(Ordering::Relaxed),
         bytes_transferred: job.transferred.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     })
+}
+
+/// Each range request of a parallel transfer asks for this much (a multiple of
+/// the block size, so every connection writes page-aligned blocks).
+const UNIT: u64 = 4 << 20;
+/// Below this size one connection is enough when the caller did not choose.
+const AUTO_PARALLEL_MIN: u64 = 64 << 20;
+const AUTO_CONNECTIONS: u32 = 8;
+/// Resumed ranges are cut to this alignment, so writes can stay `O_DIRECT`.
+const RESUME_ALIGN: u64 = 4096;
+
+/// What an earlier, interrupted call left that this one can build on.
+struct Kept {
+    sidecar: Sidecar,
+    ranges: RangeSet,
+    part: PartFile,
+}
+
+/// The identity of the file being transferred: what If-Range sends.
+#[derive(Debug, Clone, Default)]
+struct Validator {
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+impl Validator {
+    fn of(response: &reqwest::Response) -> Self {
+        let (etag, last_modified) = http::validators(response);
+        Self {
+            etag,
+            last_modified,
+        }
+    }
+
+    fn if_range(&self) -> Option<&str> {
+        self.etag.as_deref().or(self.last_modified.as_deref())
+    }
+
+    /// Whether `response` shows another version than this one.
+    fn differs_from(&self, response: &reqwest::Response) -> bool {
+        let theirs = Self::of(response);
+        match (&self.etag, &theirs.etag) {
+            (Some(ours), Some(theirs)) => ours != theirs,
+            _ => matches!(
+                (&self.last_modified, &theirs.last_modified),
+                (Some(ours), Some(theirs)) if ours != theirs
+            ),
+        }
+    }
+}
+
+/// The transfer of one version of the file, once its size and validator are known.
+struct Transfer {
+    size: Option<u64>,
+    validator: Validator,
+    /// Units not yet taken by a connection, lowest offset first.
+    queue: Mutex<VecDeque<Range<u64>>>,
+    /// Several connections: a failed unit is retried alone. (One connection
+    /// retries through a new attempt, which also handles a 200 to its Range.)
+    parallel: AtomicBool,
+}
+
+impl Transfer {
+    /// Range requests (to resume, retry or split) are only safe with a validator
+    /// for If-Range and a known size.
+    fn resumable(&self) -> bool {
+        self.size.is_some() && self.validator.if_range().is_some()
+    }
+
+    fn next_unit(&self) -> Option<Range<u64>> {
+        self.queue.lock().ok()?.pop_front()
+    }
+
+    fn give_back(&self, range: Range<u64>) {
+        if let Ok(mut queue) = self.queue.lock() {
+            let at = queue.partition_point(|r| r.start < range.start);
+            queue.insert(at, range);
+        }
+    }
+}
+
+/// How the first response of an attempt starts the transfer.
+enum Start {
+    /// The whole body from offset 0 (a 200): a fresh start.
+    Whole(reqwest::Response),
+    /// A 206 for `range` of the kept (or new) part file.
+    Partial(reqwest::Response, Range<u64>),
+    /// Nothing to fetch: the kept part already holds the whole file.
+    Complete,
 }
 
 struct Job<'a> {
@@ -149,6 +252,8 @@ struct Job<'a> {
     guard: Guard,
     progress: Arc<Progress>,
     transferred: AtomicU64,
+    resumed_from: AtomicU64,
+    retries_used: AtomicU32,
 }
 
 impl<'a> Job<'a> {
@@ -165,6 +270,11 @@ impl<'a> Job<'a> {
                 "destination {} is a directory: give a file path",
                 final_path.display()
             )));
+        }
+        if options.connections == Some(0) {
+            return Err(Error::InvalidArgument(
+                "connections must be at least 1".into(),
+            ));
         }
         let expected_sha256 = options
             .sha256
@@ -187,77 +297,396 @@ impl<'a> Job<'a> {
             expected_xxh3,
             progress,
             transferred: AtomicU64::new(0),
+            resumed_from: AtomicU64::new(0),
+            retries_used: AtomicU32::new(0),
         })
     }
 
+    /// Takes one retry from the call's budget; returns its number (for the backoff).
+    fn take_retry(&self) -> Option<u32> {
+        self.retries_used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < self.options.retries).then_some(used + 1)
+            })
+            .ok()
+    }
+
+    async fn backoff(&self, retry: u32, error: &Error) -> Result<()> {
+        let retry_after = match error {
+            Error::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        self.guard
+            .sleep(self.options.backoff.delay_for(retry, retry_after))
+            .await
+    }
+
+    /// Attempts until success, a permanent error, or the retry budget is spent.
+    /// A retry continues from what the failed attempt kept; a file that changed
+    /// on the server starts over.
     async fn run_with_retries(&self) -> Result<(u64, Option<String>, String)> {
-        let mut retry = 0;
+        let mut resume = self.options.resume;
+        let mut first = true;
         loop {
             self.guard.check()?;
-            match self.attempt().await {
-                Err(e) if e.is_retryable() && retry < self.options.retries => {
-                    let retry_after = match &e {
-                        Error::Http { retry_after, .. } => *retry_after,
-                        _ => None,
-                    };
-                    self.guard
-                        .sleep(self.options.backoff.delay_for(retry, retry_after))
-                        .await?;
-                    retry += 1;
-                }
-                other => return other,
+            let error = match self.attempt(resume, first).await {
+                Ok(done) => return Ok(done),
+                Err(e) => e,
+            };
+            first = false;
+            let changed = matches!(error, Error::SourceChanged { .. });
+            if !(changed || error.is_retryable()) {
+                return Err(error);
+            }
+            let Some(retry) = self.take_retry() else {
+                return Err(error);
+            };
+            if changed {
+                self.paths.discard();
+                resume = false;
+            } else {
+                self.backoff(retry, &error).await?;
+                resume = true;
             }
         }
     }
 
-    /// One request: open, stream into a fresh part file, verify, persist.
-    async fn attempt(&self) -> Result<(u64, Option<String>, String)> {
-        let opened = self
-            .http
-            .open(&self.url, &self.headers, &self.guard)
-            .await?;
-        let mut response = opened.response;
-        let announced = response.content_length();
-        let expected = match (self.options.size, announced) {
-            (Some(size), Some(announced)) if size != announced => {
-                return Err(Error::SizeMismatch {
-                    expected: size,
-                    actual: announced,
-                })
-            }
-            (size, announced) => size.or(announced),
+    /// What the sidecar and part file allow to keep; `None` means start over.
+    fn load_kept(&self) -> Result<Option<Kept>> {
+        let Some(sidecar) = Sidecar::load(&self.paths.sidecar) else {
+            return Ok(None);
         };
-        self.progress.set_total(expected);
-        self.progress.set_done(0);
-        let (etag, last_modified) = http::validators(&response);
+        let usable = sidecar.url == self.url.as_str()
+            && (sidecar.etag.is_some() || sidecar.last_modified.is_some())
+            && sidecar
+                .size
+                .is_some_and(|s| self.options.size.is_none_or(|e| e == s));
+        let Some(size) = sidecar.size.filter(|_| usable) else {
+            return Ok(None);
+        };
+        let Some(part) = PartFile::open_existing(&self.paths.part, size, self.options.durable)?
+        else {
+            return Ok(None);
+        };
+        let ranges = RangeSet::from_pairs(&sidecar.ranges_done).clamp_aligned(size, RESUME_ALIGN);
+        Ok(Some(Kept {
+            sidecar,
+            ranges,
+            part,
+        }))
+    }
+
+    fn request_headers(
+        &self,
+        range: Option<Range<u64>>,
+        validator: Option<&Validator>,
+    ) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        if let Some(range) = range {
+            let value = format!("bytes={}-{}", range.start, range.end - 1);
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(header::RANGE, value);
+            }
+        }
+        if let Some(tag) = validator.and_then(Validator::if_range) {
+            if let Ok(value) = HeaderValue::from_str(tag) {
+                headers.insert(header::IF_RANGE, value);
+            }
+        }
+        headers
+    }
+
+    /// One attempt: continue what `kept` holds (or start fresh), fetch what is
+    /// missing over one or more connections, verify, persist.
+    async fn attempt(&self, resume: bool, first: bool) -> Result<(u64, Option<String>, String)> {
+        let kept = if resume { self.load_kept()? } else { None };
+        if kept.is_none() {
+            self.paths.discard();
+        }
+        if first {
+            let kept_bytes = kept.as_ref().map_or(0, |k| k.ranges.len());
+            self.resumed_from.store(kept_bytes, Ordering::Relaxed);
+        }
+        let parallel_wanted = self.options.connections != Some(1);
+        let (start, kept) = self.open_first(kept, parallel_wanted).await?;
+        let (transfer, part, ranges, first_unit) = match start {
+            Start::Whole(response) => {
+                let size = self.expected_size(response.content_length())?;
+                let transfer = Transfer {
+                    size,
+                    validator: Validator::of(&response),
+                    queue: Mutex::new(VecDeque::new()),
+                    parallel: AtomicBool::new(false),
+                };
+                let part = PartFile::create(&self.paths.part, size, self.options.durable)?;
+                let unit = 0..size.unwrap_or(u64::MAX);
+                (transfer, part, RangeSet::new(), Some((response, unit)))
+            }
+            Start::Partial(response, range) => {
+                let (transfer, part, ranges) = match kept {
+                    Some(kept) => {
+                        let transfer = Transfer {
+                            size: kept.sidecar.size,
+                            validator: Validator {
+                                etag: kept.sidecar.etag.clone(),
+                                last_modified: kept.sidecar.last_modified.clone(),
+                            },
+                            queue: Mutex::new(VecDeque::new()),
+                            parallel: AtomicBool::new(false),
+                        };
+                        (transfer, kept.part, kept.ranges)
+                    }
+                    None => {
+                        let size = match http::content_range(&response) {
+                            Some(ContentRange::Bytes { total, .. }) => total,
+                            _ => None,
+                        };
+                        let size = self.expected_size(size)?;
+                        let transfer = Transfer {
+                            size,
+                            validator: Validator::of(&response),
+                            queue: Mutex::new(VecDeque::new()),
+                            parallel: AtomicBool::new(false),
+                        };
+                        let part = PartFile::create(&self.paths.part, size, self.options.durable)?;
+                        (transfer, part, RangeSet::new())
+                    }
+                };
+                (transfer, part, ranges, Some((response, range)))
+            }
+            Start::Complete => {
+                let kept = kept.ok_or_else(|| stage_bug("a complete start without a part"))?;
+                let transfer = Transfer {
+                    size: kept.sidecar.size,
+                    validator: Validator::default(),
+                    queue: Mutex::new(VecDeque::new()),
+                    parallel: AtomicBool::new(false),
+                };
+                (transfer, kept.part, kept.ranges, None)
+            }
+        };
+        self.fetch_and_persist(&transfer, part, ranges, first_unit)
+            .await
+    }
+
+    /// Sends the attempt's first request: the first missing range of `kept` with
+    /// If-Range, or (fresh) a plain GET, or a first unit when going parallel.
+    async fn open_first(
+        &self,
+        kept: Option<Kept>,
+        parallel_wanted: bool,
+    ) -> Result<(Start, Option<Kept>)> {
+        let Some(kept) = kept else {
+            if !parallel_wanted {
+                let opened = self
+                    .http
+                    .open(&self.url, &self.headers, &self.guard)
+                    .await?;
+                return Ok((self.plain(opened)?, None));
+            }
+            let headers = self.request_headers(Some(0..UNIT), None);
+            let opened = self.http.open(&self.url, &headers, &self.guard).await?;
+            let response = opened.response;
+            let total_known = matches!(
+                http::content_range(&response),
+                Some(ContentRange::Bytes { total: Some(_), .. })
+            );
+            return match response.status() {
+                StatusCode::PARTIAL_CONTENT if total_known => {
+                    let range = self.check_partial(&response, 0..UNIT, None)?;
+                    Ok((Start::Partial(response, range), None))
+                }
+                StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
+                    // An empty file has no byte 0, and a range of a file of unknown
+                    // size cannot be split: ask again without a range.
+                    let opened = self
+                        .http
+                        .open(&self.url, &self.headers, &self.guard)
+                        .await?;
+                    Ok((self.plain(opened)?, None))
+                }
+                _ => Ok((Start::Whole(response), None)),
+            };
+        };
+        let size = kept.sidecar.size.unwrap_or(0);
+        let Some(missing) = kept.ranges.missing(size).into_iter().next() else {
+            return Ok((Start::Complete, Some(kept)));
+        };
+        let range = if parallel_wanted {
+            missing.start..missing.end.min(missing.start + UNIT)
+        } else {
+            missing
+        };
+        let validator = Validator {
+            etag: kept.sidecar.etag.clone(),
+            last_modified: kept.sidecar.last_modified.clone(),
+        };
+        let headers = self.request_headers(Some(range.clone()), Some(&validator));
+        let opened = self.http.open(&self.url, &headers, &self.guard).await?;
+        let response = opened.response;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let range = self.check_partial(&response, range, Some((&validator, size)))?;
+                Ok((Start::Partial(response, range), Some(kept)))
+            }
+            // The server ignored the range, or If-Range saw another version:
+            // this body is the whole (current) file, so start over with it.
+            StatusCode::OK => Ok((Start::Whole(response), None)),
+            // The file is shorter than what we kept: it changed.
+            _ => Err(Error::SourceChanged {
+                url: self.url.to_string(),
+                detail: format!("a range request answered {}", response.status()),
+            }),
+        }
+    }
+
+    fn plain(&self, opened: http::Opened) -> Result<Start> {
+        let response = opened.response;
+        if response.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+            return Err(Error::Http {
+                status: 416,
+                url: opened.url.to_string(),
+                retry_after: None,
+            });
+        }
+        Ok(Start::Whole(response))
+    }
+
+    /// The size to expect: the caller's, checked against what the server announced.
+    fn expected_size(&self, announced: Option<u64>) -> Result<Option<u64>> {
+        match (self.options.size, announced) {
+            (Some(size), Some(announced)) if size != announced => Err(Error::SizeMismatch {
+                expected: size,
+                actual: announced,
+            }),
+            (size, announced) => Ok(size.or(announced)),
+        }
+    }
+
+    /// Checks that a 206 holds exactly the range asked for (cut at the file's
+    /// end) of the expected version; returns the range it holds.
+    fn check_partial(
+        &self,
+        response: &reqwest::Response,
+        asked: Range<u64>,
+        known: Option<(&Validator, u64)>,
+    ) -> Result<Range<u64>> {
+        let changed = |detail: String| Error::SourceChanged {
+            url: self.url.to_string(),
+            detail,
+        };
+        if let Some((validator, _)) = known {
+            if validator.differs_from(response) {
+                return Err(changed("its ETag or Last-Modified changed".into()));
+            }
+        }
+        let Some(ContentRange::Bytes { first, last, total }) = http::content_range(response) else {
+            return Err(Error::network(
+                format!(
+                    "{} answered a range request with a 206 without a usable Content-Range: the server is broken; try --connections 1",
+                    self.url
+                ),
+                false,
+            ));
+        };
+        if let (Some((_, size)), Some(total)) = (known, total) {
+            if total != size {
+                return Err(changed(format!(
+                    "its size went from {size} to {total} bytes"
+                )));
+            }
+        }
+        let end = total.map_or(asked.end, |t| asked.end.min(t));
+        if let Some(length) = response.content_length().filter(|l| *l != last + 1 - first) {
+            return Err(Error::network(
+                format!(
+                    "{} sent a Content-Length of {length} for bytes {first}-{last}: the server or a proxy is broken; try --connections 1",
+                    self.url
+                ),
+                true,
+            ));
+        }
+        if first != asked.start || last + 1 != end {
+            return Err(Error::network(
+                format!(
+                    "{} sent bytes {first}-{last} when asked for {}-{}: refusing to splice them in; try --connections 1",
+                    self.url,
+                    asked.start,
+                    end - 1
+                ),
+                false,
+            ));
+        }
+        Ok(asked.start..end)
+    }
+
+    /// Runs the connections over the missing ranges, then verifies and persists.
+    async fn fetch_and_persist(
+        &self,
+        transfer: &Transfer,
+        part: PartFile,
+        kept: RangeSet,
+        first_unit: Option<(reqwest::Response, Range<u64>)>,
+    ) -> Result<(u64, Option<String>, String)> {
+        let size = transfer.size;
         let sidecar = Sidecar {
             version: Sidecar::VERSION,
             url: self.url.to_string(),
-            etag,
-            last_modified,
-            size: expected,
-            ranges_done: Vec::new(),
+            etag: transfer.validator.etag.clone(),
+            last_modified: transfer.validator.last_modified.clone(),
+            size,
+            ranges_done: kept.to_pairs(),
         };
-        let part = PartFile::create(&self.paths.part, expected, self.options.durable)?;
-        self.store_sidecar(&sidecar)?;
-        let with_sha256 = self.options.compute_sha256 || self.expected_sha256.is_some();
-        let mut sink = Sink::new(part, with_sha256);
-        if let Err(e) = self
-            .stream_body(&mut response, &mut sink, expected, announced, &opened.url)
-            .await
-        {
-            let written = sink.abort().await;
-            if e.keeps_part() {
-                let sidecar = Sidecar {
-                    ranges_done: vec![[0, written]],
-                    ..sidecar
-                };
-                let _ = self.store_sidecar(&sidecar);
+        if first_unit.is_some() {
+            sidecar
+                .store(&self.paths.sidecar, false)
+                .map_err(|e| Error::storage("writing", &self.paths.sidecar, e))?;
+        }
+        let connections = self.connection_count(transfer, first_unit.as_ref());
+        transfer.parallel.store(connections > 1, Ordering::Relaxed);
+        if let (Some(size), Some((_, unit))) = (size, first_unit.as_ref()) {
+            let mut rest = kept.clone();
+            rest.insert(unit.clone());
+            let step = if connections > 1 { UNIT } else { u64::MAX };
+            if let Ok(mut queue) = transfer.queue.lock() {
+                queue.extend(split(rest.missing(size), step));
             }
-            return Err(e);
+        }
+        self.progress.set_total(size);
+        self.progress.set_done(kept.len());
+        let with_sha256 = self.options.compute_sha256 || self.expected_sha256.is_some();
+        let checkpoint = Checkpoint {
+            sidecar: sidecar.clone(),
+            path: self.paths.sidecar.clone(),
+        };
+        let sink = Sink::start(
+            part,
+            kept,
+            with_sha256,
+            4 * connections as usize,
+            Some(checkpoint),
+        )?;
+        let mut first_unit = first_unit;
+        let result = {
+            let workers = (0..connections).map(|i| {
+                let first = if i == 0 { first_unit.take() } else { None };
+                self.connection(transfer, &sink, first)
+            });
+            try_join_all(workers).await
+        };
+        if let Err(error) = result {
+            let (part, written) = sink.abort().await;
+            if let Some(part) = part.filter(|_| error.keeps_part()) {
+                let mut checkpoint = Checkpoint {
+                    sidecar,
+                    path: self.paths.sidecar.clone(),
+                };
+                let _ = sink::record(&part, &mut checkpoint, &written);
+            }
+            return Err(error);
         }
         let output = sink.finish().await?;
-        self.verify(&output, expected)?;
+        self.verify(&output, size)?;
         let SinkOutput {
             part,
             len,
@@ -274,50 +703,137 @@ impl<'a> Job<'a> {
         Ok((len, sha256, xxh3_128))
     }
 
-    async fn stream_body(
+    fn connection_count(
         &self,
-        response: &mut reqwest::Response,
-        sink: &mut Sink,
-        expected: Option<u64>,
-        announced: Option<u64>,
-        url: &Url,
+        transfer: &Transfer,
+        first_unit: Option<&(reqwest::Response, Range<u64>)>,
+    ) -> u32 {
+        let ranged = first_unit.is_some_and(|(r, _)| r.status() == StatusCode::PARTIAL_CONTENT);
+        if !ranged || !transfer.resumable() {
+            return 1;
+        }
+        match (self.options.connections, transfer.size) {
+            (Some(n), _) => n,
+            (None, Some(size)) if size >= AUTO_PARALLEL_MIN => AUTO_CONNECTIONS,
+            _ => 1,
+        }
+    }
+
+    /// One connection: streams its first response (if any), then takes units from
+    /// the queue until none is left. A failed unit is handed back and retried alone.
+    async fn connection(
+        &self,
+        transfer: &Transfer,
+        sink: &Sink,
+        first: Option<(reqwest::Response, Range<u64>)>,
     ) -> Result<()> {
+        let mut next = first;
+        loop {
+            let (response, unit) = match next.take() {
+                Some(started) => started,
+                None => {
+                    let Some(unit) = transfer.next_unit() else {
+                        return Ok(());
+                    };
+                    match self.open_unit(transfer, unit.clone()).await {
+                        Ok(response) => (response, unit),
+                        Err(e) => {
+                            self.retry_unit(transfer, e, unit).await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let mut stream = sink.stream(unit.start);
+            let streamed = self.stream_unit(response, &mut stream, &unit).await;
+            // What arrived before an error is good data: keep it for the retry.
+            let flushed = stream.flush().await;
+            let remaining = stream.position()..unit.end;
+            if let Err(e) = streamed.and(flushed) {
+                self.retry_unit(transfer, e, remaining).await?;
+            }
+        }
+    }
+
+    /// After a failed unit: hands back what is left of it and waits out the
+    /// backoff, or fails the transfer when it cannot or may not retry.
+    async fn retry_unit(&self, transfer: &Transfer, error: Error, rest: Range<u64>) -> Result<()> {
+        let parallel = transfer.parallel.load(Ordering::Relaxed);
+        if !(error.is_retryable() && parallel && transfer.resumable()) {
+            return Err(error);
+        }
+        let Some(retry) = self.take_retry() else {
+            return Err(error);
+        };
+        transfer.give_back(rest);
+        self.backoff(retry, &error).await
+    }
+
+    async fn open_unit(&self, transfer: &Transfer, unit: Range<u64>) -> Result<reqwest::Response> {
+        let headers = self.request_headers(Some(unit.clone()), Some(&transfer.validator));
+        let response = self
+            .http
+            .open(&self.url, &headers, &self.guard)
+            .await?
+            .response;
+        if response.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(Error::SourceChanged {
+                url: self.url.to_string(),
+                detail: format!("a range request answered {}", response.status()),
+            });
+        }
+        let size = transfer.size.unwrap_or(u64::MAX);
+        self.check_partial(&response, unit, Some((&transfer.validator, size)))?;
+        Ok(response)
+    }
+
+    /// Streams a response holding `unit` (its end `u64::MAX` when the size is unknown).
+    async fn stream_unit(
+        &self,
+        mut response: reqwest::Response,
+        stream: &mut RangeStream,
+        unit: &Range<u64>,
+    ) -> Result<()> {
+        let url = response.url().clone();
+        let announced = response.content_length().is_some();
         loop {
             let chunk = self
                 .guard
                 .read(response.chunk())
                 .await?
-                .map_err(|e| self.http.transport_error(&e, url))?;
+                .map_err(|e| self.http.transport_error(&e, &url))?;
             let Some(chunk) = chunk else { break };
-            let received = sink.received() + chunk.len() as u64;
-            if let Some(expected) = expected.filter(|&e| received > e) {
+            let end = stream.position() + chunk.len() as u64;
+            if end > unit.end {
                 // Never write past the expected size.
                 return Err(Error::SizeMismatch {
-                    expected,
-                    actual: received,
+                    expected: unit.end,
+                    actual: end,
                 });
             }
             self.transferred
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            sink.push(&chunk, &self.guard).await?;
-            self.progress.set_done(received);
+            stream.push(&chunk, &self.guard).await?;
+            self.progress.add_done(chunk.len() as u64);
         }
-        let received = sink.received();
-        match expected {
-            Some(expected) if received < expected && announced == Some(expected) => {
-                Err(Error::network(
-                    format!(
-                        "the connection closed after {received} of {expected} bytes from {url}"
-                    ),
-                    true,
-                ))
-            }
-            Some(expected) if received != expected => Err(Error::SizeMismatch {
-                expected,
-                actual: received,
-            }),
-            _ => Ok(()),
+        let at = stream.position();
+        if unit.end != u64::MAX && at < unit.end && !announced {
+            // No length was announced: the caller's size is what is wrong.
+            return Err(Error::SizeMismatch {
+                expected: unit.end,
+                actual: at,
+            });
         }
+        if unit.end != u64::MAX && at < unit.end {
+            return Err(Error::network(
+                format!(
+                    "the connection closed at byte {at} of {} from {url}",
+                    unit.end
+                ),
+                true,
+            ));
+        }
+        Ok(())
     }
 
     fn verify(&self, output: &SinkOutput, expected: Option<u64>) -> Result<()> {
@@ -349,10 +865,22 @@ impl<'a> Job<'a> {
         }
         Ok(())
     }
+}
 
-    fn store_sidecar(&self, sidecar: &Sidecar) -> Result<()> {
-        sidecar
-            .store(&self.paths.sidecar, self.options.durable)
-            .map_err(|e| Error::storage("writing", &self.paths.sidecar, e))
+/// `ranges` cut into pieces of at most `step` bytes, in order.
+fn split(ranges: Vec<Range<u64>>, step: u64) -> Vec<Range<u64>> {
+    let mut units = Vec::new();
+    for range in ranges {
+        let mut at = range.start;
+        while at < range.end {
+            let end = range.end.min(at.saturating_add(step));
+            units.push(at..end);
+            at = end;
+        }
     }
+    units
+}
+
+fn stage_bug(what: &str) -> Error {
+    Error::network(format!("internal error: {what}; please report this"), false)
 }

@@ -51,6 +51,12 @@ pub enum Error {
         path: PathBuf,
         source: io::Error,
     },
+    /// The file on the server changed during the transfer (validator, size or
+    /// range support differ): the transfer starts over rather than mix versions.
+    SourceChanged {
+        url: String,
+        detail: String,
+    },
     /// Another process holds the part file of this destination.
     Busy {
         path: PathBuf,
@@ -160,6 +166,10 @@ impl fmt::Display for Error {
                     path.display()
                 )
             }
+            Error::SourceChanged { url, detail } => write!(
+                f,
+                "the file at {url} changed on the server during the download ({detail}); nothing was kept: run again to download the new version"
+            ),
             Error::Busy { path } => write!(
                 f,
                 "another process is downloading to {} right now: wait for it to finish or stop it",

@@ -90,7 +90,8 @@ impl Http {
                 url = next;
                 continue;
             }
-            if !status.is_success() {
+            // 416 answers a range request: the caller reads its Content-Range.
+            if !status.is_success() && status != StatusCode::RANGE_NOT_SATISFIABLE {
                 return Err(status_error(&response, &url));
             }
             return Ok(Opened { response, url });
@@ -234,6 +235,46 @@ fn describe(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A response's `Content-Range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentRange {
+    /// `bytes first-last/total` (total `None` for `*`): the body holds `[first, last]`.
+    Bytes {
+        first: u64,
+        last: u64,
+        total: Option<u64>,
+    },
+    /// `bytes */total`, with a 416.
+    Unsatisfied { total: u64 },
+}
+
+pub fn content_range(response: &Response) -> Option<ContentRange> {
+    let value = response
+        .headers()
+        .get(header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    parse_content_range(value)
+}
+
+fn parse_content_range(value: &str) -> Option<ContentRange> {
+    let rest = value.trim().strip_prefix("bytes ")?.trim();
+    let (span, total) = rest.split_once('/')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    if span.trim() == "*" {
+        return total.map(|total| ContentRange::Unsatisfied { total });
+    }
+    let (first, last) = span.split_once('-')?;
+    let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    if first > last || total.is_some_and(|t| last >= t) {
+        return None;
+    }
+    Some(ContentRange::Bytes { first, last, total })
+}
+
 /// The validator to send in If-Range later: a strong ETag, else Last-Modified.
 pub fn validators(response: &Response) -> (Option<String>, Option<String>) {
     let get = |name| {
@@ -250,6 +291,39 @@ pub fn validators(response: &Response) -> (Option<String>, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some(ContentRange::Bytes {
+                first: 0,
+                last: 99,
+                total: Some(1000)
+            })
+        );
+        assert_eq!(
+            parse_content_range("bytes 5-9/*"),
+            Some(ContentRange::Bytes {
+                first: 5,
+                last: 9,
+                total: None
+            })
+        );
+        assert_eq!(
+            parse_content_range("bytes */42"),
+            Some(ContentRange::Unsatisfied { total: 42 })
+        );
+        for bad in [
+            "bytes 9-5/10",
+            "bytes 0-10/10",
+            "items 0-1/2",
+            "bytes x-1/2",
+            "bytes */*",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn only_http_and_https() {

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod hash;
 pub mod http;
 pub mod part;
+pub mod ranges;
 pub mod retry;
 pub mod sink;
 

@@ -178,14 +178,14 @@ const DIRECT_ALIGN: u64 = 4096;
 /// Files smaller than this are not worth the synchronous device writes of `O_DIRECT`.
 const DIRECT_MIN_SIZE: u64 = 16 << 20;
 
-/// The part file being written.
+/// The part file being written: one buffered descriptor, and a second one with
+/// `O_DIRECT` for page-aligned writes where the filesystem supports it.
 #[derive(Debug)]
 pub struct PartFile {
     file: File,
+    direct: Option<File>,
     path: PathBuf,
     durable: bool,
-    /// Whether the descriptor currently has `O_DIRECT`.
-    direct: bool,
     /// Everything below this offset was handed to the disk with `sync_file_range`.
     flushed_to: u64,
     written_to: u64,
@@ -208,22 +208,51 @@ impl PartFile {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| Error::storage("creating", path, e))?;
-        let mut part = Self {
-            file,
-            path: path.to_path_buf(),
-            durable,
-            direct: false,
-            flushed_to: 0,
-            written_to: 0,
-        };
-        let large = size.is_none_or(|s| s >= DIRECT_MIN_SIZE);
-        if large {
-            part.direct = part.set_direct(true);
-        }
+        let part = Self::with_file(file, path, size, durable);
         if let Some(size) = size.filter(|s| *s > 0) {
             part.preallocate(size)?;
         }
         Ok(part)
+    }
+
+    /// Opens the part file an interrupted transfer left, to fill in what is
+    /// missing; `None` when it is absent or not `size` bytes long (start over).
+    pub fn open_existing(path: &Path, size: u64, durable: bool) -> Result<Option<Self>> {
+        let file = match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::storage("opening", path, e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| Error::storage("opening", path, e))?
+            .len();
+        Ok((len == size).then(|| Self::with_file(file, path, Some(size), durable)))
+    }
+
+    fn with_file(file: File, path: &Path, size: Option<u64>, durable: bool) -> Self {
+        let large = size.is_none_or(|s| s >= DIRECT_MIN_SIZE);
+        let direct = if large {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+                .open(path)
+                .ok()
+        } else {
+            None
+        };
+        Self {
+            file,
+            direct,
+            path: path.to_path_buf(),
+            durable,
+            flushed_to: 0,
+            written_to: 0,
+        }
     }
 
     fn preallocate(&self, size: u64) -> Result<()> {
@@ -237,7 +266,12 @@ impl PartFile {
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             // Filesystems without fallocate simply grow as they are written.
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                // Still give the file its size, so a resume finds it whole.
+                self.file
+                    .set_len(size)
+                    .map_err(|e| Error::storage("preallocating", &self.path, e))
+            }
             _ => Err(Error::storage("preallocating", &self.path, err)),
         }
     }
@@ -246,48 +280,42 @@ impl PartFile {
         &self.path
     }
 
-    /// Turns `O_DIRECT` on or off; returns whether it is now on.
-    fn set_direct(&self, on: bool) -> bool {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 {
-                return false;
-            }
-            let wanted = if on {
-                flags | libc::O_DIRECT
-            } else {
-                flags & !libc::O_DIRECT
-            };
-            libc::fcntl(fd, libc::F_SETFL, wanted) == 0 && on
-        }
-    }
-
     /// Writes `data` at `offset`, and pushes older data to the disk behind the write head.
     pub fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
         let aligned = offset % DIRECT_ALIGN == 0
             && data.len() as u64 % DIRECT_ALIGN == 0
             && data.as_ptr() as u64 % DIRECT_ALIGN == 0;
-        if self.direct && !aligned {
-            // The tail of the file: finish through the page cache.
-            self.direct = self.set_direct(false);
-        }
-        let result = self.file.write_all_at(data, offset);
-        let result = match result {
-            // Some filesystems accept the flag but refuse the write.
-            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                self.direct = self.set_direct(false);
-                self.file.write_all_at(data, offset)
-            }
-            other => other,
+        let direct = match self.direct.as_ref().filter(|_| aligned) {
+            Some(direct) => match direct.write_all_at(data, offset) {
+                // Some filesystems accept the flag but refuse the write.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.direct = None;
+                    false
+                }
+                other => {
+                    other.map_err(|e| Error::storage("writing", &self.path, e))?;
+                    true
+                }
+            },
+            None => false,
         };
-        result.map_err(|e| Error::storage("writing", &self.path, e))?;
+        if !direct {
+            self.file
+                .write_all_at(data, offset)
+                .map_err(|e| Error::storage("writing", &self.path, e))?;
+        }
         self.written_to = self.written_to.max(offset + data.len() as u64);
-        if self.durable && !self.direct {
+        if self.durable && !direct {
             self.flush_behind();
         }
         Ok(())
+    }
+
+    /// Makes what was written so far durable (before a sidecar claims it).
+    pub fn sync_data(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::storage("syncing", &self.path, e))
     }
 
     /// Starts write-back of each full window as it completes, and waits for the
@@ -325,6 +353,7 @@ impl PartFile {
     /// Makes the data durable (when asked), sets the mode, and closes the file,
     /// reporting errors that only show at close (ENOSPC, EIO on some filesystems).
     pub fn finish(self, mode: u32) -> Result<()> {
+        drop(self.direct);
         let path = self.path;
         if self.durable {
             self.file
@@ -420,7 +449,6 @@ mod tests {
         block.fill_from(&vec![1u8; 1 << 20]);
         part.write_at(block.as_slice(), 0).unwrap();
         part.write_at(&[2u8; 10], 1 << 20).unwrap();
-        assert!(!part.direct);
         part.finish(0o644).unwrap();
         let data = fs::read(&path).unwrap();
         assert_eq!(data.len(), (1 << 20) + 10);

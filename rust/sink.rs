@@ -1,22 +1,44 @@
-//! Where the body goes: network bytes are copied into page-aligned blocks, and
-//! each block flows through SHA-256 (its own thread) and then XXH3 + a positional
-//! write (the writer thread), overlapping hashing and writing with network reads.
-//! Bodies that fit in one block skip the threads.
+//! Where the body goes. Connections copy network bytes into page-aligned blocks
+//! tagged with their file offset; three threads take it from there:
+//!
+//! - the writer writes each block at its offset, records the range as written,
+//!   and every so often checkpoints (fdatasync, then the sidecar names the ranges);
+//! - the SHA-256 stage hashes the file *in order*: a block at the hashed frontier
+//!   is hashed at once, blocks ahead of it wait in memory up to a budget, and
+//!   anything else (blocks past the budget, data kept from an earlier attempt)
+//!   is read back from the part file when the frontier reaches it;
+//! - the XXH3 stage follows the same in-order stream and returns the blocks.
+//!
+//! So one connection streams straight through, parallel connections need no
+//! second read while they stay near the frontier, and a resumed file's kept
+//! prefix is re-hashed from disk while the rest downloads.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::buffer::{self, Block};
+use crate::buffer::{self, Block, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{Sha256Hasher, Xxh3Hasher};
-use crate::part::PartFile;
+use crate::part::{PartFile, Sidecar};
+use crate::ranges::RangeSet;
 
-/// Blocks in flight per transfer: bounds memory to `MAX_BLOCKS * BLOCK_SIZE`.
-const MAX_BLOCKS: usize = 8;
+/// Blocks queued between stages.
+const QUEUE: usize = 8;
+/// Checkpoint after this many newly written bytes...
+const CHECKPOINT_BYTES: u64 = 32 << 20;
+/// ...or this much time, whichever comes first.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-/// The written part file with the digests of everything written to it.
+/// The written part file and the digests of its bytes `[0, len)`, in order.
 #[derive(Debug)]
 pub struct SinkOutput {
     pub part: PartFile,
@@ -25,245 +47,191 @@ pub struct SinkOutput {
     pub sha256: Option<String>,
 }
 
+/// Where and how often the writer records its progress for a later resume.
+pub struct Checkpoint {
+    pub sidecar: Sidecar,
+    pub path: PathBuf,
+}
+
 type Job = (Block, u64);
-type WriterResult = Result<(PartFile, Xxh3Hasher, u64)>;
 
-struct Stages {
-    input: mpsc::Sender<Job>,
-    free: mpsc::UnboundedReceiver<Block>,
-    allocated: usize,
-    /// Taken once the writer's result was read.
-    writer: Option<oneshot::Receiver<WriterResult>>,
-    sha: Option<oneshot::Receiver<String>>,
-}
-
-enum State {
-    /// Nothing handed off yet: the part file and hashers are still here.
-    Inline {
-        part: PartFile,
-        sha: Option<Sha256Hasher>,
-    },
-    Threaded(Stages),
-}
-
+/// The running stages of one transfer.
 pub struct Sink {
-    state: State,
-    current: Block,
-    /// Offset of `current`'s first byte in the file.
-    offset: u64,
+    input: mpsc::Sender<Job>,
+    written: Arc<Mutex<RangeSet>>,
+    stop: Arc<AtomicBool>,
+    writer: oneshot::Receiver<Result<PartFile>>,
+    hasher: oneshot::Receiver<Result<(u64, Option<String>)>>,
+    xxh: oneshot::Receiver<String>,
 }
 
 impl Sink {
-    pub fn new(part: PartFile, with_sha256: bool) -> Self {
-        Self {
-            state: State::Inline {
-                part,
+    /// Starts the stages for `part`, whose ranges in `kept` already hold data
+    /// (re-hashed from disk as the frontier reaches them). `memory_blocks` bounds
+    /// the blocks held ahead of the frontier.
+    pub fn start(
+        part: PartFile,
+        kept: RangeSet,
+        with_sha256: bool,
+        memory_blocks: usize,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<Self> {
+        let path = part.path().to_path_buf();
+        let reader = File::open(&path).map_err(|e| Error::storage("opening", &path, e))?;
+        let written = Arc::new(Mutex::new(kept.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (input, writer_rx) = mpsc::channel::<Job>(QUEUE);
+        let (hasher_tx, hasher_rx) = mpsc::channel::<Job>(QUEUE);
+        let (xxh_tx, xxh_rx) = mpsc::channel::<Block>(QUEUE);
+        let writer = {
+            let written = Arc::clone(&written);
+            spawn_stage("surefetch-writer", move || {
+                write_blocks(part, writer_rx, hasher_tx, &written, checkpoint)
+            })
+        };
+        let hasher = {
+            let stop = Arc::clone(&stop);
+            let order = InOrder {
+                reader,
+                path,
+                frontier: 0,
+                pending: BTreeMap::new(),
+                on_disk: kept,
+                memory_blocks,
                 sha: with_sha256.then(Sha256Hasher::default),
-            },
-            current: Block::take(),
-            offset: 0,
+                output: xxh_tx,
+                stop,
+            };
+            spawn_stage("surefetch-sha256", move || order.run(hasher_rx))
+        };
+        let xxh = spawn_stage("surefetch-xxh3", move || hash_xxh3(xxh_rx));
+        Ok(Self {
+            input,
+            written,
+            stop,
+            writer,
+            hasher,
+            xxh,
+        })
+    }
+
+    /// A writer for one connection's bytes, starting at file offset `offset`.
+    pub fn stream(&self, offset: u64) -> RangeStream {
+        RangeStream {
+            input: self.input.clone(),
+            current: None,
+            offset,
         }
     }
 
-    /// Bytes accepted so far.
-    pub fn received(&self) -> u64 {
-        self.offset + self.current.len() as u64
+    /// Waits for every stage once all streams are closed; the digests cover the
+    /// contiguous data from offset 0.
+    pub async fn finish(self) -> Result<SinkOutput> {
+        let Sink {
+            input,
+            writer,
+            hasher,
+            xxh,
+            ..
+        } = self;
+        drop(input);
+        let part = writer.await.map_err(|_| stage_stopped("writer"))??;
+        let (len, sha256) = hasher.await.map_err(|_| stage_stopped("hashing"))??;
+        let xxh3_128 = xxh.await.map_err(|_| stage_stopped("hashing"))?;
+        Ok(SinkOutput {
+            part,
+            len,
+            xxh3_128,
+            sha256,
+        })
     }
 
-    /// Appends `data`, handing full blocks to the hashing and writing threads.
+    /// Stops hashing, writes what the streams handed over, and returns the part
+    /// file (if the writer survived) with the ranges that are on disk.
+    pub async fn abort(self) -> (Option<PartFile>, RangeSet) {
+        self.stop.store(true, Ordering::Relaxed);
+        let Sink {
+            input,
+            written,
+            writer,
+            hasher,
+            ..
+        } = self;
+        drop(input);
+        let part = writer.await.ok().and_then(Result::ok);
+        let _ = hasher.await;
+        let written = written.lock().map(|w| w.clone()).unwrap_or_default();
+        (part, written)
+    }
+}
+
+/// One connection's bytes, cut into blocks that end on `BLOCK_SIZE` boundaries
+/// of the file (so writes stay aligned for `O_DIRECT`).
+pub struct RangeStream {
+    input: mpsc::Sender<Job>,
+    current: Option<Block>,
+    /// File offset of the current block's first byte.
+    offset: u64,
+}
+
+impl RangeStream {
+    /// File offset of the next byte.
+    pub fn position(&self) -> u64 {
+        self.offset + self.current.as_ref().map_or(0, |b| b.len() as u64)
+    }
+
     pub async fn push(&mut self, mut data: &[u8], guard: &Guard) -> Result<()> {
         while !data.is_empty() {
-            let taken = self.current.fill_from(data);
+            let room = BLOCK_SIZE - (self.position() % BLOCK_SIZE as u64) as usize;
+            let block = self.current.get_or_insert_with(Block::take);
+            let taken = block.fill_from(&data[..data.len().min(room)]);
             data = &data[taken..];
-            if self.current.is_full() {
+            if self.position() % BLOCK_SIZE as u64 == 0 {
                 self.hand_off(guard).await?;
             }
         }
         Ok(())
     }
 
+    /// Hands over a partly filled block (at the end of a range, or before giving
+    /// up). Not cancellable: after a cancel, this is what keeps the bytes that
+    /// arrived for the resume; the writer is always draining its queue.
+    pub async fn flush(&mut self) -> Result<()> {
+        let Some(block) = self.current.take().filter(|b| !b.is_empty()) else {
+            return Ok(());
+        };
+        let offset = self.offset;
+        self.offset += block.len() as u64;
+        self.input
+            .send((block, offset))
+            .await
+            .map_err(|_| stage_stopped("writer"))
+    }
+
     async fn hand_off(&mut self, guard: &Guard) -> Result<()> {
-        if let State::Inline { .. } = self.state {
-            self.start_threads();
-        }
-        let State::Threaded(stages) = &mut self.state else {
-            unreachable!("threads were just started")
+        let Some(block) = self.current.take() else {
+            return Ok(());
         };
-        let next = if stages.allocated < MAX_BLOCKS {
-            stages.allocated += 1;
-            Some(Block::take())
-        } else {
-            guard.wait(stages.free.recv()).await?
-        };
-        let Some(next) = next else {
-            return Err(self.stage_failure().await);
-        };
-        let full = std::mem::replace(&mut self.current, next);
-        let len = full.len() as u64;
-        let State::Threaded(stages) = &mut self.state else {
-            unreachable!()
-        };
-        if guard
-            .wait(stages.input.send((full, self.offset)))
-            .await?
-            .is_err()
-        {
-            return Err(self.stage_failure().await);
-        }
+        let len = block.len() as u64;
+        let offset = self.offset;
         self.offset += len;
+        if guard.wait(self.input.send((block, offset))).await?.is_err() {
+            return Err(stage_stopped("writer"));
+        }
         Ok(())
     }
+}
 
-    fn start_threads(&mut self) {
-        let placeholder = State::Threaded(Stages::placeholder());
-        let State::Inline { part, sha } = std::mem::replace(&mut self.state, placeholder) else {
-            return;
-        };
-        let (free_tx, free_rx) = mpsc::unbounded_channel();
-        let (writer_tx, writer_rx) = mpsc::channel::<Job>(MAX_BLOCKS);
-        let writer_done = spawn_stage("surefetch-writer", move || {
-            write_blocks(part, writer_rx, free_tx)
-        });
-        let (input, sha_done) = match sha {
-            Some(sha) => {
-                let (sha_tx, sha_rx) = mpsc::channel::<Job>(MAX_BLOCKS);
-                let sha_done = spawn_stage("surefetch-sha256", move || {
-                    hash_blocks(sha, sha_rx, writer_tx)
-                });
-                (sha_tx, Some(sha_done))
-            }
-            None => (writer_tx, None),
-        };
-        self.state = State::Threaded(Stages {
-            input,
-            free: free_rx,
-            allocated: 1,
-            writer: Some(writer_done),
-            sha: sha_done,
-        });
-    }
-
-    /// The error that stopped a stage (the writer's, as only it can fail).
-    async fn stage_failure(&mut self) -> Error {
-        let State::Threaded(stages) = &mut self.state else {
-            return stage_stopped("writer");
-        };
-        match stages.writer.take() {
-            Some(writer) => match writer.await {
-                Ok(Err(e)) => e,
-                _ => stage_stopped("writer"),
-            },
-            None => stage_stopped("writer"),
-        }
-    }
-
-    /// Writes what is left, waits for the stages and returns the digests.
-    pub async fn finish(self) -> Result<SinkOutput> {
-        let Sink {
-            state,
-            current,
-            offset,
-        } = self;
-        match state {
-            State::Inline { mut part, sha } => {
-                let data = current.as_slice();
-                let mut xxh = Xxh3Hasher::default();
-                xxh.update(data);
-                let sha256 = sha.map(|mut sha| {
-                    sha.update(data);
-                    sha.finish_hex()
-                });
-                part.write_at(data, 0)?;
-                let len = data.len() as u64;
-                buffer::recycle(current);
-                Ok(SinkOutput {
-                    part,
-                    len,
-                    xxh3_128: xxh.finish_hex(),
-                    sha256,
-                })
-            }
-            State::Threaded(stages) => {
-                let Stages {
-                    input,
-                    mut free,
-                    writer,
-                    sha,
-                    ..
-                } = stages;
-                if !current.is_empty() {
-                    let _ = input.send((current, offset)).await;
-                } else {
-                    buffer::recycle(current);
-                }
-                drop(input);
-                let writer = writer.ok_or_else(|| stage_stopped("writer"))?;
-                let (part, xxh, len) = writer.await.map_err(|_| stage_stopped("writer"))??;
-                while let Ok(block) = free.try_recv() {
-                    buffer::recycle(block);
-                }
-                let sha256 = match sha {
-                    Some(rx) => Some(rx.await.map_err(|_| stage_stopped("hashing"))?),
-                    None => None,
-                };
-                Ok(SinkOutput {
-                    part,
-                    len,
-                    xxh3_128: xxh.finish_hex(),
-                    sha256,
-                })
-            }
-        }
-    }
-
-    /// Stops the stages after writing everything received so far (it is good
-    /// data for a resume), and returns how many bytes from the start of the file
-    /// were written.
-    pub async fn abort(self) -> u64 {
-        let Sink {
-            state,
-            current,
-            offset,
-        } = self;
-        match state {
-            State::Inline { mut part, .. } => {
-                let written = part.write_at(current.as_slice(), 0).is_ok();
-                let len = if written { current.len() as u64 } else { 0 };
-                buffer::recycle(current);
-                len
-            }
-            State::Threaded(stages) => {
-                if !current.is_empty() {
-                    let _ = stages.input.send((current, offset)).await;
-                }
-                drop(stages.input);
-                match stages.writer {
-                    Some(writer) => match writer.await {
-                        Ok(Ok((_, _, len))) => len,
-                        _ => 0,
-                    },
-                    None => 0,
-                }
-            }
+impl Drop for RangeStream {
+    fn drop(&mut self) {
+        if let Some(block) = self.current.take() {
+            buffer::recycle(block);
         }
     }
 }
 
-impl Stages {
-    fn placeholder() -> Self {
-        let (input, _) = mpsc::channel(1);
-        let (_, free) = mpsc::unbounded_channel();
-        Self {
-            input,
-            free,
-            allocated: 0,
-            writer: None,
-            sha: None,
-        }
-    }
-}
-
-/// A pipeline thread ended without its result: a bug, reported as such.
+/// A pipeline thread ended without its result: the writer failed (its error is
+/// reported by `finish`) or there is a bug.
 fn stage_stopped(stage: &str) -> Error {
     Error::network(
         format!("internal error: the {stage} thread stopped unexpectedly; please report this"),
@@ -286,35 +254,171 @@ fn spawn_stage<T: Send + 'static>(
     done_rx
 }
 
-fn hash_blocks(
-    mut sha: Sha256Hasher,
-    mut input: mpsc::Receiver<Job>,
-    output: mpsc::Sender<Job>,
-) -> String {
-    while let Some((block, offset)) = input.blocking_recv() {
-        sha.update(block.as_slice());
-        if output.blocking_send((block, offset)).is_err() {
-            break;
-        }
-    }
-    sha.finish_hex()
-}
-
 fn write_blocks(
     mut part: PartFile,
     mut input: mpsc::Receiver<Job>,
-    free: mpsc::UnboundedSender<Block>,
-) -> WriterResult {
-    let mut xxh = Xxh3Hasher::default();
-    let mut len = 0u64;
-    while let Some((mut block, offset)) = input.blocking_recv() {
-        xxh.update(block.as_slice());
-        part.write_at(block.as_slice(), offset)?;
-        len = len.max(offset + block.len() as u64);
-        block.clear();
-        if let Err(returned) = free.send(block) {
-            buffer::recycle(returned.0);
+    output: mpsc::Sender<Job>,
+    written: &Mutex<RangeSet>,
+    mut checkpoint: Option<Checkpoint>,
+) -> Result<PartFile> {
+    let mut since_checkpoint = 0u64;
+    let mut last_checkpoint = Instant::now();
+    while let Some((block, offset)) = input.blocking_recv() {
+        let len = block.len() as u64;
+        if let Err(e) = part.write_at(block.as_slice(), offset) {
+            buffer::recycle(block);
+            return Err(e);
+        }
+        if let Ok(mut written) = written.lock() {
+            written.insert(offset..offset + len);
+        }
+        if let Err(returned) = output.blocking_send((block, offset)) {
+            buffer::recycle(returned.0 .0);
+        }
+        since_checkpoint += len;
+        if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            if let Some(checkpoint) = checkpoint.as_mut() {
+                let ranges = written.lock().map(|w| w.clone()).unwrap_or_default();
+                record(&part, checkpoint, &ranges)?;
+            }
+            since_checkpoint = 0;
+            last_checkpoint = Instant::now();
         }
     }
-    Ok((part, xxh, len))
+    Ok(part)
+}
+
+/// Makes the data durable, then lets the sidecar claim it: a sidecar never names
+/// bytes that a power cut could lose. (The sidecar itself need not be synced: a
+/// lost or torn one only means starting over.)
+pub fn record(part: &PartFile, checkpoint: &mut Checkpoint, ranges: &RangeSet) -> Result<()> {
+    part.sync_data()?;
+    checkpoint.sidecar.ranges_done = ranges.to_pairs();
+    checkpoint
+        .sidecar
+        .store(&checkpoint.path, false)
+        .map_err(|e| Error::storage("writing", &checkpoint.path, e))
+}
+
+/// The SHA-256 stage: puts blocks back in file order (see the module doc).
+struct InOrder {
+    reader: File,
+    path: PathBuf,
+    frontier: u64,
+    /// Blocks ahead of the frontier, by offset.
+    pending: BTreeMap<u64, Block>,
+    /// Written data that is not in `pending`: read back when the frontier gets there.
+    on_disk: RangeSet,
+    memory_blocks: usize,
+    sha: Option<Sha256Hasher>,
+    output: mpsc::Sender<Block>,
+    stop: Arc<AtomicBool>,
+}
+
+impl InOrder {
+    fn run(mut self, mut input: mpsc::Receiver<Job>) -> Result<(u64, Option<String>)> {
+        loop {
+            self.advance()?;
+            let Some((block, offset)) = input.blocking_recv() else {
+                break;
+            };
+            if self.stop.load(Ordering::Relaxed) {
+                buffer::recycle(block);
+            } else if offset == self.frontier || self.pending.len() < self.memory_blocks {
+                self.pending.insert(offset, block);
+            } else {
+                self.on_disk.insert(offset..offset + block.len() as u64);
+                buffer::recycle(block);
+            }
+        }
+        self.advance()?;
+        for (_, block) in std::mem::take(&mut self.pending) {
+            buffer::recycle(block);
+        }
+        Ok((self.frontier, self.sha.map(Sha256Hasher::finish_hex)))
+    }
+
+    /// Hashes everything that is contiguous with the frontier.
+    fn advance(&mut self) -> Result<()> {
+        while !self.stop.load(Ordering::Relaxed) {
+            let block = match self.pending.remove(&self.frontier) {
+                Some(block) => block,
+                None => match self.read_back()? {
+                    Some(block) => block,
+                    None => return Ok(()),
+                },
+            };
+            self.frontier += block.len() as u64;
+            if let Some(sha) = self.sha.as_mut() {
+                sha.update(block.as_slice());
+            }
+            if let Err(returned) = self.output.blocking_send(block) {
+                buffer::recycle(returned.0);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next block at the frontier from the part file, if it is on disk there.
+    fn read_back(&mut self) -> Result<Option<Block>> {
+        let Some(end) = self.on_disk.covered_until(self.frontier) else {
+            return Ok(None);
+        };
+        let next_pending = self.pending.keys().next().copied().unwrap_or(u64::MAX);
+        let end = end.min(next_pending);
+        let room = BLOCK_SIZE as u64 - self.frontier % BLOCK_SIZE as u64;
+        let want = (end - self.frontier).min(room) as usize;
+        let mut block = Block::take();
+        let mut reader = OffsetReader {
+            file: &self.reader,
+            offset: self.frontier,
+        };
+        while block.len() < want {
+            match block.read_from(&mut reader, want - block.len()) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    buffer::recycle(block);
+                    return Err(Error::storage("reading back", self.path(), e));
+                }
+            }
+        }
+        if block.len() < want {
+            buffer::recycle(block);
+            return Err(Error::storage(
+                "reading back",
+                self.path(),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        Ok(Some(block))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads a file from a moving offset with `pread` (the descriptor has no position).
+struct OffsetReader<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl std::io::Read for OffsetReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+fn hash_xxh3(mut input: mpsc::Receiver<Block>) -> String {
+    let mut xxh = Xxh3Hasher::default();
+    while let Some(block) = input.blocking_recv() {
+        xxh.update(block.as_slice());
+        buffer::recycle(block);
+    }
+    xxh.finish_hex()
 }

@@ -33,10 +33,11 @@ def download(
     backoff_base: float = 0.25,
     backoff_cap: float = 10.0,
     headers: list[tuple[str, str]] | None = None,
+    connections: int | None = None,
+    resume: bool = True,
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...
-
 def hash_file(
     path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None
 ) -> tuple[int, str, str | None]: ...

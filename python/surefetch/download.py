@@ -110,10 +110,11 @@ def download(
         sha256: expected SHA-256 (hex); a mismatch raises `ChecksumMismatch`.
         xxh3_128: expected XXH3-128 (hex, canonical form as `xxhsum -H2` prints).
         size: expected size in bytes; a body that differs raises `SizeMismatch`.
-        connections: parallel ranged connections (None: automatic). This release
-            always uses one connection; the value is checked and kept for the next.
-        resume: continue a part file left by an interrupted transfer. This release
-            starts over; part files and their sidecars are already kept for it.
+        connections: parallel ranged connections (None: automatic: one for files
+            under 64 MiB or servers without ranges, eight above).
+        resume: continue a part file left by an interrupted transfer (Range with
+            If-Range, so a file that changed on the server starts over); False
+            discards any part file.
         durable: fsync the file and its directory (turn off for rebuildable caches).
         timeout: overall limit in seconds (None: no limit).
         read_timeout: how long the server may stay silent, in seconds.
@@ -158,6 +159,8 @@ def download(
         read_timeout=read_timeout,
         retries=retries,
         headers=list((headers or {}).items()),
+        connections=connections,
+        resume=resume,
         cancel=cancel,
         progress=progress,
     )
