@@ -127,6 +127,12 @@ TOOLS: tuple[Tool, ...] = (
         family="surefetch",
     ),
     Tool(
+        "surefetch-1conn",
+        "the same with `-c 1` (one connection)",
+        _surefetch("-c", "1"),
+        family="surefetch",
+    ),
+    Tool(
         "surefetch-no-fsync",
         "the same with `--no-fsync`",
         _surefetch("--no-fsync"),

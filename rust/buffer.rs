@@ -12,7 +12,7 @@ use std::sync::Mutex;
 pub const BLOCK_SIZE: usize = 1 << 20;
 const ALIGN: usize = 4096;
 /// How many idle blocks the process keeps for the next download.
-const POOL_LIMIT: usize = 16;
+const POOL_LIMIT: usize = 64;
 
 /// A `BLOCK_SIZE` buffer aligned to a page, with a fill length.
 pub struct Block {

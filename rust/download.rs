@@ -13,12 +13,13 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 
 use crate::atomic;
+use crate::buffer::BLOCK_SIZE;
 use crate::cancel::CancelToken;
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
 use crate::http::{self, ContentRange, Http};
-use crate::part::{file_mode, PartFile, PartLock, PartPaths, Sidecar};
+use crate::part::{file_mode, PartFile, PartPaths, Sidecar};
 use crate::ranges::RangeSet;
 use crate::retry::Backoff;
 use crate::sink::{self, Checkpoint, RangeStream, Sink, SinkOutput};
@@ -129,8 +130,7 @@ pub async fn download_into(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let job = Job::new(url, final_path, options, cancel, progress)?;
-    job.paths.create_dir()?;
-    let lock = PartLock::acquire(&job.paths.lock)?;
+    let lock = job.paths.lock()?;
     let result = job.run_with_retries().await;
     match &result {
         Ok(_) => {}
@@ -146,18 +146,26 @@ pub async fn download_into(
         size,
         sha256,
         xxh3_128,
-        resumed_from: job.resumed_from.load(Ordering::Relaxed),
+        resumed_from: match job.resumed_from.load(Ordering::Relaxed) {
+            NOT_YET => 0,
+            kept => kept,
+        },
         bytes_transferred: job.transferred.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     })
 }
 
-/// Each range request of a parallel transfer asks for this much (a multiple of
-/// the block size, so every connection writes page-aligned blocks).
-const UNIT: u64 = 4 << 20;
+/// The first request of a transfer that may go parallel asks for this much: it
+/// learns the size and whether ranges work, and small files need nothing more.
+const PROBE: u64 = BLOCK_SIZE as u64;
+/// Each later range request asks for at most this much; units are multiples of
+/// the block size, so every connection writes page-aligned blocks.
+const MAX_UNIT: u64 = 4 << 20;
 /// Below this size one connection is enough when the caller did not choose.
 const AUTO_PARALLEL_MIN: u64 = 64 << 20;
 const AUTO_CONNECTIONS: u32 = 8;
+/// `Job::resumed_from` before an attempt reached the server.
+const NOT_YET: u64 = u64::MAX;
 /// Resumed ranges are cut to this alignment, so writes can stay `O_DIRECT`.
 const RESUME_ALIGN: u64 = 4096;
 
@@ -297,7 +305,7 @@ impl<'a> Job<'a> {
             expected_xxh3,
             progress,
             transferred: AtomicU64::new(0),
-            resumed_from: AtomicU64::new(0),
+            resumed_from: AtomicU64::new(NOT_YET),
             retries_used: AtomicU32::new(0),
         })
     }
@@ -326,14 +334,12 @@ impl<'a> Job<'a> {
     /// on the server starts over.
     async fn run_with_retries(&self) -> Result<(u64, Option<String>, String)> {
         let mut resume = self.options.resume;
-        let mut first = true;
         loop {
             self.guard.check()?;
-            let error = match self.attempt(resume, first).await {
+            let error = match self.attempt(resume).await {
                 Ok(done) => return Ok(done),
                 Err(e) => e,
             };
-            first = false;
             let changed = matches!(error, Error::SourceChanged { .. });
             if !(changed || error.is_retryable()) {
                 return Err(error);
@@ -398,17 +404,22 @@ impl<'a> Job<'a> {
 
     /// One attempt: continue what `kept` holds (or start fresh), fetch what is
     /// missing over one or more connections, verify, persist.
-    async fn attempt(&self, resume: bool, first: bool) -> Result<(u64, Option<String>, String)> {
+    async fn attempt(&self, resume: bool) -> Result<(u64, Option<String>, String)> {
         let kept = if resume { self.load_kept()? } else { None };
         if kept.is_none() {
             self.paths.discard();
         }
-        if first {
-            let kept_bytes = kept.as_ref().map_or(0, |k| k.ranges.len());
-            self.resumed_from.store(kept_bytes, Ordering::Relaxed);
-        }
         let parallel_wanted = self.options.connections != Some(1);
         let (start, kept) = self.open_first(kept, parallel_wanted).await?;
+        // What an earlier call left and this one builds on (0 if it started over),
+        // as the first attempt that reached the server found it.
+        let kept_bytes = kept.as_ref().map_or(0, |k| k.ranges.len());
+        let _ = self.resumed_from.compare_exchange(
+            NOT_YET,
+            kept_bytes,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         let (transfer, part, ranges, first_unit) = match start {
             Start::Whole(response) => {
                 let size = self.expected_size(response.content_length())?;
@@ -484,7 +495,7 @@ impl<'a> Job<'a> {
                     .await?;
                 return Ok((self.plain(opened)?, None));
             }
-            let headers = self.request_headers(Some(0..UNIT), None);
+            let headers = self.request_headers(Some(0..PROBE), None);
             let opened = self.http.open(&self.url, &headers, &self.guard).await?;
             let response = opened.response;
             let total_known = matches!(
@@ -493,7 +504,7 @@ impl<'a> Job<'a> {
             );
             return match response.status() {
                 StatusCode::PARTIAL_CONTENT if total_known => {
-                    let range = self.check_partial(&response, 0..UNIT, None)?;
+                    let range = self.check_partial(&response, 0..PROBE, None)?;
                     Ok((Start::Partial(response, range), None))
                 }
                 StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -513,7 +524,7 @@ impl<'a> Job<'a> {
             return Ok((Start::Complete, Some(kept)));
         };
         let range = if parallel_wanted {
-            missing.start..missing.end.min(missing.start + UNIT)
+            missing.start..missing.end.min(missing.start + PROBE)
         } else {
             missing
         };
@@ -647,7 +658,11 @@ impl<'a> Job<'a> {
         if let (Some(size), Some((_, unit))) = (size, first_unit.as_ref()) {
             let mut rest = kept.clone();
             rest.insert(unit.clone());
-            let step = if connections > 1 { UNIT } else { u64::MAX };
+            let step = if connections > 1 {
+                unit_size(size, connections)
+            } else {
+                u64::MAX
+            };
             if let Ok(mut queue) = transfer.queue.lock() {
                 queue.extend(split(rest.missing(size), step));
             }
@@ -663,7 +678,7 @@ impl<'a> Job<'a> {
             part,
             kept,
             with_sha256,
-            4 * connections as usize,
+            2 * connections as usize + 2,
             Some(checkpoint),
         )?;
         let mut first_unit = first_unit;
@@ -699,7 +714,7 @@ impl<'a> Job<'a> {
             &self.paths.final_path,
             self.options.durable,
         )?;
-        let _ = std::fs::remove_file(&self.paths.sidecar);
+        self.paths.remove_sidecar();
         Ok((len, sha256, xxh3_128))
     }
 
@@ -865,6 +880,14 @@ impl<'a> Job<'a> {
         }
         Ok(())
     }
+}
+
+/// About four units per connection, so that they finish close together, in
+/// whole blocks of at most `MAX_UNIT`.
+fn unit_size(size: u64, connections: u32) -> u64 {
+    let block = BLOCK_SIZE as u64;
+    let per = size / (u64::from(connections) * 4);
+    (per / block * block).clamp(block, MAX_UNIT)
 }
 
 /// `ranges` cut into pieces of at most `step` bytes, in order.

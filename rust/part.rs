@@ -66,10 +66,34 @@ impl PartPaths {
             .map_err(|e| Error::storage("creating", &self.dir, e))
     }
 
+    /// Creates the part directory and takes the lock in it. Another download
+    /// finishing in the same directory may remove the directory in between
+    /// (when it looks empty): then create it again.
+    pub fn lock(&self) -> Result<PartLock> {
+        let mut tries = 0;
+        loop {
+            self.create_dir()?;
+            match PartLock::acquire(&self.lock) {
+                Err(Error::Storage { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && tries < 100 =>
+                {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Removes the part file and its sidecar; a missing file is not an error.
     pub fn discard(&self) {
         let _ = fs::remove_file(&self.part);
+        self.remove_sidecar();
+    }
+
+    /// Removes the sidecar and a temporary one a killed process may have left.
+    pub fn remove_sidecar(&self) {
         let _ = fs::remove_file(&self.sidecar);
+        let _ = fs::remove_file(Sidecar::temporary(&self.sidecar));
     }
 }
 
@@ -90,6 +114,11 @@ pub struct Sidecar {
 impl Sidecar {
     pub const VERSION: u32 = 1;
 
+    /// Where `store` writes before renaming.
+    pub fn temporary(path: &Path) -> PathBuf {
+        path.with_extension("json.tmp")
+    }
+
     /// Reads a sidecar; a missing, unreadable or corrupt one is `None` (start over).
     pub fn load(path: &Path) -> Option<Self> {
         let text = fs::read(path).ok()?;
@@ -101,7 +130,7 @@ impl Sidecar {
     /// temporary file first when `durable`). A sidecar lost to a power cut only
     /// means starting over: the digests of a resumed file cover every byte.
     pub fn store(&self, path: &Path, durable: bool) -> io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
+        let tmp = Self::temporary(path);
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)

@@ -32,11 +32,14 @@ use crate::part::{PartFile, Sidecar};
 use crate::ranges::RangeSet;
 
 /// Blocks queued between stages.
-const QUEUE: usize = 8;
+const QUEUE: usize = 4;
 /// Checkpoint after this many newly written bytes...
 const CHECKPOINT_BYTES: u64 = 32 << 20;
-/// ...or this much time, whichever comes first.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// ...or this much time, whichever comes first (a SIGKILL loses at most about this).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// A slow connection hands over a partly filled block after this long, so that
+/// checkpoints keep up with it too.
+const HAND_OFF_AFTER: Duration = Duration::from_millis(100);
 
 /// The written part file and the digests of its bytes `[0, len)`, in order.
 #[derive(Debug)]
@@ -121,6 +124,7 @@ impl Sink {
             input: self.input.clone(),
             current: None,
             offset,
+            opened: Instant::now(),
         }
     }
 
@@ -172,6 +176,8 @@ pub struct RangeStream {
     current: Option<Block>,
     /// File offset of the current block's first byte.
     offset: u64,
+    /// When the current block got its first byte.
+    opened: Instant,
 }
 
 impl RangeStream {
@@ -183,10 +189,15 @@ impl RangeStream {
     pub async fn push(&mut self, mut data: &[u8], guard: &Guard) -> Result<()> {
         while !data.is_empty() {
             let room = BLOCK_SIZE - (self.position() % BLOCK_SIZE as u64) as usize;
-            let block = self.current.get_or_insert_with(Block::take);
+            if self.current.is_none() {
+                self.current = Some(Block::take());
+                self.opened = Instant::now();
+            }
+            let block = self.current.as_mut().expect("just set");
             let taken = block.fill_from(&data[..data.len().min(room)]);
             data = &data[taken..];
-            if self.position() % BLOCK_SIZE as u64 == 0 {
+            let full = self.position() % BLOCK_SIZE as u64 == 0;
+            if full || self.opened.elapsed() >= HAND_OFF_AFTER {
                 self.hand_off(guard).await?;
             }
         }

@@ -41,6 +41,9 @@ are served normally; the persistent behaviours below still apply):
 ``status=CODE``
     Answer CODE with a short text body; ``retry_after=S`` adds
     ``Retry-After: S``.
+``ranged_only=1``
+    Apply the transient faults only to requests whose ``Range`` starts past
+    byte 0 (one range of a parallel transfer, not its first request).
 ``wrong=1``
     Same length, wrong bytes: the byte at offset ``size // 2`` of the
     representation is inverted (a Range sees it only if it covers it).
@@ -84,6 +87,8 @@ Persistent behaviours (every request):
     case), for any path, even one never added.
 ``filename=NAME``
     Add ``Content-Disposition: attachment; filename="NAME"``.
+``range_shift=N``
+    A 206 announces bytes N further on in its ``Content-Range`` than it sends.
 
 Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
 206 with ``Content-Range``; a start at or beyond the end gives 416 with
@@ -196,6 +201,7 @@ class _Faults:
     stall: float | None = None
     status: int | None = None
     wrong: bool = False
+    ranged_only: bool = False
     # counted
     flaky: int = 0
     flaky_status: int = 503
@@ -214,6 +220,7 @@ class _Faults:
     weak_etag: bool = False
     echo_headers: bool = False
     filename: str | None = None
+    range_shift: int = 0
 
     def without_transient(self) -> _Faults:
         return dataclasses.replace(
@@ -274,6 +281,11 @@ def _parse_redirect_status(value: str) -> int:
     return number
 
 
+def _range_starts_past_zero(header: str | None) -> bool:
+    start = (header or "").partition("=")[2].partition("-")[0].strip()
+    return start.isdigit() and int(start) > 0
+
+
 def _parse_header_value(value: str) -> str:
     if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or ord(c) > 0xFF for c in value):
         raise ValueError(f"not usable in a response header: {value!r}")
@@ -307,6 +319,8 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "weak_etag": _parse_bool,
     "echo_headers": _parse_bool,
     "filename": _parse_header_value,
+    "ranged_only": _parse_bool,
+    "range_shift": _parse_count,
 }
 
 
@@ -452,6 +466,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if faults.times is not None and number > faults.times:
             faults = faults.without_transient()
+        if faults.ranged_only and not _range_starts_past_zero(self.headers.get("Range")):
+            faults = faults.without_transient()
         if faults.hang_headers:
             self._pause(faults.hang_headers)
         if number <= faults.flaky:
@@ -525,7 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_header("Content-Length", str(declared))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            shift = faults.range_shift
+            self.send_header("Content-Range", f"bytes {first + shift}-{last + shift}/{size}")
         if rep.ranges and not faults.no_range:
             self.send_header("Accept-Ranges", "bytes")
         if not faults.no_validators:
