@@ -36,10 +36,10 @@ const QUEUE: usize = 4;
 /// Checkpoint after this many newly written bytes...
 const CHECKPOINT_BYTES: u64 = 32 << 20;
 /// ...or this much time, whichever comes first (a SIGKILL loses at most about this).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// A slow connection hands over a partly filled block after this long, so that
 /// checkpoints keep up with it too.
-const HAND_OFF_AFTER: Duration = Duration::from_millis(100);
+const HAND_OFF_AFTER: Duration = Duration::from_millis(50);
 
 /// The written part file and the digests of its bytes `[0, len)`, in order.
 #[derive(Debug)]
