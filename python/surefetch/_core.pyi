@@ -36,7 +36,6 @@ def download(
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...
-
 def hash_file(
     path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None
 ) -> tuple[int, str, str | None]: ...
