@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from surefetch._core import CancelToken, __version__
+from surefetch.cache import Cache, CacheEntry
 from surefetch.download import DownloadResult, adownload, download
 from surefetch.errors import (
     Cancelled,
@@ -11,6 +12,7 @@ from surefetch.errors import (
     HTTPError,
     IntegrityError,
     LockfileError,
+    LockfileOutdated,
     LockTimeout,
     ManifestError,
     NetworkError,
@@ -21,8 +23,11 @@ from surefetch.errors import (
     SurefetchError,
     UnsafeDestination,
 )
+from surefetch.lockfile import sync
 
 __all__ = [
+    "Cache",
+    "CacheEntry",
     "CancelToken",
     "Cancelled",
     "ChecksumMismatch",
@@ -32,6 +37,7 @@ __all__ = [
     "IntegrityError",
     "LockTimeout",
     "LockfileError",
+    "LockfileOutdated",
     "ManifestError",
     "NetworkError",
     "NotOwner",
@@ -43,4 +49,5 @@ __all__ = [
     "__version__",
     "adownload",
     "download",
+    "sync",
 ]

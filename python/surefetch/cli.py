@@ -19,6 +19,8 @@ from surefetch.errors import (
     DownloadTimeout,
     HTTPError,
     IntegrityError,
+    LockfileError,
+    ManifestError,
     NetworkError,
     SurefetchError,
 )
@@ -47,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
     )
     _add_get_command(sub)
+    _add_cache_commands(sub)
     _add_demo_command(sub)
+    _add_sync_commands(sub)
     _add_session_commands(sub)
     return parser
 
@@ -84,6 +88,8 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_NETWORK
     if isinstance(exc, DownloadTimeout):
         return EXIT_TIMEOUT
+    if isinstance(exc, (LockfileError, ManifestError)):
+        return EXIT_USAGE
     if isinstance(exc, ValueError):
         return EXIT_USAGE
     return EXIT_ERROR
@@ -256,6 +262,272 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] |
         bar.close()
 
 
+# --- fetch and cache ---------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _byte_size(text: str) -> int:
+    """``1024``, ``500M``, ``10G``, ``1.5GiB`` (powers of 1024) → bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 1024, 500M or 10G, not {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].upper()])
+
+
+def _age(text: str) -> float:
+    """``30s``, ``10m``, ``2h``, ``7d`` (or plain seconds) → seconds."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected an age like 30s, 10m, 2h or 7d, not {text!r}")
+    return float(match[1]) * _AGE_UNITS[match[2]]
+
+
+def _add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="the cache directory (default: $SUREFETCH_CACHE, else the XDG cache dir)",
+    )
+
+
+def _add_cache_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers `fetch` and `cache ls|verify|gc|clean`."""
+    fetch = sub.add_parser(
+        "fetch",
+        help="download a URL into the shared cache (or find it there) and print its path",
+        description="Print the path of URL's verified blob in the cache, downloading it only "
+        "when it is not cached; with --sha256 a cached blob needs no network at all. Processes "
+        "fetching the same artifact wait for each other: only one downloads.",
+    )
+    fetch.add_argument("url", metavar="URL")
+    fetch.add_argument("--sha256", metavar="HEX", help="expected SHA-256 (the cache key)")
+    fetch.add_argument("--size", metavar="N", type=_non_negative_int, help="expected size")
+    _add_cache_option(fetch)
+    fetch.add_argument("--timeout", metavar="S", type=_seconds, help="overall limit, waits too")
+    fetch.add_argument(
+        "--lock-timeout",
+        metavar="S",
+        type=_seconds,
+        default=300.0,
+        help="how long to wait for another process fetching the same artifact (default 300)",
+    )
+    fetch.add_argument(
+        "--read-timeout", metavar="S", type=_seconds, default=30.0, help="idle read limit"
+    )
+    fetch.add_argument(
+        "--connect-timeout", metavar="S", type=_seconds, default=30.0, help="connect limit"
+    )
+    fetch.add_argument("--retries", metavar="N", type=_non_negative_int, default=3)
+    fetch.add_argument(
+        "-H",
+        "--header",
+        metavar="'NAME: VALUE'",
+        type=_header,
+        action="append",
+        default=[],
+        help="extra request header (repeatable)",
+    )
+    fetch.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    fetch.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    fetch.set_defaults(handler=_run_fetch)
+
+    cache = sub.add_parser("cache", help="list, verify, shrink and clean the cache")
+    csub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    ls = csub.add_parser("ls", help="list the cached blobs, least recently used first")
+    verify = csub.add_parser(
+        "verify", help="re-hash every blob; quarantine mismatches (exit 3 if any)"
+    )
+    gc = csub.add_parser("gc", help="evict least-recently-used blobs down to a size")
+    gc.add_argument(
+        "--max-size", metavar="SIZE", type=_byte_size, required=True, help="e.g. 10G, 500M, 1024"
+    )
+    clean = csub.add_parser("clean", help="remove part files of dead downloads")
+    clean.add_argument(
+        "--older-than",
+        metavar="AGE",
+        type=_age,
+        default=7 * 86400.0,
+        help="only parts at least this old, e.g. 30s, 10m, 2h, 7d (default 7d)",
+    )
+    clean.add_argument("--quarantine", action="store_true", help="also empty the quarantine")
+    for parser, handler in ((ls, _cache_ls), (verify, _cache_verify), (gc, _cache_gc)):
+        _add_cache_option(parser)
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.set_defaults(handler=_run_cache(handler))
+    _add_cache_option(clean)
+    clean.add_argument("--json", action="store_true", help="print one JSON object")
+    clean.set_defaults(handler=_run_cache(_cache_clean))
+
+
+def _open_cache(args: argparse.Namespace, lock_timeout: float = 300.0) -> Any:
+    from surefetch.cache import Cache
+
+    return Cache(args.cache, lock_timeout=lock_timeout)
+
+
+def _cache_os_error(cache: Any, exc: OSError) -> int:
+    return _fail(
+        f"cannot use the cache at {cache.root}: {exc.strerror or exc}; "
+        "pass --cache DIR or set SUREFETCH_CACHE to a directory you can write"
+    )
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    cache = _open_cache(args, args.lock_timeout)
+    show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    def on_wait(holder: str) -> None:
+        if not args.quiet:
+            print(f"surefetch: waiting for {holder}", file=sys.stderr, flush=True)
+
+    def action() -> int:
+        try:
+            with _progress_bar(show_bar) as progress:
+                entry = cache.fetch_entry(
+                    args.url,
+                    sha256=args.sha256,
+                    size=args.size,
+                    headers=dict(args.header),
+                    timeout=args.timeout,
+                    read_timeout=args.read_timeout,
+                    connect_timeout=args.connect_timeout,
+                    retries=args.retries,
+                    progress=progress,
+                    on_wait=on_wait,
+                )
+        except OSError as exc:
+            if isinstance(exc, SurefetchError):
+                raise
+            return _cache_os_error(cache, exc)
+        if args.json:
+            _print_json(
+                {
+                    "path": str(entry.path),
+                    "size": entry.size,
+                    "sha256": entry.sha256,
+                    "xxh3_128": entry.xxh3_128,
+                    "bytes_transferred": entry.bytes_transferred,
+                }
+            )
+        elif not args.quiet:
+            print(entry.path)
+        return EXIT_OK
+
+    return run_reporting_errors(action)
+
+
+def _run_cache(
+    handler: Callable[[Any, argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        cache = _open_cache(args)
+
+        def action() -> int:
+            try:
+                return handler(cache, args)
+            except OSError as exc:
+                if isinstance(exc, SurefetchError):
+                    raise
+                return _cache_os_error(cache, exc)
+
+        return run_reporting_errors(action)
+
+    return run
+
+
+def _cache_ls(cache: Any, args: argparse.Namespace) -> int:
+    import datetime
+
+    blobs = cache.ls()
+
+    def when(timestamp: float) -> str:
+        moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    if args.json:
+        _print_json(
+            {
+                "root": str(cache.root),
+                "blobs": [
+                    {
+                        "sha256": b.sha256,
+                        "size": b.size,
+                        "last_used": when(b.last_used),
+                        "url": b.url,
+                        "path": str(b.path),
+                    }
+                    for b in blobs
+                ],
+            }
+        )
+        return EXIT_OK
+    if not blobs:
+        print(f"no blobs in {cache.root}", file=sys.stderr)
+    for b in blobs:
+        print(f"{b.sha256}  {b.size:>14}  {when(b.last_used)}  {b.url or '-'}")
+    return EXIT_OK
+
+
+def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
+    report = cache.verify()
+    bad = [str(p) for p in report.quarantined]
+    if args.json:
+        _print_json({"checked": report.checked, "quarantined": bad})
+    else:
+        print(f"checked {report.checked} blobs, {len(bad)} did not match")
+    if bad:
+        return _fail(
+            f"{len(bad)} blob(s) did not match their digest and were moved to "
+            f"{cache.root / 'quarantine'}; fetch them again",
+            EXIT_INTEGRITY,
+        )
+    return EXIT_OK
+
+
+def _cache_gc(cache: Any, args: argparse.Namespace) -> int:
+    report = cache.gc(args.max_size)
+    if args.json:
+        _print_json(
+            {
+                "evicted": [str(p) for p in report.evicted],
+                "freed": report.freed,
+                "remaining": report.remaining,
+                "in_use": report.in_use,
+            }
+        )
+    else:
+        print(
+            f"evicted {len(report.evicted)} blobs ({report.freed} bytes); "
+            f"{report.remaining} bytes left"
+            + (f"; {report.in_use} kept because in use" if report.in_use else "")
+        )
+    return EXIT_OK
+
+
+def _cache_clean(cache: Any, args: argparse.Namespace) -> int:
+    report = cache.clean(args.older_than, quarantine=args.quarantine)
+    if args.json:
+        _print_json(
+            {
+                "removed": [str(p) for p in report.removed],
+                "freed": report.freed,
+                "live": report.live,
+            }
+        )
+    else:
+        print(
+            f"removed {len(report.removed)} files ({report.freed} bytes)"
+            + (f"; kept {report.live} parts of live downloads" if report.live else "")
+        )
+    return EXIT_OK
+
+
 # --- demo ------------------------------------------------------------------------
 
 
@@ -274,6 +546,151 @@ def _run_demo(args: argparse.Namespace) -> int:
     from surefetch.demo import run_demo
 
     return run_reporting_errors(lambda: run_demo(Path(args.dir) if args.dir else None))
+
+
+# --- sync, verify ------------------------------------------------------------------
+
+
+def _add_sync_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Registers `sync` and `verify` (see lockfile.py for the transaction they rely on)."""
+    sync = sub.add_parser(
+        "sync",
+        help="install the manifest's artifacts into a directory and pin them in the lockfile",
+        description="Resolve every artifact of the manifest (from the cache or the network), "
+        "verify it against the lockfile's pins, and install it into --dest. All or nothing: "
+        "on any failure the destination and the lockfile are left as they were.",
+    )
+    sync.add_argument("--manifest", metavar="F", default="surefetch.toml", help="the manifest")
+    sync.add_argument("--lock", metavar="F", default="surefetch.lock", help="the lockfile")
+    sync.add_argument("--dest", metavar="DIR", default=".", help="where to install (default .)")
+    sync.add_argument(
+        "-j", "--jobs", metavar="N", type=_positive_int, default=4, help="parallel downloads"
+    )
+    sync.add_argument(
+        "--timeout-per-item", metavar="S", type=_seconds, help="time limit for each artifact"
+    )
+    mode = sync.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--locked", action="store_true", help="fail (exit 1) if the lockfile would change"
+    )
+    mode.add_argument(
+        "--frozen",
+        action="store_true",
+        help="install exactly what the lockfile pins; do not read the manifest",
+    )
+    mode.add_argument(
+        "--upgrade", action="store_true", help="re-resolve every artifact, ignoring the pins"
+    )
+    sync.add_argument("--cache", metavar="DIR", help="cache directory (default: $SUREFETCH_CACHE)")
+    sync.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    sync.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    sync.set_defaults(handler=_run_sync)
+
+    verify = sub.add_parser(
+        "verify",
+        help="check the installed files against the lockfile",
+        description="Report every file of the lockfile that is missing or differs in --dest. "
+        "Exit 3 if a file's bytes differ, 1 if files are only missing or not executable.",
+    )
+    verify.add_argument("--lock", metavar="F", default="surefetch.lock", help="the lockfile")
+    verify.add_argument("--dest", metavar="DIR", default=".", help="the installed directory")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print only the differences")
+    verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    verify.set_defaults(handler=_run_verify)
+
+
+def _run_sync(args: argparse.Namespace) -> int:
+    from surefetch.lockfile import sync
+
+    show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    def action() -> int:
+        with _artifact_bar(show_bar) as progress:
+            result = sync(
+                manifest=args.manifest,
+                lock=args.lock,
+                dest=args.dest,
+                jobs=args.jobs,
+                timeout_per_item=args.timeout_per_item,
+                locked=args.locked,
+                frozen=args.frozen,
+                upgrade=args.upgrade,
+                cache=args.cache,
+                progress=progress,
+            )
+        if args.json:
+            _print_json(result.to_dict())
+        elif not args.quiet:
+            lock_note = "lockfile updated" if result.lockfile_changed else "lockfile unchanged"
+            print(
+                f"{len(result.installed)} installed, {len(result.unchanged)} unchanged, "
+                f"{len(result.removed)} removed from the lockfile; {lock_note}; "
+                f"{result.bytes_transferred} bytes transferred in {result.elapsed:.2f} s"
+            )
+        return EXIT_OK
+
+    return run_reporting_errors(action)
+
+
+@contextmanager
+def _artifact_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A tqdm bar on stderr counting artifacts, or None when not wanted."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(unit="artifact", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from surefetch.lockfile import verify
+
+    def action() -> int:
+        found = verify(lock=args.lock, dest=args.dest)
+        code = EXIT_OK
+        if found:
+            code = EXIT_INTEGRITY if any(d.integrity for d in found) else EXIT_ERROR
+        if args.json:
+            _print_json(
+                {
+                    "ok": not found,
+                    "differences": [
+                        {
+                            "name": d.name,
+                            "path": str(d.path),
+                            "kind": d.kind,
+                            "expected": d.expected,
+                            "actual": d.actual,
+                        }
+                        for d in found
+                    ],
+                }
+            )
+        else:
+            for difference in found:
+                print(difference)
+        if found:
+            what = "do not match their digests" if code == EXIT_INTEGRITY else "are missing"
+            _fail(
+                f"{len(found)} difference(s) with {args.lock}: files {what}; "
+                "run `surefetch sync --frozen` to restore them",
+                code,
+            )
+        elif not (args.quiet or args.json):
+            print(f"every file of {args.lock} matches in {args.dest}")
+        return code
+
+    return run_reporting_errors(action)
 
 
 # --- sessions, users, serve -------------------------------------------------

@@ -14,7 +14,8 @@ The tree::
     ├── StorageError              (also an OSError: disk full, I/O error, cross-device rename)
     ├── UnsafeDestination         (a name or path that would leave its directory)
     ├── LockTimeout               (also a TimeoutError)
-    ├── LockfileError
+    ├── LockfileError             (invalid or unsafe lockfile)
+    ├── LockfileOutdated          (lockfile missing or would change: --locked, --frozen)
     ├── ManifestError
     ├── SessionNotFound
     └── NotOwner
@@ -33,6 +34,7 @@ __all__ = [
     "IntegrityError",
     "LockTimeout",
     "LockfileError",
+    "LockfileOutdated",
     "ManifestError",
     "NetworkError",
     "NotOwner",
@@ -143,7 +145,14 @@ class LockTimeout(SurefetchError, TimeoutError):
 
 
 class LockfileError(SurefetchError):
-    """The lockfile is invalid, or would change where it must not."""
+    """The lockfile is invalid or unsafe (bad TOML, unknown version, a path leaving its place)."""
+
+
+class LockfileOutdated(SurefetchError):
+    """The lockfile is missing, or would change where that is forbidden (``--locked``).
+
+    Not a `LockfileError`: the lockfile is valid, it just does not match the manifest.
+    """
 
 
 class ManifestError(SurefetchError):

@@ -1,0 +1,345 @@
+"""Benchmarks `surefetch sync` of 200 small artifacts against a requests loop and pooch.
+
+    python bench/sync.py [--quick] [--runs N] [--files N] [--no-write-results] [--no-install]
+
+nginx (started as bench/run.py starts it, with its helpers) serves N files of 4 KiB
+(default 200) on 127.0.0.1. Every row is one process, timed by the wall clock around it,
+Python start-up included:
+
+- ``sync-cold``: ``surefetch sync --jobs 8`` with an empty cache, destination and no
+  lockfile; every file is downloaded, verified, cached, staged, installed, pinned.
+- ``sync-warm``: the same command again: every file present and pinned, nothing fetched.
+- ``requests``: one ``requests.Session``, the files fetched one after the other, each
+  SHA-256 checked and written (a fresh output directory each run).
+- ``pooch``: ``pooch.retrieve`` with the known SHA-256 of each file, one after the other.
+
+Runs are interleaved (round r runs every row once; one uncounted round first); each
+ratio is the median of per-round ratios. Targets: warm sync <= 0.5 s for the whole
+command; cold sync with --jobs 8 >= 3x faster than the requests loop. The exit status is 1
+only when a target is missed by more than a factor of two (warm > 1.0 s, cold < 1.5x).
+Full mode (5 rounds) replaces its section at the end of bench/RESULTS.md; --quick (2
+rounds, still 200 files) prints only.
+
+The peers run as ``python bench/sync.py --peer requests|pooch LIST OUT`` (LIST: lines of
+``url sha256 name``), importing only what they need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+WORK = BENCH / ".work" / "sync"
+RESULTS = BENCH / "RESULTS.md"
+SECTION = "## sync: 200 small artifacts"
+SUREFETCH = Path(os.environ.get("SUREFETCH_BENCH_BIN") or Path(sys.executable).parent / "surefetch")
+FILE_SIZE = 4096
+FULL_RUNS, QUICK_RUNS = 5, 2
+WARM_TARGET_MS, COLD_TARGET_X = 500.0, 3.0
+ROWS = ("sync-cold", "sync-warm", "requests", "pooch")
+WHAT = {
+    "sync-cold": "`surefetch sync --jobs 8`, empty cache and destination, no lockfile",
+    "sync-warm": "`surefetch sync --jobs 8` again: all present and pinned",
+    "requests": "one `requests.Session`, sequential, SHA-256 checked, files written",
+    "pooch": "`pooch.retrieve(url, known_hash=sha256)`, sequential",
+}
+
+
+# --- the peers (run as child processes) -----------------------------------------------------------
+
+
+def _read_list(path: str) -> list[tuple[str, str, str]]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        url, sha, name = line.split()
+        rows.append((url, sha, name))
+    return rows
+
+
+def peer_requests(listing: str, out: str) -> int:
+    import requests
+
+    with requests.Session() as session:
+        for url, sha, name in _read_list(listing):
+            resp = session.get(url, timeout=60)
+            resp.raise_for_status()
+            data = resp.content
+            if hashlib.sha256(data).hexdigest() != sha:
+                print(f"sha256 mismatch for {url}", file=sys.stderr)
+                return 3
+            Path(out, name).write_bytes(data)
+    return 0
+
+
+def peer_pooch(listing: str, out: str) -> int:
+    import pooch  # type: ignore[import-untyped]
+
+    pooch.get_logger().setLevel("WARNING")
+    for url, sha, name in _read_list(listing):
+        pooch.retrieve(url, known_hash=f"sha256:{sha}", fname=name, path=out, progressbar=False)
+    return 0
+
+
+# --- the harness ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: dict[int, float] = field(default_factory=dict)  # round -> wall time
+
+    def median(self) -> float | None:
+        return statistics.median(self.seconds.values()) if self.seconds else None
+
+
+@dataclass(frozen=True)
+class Setup:
+    base_url: str
+    files: list[tuple[str, str]]  # (name, sha256)
+    manifest: Path
+    listing: Path
+
+
+def make_files(docroot: Path, count: int) -> list[tuple[str, str]]:
+    """`count` deterministic incompressible files of 4 KiB in `docroot`."""
+    docroot.mkdir(parents=True, exist_ok=True)
+    docroot.chmod(0o755)
+    rng = random.Random(4096)
+    files = []
+    for i in range(count):
+        data = rng.randbytes(FILE_SIZE)
+        name = f"f{i:03d}.bin"
+        path = docroot / name
+        if not path.exists() or path.read_bytes() != data:
+            path.write_bytes(data)
+            path.chmod(0o644)
+        files.append((name, hashlib.sha256(data).hexdigest()))
+    return files
+
+
+def write_inputs(base_url: str, files: list[tuple[str, str]]) -> Setup:
+    manifest = WORK / "surefetch.toml"
+    manifest.write_text(
+        "".join(f'[[artifact]]\nname = "{n}"\nurl = "{base_url}/{n}"\n\n' for n, _ in files)
+    )
+    listing = WORK / "list.txt"
+    listing.write_text("".join(f"{base_url}/{n} {sha} {n}\n" for n, sha in files))
+    return Setup(base_url, files, manifest, listing)
+
+
+def timed(argv: Sequence[str], what: str) -> float:
+    """Wall seconds of one process; a failure is a SetupError naming the row."""
+    from run import SetupError
+
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise SetupError(f"{what} exited {done.returncode}: {lines[-1] if lines else ''}")
+    return elapsed
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _sync_argv(run_dir: Path, manifest: Path) -> list[str]:
+    return [
+        str(SUREFETCH),
+        "sync",
+        "--manifest",
+        str(manifest),
+        "--lock",
+        str(run_dir / "surefetch.lock"),
+        "--dest",
+        str(run_dir / "dest"),
+        "--cache",
+        str(run_dir / "cache"),
+        "--jobs",
+        "8",
+        "--quiet",
+    ]
+
+
+def check_installed(run_dir: Path, setup: Setup) -> None:
+    from run import SetupError
+
+    for name, sha in setup.files:
+        data = (run_dir / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise SetupError(f"{run_dir / name} does not have the served bytes")
+
+
+def run_round(rows: dict[str, Row], r: int | None, setup: Setup) -> None:
+    """One run of every row (r None: the uncounted warm-up round)."""
+    order = list(ROWS[2:])
+    order.insert(0 if (r or 0) % 2 == 0 else 2, "sync")  # the sync pair before or after
+    for what in order:
+        if what == "sync":
+            run_dir = _fresh(WORK / "run-sync")
+            argv = _sync_argv(run_dir, setup.manifest)
+            cold = timed(argv, "surefetch sync (cold)")
+            warm = timed(argv, "surefetch sync (warm)")
+            check_installed(run_dir / "dest", setup)
+            if r is not None:
+                rows["sync-cold"].seconds[r] = cold
+                rows["sync-warm"].seconds[r] = warm
+            continue
+        out = _fresh(WORK / f"run-{what}")
+        argv = [sys.executable, __file__, "--peer", what, str(setup.listing), str(out)]
+        seconds = timed(argv, what)
+        check_installed(out, setup)
+        if r is not None:
+            rows[what].seconds[r] = seconds
+
+
+def speedup(row: Row, ref: Row) -> float | None:
+    """Median over rounds of ref time / row time (how many times faster `row` is)."""
+    rounds = sorted(set(row.seconds) & set(ref.seconds))
+    if not rounds:
+        return None
+    return statistics.median(ref.seconds[r] / row.seconds[r] for r in rounds)
+
+
+def report(rows: dict[str, Row], count: int, runs: int, nginx: str) -> tuple[str, list[str], bool]:
+    from run import TIMES, Gate, markdown_table
+
+    ref = rows["requests"]
+    body = []
+    for name in ROWS:
+        row = rows[name]
+        values = row.seconds.values()
+        x = speedup(row, ref)
+        body.append(
+            [
+                name,
+                f"{row.median():.3f}" if row.median() is not None else "—",
+                f"{min(values):.3f}\u2013{max(values):.3f}" if values else "—",
+                f"{x:.2f}" if x is not None else "—",
+                WHAT[name],
+            ]
+        )
+    title = (
+        f"{count} files of {FILE_SIZE // 1024} KiB from {nginx} on 127.0.0.1; median of {runs} "
+        f"interleaved rounds (after one uncounted round); whole processes, start-up included; "
+        f"{TIMES} requests = requests loop time / row time, median of per-round ratios."
+    )
+    table = markdown_table(
+        ["row", "median s", "min\u2013max s", f"{TIMES} requests (faster)", "what"], body
+    )
+    warm = rows["sync-warm"].median()
+    gates = [
+        Gate(
+            "warm sync, whole command", warm * 1000 if warm else None, WARM_TARGET_MS, False, " ms"
+        ),
+        Gate(
+            "cold sync --jobs 8 / requests loop",
+            speedup(rows["sync-cold"], ref),
+            COLD_TARGET_X,
+            True,
+            TIMES,
+        ),
+    ]
+    failed = any(g.status == "FAIL" for g in gates)
+    return f"{title}\n\n{table}", [g.line() for g in gates], failed
+
+
+def write_results(text: str, when: str) -> None:
+    cmd = " ".join(["python bench/sync.py", *sys.argv[1:]])
+    section = f"{SECTION}\n\n{when}, `{cmd}`\n\n{text}\n"
+    old = RESULTS.read_text() if RESULTS.exists() else "# surefetch benchmark results\n"
+    start = old.find(SECTION)
+    if start >= 0:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + section + (old[end + 1 :] if end >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(new)
+    print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds, no RESULTS.md")
+    parser.add_argument("--runs", type=int, help="counted rounds (5; quick: 2)")
+    parser.add_argument("--files", type=int, default=200, help="number of 4 KiB files")
+    parser.add_argument("--no-write-results", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get nginx")
+    parser.add_argument("--peer", nargs=3, metavar=("NAME", "LIST", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peer:
+        name, listing, out = args.peer
+        return peer_requests(listing, out) if name == "requests" else peer_pooch(listing, out)
+
+    import datetime
+
+    from run import Nginx, SetupError, find_nginx
+
+    runs: int = args.runs or (QUICK_RUNS if args.quick else FULL_RUNS)
+    if runs < 1 or args.files < 1:
+        parser.error("--runs and --files must be 1 or more")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started = time.monotonic()
+    rows = {name: Row(name) for name in ROWS}
+    try:
+        nginx_bin = find_nginx(not args.no_install)
+        WORK.mkdir(parents=True, exist_ok=True)
+        for d in (BENCH / ".work", WORK):
+            d.chmod(0o755)
+        files = make_files(WORK / "www", args.files)
+        server = Nginx(nginx_bin, WORK, WORK / "www")
+        nginx = server.version()
+        try:
+            server.start(files[0][0], FILE_SIZE)
+            setup = write_inputs(server.url("").rstrip("/"), files)
+            for r in [None, *range(runs)]:
+                run_round(rows, r, setup)
+                server.check_alive()
+        finally:
+            server.stop()
+            for what in ("sync", *ROWS[2:]):
+                shutil.rmtree(WORK / f"run-{what}", ignore_errors=True)
+    except SetupError as exc:
+        print(f"bench/sync.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench/sync.py: interrupted", file=sys.stderr)
+        return 130
+    text, gate_lines, failed = report(rows, args.files, runs, nginx)
+    text = "\n".join([text, "", *gate_lines])
+    print(text)
+    print(f"bench: {'FAILED' if failed else 'ok'} in {time.monotonic() - started:.0f} s")
+    if args.quick or args.no_write_results or args.files != 200:
+        print(
+            "not writing bench/RESULTS.md (quick, --no-write-results or --files)", file=sys.stderr
+        )
+    else:
+        write_results(text, when)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

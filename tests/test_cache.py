@@ -1,0 +1,364 @@
+"""`surefetch.Cache`: content-addressed blobs, cross-process locks, trust, maintenance."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+
+import surefetch as sf
+from surefetch.cache import Cache, default_cache_root
+from surefetch.testing import FaultServer
+
+from cache_support import (
+    blob_files,
+    blob_path,
+    dead_url,
+    hold_flock,
+    holder_pid,
+    lock_path,
+    part_path,
+    start_fetch,
+    stop,
+    wait_for_download,
+    wait_until,
+)
+from support import leftovers, payload
+
+DATA = payload(300_000, seed=4)
+SHA = hashlib.sha256(DATA).hexdigest()
+SLOW = 100_000  # bytes per second: DATA takes 3 s, long enough to be caught in the act
+
+
+@pytest.fixture
+def url(server: FaultServer) -> str:
+    return server.add("model.bin", DATA)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Cache:
+    return Cache(tmp_path / "cache")
+
+
+def test_a_cached_fetch_never_touches_the_network(
+    cache: Cache, server: FaultServer, url: str
+) -> None:
+    first = cache.fetch_entry(url, sha256=SHA)
+    assert first.path == blob_path(cache.root, SHA)
+    assert first.path.read_bytes() == DATA
+    assert (first.size, first.sha256, first.bytes_transferred) == (len(DATA), SHA, len(DATA))
+    assert first.xxh3_128 == xxhash.xxh3_128_hexdigest(DATA)
+    assert server.request_count("model.bin") == 1
+
+    again = cache.fetch_entry(url, sha256=SHA.upper())
+    assert again == sf.CacheEntry(first.path, first.size, SHA, first.xxh3_128, 0)
+    assert cache.fetch(dead_url(), sha256=SHA) == first.path
+    assert server.request_count("model.bin") == 1
+    assert cache.lookup(SHA) == again
+    assert leftovers(cache.root / "tmp") == []
+
+
+def test_without_a_digest_the_blob_lands_under_its_sha256(
+    cache: Cache, server: FaultServer, url: str
+) -> None:
+    entry = cache.fetch_entry(url)
+    assert (entry.path, entry.sha256) == (blob_path(cache.root, SHA), SHA)
+    assert cache.lookup(SHA) is not None
+    # keyed by the URL, whose content may change: fetched again, landing on the same blob
+    assert cache.fetch_entry(url).path == entry.path
+    assert server.request_count("model.bin") == 2
+    assert blob_files(cache.root) == [entry.path]
+
+
+def test_lookup_of_an_absent_or_invalid_digest(cache: Cache) -> None:
+    assert cache.lookup(SHA) is None
+    with pytest.raises(ValueError, match="64 hex digits"):
+        cache.lookup("abc")
+    with pytest.raises(ValueError, match="64 hex digits"):
+        cache.fetch("http://127.0.0.1:1/x", sha256="xyz")
+
+
+def test_a_wrong_digest_leaves_nothing_in_the_cache(cache: Cache, url: str) -> None:
+    with pytest.raises(sf.ChecksumMismatch):
+        cache.fetch(url, sha256="0" * 64)
+    assert blob_files(cache.root) == []
+    assert leftovers(cache.root / "tmp") == []
+
+
+def test_a_cached_blob_of_another_size_is_refused_without_network(cache: Cache, url: str) -> None:
+    cache.fetch(url, sha256=SHA)
+    with pytest.raises(sf.SizeMismatch, match="check the expected size"):
+        cache.fetch(dead_url(), sha256=SHA, size=len(DATA) + 1)
+
+
+def test_a_killed_holder_releases_its_lock_and_its_part_is_finished(
+    cache: Cache, server: FaultServer, url: str
+) -> None:
+    child = start_fetch(f"{url}?throttle={SLOW}", cache.root, "--sha256", SHA)
+    try:
+        wait_for_download(child, part_path(cache.root, SHA))
+        wait_until(lambda: holder_pid(lock_path(cache.root, SHA)) == child.pid, "the holder")
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        stop([child])
+    waits: list[str] = []
+    started = time.monotonic()
+    entry = cache.fetch_entry(url, sha256=SHA, on_wait=waits.append, timeout=10)
+    assert waits == []  # the kernel released the dead holder's lock
+    assert time.monotonic() - started < 5
+    assert entry.path.read_bytes() == DATA
+    assert blob_files(cache.root) == [entry.path]
+    # (a sidecar's .json.tmp may remain if the kill hit its write: the engine's to tidy)
+    assert [p for p in leftovers(cache.root / "tmp") if not p.endswith(".json.tmp")] == []
+
+
+@pytest.fixture
+def holder(cache: Cache, url: str) -> Iterator[subprocess.Popen[str]]:
+    """A child `surefetch fetch` downloading DATA slowly, holding its lock."""
+    child = start_fetch(f"{url}?throttle={SLOW}", cache.root, "--sha256", SHA)
+    wait_until(lambda: holder_pid(lock_path(cache.root, SHA)) == child.pid, "the holder")
+    yield child
+    stop([child])
+
+
+def test_a_lock_wait_times_out_naming_the_holder(
+    tmp_path: Path, holder: subprocess.Popen[str], url: str
+) -> None:
+    cache = Cache(tmp_path / "cache", lock_timeout=0.3)
+    waits: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(sf.LockTimeout) as caught:
+        cache.fetch(url, sha256=SHA, on_wait=waits.append)
+    assert 0.3 <= time.monotonic() - started < 2
+    pid = holder.pid
+    assert f"pid {pid} on host" in str(caught.value)
+    assert "--lock-timeout" in str(caught.value)
+    assert len(waits) == 1 and waits[0].startswith(f"pid {pid} on host ")
+    assert f"fetching {url}?throttle={SLOW} since " in waits[0]
+
+
+@pytest.mark.usefixtures("holder")
+def test_the_overall_timeout_covers_the_wait(cache: Cache, url: str) -> None:
+    with pytest.raises(sf.DownloadTimeout, match="waiting for pid"):
+        cache.fetch(url, sha256=SHA, timeout=0.3)
+
+
+@pytest.mark.usefixtures("holder")
+def test_cancel_stops_a_wait_at_once(cache: Cache, url: str) -> None:
+    token = sf.CancelToken()
+    waiting = threading.Event()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cache.fetch(url, sha256=SHA, cancel=token, on_wait=lambda _: waiting.set())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert waiting.wait(10)
+    sent = time.monotonic()
+    token.cancel()
+    thread.join(5)
+    assert time.monotonic() - sent < 0.5
+    assert len(outcome) == 1 and isinstance(outcome[0], sf.Cancelled)
+
+
+def test_a_waiter_uses_the_blob_of_the_process_it_waited_for(
+    cache: Cache, server: FaultServer, url: str
+) -> None:
+    child = start_fetch(f"{url}?throttle=1000000", cache.root, "--sha256", SHA)
+    try:
+        wait_until(lambda: holder_pid(lock_path(cache.root, SHA)) == child.pid, "the holder")
+        waits: list[str] = []
+        entry = cache.fetch_entry(url, sha256=SHA, on_wait=waits.append, timeout=10)
+        out, err = child.communicate(timeout=10)
+    finally:
+        stop([child])
+    assert child.returncode == 0, err
+    assert out.strip() == str(entry.path)
+    assert entry.bytes_transferred == 0
+    assert len(waits) == 1
+    assert server.bytes_sent_for("model.bin") == len(DATA)
+
+
+def test_verify_quarantines_a_corrupted_blob_and_fetch_replaces_it(
+    cache: Cache, server: FaultServer, url: str
+) -> None:
+    path = cache.fetch(url, sha256=SHA)
+    assert cache.verify() == sf.cache.VerifyReport(1, [])
+    path.write_bytes(b"x" + DATA[1:])
+    report = cache.verify()
+    assert report.checked == 1
+    assert [p.parent for p in report.quarantined] == [cache.root / "quarantine"]
+    assert report.quarantined[0].read_bytes()[:1] == b"x"
+    assert cache.lookup(SHA) is None
+    assert cache.fetch(url, sha256=SHA).read_bytes() == DATA
+    assert server.request_count("model.bin") == 2
+
+
+def _three_blobs(cache: Cache, server: FaultServer) -> list[sf.CacheEntry]:
+    entries = []
+    now = time.time()
+    for i in range(3):
+        data = payload(100_000, seed=10 + i)
+        entry = cache.fetch_entry(
+            server.add(f"b{i}", data), sha256=hashlib.sha256(data).hexdigest()
+        )
+        os.utime(entry.path, (now - 300 + 100 * i, now - 300 + 100 * i))
+        entries.append(entry)
+    return entries
+
+
+def test_gc_evicts_the_least_recently_used(cache: Cache, server: FaultServer) -> None:
+    oldest, middle, newest = _three_blobs(cache, server)
+    assert cache.lookup(oldest.sha256) is not None  # a use makes it the most recent
+    assert [b.sha256 for b in cache.ls()] == [middle.sha256, newest.sha256, oldest.sha256]
+    report = cache.gc(max_size=250_000)
+    assert (report.evicted, report.freed, report.remaining) == ([middle.path], 100_000, 200_000)
+    assert sorted(blob_files(cache.root)) == sorted([oldest.path, newest.path])
+    assert cache.gc(max_size=0).remaining == 0
+    assert blob_files(cache.root) == []
+
+
+def test_gc_keeps_a_blob_whose_lock_is_held(cache: Cache, server: FaultServer) -> None:
+    oldest, middle, newest = _three_blobs(cache, server)
+    fd = os.open(lock_path(cache.root, oldest.sha256), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        report = cache.gc(max_size=200_000)
+    finally:
+        os.close(fd)
+    assert (report.in_use, report.evicted) == (1, [middle.path])
+    assert oldest.path.exists() and newest.path.exists()
+
+
+def _old(*paths: Path, age: float = 7200) -> None:
+    then = time.time() - age
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_bytes(b"p" * 1000)
+        os.utime(path, (then, then))
+
+
+def test_clean_removes_old_dead_parts_only(cache: Cache) -> None:
+    parts = cache.root / "tmp" / ".surefetch"
+    dead = [parts / "dead.part", parts / "dead.part.json"]
+    live = [parts / "live.part", parts / "live.part.json"]
+    young = parts / "young.part"
+    stray = cache.root / "tmp" / "sha256-stray"
+    _old(*dead, *live, stray)
+    young.write_bytes(b"y")
+    quarantined = cache.root / "quarantine" / "q"
+    _old(quarantined)
+    holder = hold_flock(parts / "live.lock")  # a live download holds its engine lock
+    try:
+        report = cache.clean(older_than=3600)
+    finally:
+        stop([holder])
+    assert sorted(report.removed) == sorted([*dead, stray])
+    assert (report.freed, report.live) == (3000, 1)
+    assert all(p.exists() for p in live) and young.exists() and quarantined.exists()
+    assert cache.clean(older_than=3600, quarantine=True).removed == [*live, quarantined]
+
+
+def test_clean_removes_the_part_of_a_killed_download(cache: Cache, url: str) -> None:
+    child = start_fetch(f"{url}?throttle={SLOW}", cache.root, "--sha256", SHA)
+    try:
+        wait_for_download(child, part_path(cache.root, SHA))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        stop([child])
+    assert cache.clean(older_than=3600).removed == []  # young: the next fetch resumes it
+    report = cache.clean(older_than=0)
+    assert part_path(cache.root, SHA) in report.removed
+    assert leftovers(cache.root / "tmp") == []
+
+
+def _plant(cache: Cache, content: bytes) -> Path:
+    path = blob_path(cache.root, SHA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    os.chmod(path, 0o644)
+    if os.getuid() == 0:
+        os.chown(path, 65534, 65534)  # another user's file
+    else:
+        os.chmod(path, 0o666)  # a file another user could have written
+    return path
+
+
+def test_a_planted_blob_is_not_trusted(cache: Cache, server: FaultServer, url: str) -> None:
+    planted = _plant(cache, b"evil" + DATA[4:])
+    entry = cache.fetch_entry(url, sha256=SHA)
+    assert entry.path.read_bytes() == DATA
+    assert entry.bytes_transferred == len(DATA)
+    assert os.stat(planted).st_uid == os.getuid()
+    assert [p.read_bytes()[:4] for p in (cache.root / "quarantine").iterdir()] == [b"evil"]
+
+
+def test_a_group_writable_blob_is_rehashed(cache: Cache, server: FaultServer, url: str) -> None:
+    path = cache.fetch(url, sha256=SHA)
+    os.chmod(path, 0o664)
+    assert cache.lookup(SHA) is not None  # still the right bytes: used, re-hashed
+    path.write_bytes(b"evil" + DATA[4:])
+    assert cache.fetch(url, sha256=SHA).read_bytes() == DATA
+    assert server.request_count("model.bin") == 2
+
+
+def test_another_users_blob_with_the_right_bytes_is_used(cache: Cache, server: FaultServer) -> None:
+    _plant(cache, DATA)
+    entry = cache.fetch_entry(dead_url(), sha256=SHA)
+    assert (entry.sha256, entry.xxh3_128) == (SHA, xxhash.xxh3_128_hexdigest(DATA))
+
+
+def test_a_planted_symlink_is_quarantined(cache: Cache, tmp_path: Path, url: str) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(DATA)
+    path = blob_path(cache.root, SHA)
+    path.parent.mkdir(parents=True)
+    path.symlink_to(target)
+    assert cache.lookup(SHA) is None
+    assert not path.is_symlink() and target.read_bytes() == DATA
+    assert not cache.fetch(url, sha256=SHA).is_symlink()
+
+
+def test_the_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SUREFETCH_CACHE", str(tmp_path / "sf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Cache().root == default_cache_root() == tmp_path / "sf"
+    monkeypatch.delenv("SUREFETCH_CACHE")
+    assert Cache().root == tmp_path / "xdg" / "surefetch"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG spec says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Cache().root == tmp_path / "home" / ".cache" / "surefetch"
+
+
+def test_an_unusable_cache_directory_is_a_storage_error(tmp_path: Path, url: str) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    cache = Cache(tmp_path / "file" / "cache")
+    with pytest.raises(sf.StorageError, match=r"cannot use the cache at .*use another directory"):
+        cache.fetch(url, sha256=SHA)
+    with pytest.raises(sf.StorageError):
+        cache.fetch(url)
+
+
+def test_invalid_arguments(cache: Cache) -> None:
+    with pytest.raises(ValueError, match="lock_timeout"):
+        Cache(lock_timeout=0)
+    with pytest.raises(ValueError, match="max_size"):
+        cache.gc(-1)
+    with pytest.raises(ValueError, match="older_than"):
+        cache.clean(-1)

@@ -1,0 +1,229 @@
+"""`surefetch fetch` and `surefetch cache ls|verify|gc|clean` as real child processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from surefetch.testing import FaultServer
+
+from cache_support import (
+    blob_files,
+    blob_path,
+    dead_url,
+    holder_pid,
+    lock_path,
+    part_path,
+    start_fetch,
+    stop,
+    wait_for_download,
+    wait_until,
+)
+from support import SUREFETCH, payload, run_cli
+
+DATA = payload(400_000, seed=5)
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+@pytest.fixture
+def url(server: FaultServer) -> str:
+    return server.add("model.bin", DATA)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def test_eight_processes_fetching_one_artifact_transfer_it_once(
+    server: FaultServer, url: str, root: Path
+) -> None:
+    # 2 s at this rate: the others start (~0.2 s each) while the first one downloads
+    procs = [start_fetch(f"{url}?throttle=200000", root, "--sha256", SHA) for _ in range(8)]
+    try:
+        results = [proc.communicate(timeout=30) for proc in procs]
+    finally:
+        stop(procs)
+    assert [proc.returncode for proc in procs] == [0] * 8, results
+    assert {out.strip() for out, _ in results} == {str(blob_path(root, SHA))}
+    assert server.request_count("model.bin") == 1
+    assert server.bytes_sent_for("model.bin") == len(DATA)
+    waited = [err for _, err in results if "surefetch: waiting for pid " in err]
+    assert waited, results
+    assert f"fetching {url}?throttle=200000 since " in waited[0]
+    assert blob_path(root, SHA).read_bytes() == DATA
+
+
+def test_a_cached_fetch_never_opens_a_connection(server: FaultServer, url: str, root: Path) -> None:
+    first = run_cli(["fetch", url, "--sha256", SHA, "--cache", str(root), "--json"])
+    assert first.returncode == 0, first.stderr
+    entry = json.loads(first.stdout)
+    assert entry == {
+        "path": str(blob_path(root, SHA)),
+        "size": len(DATA),
+        "sha256": SHA,
+        "xxh3_128": entry["xxh3_128"],
+        "bytes_transferred": len(DATA),
+    }
+    again = run_cli(["fetch", dead_url(), "--sha256", SHA, "--cache", str(root), "--json"])
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {**entry, "bytes_transferred": 0}
+    assert server.request_count("model.bin") == 1
+
+
+def test_a_wrong_digest_exits_3_and_caches_nothing(url: str, root: Path) -> None:
+    out = run_cli(["fetch", url, "--sha256", "0" * 64, "--cache", str(root)])
+    assert out.returncode == 3, out.stderr
+    assert "sha256 mismatch" in out.stderr and len(out.stderr.splitlines()) == 1
+    assert out.stdout == ""
+    assert blob_files(root) == []
+
+
+def test_a_lock_wait_timeout_exits_1_naming_the_holder(url: str, root: Path) -> None:
+    holder = start_fetch(f"{url}?throttle=100000", root, "--sha256", SHA)
+    try:
+        wait_until(lambda: holder_pid(lock_path(root, SHA)) == holder.pid, "the holder")
+        out = run_cli(
+            ["fetch", url, "--sha256", SHA, "--cache", str(root), "--lock-timeout", "0.3"]
+        )
+    finally:
+        stop([holder])
+    assert out.returncode == 1, out.stderr
+    waiting, error = out.stderr.splitlines()
+    assert waiting.startswith(f"surefetch: waiting for pid {holder.pid} on host ")
+    assert error.startswith("surefetch: error: gave up after 0.3 s waiting for the cache lock")
+    assert f"pid {holder.pid}" in error and "--lock-timeout" in error
+
+
+def test_ctrl_c_while_waiting_exits_130(url: str, root: Path) -> None:
+    holder = start_fetch(f"{url}?throttle=100000", root, "--sha256", SHA)
+    waiter = None
+    try:
+        wait_until(lambda: holder_pid(lock_path(root, SHA)) == holder.pid, "the holder")
+        waiter = start_fetch(url, root, "--sha256", SHA)
+        assert waiter.stderr is not None
+        assert waiter.stderr.readline().startswith("surefetch: waiting for pid ")
+        sent = time.monotonic()
+        waiter.send_signal(signal.SIGINT)
+        waiter.wait(10)
+        assert time.monotonic() - sent < 1
+        assert waiter.returncode == 130
+    finally:
+        stop([holder] + ([waiter] if waiter else []))
+
+
+def test_cache_verify_exits_3_on_a_corrupted_blob(
+    server: FaultServer, url: str, root: Path
+) -> None:
+    assert run_cli(["fetch", url, "--sha256", SHA, "--cache", str(root)]).returncode == 0
+    ok = run_cli(["cache", "verify", "--cache", str(root), "--json"])
+    assert (ok.returncode, json.loads(ok.stdout)) == (0, {"checked": 1, "quarantined": []})
+    blob_path(root, SHA).write_bytes(DATA[:-1] + b"\0")
+    bad = run_cli(["cache", "verify", "--cache", str(root)])
+    assert bad.returncode == 3, bad.stderr
+    assert bad.stdout == "checked 1 blobs, 1 did not match\n"
+    assert "1 blob(s) did not match their digest" in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1
+    assert len(list((root / "quarantine").iterdir())) == 1
+    again = run_cli(["fetch", url, "--sha256", SHA, "--cache", str(root)])
+    assert again.returncode == 0, again.stderr
+    assert blob_path(root, SHA).read_bytes() == DATA
+    assert server.request_count("model.bin") == 2
+
+
+def test_cache_ls_and_gc(server: FaultServer, root: Path) -> None:
+    shas = []
+    for i in range(3):
+        data = payload(100_000, seed=20 + i)
+        shas.append(hashlib.sha256(data).hexdigest())
+        u = server.add(f"f{i}", data)
+        assert run_cli(["fetch", u, "--sha256", shas[-1], "--cache", str(root)]).returncode == 0
+        os.utime(blob_path(root, shas[-1]), (1000 + i, 1000 + i))
+    listed = json.loads(run_cli(["cache", "ls", "--cache", str(root), "--json"]).stdout)
+    assert [b["sha256"] for b in listed["blobs"]] == shas
+    assert listed["blobs"][0]["url"] == server.url_for("f0")
+    assert listed["blobs"][0]["last_used"] == "1970-01-01T00:16:40Z"
+    gc = run_cli(["cache", "gc", "--max-size", "195K", "--cache", str(root), "--json"])
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout) == {
+        "evicted": [str(blob_path(root, shas[0])), str(blob_path(root, shas[1]))],
+        "freed": 200_000,
+        "remaining": 100_000,
+        "in_use": 0,
+    }
+    text = run_cli(["cache", "ls", "--cache", str(root)])
+    assert text.stdout.split() == [shas[2], "100000", "1970-01-01T00:16:42Z", server.url_for("f2")]
+
+
+def test_cache_clean_removes_dead_parts_by_age(url: str, root: Path) -> None:
+    child = start_fetch(f"{url}?throttle=100000", root, "--sha256", SHA)
+    try:
+        wait_for_download(child, part_path(root, SHA))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        stop([child])
+    young = run_cli(["cache", "clean", "--cache", str(root), "--older-than", "1h"])
+    assert (young.returncode, young.stdout) == (0, "removed 0 files (0 bytes)\n")
+    assert part_path(root, SHA).exists()
+    old = run_cli(["cache", "clean", "--cache", str(root), "--older-than", "0s", "--json"])
+    assert old.returncode == 0, old.stderr
+    assert str(part_path(root, SHA)) in json.loads(old.stdout)["removed"]
+    assert not part_path(root, SHA).exists()
+
+
+@pytest.mark.parametrize(
+    "umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
+def test_modes_follow_the_umask(
+    url: str, root: Path, umask: int, file_mode: int, dir_mode: int
+) -> None:
+    proc = start_fetch(url, root, "--sha256", SHA, umask=umask)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    modes = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+    assert {name for name, mode in modes.items() if mode not in (file_mode, dir_mode)} == set()
+    assert modes[str(blob_path(root, SHA).relative_to(root))] == file_mode
+    assert modes[f"locks/sha256-{SHA}.lock"] == file_mode
+    assert modes["blobs/sha256"] == dir_mode
+    assert any(name.startswith("meta/") and mode == file_mode for name, mode in modes.items())
+
+
+def test_the_cache_directory_from_the_environment_or_the_option(url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "SUREFETCH_CACHE": str(tmp_path / "env")}
+    for extra, where in (
+        ([], tmp_path / "env"),
+        (["--cache", str(tmp_path / "opt")], tmp_path / "opt"),
+    ):
+        out = subprocess.run(
+            [SUREFETCH, "fetch", url, "--sha256", SHA, *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert (out.returncode, out.stdout.strip()) == (0, str(blob_path(where, SHA))), out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["cache", "gc", "--max-size", "lots"], "expected a size"),
+        (["cache", "gc"], "--max-size"),
+        (["cache", "clean", "--older-than", "1y"], "expected an age"),
+        (["fetch", "http://127.0.0.1:1/x", "--sha256", "xyz"], "invalid sha256"),
+        (["fetch", "http://127.0.0.1:1/x", "--lock-timeout", "0"], "positive"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], words: str, root: Path) -> None:
+    out = run_cli([*args, "--cache", str(root)])
+    assert out.returncode == 2, out.stderr
+    assert words in out.stderr and len(out.stderr.splitlines()) == 1
