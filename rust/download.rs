@@ -155,9 +155,6 @@ pub async fn download_into(
     })
 }
 
-/// The first request of a transfer that may go parallel asks for this much: it
-/// learns the size and whether ranges work, and small files need nothing more.
-const PROBE: u64 = BLOCK_SIZE as u64;
 /// Each later range request asks for at most this much; units are multiples of
 /// the block size, so every connection writes page-aligned blocks.
 const MAX_UNIT: u64 = 4 << 20;
@@ -495,7 +492,9 @@ impl<'a> Job<'a> {
                     .await?;
                 return Ok((self.plain(opened)?, None));
             }
-            let headers = self.request_headers(Some(0..PROBE), None);
+            // All of it: one request for a small file; a large one is split once
+            // the size is known, this connection stopping at its first unit.
+            let headers = self.request_headers(Some(0..u64::MAX), None);
             let opened = self.http.open(&self.url, &headers, &self.guard).await?;
             let response = opened.response;
             let total_known = matches!(
@@ -504,7 +503,7 @@ impl<'a> Job<'a> {
             );
             return match response.status() {
                 StatusCode::PARTIAL_CONTENT if total_known => {
-                    let range = self.check_partial(&response, 0..PROBE, None)?;
+                    let range = self.check_partial(&response, 0..u64::MAX, None)?;
                     Ok((Start::Partial(response, range), None))
                 }
                 StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -523,11 +522,7 @@ impl<'a> Job<'a> {
         let Some(missing) = kept.ranges.missing(size).into_iter().next() else {
             return Ok((Start::Complete, Some(kept)));
         };
-        let range = if parallel_wanted {
-            missing.start..missing.end.min(missing.start + PROBE)
-        } else {
-            missing
-        };
+        let range = missing;
         let validator = Validator {
             etag: kept.sidecar.etag.clone(),
             last_modified: kept.sidecar.last_modified.clone(),
@@ -655,7 +650,17 @@ impl<'a> Job<'a> {
         }
         let connections = self.connection_count(transfer, first_unit.as_ref());
         transfer.parallel.store(connections > 1, Ordering::Relaxed);
-        if let (Some(size), Some((_, unit))) = (size, first_unit.as_ref()) {
+        // The first response holds the whole first missing range; with several
+        // connections it serves only the first unit and the rest is queued.
+        let mut first_unit = first_unit.map(|(response, range)| {
+            let step = match size {
+                Some(size) if connections > 1 => unit_size(size, connections),
+                _ => u64::MAX,
+            };
+            let unit = range.start..range.end.min(range.start.saturating_add(step));
+            (response, unit, range.end)
+        });
+        if let (Some(size), Some((_, unit, _))) = (size, first_unit.as_ref()) {
             let mut rest = kept.clone();
             rest.insert(unit.clone());
             let step = if connections > 1 {
@@ -681,7 +686,6 @@ impl<'a> Job<'a> {
             2 * connections as usize + 2,
             Some(checkpoint),
         )?;
-        let mut first_unit = first_unit;
         let result = {
             let workers = (0..connections).map(|i| {
                 let first = if i == 0 { first_unit.take() } else { None };
@@ -740,18 +744,18 @@ impl<'a> Job<'a> {
         &self,
         transfer: &Transfer,
         sink: &Sink,
-        first: Option<(reqwest::Response, Range<u64>)>,
+        first: Option<(reqwest::Response, Range<u64>, u64)>,
     ) -> Result<()> {
         let mut next = first;
         loop {
-            let (response, unit) = match next.take() {
+            let (response, unit, holds_until) = match next.take() {
                 Some(started) => started,
                 None => {
                     let Some(unit) = transfer.next_unit() else {
                         return Ok(());
                     };
                     match self.open_unit(transfer, unit.clone()).await {
-                        Ok(response) => (response, unit),
+                        Ok(response) => (response, unit.clone(), unit.end),
                         Err(e) => {
                             self.retry_unit(transfer, e, unit).await?;
                             continue;
@@ -760,7 +764,9 @@ impl<'a> Job<'a> {
                 }
             };
             let mut stream = sink.stream(unit.start);
-            let streamed = self.stream_unit(response, &mut stream, &unit).await;
+            let streamed = self
+                .stream_unit(response, &mut stream, &unit, holds_until)
+                .await;
             // What arrived before an error is good data: keep it for the retry.
             let flushed = stream.flush().await;
             let remaining = stream.position()..unit.end;
@@ -802,12 +808,15 @@ impl<'a> Job<'a> {
         Ok(response)
     }
 
-    /// Streams a response holding `unit` (its end `u64::MAX` when the size is unknown).
+    /// Streams `unit` (its end `u64::MAX` when the size is unknown) from a
+    /// response that holds the file up to `holds_until`; a response that holds
+    /// more is dropped once the unit is complete.
     async fn stream_unit(
         &self,
         mut response: reqwest::Response,
         stream: &mut RangeStream,
         unit: &Range<u64>,
+        holds_until: u64,
     ) -> Result<()> {
         let url = response.url().clone();
         let announced = response.content_length().is_some();
@@ -817,9 +826,12 @@ impl<'a> Job<'a> {
                 .read(response.chunk())
                 .await?
                 .map_err(|e| self.http.transport_error(&e, &url))?;
-            let Some(chunk) = chunk else { break };
+            let Some(mut chunk) = chunk else { break };
             let end = stream.position() + chunk.len() as u64;
-            if end > unit.end {
+            let done = end >= unit.end && holds_until > unit.end;
+            if done {
+                chunk.truncate((unit.end - stream.position()) as usize);
+            } else if end > unit.end {
                 // Never write past the expected size.
                 return Err(Error::SizeMismatch {
                     expected: unit.end,
@@ -830,6 +842,9 @@ impl<'a> Job<'a> {
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             stream.push(&chunk, &self.guard).await?;
             self.progress.add_done(chunk.len() as u64);
+            if done {
+                return Ok(());
+            }
         }
         let at = stream.position();
         if unit.end != u64::MAX && at < unit.end && !announced {

@@ -249,7 +249,10 @@ def test_n_throttled_connections_beat_one(server: FaultServer, url: str, tmp_pat
     assert one.sha256 == four.sha256 == SHA
     assert (tmp_path / "four").read_bytes() == DATA
     assert server.request_count("model.bin") >= 4
-    assert server.bytes_sent == SIZE  # every byte once
+    # The first answer holds the whole file; its connection drops it after its
+    # first unit, when one more throttled slice (16 KiB) may be on its way.
+    assert four.bytes_transferred == SIZE
+    assert SIZE <= server.bytes_sent <= SIZE + 16384
     assert parallel < 0.6 * single, (single, parallel)
 
 
@@ -260,7 +263,8 @@ def test_a_failed_range_is_retried_alone(server: FaultServer, url: str, tmp_path
     # One range broke after 100,000 bytes; only its rest was asked for again, on
     # its own (a probe, three units, one retry), and no byte crossed the wire twice.
     assert server.request_count("model.bin") == 5
-    assert result.bytes_transferred == server.bytes_sent == SIZE
+    assert result.bytes_transferred == SIZE
+    assert SIZE <= server.bytes_sent <= SIZE + 16384  # see the test above
 
 
 def test_cancel_stops_every_connection_at_once(url: str, tmp_path: Path) -> None:
@@ -342,7 +346,9 @@ def test_parallel_transfer_killed_then_resumed_with_another_n(
     assert result["resumed_from"] == kept
     assert dest.read_bytes() == DATA
     # Only the missing ranges were fetched again (page-aligned, so a little more).
-    assert result["bytes_transferred"] == server.bytes_sent - sent_before
+    # (The killed process's 4 throttled answers may each still send a slice.)
+    sent = server.bytes_sent - sent_before
+    assert result["bytes_transferred"] <= sent <= result["bytes_transferred"] + 4 * 16384
     assert result["bytes_transferred"] <= SIZE - kept + 4 * 4096
 
 
