@@ -340,8 +340,12 @@ impl PartFile {
         Ok(())
     }
 
-    /// Makes what was written so far durable (before a sidecar claims it).
+    /// Makes what was written so far durable (before a sidecar claims it); a
+    /// no-op for a non-durable transfer (`--no-fsync`).
     pub fn sync_data(&self) -> Result<()> {
+        if !self.durable {
+            return Ok(());
+        }
         self.file
             .sync_data()
             .map_err(|e| Error::storage("syncing", &self.path, e))
