@@ -189,6 +189,14 @@ impl Validator {
         }
     }
 
+    /// The version an earlier call recorded.
+    fn of_sidecar(sidecar: &Sidecar) -> Self {
+        Self {
+            etag: sidecar.etag.clone(),
+            last_modified: sidecar.last_modified.clone(),
+        }
+    }
+
     fn if_range(&self) -> Option<&str> {
         self.etag.as_deref().or(self.last_modified.as_deref())
     }
@@ -218,6 +226,15 @@ struct Transfer {
 }
 
 impl Transfer {
+    fn new(size: Option<u64>, validator: Validator) -> Self {
+        Self {
+            size,
+            validator,
+            queue: Mutex::new(VecDeque::new()),
+            parallel: AtomicBool::new(false),
+        }
+    }
+
     /// Range requests (to resume, retry or split) are only safe with a validator
     /// for If-Range and a known size.
     fn resumable(&self) -> bool {
@@ -406,8 +423,7 @@ impl<'a> Job<'a> {
         if kept.is_none() {
             self.paths.discard();
         }
-        let parallel_wanted = self.options.connections != Some(1);
-        let (start, kept) = self.open_first(kept, parallel_wanted).await?;
+        let (start, kept) = self.open_first(kept).await?;
         // What an earlier call left and this one builds on (0 if it started over),
         // as the first attempt that reached the server found it.
         let kept_bytes = kept.as_ref().map_or(0, |k| k.ranges.len());
@@ -420,12 +436,7 @@ impl<'a> Job<'a> {
         let (transfer, part, ranges, first_unit) = match start {
             Start::Whole(response) => {
                 let size = self.expected_size(response.content_length())?;
-                let transfer = Transfer {
-                    size,
-                    validator: Validator::of(&response),
-                    queue: Mutex::new(VecDeque::new()),
-                    parallel: AtomicBool::new(false),
-                };
+                let transfer = Transfer::new(size, Validator::of(&response));
                 let part = PartFile::create(&self.paths.part, size, self.options.durable)?;
                 let unit = 0..size.unwrap_or(u64::MAX);
                 (transfer, part, RangeSet::new(), Some((response, unit)))
@@ -433,15 +444,8 @@ impl<'a> Job<'a> {
             Start::Partial(response, range) => {
                 let (transfer, part, ranges) = match kept {
                     Some(kept) => {
-                        let transfer = Transfer {
-                            size: kept.sidecar.size,
-                            validator: Validator {
-                                etag: kept.sidecar.etag.clone(),
-                                last_modified: kept.sidecar.last_modified.clone(),
-                            },
-                            queue: Mutex::new(VecDeque::new()),
-                            parallel: AtomicBool::new(false),
-                        };
+                        let transfer =
+                            Transfer::new(kept.sidecar.size, Validator::of_sidecar(&kept.sidecar));
                         (transfer, kept.part, kept.ranges)
                     }
                     None => {
@@ -450,12 +454,7 @@ impl<'a> Job<'a> {
                             _ => None,
                         };
                         let size = self.expected_size(size)?;
-                        let transfer = Transfer {
-                            size,
-                            validator: Validator::of(&response),
-                            queue: Mutex::new(VecDeque::new()),
-                            parallel: AtomicBool::new(false),
-                        };
+                        let transfer = Transfer::new(size, Validator::of(&response));
                         let part = PartFile::create(&self.paths.part, size, self.options.durable)?;
                         (transfer, part, RangeSet::new())
                     }
@@ -463,13 +462,9 @@ impl<'a> Job<'a> {
                 (transfer, part, ranges, Some((response, range)))
             }
             Start::Complete => {
-                let kept = kept.ok_or_else(|| stage_bug("a complete start without a part"))?;
-                let transfer = Transfer {
-                    size: kept.sidecar.size,
-                    validator: Validator::default(),
-                    queue: Mutex::new(VecDeque::new()),
-                    parallel: AtomicBool::new(false),
-                };
+                let kept =
+                    kept.ok_or_else(|| Error::internal("a complete start without a part"))?;
+                let transfer = Transfer::new(kept.sidecar.size, Validator::default());
                 (transfer, kept.part, kept.ranges, None)
             }
         };
@@ -479,13 +474,9 @@ impl<'a> Job<'a> {
 
     /// Sends the attempt's first request: the first missing range of `kept` with
     /// If-Range, or (fresh) a plain GET, or a first unit when going parallel.
-    async fn open_first(
-        &self,
-        kept: Option<Kept>,
-        parallel_wanted: bool,
-    ) -> Result<(Start, Option<Kept>)> {
+    async fn open_first(&self, kept: Option<Kept>) -> Result<(Start, Option<Kept>)> {
         let Some(kept) = kept else {
-            if !parallel_wanted {
+            if self.options.connections == Some(1) {
                 let opened = self
                     .http
                     .open(&self.url, &self.headers, &self.guard)
@@ -522,17 +513,13 @@ impl<'a> Job<'a> {
         let Some(missing) = kept.ranges.missing(size).into_iter().next() else {
             return Ok((Start::Complete, Some(kept)));
         };
-        let range = missing;
-        let validator = Validator {
-            etag: kept.sidecar.etag.clone(),
-            last_modified: kept.sidecar.last_modified.clone(),
-        };
-        let headers = self.request_headers(Some(range.clone()), Some(&validator));
+        let validator = Validator::of_sidecar(&kept.sidecar);
+        let headers = self.request_headers(Some(missing.clone()), Some(&validator));
         let opened = self.http.open(&self.url, &headers, &self.guard).await?;
         let response = opened.response;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let range = self.check_partial(&response, range, Some((&validator, size)))?;
+                let range = self.check_partial(&response, missing, Some((&validator, size)))?;
                 Ok((Start::Partial(response, range), Some(kept)))
             }
             // The server ignored the range, or If-Range saw another version:
@@ -917,8 +904,4 @@ fn split(ranges: Vec<Range<u64>>, step: u64) -> Vec<Range<u64>> {
         }
     }
     units
-}
-
-fn stage_bug(what: &str) -> Error {
-    Error::network(format!("internal error: {what}; please report this"), false)
 }

@@ -71,6 +71,11 @@ impl Error {
         }
     }
 
+    /// A bug, reported as such (a non-retryable network error, so the part is kept).
+    pub fn internal(what: &str) -> Self {
+        Error::network(format!("internal error: {what}; please report this"), false)
+    }
+
     pub fn storage(operation: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Storage {
             operation,

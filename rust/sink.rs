@@ -244,10 +244,7 @@ impl Drop for RangeStream {
 /// A pipeline thread ended without its result: the writer failed (its error is
 /// reported by `finish`) or there is a bug.
 fn stage_stopped(stage: &str) -> Error {
-    Error::network(
-        format!("internal error: the {stage} thread stopped unexpectedly; please report this"),
-        false,
-    )
+    Error::internal(&format!("the {stage} thread stopped unexpectedly"))
 }
 
 /// Runs one pipeline stage on its own thread; its result arrives on the receiver.
