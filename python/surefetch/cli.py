@@ -156,6 +156,26 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def _add_network_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command that downloads shares: timeouts, retries, headers."""
+    parser.add_argument(
+        "--read-timeout", metavar="S", type=_seconds, default=30.0, help="idle read limit"
+    )
+    parser.add_argument(
+        "--connect-timeout", metavar="S", type=_seconds, default=30.0, help="connect limit"
+    )
+    parser.add_argument("--retries", metavar="N", type=_non_negative_int, default=3)
+    parser.add_argument(
+        "-H",
+        "--header",
+        metavar="'NAME: VALUE'",
+        type=_header,
+        action="append",
+        default=[],
+        help="extra request header (repeatable)",
+    )
+
+
 def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     get = sub.add_parser(
         "get",
@@ -175,22 +195,7 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     get.add_argument("--no-fsync", action="store_true", help="skip fsync (rebuildable caches)")
     get.add_argument("--no-sha256", action="store_true", help="compute only XXH3-128")
     get.add_argument("--timeout", metavar="S", type=_seconds, help="overall time limit")
-    get.add_argument(
-        "--read-timeout", metavar="S", type=_seconds, default=30.0, help="idle read limit"
-    )
-    get.add_argument(
-        "--connect-timeout", metavar="S", type=_seconds, default=30.0, help="connect limit"
-    )
-    get.add_argument("--retries", metavar="N", type=_non_negative_int, default=3)
-    get.add_argument(
-        "-H",
-        "--header",
-        metavar="'NAME: VALUE'",
-        type=_header,
-        action="append",
-        default=[],
-        help="extra request header (repeatable)",
-    )
+    _add_network_options(get)
     get.add_argument("--executable", action="store_true", help="make the file executable")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     get.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -317,22 +322,7 @@ def _add_cache_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         default=300.0,
         help="how long to wait for another process fetching the same artifact (default 300)",
     )
-    fetch.add_argument(
-        "--read-timeout", metavar="S", type=_seconds, default=30.0, help="idle read limit"
-    )
-    fetch.add_argument(
-        "--connect-timeout", metavar="S", type=_seconds, default=30.0, help="connect limit"
-    )
-    fetch.add_argument("--retries", metavar="N", type=_non_negative_int, default=3)
-    fetch.add_argument(
-        "-H",
-        "--header",
-        metavar="'NAME: VALUE'",
-        type=_header,
-        action="append",
-        default=[],
-        help="extra request header (repeatable)",
-    )
+    _add_network_options(fetch)
     fetch.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     fetch.add_argument("--json", action="store_true", help="print the result as one JSON object")
     fetch.set_defaults(handler=_run_fetch)
