@@ -84,8 +84,10 @@ from run import (
     machine_info,
     markdown_table,
     ratio,
+    results_withheld,
     run_process,
     run_rounds,
+    write_section,
 )
 
 PWORK = WORK / "parallel"  # this script's server files and outputs, apart from run.py's
@@ -742,32 +744,11 @@ def report_text(params: Params, results: Results) -> tuple[str, list[Gate]]:
 SECTION = "## Parallel connections and resume (bench/parallel.py)"
 
 
-def replace_section(text: str, section: str) -> str:
-    """`text` with its `## ` section that starts with `section`'s heading replaced (it runs
-    to the next `## ` heading), or with `section` appended; bench/sync.py does the same."""
-    heading = section.split("\n", 1)[0]
-    start = text.find(heading)
-    if start < 0:
-        return text.rstrip("\n") + "\n\n" + section
-    end = text.find("\n## ", start + len(heading))
-    return text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-
-
 def write_results(args: argparse.Namespace, results: Results, report: str, when: str) -> None:
-    why_not = None
-    if args.quick:
-        why_not = "quick mode"
-    elif args.no_write_results:
-        why_not = "--no-write-results"
-    elif args.only is not None:
-        why_not = "--only"
-    elif any(
-        r.tool.family == "surefetch" and r.status is not None
-        for s in results.scenarios
-        for r in s.rows()
+    why_not = results_withheld(args, (r for s in results.scenarios for r in s.rows()))
+    if why_not is None and (
+        results.resumes is None or any(r.status is not None for r in results.resumes)
     ):
-        why_not = "a surefetch row was not measured"
-    elif results.resumes is None or any(r.status is not None for r in results.resumes):
         why_not = "a resume run failed"
     if why_not is not None:
         _log(f"not writing {RESULTS.relative_to(BENCH.parent)} ({why_not})")
@@ -778,8 +759,7 @@ def write_results(args: argparse.Namespace, results: Results, report: str, when:
     lines = "\n".join(f"- {key}: {value}" for key, value in info)
     cmd = " ".join(["python bench/parallel.py", *sys.argv[1:]])
     section = f"{SECTION}\n\n{when}, `{cmd}`\n\n{lines}\n\n{report}\n"
-    old = RESULTS.read_text() if RESULTS.exists() else "# surefetch benchmark results\n"
-    RESULTS.write_text(replace_section(old, section))
+    write_section(section)
     _log(f"wrote its section of {RESULTS}")
 
 

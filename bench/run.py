@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -984,18 +984,39 @@ def other_sections() -> str:
     return "" if start < 0 else "\n" + old[start + 1 :]
 
 
+def write_section(section: str) -> None:
+    """Replaces the `## ` section of RESULTS.md that starts with `section`'s heading (it runs
+    to the next `## ` heading), or appends it: how bench/sync.py and bench/parallel.py keep
+    their own sections beside this script's."""
+    heading = section.split("\n", 1)[0]
+    text = RESULTS.read_text() if RESULTS.exists() else "# surefetch benchmark results\n"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
+    RESULTS.write_text(text)
+
+
+def results_withheld(args: argparse.Namespace, rows: Iterable[Row]) -> str | None:
+    """Why a run must not write RESULTS.md (None when it may): a partial or quick run,
+    or a surefetch row that could not be measured."""
+    if args.quick:
+        return "quick mode"
+    if args.no_write_results:
+        return "--no-write-results"
+    if args.only is not None:
+        return "--only"
+    if any(r.tool.family == "surefetch" and r.status is not None for r in rows):
+        return "a surefetch row was not measured"
+    return None
+
+
 def write_results(
     args: argparse.Namespace, rows: list[Row], report: str, when: str, nginx: str
 ) -> None:
-    why_not = None
-    if args.quick:
-        why_not = "quick mode"
-    elif args.no_write_results:
-        why_not = "--no-write-results"
-    elif args.only is not None:
-        why_not = "--only"
-    elif any(r.tool.family == "surefetch" and r.status is not None for r in rows):
-        why_not = "a surefetch row was not measured"
+    why_not = results_withheld(args, rows)
     if why_not is not None:
         _log(f"not writing {RESULTS.relative_to(BENCH.parent)} ({why_not})")
         return

@@ -266,16 +266,10 @@ def report(rows: dict[str, Row], count: int, runs: int, nginx: str) -> tuple[str
 
 
 def write_results(text: str, when: str) -> None:
+    from run import write_section
+
     cmd = " ".join(["python bench/sync.py", *sys.argv[1:]])
-    section = f"{SECTION}\n\n{when}, `{cmd}`\n\n{text}\n"
-    old = RESULTS.read_text() if RESULTS.exists() else "# surefetch benchmark results\n"
-    start = old.find(SECTION)
-    if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + section + (old[end + 1 :] if end >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(new)
+    write_section(f"{SECTION}\n\n{when}, `{cmd}`\n\n{text}\n")
     print(f"wrote {RESULTS}", file=sys.stderr)
 
 
