@@ -443,6 +443,36 @@ _MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX tokens_owner ON tokens (owner)",
         ),
     ),
+    (
+        2,
+        (
+            # Supervised jobs (surefetch.jobs): one per session, the work a worker runs.
+            """CREATE TABLE jobs (
+                session_id TEXT PRIMARY KEY REFERENCES sessions (id),
+                kind TEXT NOT NULL CHECK (kind IN ('get', 'sync')),
+                spec TEXT NOT NULL,
+                host TEXT,
+                worker TEXT,
+                claim_expires DOUBLE PRECISION,
+                crashes INTEGER NOT NULL DEFAULT 0,
+                error TEXT,
+                result TEXT,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX jobs_host_worker ON jobs (host, worker)",
+            "CREATE INDEX jobs_created ON jobs (created_at)",
+            # One row per running supervisor: who holds a host id, and its liveness.
+            """CREATE TABLE supervisors (
+                host TEXT PRIMARY KEY,
+                pid INTEGER NOT NULL,
+                pid_started BIGINT,
+                hostname TEXT NOT NULL,
+                socket TEXT NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                heartbeat_at DOUBLE PRECISION NOT NULL
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
