@@ -94,7 +94,7 @@ class Supervisor:
         return reply
 
     def workers(self) -> list[dict[str, Any]]:
-        workers = self.ask("list-workers")["workers"]
+        workers: list[dict[str, Any]] = self.ask("list-workers")["workers"]
         self.pids.update(w["pid"] for w in workers if w["pid"])
         return workers
 
