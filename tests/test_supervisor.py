@@ -631,3 +631,66 @@ def test_jobs_of_a_silent_host_are_requeued_and_finished_elsewhere(
     assert jobs[job]["host"] == "host-b" and jobs[job]["result"]["resumed_from"] > 0
     assert (tmp_path / "r.bin").read_bytes() == data
     assert "re-queued 1 job(s) of a silent host" in b.stderr()
+
+
+# --- sync jobs and jobs that keep killing their worker ----------------------------------------
+
+
+def test_ctl_submit_sync_installs_the_manifest(
+    start: Any, server: FaultServer, tmp_path: Path
+) -> None:
+    files = {f"s{i}.bin": payload(50_000, i) for i in range(3)}
+    project = tmp_path / "project"
+    project.mkdir()
+    lines = []
+    for name, data in files.items():
+        url = server.add(name, data)
+        lines.append(f'[[artifact]]\nname = "{name}"\nurl = "{url}"\nsha256 = "{sha256(data)}"\n')
+    (project / "surefetch.toml").write_text("\n".join(lines))
+    sup = start(workers=1)
+    submitted = run_cli(
+        ["ctl", "--socket", str(sup.socket), "submit", "sync", "--dest", "vendor", "--json"],
+        cwd=project,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)["id"]
+    jobs = sup.wait_jobs([job], "succeeded")
+    assert jobs[job]["kind"] == "sync"
+    assert sorted(jobs[job]["result"]["installed"]) == sorted(files)
+    for name, data in files.items():
+        assert (project / "vendor" / name).read_bytes() == data
+    assert "[[artifact]]" in (project / "surefetch.lock").read_text()
+
+    # A sync that cannot succeed fails its job and leaves no lockfile change.
+    before = (project / "surefetch.lock").read_bytes()
+    (project / "surefetch.toml").write_text('[[artifact]]\nname = "../escape"\nurl = "http://x/"\n')
+    bad = sup.ask(
+        "submit",
+        kind="sync",
+        spec={
+            "manifest": str(project / "surefetch.toml"),
+            "lock": str(project / "surefetch.lock"),
+            "dest": str(project / "vendor"),
+        },
+    )["id"]
+    failed = sup.wait_jobs([bad], "failed")
+    assert "ManifestError" in failed[bad]["error"]
+    assert (project / "surefetch.lock").read_bytes() == before
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_max_crashes(
+    start: Any, server: FaultServer, tmp_path: Path
+) -> None:
+    sup = start(workers=1, max_job_crashes=2, backoff_initial=0.05)
+    url = server.add("p.bin", payload(2 << 20)) + "?throttle=1000000"
+    job = sup.submit_get(url, tmp_path / "p.bin")
+    for _ in range(2):
+        sup.wait_jobs([job], "running")
+        pid = sup.worker()["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(functools.partial(sup.replaced, pid), 5)
+    failed = sup.wait_jobs([job], "failed", timeout=3)
+    assert "its worker died 2 times while running it" in failed[job]["error"]
+    # The worker slot itself is healthy again and takes new work.
+    other = sup.submit_get(server.add("ok.bin", b"fine"), tmp_path / "ok.bin")
+    sup.wait_jobs([other], "succeeded")
