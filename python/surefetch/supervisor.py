@@ -608,16 +608,17 @@ class Supervisor:
             slot.failure_times.clear()
         slot.reason = slot.kill_reason or f"{describe_exit(code)}{detail}"
         self._count_failure(slot)
-        failed = await self._db(
-            self.queue.record_crash, self.host, slot.id, self.config.max_job_crashes
-        )
-        for job_id in failed:
-            log.error("job %s failed: its worker died while running it too often", job_id)
+        # Jobs it was told to cancel are done with first: their stop is why it died.
         for job_id in list(slot.cancel_on_exit):
             assert self._store is not None
             await self._db(self._store.mark_cancelled, job_id)
             self._cancel_deadlines.pop(job_id, None)
         slot.cancel_on_exit.clear()
+        failed = await self._db(
+            self.queue.record_crash, self.host, slot.id, self.config.max_job_crashes
+        )
+        for job_id in failed:
+            log.error("job %s failed: its worker died while running it too often", job_id)
         if slot.degraded:
             await self._release_jobs(slot)
         return False

@@ -1,0 +1,193 @@
+"""The job queue in the session store, on SQLite and PostgreSQL: claims, fencing, re-queues."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from surefetch.errors import SessionCancelled, SurefetchError
+from surefetch.jobs import JobQueue, job_spec
+from surefetch.sessions import SCHEMA_VERSION, SessionStore
+
+from session_support import store, store_url
+
+__all__ = ["store", "store_url"]  # fixtures, imported for pytest
+
+
+@pytest.fixture
+def queue(store: SessionStore) -> JobQueue:
+    return JobQueue(store)
+
+
+def get_spec(i: int = 0) -> dict[str, str]:
+    return {"url": f"http://127.0.0.1:9/f{i}", "dest": f"/tmp/out/f{i}"}
+
+
+def test_job_spec_checks_what_it_runs() -> None:
+    assert job_spec("get", {"url": "https://h/x", "dest": "/a/../b", "sha256": "AB" * 32}) == {
+        "url": "https://h/x",
+        "dest": "/b",
+        "sha256": "ab" * 32,
+    }
+    for kind, fields, message in (
+        ("get", {"url": "file:///etc/passwd", "dest": "/x"}, "only http:// and https://"),
+        ("get", {"url": "http://h/x", "dest": "rel/x"}, "is relative"),
+        ("get", {"url": "http://h/x", "dest": "/x", "sha256": "00"}, "64 hex digits"),
+        ("get", {"url": "http://h/x", "dest": "/x", "mode": "w"}, "unknown field"),
+        ("sync", {"manifest": "/m", "lock": "/l"}, "dest must be a path"),
+        ("run", {}, "unknown job kind"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            job_spec(kind, fields)
+
+
+def test_submit_creates_a_session_of_the_user_and_a_queued_job(queue: JobQueue) -> None:
+    q, store = queue, queue.store
+    job = q.submit("alice", "get", get_spec())
+    assert job.state == "queued" and job.owner == "alice" and job.host is None
+    session = store.get(job.id, "alice")
+    assert session.status == "pending" and session.metadata["job"] == "get"
+    assert [j.id for j in q.list("alice")] == [job.id] and q.list("bob") == []
+
+
+def test_each_job_is_claimed_once_by_racing_hosts(queue: JobQueue) -> None:
+    store_url = queue.store.url
+    with SessionStore(store_url) as s:
+        q = JobQueue(s)
+        ids = {q.submit("u", "get", get_spec(i)).id for i in range(60)}
+
+    def host(n: int) -> list[str]:
+        with SessionStore(store_url) as own:
+            mine = JobQueue(own)
+            got: list[str] = []
+            for _ in range(20):
+                for claimed in mine.claim(f"h{n}", {"w0": 2, "w1": 1}, ttl=30).values():
+                    got.extend(claimed)
+            return got
+
+    with ThreadPoolExecutor(4) as pool:
+        claims = [job for got in pool.map(host, range(4)) for job in got]
+    assert sorted(claims) == sorted(ids)  # every job, none twice
+
+
+def test_claims_fill_the_least_loaded_slots_oldest_job_first(queue: JobQueue) -> None:
+    q = queue
+    ids = [q.submit("u", "get", get_spec(i)).id for i in range(5)]
+    got = q.claim("h", {"w0": 1, "w1": 3, "w2": 0}, ttl=30)
+    # Most free first; ties go to the lower slot.
+    assert got == {"w1": [ids[0], ids[1], ids[3]], "w0": [ids[2]]}
+    assert [j.id for j in q.assigned("h", "w1")] == [ids[0], ids[1], ids[3]]
+    assert [j.id for j in q.list()] == ids
+
+
+def test_a_worker_only_starts_and_finishes_its_own_jobs(queue: JobQueue) -> None:
+    q, store = queue, queue.store
+    job = q.submit("u", "get", get_spec())
+    q.claim("h", {"w0": 1}, ttl=30)
+    assert q.start(job.id, "h", "w1", 4242) is None  # not its slot
+    started = q.start(job.id, "h", "w0", 4242)
+    assert started is not None and started.state == "running"
+    assert not q.complete(job.id, "other", "w0", "succeeded")
+    assert q.complete(job.id, "h", "w0", "succeeded", result={"size": 1})
+    assert not q.complete(job.id, "h", "w0", "failed")  # finished stays finished
+    done = q.get(job.id)
+    assert done is not None and done.state == "succeeded" and done.result == {"size": 1}
+    assert store.lookup(job.id).ui_status == "done"  # type: ignore[union-attr]
+
+
+def test_cancel_requested_before_start_refuses_the_start(queue: JobQueue) -> None:
+    q, store = queue, queue.store
+    job = q.submit("u", "get", get_spec())
+    q.claim("h", {"w0": 1}, ttl=30)
+    assert store.request_cancel(job.id, "u")
+    assert [j.id for j in q.cancel_requested("h")] == [job.id]
+    with pytest.raises(SessionCancelled):
+        q.start(job.id, "h", "w0", 4242)
+    cancelled = q.get(job.id)
+    assert cancelled is not None and cancelled.state == "cancelled"
+
+
+def test_queued_cancelled_jobs_are_marked_without_a_worker(queue: JobQueue) -> None:
+    q, store = queue, queue.store
+    job = q.submit("u", "get", get_spec())
+    store.request_cancel(job.id, "u")
+    assert q.claim("h", {"w0": 4}, ttl=30) == {}  # never handed out
+    assert q.cancel_queued() == [job.id]
+    assert q.get(job.id).state == "cancelled"  # type: ignore[union-attr]
+
+
+def test_expired_claims_of_other_hosts_are_requeued(queue: JobQueue) -> None:
+    q, store = queue, queue.store
+    ids = [q.submit("u", "get", get_spec(i)).id for i in range(3)]
+    q.claim("silent", {"w0": 2}, ttl=0.05)
+    q.start(ids[0], "silent", "w0", 4242)
+    q.claim("alive", {"w0": 1}, ttl=30)
+    assert q.requeue_expired("alive") == []
+    time.sleep(0.1)
+    assert sorted(q.requeue_expired("alive")) == sorted(ids[:2])
+    assert q.requeue_expired("silent") == []  # the live host's claim is fresh
+    assert q.get(ids[2]).host == "alive"  # type: ignore[union-attr]
+    for job_id in ids[:2]:
+        job = q.get(job_id)
+        assert job is not None and job.state == "queued" and job.host is None
+    assert store.lookup(ids[0]).pid is None  # type: ignore[union-attr]
+    # The silent host can no longer finish what it lost.
+    assert not q.complete(ids[0], "silent", "w0", "succeeded")
+
+
+def test_heartbeats_keep_claims_alive(queue: JobQueue) -> None:
+    q = queue
+    job = q.submit("u", "get", get_spec())
+    q.claim("h", {"w0": 1}, ttl=0.2)
+    for _ in range(4):
+        time.sleep(0.1)
+        q.heartbeat("h", ttl=0.2)
+        assert q.requeue_expired("other") == []
+    assert q.get(job.id).host == "h"  # type: ignore[union-attr]
+
+
+def test_record_crash_fails_a_job_at_the_limit(queue: JobQueue) -> None:
+    q = queue
+    job = q.submit("u", "get", get_spec())
+    q.claim("h", {"w0": 1}, ttl=30)
+    q.start(job.id, "h", "w0", 4242)
+    assert q.record_crash("h", "w0", limit=2) == []
+    assert q.record_crash("h", "w0", limit=2) == [job.id]
+    failed = q.get(job.id)
+    assert failed is not None and failed.state == "failed" and "died 2 times" in str(failed.error)
+
+
+def test_a_host_id_is_held_by_one_live_supervisor(queue: JobQueue) -> None:
+    q, store = queue, queue.store
+    q.register_supervisor("h", "/run/a.sock", ttl=30)
+    assert q.supervisor_heartbeat("h")
+    # This very process again (a restart in place) takes it over; a live other one would not.
+    q.register_supervisor("h", "/run/a.sock", ttl=30)
+    with store._conn() as conn:
+        store._execute(conn, "UPDATE supervisors SET pid = 1, pid_started = NULL WHERE host = 'h'")
+    with pytest.raises(SurefetchError, match="holds host id 'h'"):
+        q.register_supervisor("h", "/run/b.sock", ttl=30)
+    assert not q.supervisor_heartbeat("h")  # pid 1 holds it now, not us
+    with store._conn() as conn:
+        store._execute(conn, "UPDATE supervisors SET heartbeat_at = 0 WHERE host = 'h'")
+    q.register_supervisor("h", "/run/b.sock", ttl=30)  # silent past the ttl: taken over
+    q.unregister_supervisor("h")
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_sessions(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    with SessionStore(f"sqlite:///{path}") as s:
+        old = s.create("u", "from before").id
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP TABLE jobs; DROP TABLE supervisors; DELETE FROM schema_version WHERE version > 1;"
+    )
+    conn.close()
+    with SessionStore(f"sqlite:///{path}") as s:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.get(old, "u").title == "from before"
+        assert JobQueue(s).submit("u", "get", get_spec()).state == "queued"
