@@ -68,14 +68,21 @@ impl PartPaths {
 
     /// Creates the part directory and takes the lock in it. Another download
     /// finishing in the same directory may remove the directory in between
-    /// (when it looks empty): then create it again.
+    /// (when it looks empty): before the lock is taken (NotFound), or between
+    /// mkdir's EEXIST and its check that the directory is there (AlreadyExists).
+    /// Then create it again.
     pub fn lock(&self) -> Result<PartLock> {
         let mut tries = 0;
         loop {
-            self.create_dir()?;
-            match PartLock::acquire(&self.lock) {
+            match self
+                .create_dir()
+                .and_then(|()| PartLock::acquire(&self.lock))
+            {
                 Err(Error::Storage { source, .. })
-                    if source.kind() == io::ErrorKind::NotFound && tries < 100 =>
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::AlreadyExists
+                    ) && tries < 100 =>
                 {
                     tries += 1;
                 }

@@ -191,3 +191,12 @@ def test_a_version_1_store_is_migrated_and_keeps_its_sessions(tmp_path: Path) ->
         assert s.schema_version() == SCHEMA_VERSION == 2
         assert s.get(old, "u").title == "from before"
         assert JobQueue(s).submit("u", "get", get_spec()).state == "queued"
+
+
+def test_a_batch_is_queued_whole_or_not_at_all(queue: JobQueue) -> None:
+    with pytest.raises(ValueError, match="only http:// and https://"):
+        queue.submit_many("u", [("get", get_spec(0)), ("get", {"url": "ftp://h/x", "dest": "/x"})])
+    assert queue.list() == []
+    ids = queue.submit_many("u", [("get", get_spec(i)) for i in range(3)])
+    assert [j.id for j in queue.list("u")] == ids  # in the order given
+    assert queue.claim("h", {"w0": 3}, ttl=30) == {"w0": ids}

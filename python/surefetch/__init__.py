@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from surefetch._core import CancelToken, __version__
-from surefetch.cache import Cache, CacheEntry
 from surefetch.download import DownloadResult, adownload, download
 from surefetch.errors import (
     Cancelled,
@@ -23,7 +24,26 @@ from surefetch.errors import (
     SurefetchError,
     UnsafeDestination,
 )
-from surefetch.lockfile import sync
+
+if TYPE_CHECKING:
+    from surefetch.cache import Cache, CacheEntry
+    from surefetch.lockfile import sync
+
+# The cache and the lockfile are imported on first use, so that processes that only
+# download (a supervisor's workers, restarted often) start faster.
+_LAZY = {"Cache": "surefetch.cache", "CacheEntry": "surefetch.cache", "sync": "surefetch.lockfile"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'surefetch' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Cache",

@@ -184,16 +184,37 @@ class JobQueue:
         Raises:
             ValueError: an invalid spec (see :func:`job_spec`), owner or title.
         """
-        spec = job_spec(kind, spec)
-        target = spec["url"] if kind == "get" else spec["dest"]
-        session = self.store.create(owner, f"{kind} {target}"[:1000], {"job": kind, **spec})
-        self._run(
-            "INSERT INTO jobs (session_id, kind, spec, created_at) VALUES (?, ?, ?, ?)",
-            (session.id, kind, json.dumps(spec), time.time()),
-        )
-        job = self.get(session.id)
+        (job_id,) = self.submit_many(owner, [(kind, spec)])
+        job = self.get(job_id)
         assert job is not None
         return job
+
+    def submit_many(
+        self, owner: str, jobs: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> builtins.list[str]:
+        """Queues several jobs in one transaction: all of them, or none if one is invalid.
+
+        Returns:
+            The new jobs' ids (their sessions' ids), in order.
+
+        Raises:
+            ValueError: an invalid spec (see :func:`job_spec`), owner or title.
+        """
+        specs = [(kind, job_spec(kind, fields)) for kind, fields in jobs]
+        store = self.store
+        ids: builtins.list[str] = []
+        with store._conn() as conn, store._backend.transaction(conn):
+            for kind, spec in specs:
+                target = spec["url"] if kind == "get" else spec["dest"]
+                title = f"{kind} {target}"[:1000]
+                job_id = store._insert(conn, owner, title, {"job": kind, **spec})
+                store._execute(
+                    conn,
+                    "INSERT INTO jobs (session_id, kind, spec, created_at) VALUES (?, ?, ?, ?)",
+                    (job_id, kind, json.dumps(spec), time.time() + len(ids) * 1e-6),
+                )
+                ids.append(job_id)
+        return ids
 
     def get(self, job_id: str) -> Job | None:
         rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id = ?", (job_id,))

@@ -736,22 +736,27 @@ class SessionStore:
             ValueError: an empty owner or title, text that is too long or not valid
                 Unicode, or metadata that is not JSON (NaN, non-string keys...).
         """
+        with self._conn() as conn:
+            session_id = self._insert(conn, owner, title, metadata)
+            session = self._fetch(conn, session_id)
+        assert session is not None
+        return session
+
+    def _insert(self, conn: Any, owner: str, title: str, metadata: dict[str, Any] | None) -> str:
+        """Checks and inserts a new pending session on ``conn``; returns its id."""
         _check_text("owner", owner, _MAX_OWNER)
         _check_text("title", title, _MAX_TITLE)
         text = _dump_metadata(metadata)
         now = _now()
         session_id = uuid.uuid4().hex
-        with self._conn() as conn:
-            self._execute(
-                conn,
-                "INSERT INTO sessions (id, owner, title, metadata, status, ui_status, "
-                "cancellation_status, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, 'pending', 'in_progress', 'none', ?, ?)",
-                (session_id, owner, title, text, now, now),
-            )
-            session = self._fetch(conn, session_id)
-        assert session is not None
-        return session
+        self._execute(
+            conn,
+            "INSERT INTO sessions (id, owner, title, metadata, status, ui_status, "
+            "cancellation_status, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, 'pending', 'in_progress', 'none', ?, ?)",
+            (session_id, owner, title, text, now, now),
+        )
+        return session_id
 
     def attach_process(self, session_id: str, pid: int, host: str | None = None) -> Session:
         """Records the process running a session and marks it running.

@@ -243,6 +243,7 @@ class Supervisor:
         self._store: SessionStore | None = None
         self._queue: JobQueue | None = None
         self._last_claim_beat = 0.0
+        self._full_round = False
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- entry point --
@@ -441,17 +442,23 @@ class Supervisor:
         return _error(f"unknown request {op!r}; use {known}", 2)
 
     async def _submit(self, message: Mapping[str, Any], user: str) -> dict[str, Any]:
+        """One job (``kind``, ``spec``) or a batch (``jobs``: a list of them), all or none."""
         if self._stopping:
             return _error("the supervisor is shutting down and takes no new jobs; submit later")
-        spec = message.get("spec")
-        if not isinstance(spec, dict):
-            return _error("submit needs a spec object", 2)
+        batch = message.get("jobs")
+        items = batch if isinstance(batch, list) else [message]
+        jobs: list[tuple[str, dict[str, Any]]] = []
+        for item in items:
+            spec = item.get("spec") if isinstance(item, dict) else None
+            if not isinstance(spec, dict):
+                return _error("each job to submit needs a kind and a spec object", 2)
+            jobs.append((str(item.get("kind")), spec))
         try:
-            job = await self._db(self.queue.submit, user, str(message.get("kind")), spec)
+            ids = await self._db(self.queue.submit_many, user, jobs)
         except (ValueError, TypeError) as exc:
             return _error(str(exc), 2)
         self._poke()
-        return {"ok": True, "id": job.id}
+        return {"ok": True, "ids": ids} if isinstance(batch, list) else {"ok": True, "id": ids[0]}
 
     async def _cancel(self, job_id: object, user: str) -> dict[str, Any]:
         if not isinstance(job_id, str):
@@ -461,7 +468,7 @@ class Supervisor:
             changed = await self._db(self._store.request_cancel, job_id, user)
         except (SessionNotFound, NotOwner) as exc:
             return _error(str(exc))
-        self._poke()
+        self._poke(full=True)
         return {"ok": True, "changed": changed}
 
     # -- worker slots --
@@ -702,38 +709,36 @@ class Supervisor:
 
     # -- the periodic round: claims, cancellations, heartbeats --
 
-    def _poke(self) -> None:
+    def _poke(self, full: bool = False) -> None:
+        """Runs a round soon: a light one (claims) or, after a cancel, a full one."""
+        self._full_round = self._full_round or full
         if self._wake is not None:
             self._wake.set()
 
     async def _tick_loop(self) -> None:
         assert self._wake is not None
+        full = True
         while not self._stopping:
+            self._wake.clear()
+            self._full_round = False
             try:
-                await self._tick()
+                await self._tick(full)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("supervisor round failed; retrying")
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+                full = self._full_round
+            except asyncio.TimeoutError:
+                full = True
 
-    async def _tick(self) -> None:
+    async def _tick(self, full: bool = True) -> None:
+        """One round: claims for the free worker slots. A full round (every poll interval,
+        and after a cancel) first heartbeats, re-queues and delivers cancellations."""
         q = self.queue
-        now = time.monotonic()
-        if now - self._last_claim_beat >= self.ttl / 4:
-            self._last_claim_beat = now
-            if not await self._db(q.supervisor_heartbeat, self.host):
-                log.error("another supervisor took host id %s; stopping", self.host)
-                self.request_stop(1)
-                return
-            await self._db(q.heartbeat, self.host, self.ttl)
-            expired = await self._db(q.requeue_expired, self.host)
-            if expired:
-                log.warning("re-queued %d job(s) of a silent host", len(expired))
-        await self._db(q.cancel_queued)
-        await self._deliver_cancels()
+        if full and not await self._housekeeping():
+            return
         by_slot: dict[str, list[str]] = {slot.id: [] for slot in self.slots}
         for job in await self._db(q.assigned, self.host):
             by_slot.setdefault(job.worker or "", []).append(job.id)
@@ -751,6 +756,25 @@ class Supervisor:
             if slot.id in got:
                 slot.jobs.extend(got[slot.id])
                 self._send(slot, {"op": "sync"})
+
+    async def _housekeeping(self) -> bool:
+        """Heartbeats, re-queues of silent hosts, cancellations. False: stop, the host id
+        was taken over."""
+        q = self.queue
+        now = time.monotonic()
+        if now - self._last_claim_beat >= self.ttl / 4:
+            self._last_claim_beat = now
+            if not await self._db(q.supervisor_heartbeat, self.host):
+                log.error("another supervisor took host id %s; stopping", self.host)
+                self.request_stop(1)
+                return False
+            await self._db(q.heartbeat, self.host, self.ttl)
+            expired = await self._db(q.requeue_expired, self.host)
+            if expired:
+                log.warning("re-queued %d job(s) of a silent host", len(expired))
+        await self._db(q.cancel_queued)
+        await self._deliver_cancels()
+        return True
 
     async def _deliver_cancels(self) -> None:
         requested = await self._db(self.queue.cancel_requested, self.host)
