@@ -187,8 +187,6 @@ class _Slot:
     last_stderr: str = ""
     jobs: list[str] = field(default_factory=list)
     cancel_on_exit: set[str] = field(default_factory=set)
-    died_at: float | None = None  # monotonic, of the last unexpected death
-    ready_at: float | None = None  # monotonic, of the last handshake
 
     @property
     def pid(self) -> int | None:
@@ -550,7 +548,7 @@ class Supervisor:
                 exited.cancel()
         if slot.hello.done() and not slot.hello.cancelled():
             slot.state = "running"
-            slot.ready_since = slot.ready_at = time.monotonic()
+            slot.ready_since = time.monotonic()
             slot.last_pong = slot.ready_since
             slot.reason = None
             log.info("worker %s ready (pid %d)", slot.id, proc.pid)
@@ -596,7 +594,7 @@ class Supervisor:
 
     async def _on_exit(self, slot: _Slot, code: int) -> bool:
         """Records why a worker died. True when the slot must not be restarted."""
-        slot.died_at = time.monotonic()
+        died_at = time.monotonic()
         slot.state = "backoff"
         detail = f": {slot.last_stderr}" if slot.last_stderr and code != -signal.SIGKILL else ""
         if slot.kill_reason is None and code in PERMANENT_EXITS:
@@ -606,8 +604,7 @@ class Supervisor:
             await self._release_jobs(slot)
             return True
         stable = (
-            slot.ready_since is not None
-            and slot.died_at - slot.ready_since >= self.config.stable_after
+            slot.ready_since is not None and died_at - slot.ready_since >= self.config.stable_after
         )
         if stable:
             slot.failures = 0
