@@ -403,7 +403,6 @@ class JobQueue:
         if status not in ("succeeded", "failed", "cancelled"):
             raise ValueError(f"a job ends succeeded, failed or cancelled, not {status!r}")
         store = self.store
-        now = time.time()
         with store._conn() as conn, store._backend.transaction(conn):
             cur = store._execute(
                 conn,
@@ -414,21 +413,7 @@ class JobQueue:
             )
             if cur.rowcount != 1:
                 return False
-            if status == "cancelled":
-                sql = (
-                    "UPDATE sessions SET status = 'cancelled', cancellation_status = 'cancelled', "
-                    "ui_status = 'needs_review', cancelled_at = COALESCE(cancelled_at, ?), "
-                    "pid = NULL, pid_started = NULL, updated_at = ? WHERE id = ?"
-                )
-                store._execute(conn, sql, (now, now, job_id))
-            else:
-                ui = "done" if status == "succeeded" else "needs_review"
-                store._execute(
-                    conn,
-                    "UPDATE sessions SET status = ?, ui_status = ?, pid = NULL, "
-                    "pid_started = NULL, updated_at = ? WHERE id = ?",
-                    (status, ui, now, job_id),
-                )
+            store._end(conn, job_id, status)
         return True
 
     # -- supervisors --

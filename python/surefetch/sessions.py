@@ -857,6 +857,27 @@ class SessionStore:
                 )
                 if cur.rowcount == 1:
                     return True
+            if self._end(conn, session_id, status):
+                return True
+            self._require(conn, session_id)
+        return False
+
+    def _end(self, conn: Any, session_id: str, status: str) -> bool:
+        """Ends an unfinished session on ``conn`` (a compare-and-set): ``succeeded`` (ui_status
+        done), ``failed`` (needs_review) or ``cancelled`` (as :meth:`mark_cancelled`
+        describes). The pid and any enforcer claim are cleared. True if it changed the row."""
+        now = _now()
+        if status == "cancelled":
+            cur = self._execute(
+                conn,
+                "UPDATE sessions SET status = 'cancelled', cancellation_status = 'cancelled', "
+                "ui_status = 'needs_review', pid = NULL, pid_started = NULL, last_error = NULL, "
+                "claimed_by = NULL, claim_expires = NULL, "
+                "cancelled_at = COALESCE(cancelled_at, ?), updated_at = ? "
+                "WHERE id = ? AND status IN ('pending', 'running')",
+                (now, now, session_id),
+            )
+        else:
             ui = "done" if status == "succeeded" else "needs_review"
             cur = self._execute(
                 conn,
@@ -865,10 +886,7 @@ class SessionStore:
                 "WHERE id = ? AND status IN ('pending', 'running')",
                 (status, ui, now, session_id),
             )
-            if cur.rowcount == 1:
-                return True
-            self._require(conn, session_id)
-        return False
+        return bool(cur.rowcount == 1)
 
     def request_cancel(self, session_id: str, by: str) -> bool:
         """Asks for a session to be cancelled (step one of two).
@@ -928,18 +946,8 @@ class SessionStore:
         Raises:
             SessionNotFound: no session with that id.
         """
-        now = _now()
         with self._conn() as conn:
-            cur = self._execute(
-                conn,
-                "UPDATE sessions SET status = 'cancelled', cancellation_status = 'cancelled', "
-                "ui_status = 'needs_review', pid = NULL, pid_started = NULL, last_error = NULL, "
-                "claimed_by = NULL, claim_expires = NULL, "
-                "cancelled_at = COALESCE(cancelled_at, ?), updated_at = ? "
-                "WHERE id = ? AND status IN ('pending', 'running')",
-                (now, now, session_id),
-            )
-            if cur.rowcount == 1:
+            if self._end(conn, session_id, "cancelled"):
                 return True
             self._require(conn, session_id)
         return False
