@@ -353,6 +353,27 @@ def ensure_data(docroot: Path, size: int) -> tuple[Path, str]:
     return path, digest.hexdigest()
 
 
+def make_small_files(docroot: Path, count: int, size: int) -> list[tuple[str, str]]:
+    """`count` deterministic incompressible files of `size` bytes in `docroot` (rewritten
+    only when missing or different), as (name, sha256) pairs."""
+    import random
+
+    docroot.mkdir(parents=True, exist_ok=True)
+    docroot.chmod(0o755)
+    rng = random.Random(size)
+    width = len(str(max(count - 1, 0)))
+    files = []
+    for i in range(count):
+        data = rng.randbytes(size)
+        name = f"f{i:0{width}d}.bin"
+        path = docroot / name
+        if not path.exists() or path.read_bytes() != data:
+            path.write_bytes(data)
+            path.chmod(0o644)
+        files.append((name, hashlib.sha256(data).hexdigest()))
+    return files
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

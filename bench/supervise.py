@@ -42,7 +42,6 @@ import datetime
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -71,6 +70,7 @@ from run import (
     _reset,
     find_nginx,
     machine_info,
+    make_small_files,
     markdown_table,
     results_withheld,
     write_section,
@@ -374,23 +374,6 @@ class Throughput:
         return statistics.median(self.supervised[r] / self.direct[r] for r in rounds)
 
 
-def make_files(docroot: Path, count: int) -> list[tuple[str, str]]:
-    """`count` deterministic incompressible files of 16 KiB in `docroot`, made once."""
-    docroot.mkdir(parents=True, exist_ok=True)
-    docroot.chmod(0o755)
-    rng = random.Random(FILE_SIZE)
-    files = []
-    for i in range(count):
-        data = rng.randbytes(FILE_SIZE)
-        name = f"f{i:04d}.bin"
-        path = docroot / name
-        if not path.exists() or path.read_bytes() != data:
-            path.write_bytes(data)
-            path.chmod(0o644)
-        files.append((name, hashlib.sha256(data).hexdigest()))
-    return files
-
-
 def check_files(out: Path, files: Files) -> None:
     for name, sha in files.files:
         path = out / name
@@ -451,7 +434,7 @@ def measure_throughput(params: Params, install: bool) -> tuple[Throughput, str]:
         SWORK.mkdir(parents=True, exist_ok=True)
         for d in (WORK, SWORK):
             d.chmod(0o755)
-        names = make_files(SWORK / "www", params.jobs)
+        names = make_small_files(SWORK / "www", params.jobs, FILE_SIZE)
         server = Nginx(nginx_bin, SWORK, SWORK / "www")
         nginx = server.version()
         try:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -113,23 +112,6 @@ class Setup:
     files: list[tuple[str, str]]  # (name, sha256)
     manifest: Path
     listing: Path
-
-
-def make_files(docroot: Path, count: int) -> list[tuple[str, str]]:
-    """`count` deterministic incompressible files of 4 KiB in `docroot`."""
-    docroot.mkdir(parents=True, exist_ok=True)
-    docroot.chmod(0o755)
-    rng = random.Random(4096)
-    files = []
-    for i in range(count):
-        data = rng.randbytes(FILE_SIZE)
-        name = f"f{i:03d}.bin"
-        path = docroot / name
-        if not path.exists() or path.read_bytes() != data:
-            path.write_bytes(data)
-            path.chmod(0o644)
-        files.append((name, hashlib.sha256(data).hexdigest()))
-    return files
 
 
 def write_inputs(base_url: str, files: list[tuple[str, str]]) -> Setup:
@@ -295,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import datetime
 
-    from run import Nginx, SetupError, find_nginx
+    from run import Nginx, SetupError, find_nginx, make_small_files
 
     runs: int = args.runs or (QUICK_RUNS if args.quick else FULL_RUNS)
     if runs < 1 or args.files < 1:
@@ -309,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         WORK.mkdir(parents=True, exist_ok=True)
         for d in (BENCH / ".work", WORK):
             d.chmod(0o755)
-        files = make_files(WORK / "www", args.files)
+        files = make_small_files(WORK / "www", args.files, FILE_SIZE)
         server = Nginx(nginx_bin, WORK, WORK / "www")
         nginx = server.version()
         try:
