@@ -77,7 +77,10 @@ impl Http {
                     .and_then(|v| v.to_str().ok())
                     .ok_or_else(|| {
                         Error::network(
-                            format!("redirect from {url} without a usable Location header"),
+                            format!(
+                                "redirect from {} without a usable Location header",
+                                redact(&url)
+                            ),
                             false,
                         )
                     })?;
@@ -98,7 +101,8 @@ impl Http {
         }
         Err(Error::network(
             format!(
-                "more than {MAX_REDIRECTS} redirects starting at {url}: the server is misconfigured or loops"
+                "more than {MAX_REDIRECTS} redirects starting at {}: the server is misconfigured or loops",
+                redact(&url)
             ),
             false,
         ))
@@ -113,20 +117,21 @@ impl Http {
                 after: self.connect_timeout,
             };
         }
+        let shown = redact(url);
         let message = if e.is_connect() {
             format!(
-                "could not connect to {url}: {}: check the URL and that the server is up",
+                "could not connect to {shown}: {}: check the URL and that the server is up",
                 root_cause(e)
             )
         } else if e.is_body() || e.is_decode() {
             format!(
-                "the connection broke while reading from {url}: {}",
+                "the connection broke while reading from {shown}: {}",
                 root_cause(e)
             )
         } else {
-            format!("request to {url} failed: {}", describe(e))
+            format!("request to {shown} failed: {}", describe(e))
         };
-        Error::network(message, true)
+        Error::network(hide_password(message, url), true)
     }
 }
 
@@ -138,22 +143,49 @@ fn status_error(response: &Response, url: &Url) -> Error {
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
     Error::Http {
         status: response.status().as_u16(),
-        url: url.to_string(),
+        url: redact(url),
         retry_after,
+    }
+}
+
+/// `url` as it may be shown: a password in its userinfo becomes `***`, so that no
+/// message, log line or file another user can read carries it.
+pub fn redact(url: &Url) -> String {
+    if url.password().is_none() {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    let _ = shown.set_password(Some("***"));
+    shown.to_string()
+}
+
+/// `url` (possibly unparsable text) as it may be shown; see `redact`.
+pub fn redact_text(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(parsed) => redact(&parsed),
+        // Not a URL: hide anything between "//" and an "@" that looks like userinfo.
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+            }
+            _ => url.to_owned(),
+        },
     }
 }
 
 /// Parses a URL, accepting only http and https.
 pub fn parse_url(url: &str) -> Result<Url> {
-    let parsed =
-        Url::parse(url).map_err(|e| Error::InvalidArgument(format!("invalid URL {url:?}: {e}")))?;
+    let parsed = Url::parse(url)
+        .map_err(|e| Error::InvalidArgument(format!("invalid URL {:?}: {e}", redact_text(url))))?;
     match parsed.scheme() {
         "http" | "https" if parsed.host_str().is_some() => Ok(parsed),
         "http" | "https" => Err(Error::InvalidArgument(format!(
-            "invalid URL {url:?}: no host"
+            "invalid URL {:?}: no host",
+            redact(&parsed)
         ))),
         scheme => Err(Error::InvalidArgument(format!(
-            "unsupported URL scheme {scheme:?} in {url:?}: only http and https are allowed"
+            "unsupported URL scheme {scheme:?} in {:?}: only http and https are allowed",
+            redact(&parsed)
         ))),
     }
 }
@@ -186,29 +218,75 @@ pub struct Opened {
 fn redirect_target(from: &Url, location: &str) -> Result<Url> {
     let next = from.join(location).map_err(|e| {
         Error::network(
-            format!("bad redirect from {from} to {location:?}: {e}"),
+            format!(
+                "bad redirect from {} to {:?}: {e}",
+                redact(from),
+                redact_text(location)
+            ),
             false,
         )
     })?;
+    let refused = |why: String| {
+        Error::network(
+            format!(
+                "refused redirect from {} to {}: {why}",
+                redact(from),
+                redact(&next)
+            ),
+            false,
+        )
+    };
     match (from.scheme(), next.scheme()) {
-        (_, "http" | "https") if next.host_str().is_none() => Err(Error::network(
-            format!("refused redirect from {from} to {next}: no host"),
-            false,
-        )),
-        ("https", "http") => Err(Error::network(
-            format!("refused redirect from {from} to {next}: a downgrade from https to plain http"),
-            false,
-        )),
+        (_, "http" | "https") if next.host_str().is_none() => Err(refused("no host".into())),
+        ("https", "http") => Err(refused("a downgrade from https to plain http".into())),
         (_, "http" | "https") => Ok(next),
-        (_, scheme) => Err(Error::network(
-            format!("refused redirect from {from} to {next}: scheme {scheme:?} is not allowed, only http and https"),
-            false,
-        )),
+        (_, scheme) => Err(refused(format!(
+            "scheme {scheme:?} is not allowed, only http and https"
+        ))),
     }
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
     a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// `text` with `url`'s password (as written in the URL, and decoded) replaced by
+/// `***`: for texts of other libraries, which may quote the URL whole.
+pub fn hide_password(text: String, url: &Url) -> String {
+    let Some(password) = url.password().filter(|p| !p.is_empty()) else {
+        return text;
+    };
+    let decoded = percent_decode(password);
+    let text = text.replace(password, "***");
+    if decoded.is_empty() {
+        text
+    } else {
+        text.replace(&decoded, "***")
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|b| hex(*b)),
+            bytes.get(i + 2).and_then(|b| hex(*b)),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The innermost cause, which names what actually went wrong ("Connection refused").
@@ -369,6 +447,28 @@ mod tests {
         for bad in ["file:///etc/passwd", "ftp://h/x", "javascript:alert(1)"] {
             let err = redirect_target(&http, bad).unwrap_err();
             assert!(err.to_string().contains("only http and https"), "{err}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_never_shown() {
+        let url = Url::parse("https://user:s3cret@h/a?x=1").unwrap();
+        assert_eq!(redact(&url), "https://user:***@h/a?x=1");
+        let plain = Url::parse("https://user@h/a").unwrap();
+        assert_eq!(redact(&plain), "https://user@h/a");
+        assert_eq!(
+            redact_text("https://u:s3cret@h:99999/"),
+            "https://***@h:99999/"
+        );
+        let text = "error sending request for url (https://user:s3%2Fx@h/a): s3/x".to_owned();
+        let url = Url::parse("https://user:s3%2Fx@h/a").unwrap();
+        assert_eq!(
+            hide_password(text, &url),
+            "error sending request for url (https://user:***@h/a): ***"
+        );
+        for bad in ["ftp://u:s3cret@h/x", "https://u:s3cret@/x"] {
+            let err = parse_url(bad).unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
         }
     }
 
