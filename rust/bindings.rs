@@ -41,7 +41,9 @@ impl From<PyEngineError> for PyErr {
         match err {
             Error::InvalidArgument(_) => PyValueError::new_err(message),
             Error::Http { status, url, .. } => HTTPError::new_err((message, status, url)),
-            Error::Network { .. } | Error::SourceChanged { .. } => NetworkError::new_err(message),
+            Error::Network { .. } | Error::SourceChanged { .. } | Error::Unusable { .. } => {
+                NetworkError::new_err(message)
+            }
             Error::Timeout { .. } => DownloadTimeout::new_err(message),
             Error::Cancelled => Cancelled::new_err(message),
             Error::ChecksumMismatch {
@@ -217,7 +219,7 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
     url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
     executable=false, timeout=None, connect_timeout=30.0, read_timeout=None, retries=3,
     backoff_base=0.25, backoff_cap=10.0, headers=None, connections=None, resume=true,
-    cancel=None, progress=None
+    speed_limit=1024, speed_time=30.0, cancel=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn download<'py>(
@@ -239,6 +241,8 @@ fn download<'py>(
     headers: Option<Vec<(String, String)>>,
     connections: Option<u32>,
     resume: bool,
+    speed_limit: u64,
+    speed_time: f64,
     cancel: Option<PyRef<'py, CancelToken>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -260,6 +264,8 @@ fn download<'py>(
         headers: headers.unwrap_or_default(),
         connections,
         resume,
+        speed_limit,
+        speed_time: seconds(Some(speed_time), "speed_time")?.unwrap_or_default(),
     };
     // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
     let token = match &cancel {

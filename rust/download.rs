@@ -15,12 +15,13 @@ use reqwest::{StatusCode, Url};
 use crate::atomic;
 use crate::buffer::BLOCK_SIZE;
 use crate::cancel::CancelToken;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TimeoutKind};
 use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
-use crate::http::{self, ContentRange, Http};
+use crate::http::{self, Http};
 use crate::part::{file_mode, PartFile, PartPaths, Sidecar};
 use crate::ranges::RangeSet;
+use crate::response::{judge, Asked, Comparison, Known, Seen, Unusable, Validator, Verdict};
 use crate::retry::Backoff;
 use crate::sink::{self, Checkpoint, RangeStream, Sink, SinkOutput};
 
@@ -44,6 +45,10 @@ pub struct Options {
     pub connections: Option<u32>,
     /// Continue a part file an earlier call left, when it is safe to.
     pub resume: bool,
+    /// Low-speed limit in bytes per second (0: off): a response slower than this
+    /// over `speed_time` is a stall, retried (curl's `--speed-limit`).
+    pub speed_limit: u64,
+    pub speed_time: Duration,
 }
 
 impl Default for Options {
@@ -63,6 +68,8 @@ impl Default for Options {
             headers: Vec::new(),
             connections: None,
             resume: true,
+            speed_limit: 1024,
+            speed_time: Duration::from_secs(30),
         }
     }
 }
@@ -165,6 +172,11 @@ const AUTO_CONNECTIONS: u32 = 8;
 const NOT_YET: u64 = u64::MAX;
 /// Resumed ranges are cut to this alignment, so writes can stay `O_DIRECT`.
 const RESUME_ALIGN: u64 = 4096;
+/// A unit's response may start this much before the unit (a server that aligns
+/// ranges); more, and ranges are too costly to split on.
+const UNIT_MAX_SKIP: u64 = BLOCK_SIZE as u64;
+/// Fresh starts after the file changed on the server, beyond the retries.
+const MAX_RESTARTS: u32 = 2;
 
 /// What an earlier, interrupted call left that this one can build on.
 struct Kept {
@@ -173,45 +185,50 @@ struct Kept {
     part: PartFile,
 }
 
-/// The identity of the file being transferred: what If-Range sends.
-#[derive(Debug, Clone, Default)]
-struct Validator {
-    etag: Option<String>,
-    last_modified: Option<String>,
+impl Kept {
+    fn known(&self) -> Option<Known> {
+        Some(Known {
+            validator: validator_of_sidecar(&self.sidecar),
+            total: self.sidecar.size?,
+        })
+    }
 }
 
-impl Validator {
-    fn of(response: &reqwest::Response) -> Self {
-        let (etag, last_modified) = http::validators(response);
-        Self {
-            etag,
-            last_modified,
+fn validator_of_sidecar(sidecar: &Sidecar) -> Validator {
+    Validator {
+        etag: sidecar.etag.clone(),
+        last_modified: sidecar.last_modified.clone(),
+    }
+}
+
+/// How much an attempt relies on the server's ranges. A server that mishandles
+/// them moves the call down this ladder, within the same call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    /// Ranges to resume, and several connections for a large file.
+    Parallel,
+    /// Ranges to resume, one connection.
+    Single,
+    /// No `Range` at all: the whole file in one response, every attempt.
+    Plain,
+}
+
+impl Mode {
+    fn fewer_ranges(self) -> Option<Self> {
+        match self {
+            Mode::Parallel => Some(Mode::Single),
+            Mode::Single => Some(Mode::Plain),
+            Mode::Plain => None,
         }
     }
+}
 
-    /// The version an earlier call recorded.
-    fn of_sidecar(sidecar: &Sidecar) -> Self {
-        Self {
-            etag: sidecar.etag.clone(),
-            last_modified: sidecar.last_modified.clone(),
-        }
-    }
-
-    fn if_range(&self) -> Option<&str> {
-        self.etag.as_deref().or(self.last_modified.as_deref())
-    }
-
-    /// Whether `response` shows another version than this one.
-    fn differs_from(&self, response: &reqwest::Response) -> bool {
-        let theirs = Self::of(response);
-        match (&self.etag, &theirs.etag) {
-            (Some(ours), Some(theirs)) => ours != theirs,
-            _ => matches!(
-                (&self.last_modified, &theirs.last_modified),
-                (Some(ours), Some(theirs)) if ours != theirs
-            ),
-        }
-    }
+/// Where requests go once redirects are resolved, and with which headers
+/// (credentials already dropped if a redirect left the origin).
+#[derive(Clone)]
+struct Target {
+    url: Url,
+    headers: HeaderMap,
 }
 
 /// The transfer of one version of the file, once its size and validator are known.
@@ -221,17 +238,20 @@ struct Transfer {
     /// Units not yet taken by a connection, lowest offset first.
     queue: Mutex<VecDeque<Range<u64>>>,
     /// Several connections: a failed unit is retried alone. (One connection
-    /// retries through a new attempt, which also handles a 200 to its Range.)
+    /// retries through a new attempt.)
     parallel: AtomicBool,
+    /// Resolved once per attempt; units go there directly.
+    target: Mutex<Target>,
 }
 
 impl Transfer {
-    fn new(size: Option<u64>, validator: Validator) -> Self {
+    fn new(size: Option<u64>, validator: Validator, target: Target) -> Self {
         Self {
             size,
             validator,
             queue: Mutex::new(VecDeque::new()),
             parallel: AtomicBool::new(false),
+            target: Mutex::new(target),
         }
     }
 
@@ -239,6 +259,13 @@ impl Transfer {
     /// for If-Range and a known size.
     fn resumable(&self) -> bool {
         self.size.is_some() && self.validator.if_range().is_some()
+    }
+
+    fn known(&self) -> Option<Known> {
+        Some(Known {
+            validator: self.validator.clone(),
+            total: self.size?,
+        })
     }
 
     fn next_unit(&self) -> Option<Range<u64>> {
@@ -251,20 +278,47 @@ impl Transfer {
             queue.insert(at, range);
         }
     }
+
+    fn target(&self) -> Target {
+        self.target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn retarget(&self, target: Target) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+}
+
+/// A response body that holds the file's bytes from `start` up to `holds_until`
+/// (exclusive; `u64::MAX` when unknown).
+struct Body {
+    response: reqwest::Response,
+    start: u64,
+    holds_until: u64,
 }
 
 /// How the first response of an attempt starts the transfer.
 enum Start {
     /// The whole body from offset 0 (a 200): a fresh start.
-    Whole(reqwest::Response),
-    /// A 206 for `range` of the kept (or new) part file.
-    Partial(reqwest::Response, Range<u64>),
+    Whole(reqwest::Response, Option<u64>, Target),
+    /// A 206 that holds the range asked for (`asked`) of the kept part, or of a
+    /// new one (`total` bytes).
+    Partial {
+        body: Body,
+        asked: Range<u64>,
+        total: Option<u64>,
+        target: Target,
+    },
     /// Nothing to fetch: the kept part already holds the whole file.
     Complete,
 }
 
 struct Job<'a> {
     url: Url,
+    /// The URL as messages show it (no password).
+    shown_url: String,
     paths: PartPaths,
     options: &'a Options,
     expected_sha256: Option<String>,
@@ -308,11 +362,21 @@ impl<'a> Job<'a> {
             .as_deref()
             .map(|d| parse_digest("xxh3_128", d, XXH3_128_HEX_LEN))
             .transpose()?;
+        // Silence longer than the low-speed window is below any limit.
+        let idle = match options.speed_limit {
+            0 => options.read_timeout,
+            _ => Some(
+                options
+                    .read_timeout
+                    .map_or(options.speed_time, |r| r.min(options.speed_time)),
+            ),
+        };
         Ok(Self {
             paths: PartPaths::new(final_path)?,
             headers: http::request_headers(&options.headers)?,
             http: Http::shared(options.connect_timeout)?,
-            guard: Guard::new(cancel, options.timeout, options.read_timeout),
+            guard: Guard::new(cancel, options.timeout, idle),
+            shown_url: http::redact(&url),
             url,
             options,
             expected_sha256,
@@ -322,6 +386,27 @@ impl<'a> Job<'a> {
             resumed_from: AtomicU64::new(NOT_YET),
             retries_used: AtomicU32::new(0),
         })
+    }
+
+    fn origin(&self) -> Target {
+        Target {
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+        }
+    }
+
+    fn changed(&self, detail: String) -> Error {
+        Error::SourceChanged {
+            url: self.shown_url.clone(),
+            detail,
+        }
+    }
+
+    fn unusable(&self, detail: String) -> Error {
+        Error::Unusable {
+            url: self.shown_url.clone(),
+            detail,
+        }
     }
 
     /// Takes one retry from the call's budget; returns its number (for the backoff).
@@ -344,29 +429,51 @@ impl<'a> Job<'a> {
     }
 
     /// Attempts until success, a permanent error, or the retry budget is spent.
-    /// A retry continues from what the failed attempt kept; a file that changed
-    /// on the server starts over.
+    /// A retry continues from what the failed attempt kept. A file that changed
+    /// on the server starts over on one connection; a server that mishandles
+    /// ranges is asked with fewer of them (parallel → one connection → none),
+    /// neither costing a retry.
     async fn run_with_retries(&self) -> Result<(u64, Option<String>, String)> {
+        let mut mode = match self.options.connections {
+            Some(1) => Mode::Single,
+            _ => Mode::Parallel,
+        };
         let mut resume = self.options.resume;
+        let mut restarts = 0;
         loop {
             self.guard.check()?;
-            let error = match self.attempt(resume).await {
+            let error = match self.attempt(mode, resume).await {
                 Ok(done) => return Ok(done),
                 Err(e) => e,
             };
-            let changed = matches!(error, Error::SourceChanged { .. });
-            if !(changed || error.is_retryable()) {
-                return Err(error);
-            }
-            let Some(retry) = self.take_retry() else {
-                return Err(error);
-            };
-            if changed {
-                self.paths.discard();
-                resume = false;
-            } else {
-                self.backoff(retry, &error).await?;
-                resume = true;
+            match error {
+                Error::Unusable { ref detail, .. } => {
+                    let Some(next) = mode.fewer_ranges() else {
+                        return Err(Error::network(
+                            format!(
+                                "{} answered even a plain request without Range in a way that cannot be used ({detail}): the server or a proxy is broken; nothing was installed",
+                                self.shown_url
+                            ),
+                            false,
+                        ));
+                    };
+                    mode = next;
+                    resume = mode != Mode::Plain;
+                }
+                Error::SourceChanged { .. } if restarts < MAX_RESTARTS => {
+                    restarts += 1;
+                    self.paths.discard();
+                    mode = mode.max(Mode::Single);
+                    resume = false;
+                }
+                error if error.is_retryable() => {
+                    let Some(retry) = self.take_retry() else {
+                        return Err(error);
+                    };
+                    self.backoff(retry, &error).await?;
+                    resume = mode != Mode::Plain;
+                }
+                error => return Err(error),
             }
         }
     }
@@ -376,7 +483,7 @@ impl<'a> Job<'a> {
         let Some(sidecar) = Sidecar::load(&self.paths.sidecar) else {
             return Ok(None);
         };
-        let usable = sidecar.url == self.url.as_str()
+        let usable = sidecar.url == self.shown_url
             && (sidecar.etag.is_some() || sidecar.last_modified.is_some())
             && sidecar
                 .size
@@ -396,17 +503,16 @@ impl<'a> Job<'a> {
         }))
     }
 
-    fn request_headers(
-        &self,
-        range: Option<Range<u64>>,
-        validator: Option<&Validator>,
-    ) -> HeaderMap {
-        let mut headers = self.headers.clone();
-        if let Some(range) = range {
-            let value = format!("bytes={}-{}", range.start, range.end - 1);
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(header::RANGE, value);
-            }
+    /// `base` with `Range` (an end of `u64::MAX` asks to the end) and `If-Range`.
+    fn ranged(base: &HeaderMap, range: &Range<u64>, validator: Option<&Validator>) -> HeaderMap {
+        let mut headers = base.clone();
+        let value = if range.end == u64::MAX {
+            format!("bytes={}-", range.start)
+        } else {
+            format!("bytes={}-{}", range.start, range.end - 1)
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(header::RANGE, value);
         }
         if let Some(tag) = validator.and_then(Validator::if_range) {
             if let Ok(value) = HeaderValue::from_str(tag) {
@@ -418,12 +524,19 @@ impl<'a> Job<'a> {
 
     /// One attempt: continue what `kept` holds (or start fresh), fetch what is
     /// missing over one or more connections, verify, persist.
-    async fn attempt(&self, resume: bool) -> Result<(u64, Option<String>, String)> {
-        let kept = if resume { self.load_kept()? } else { None };
+    async fn attempt(&self, mode: Mode, resume: bool) -> Result<(u64, Option<String>, String)> {
+        let kept = if resume && mode != Mode::Plain {
+            self.load_kept()?
+        } else {
+            None
+        };
         if kept.is_none() {
             self.paths.discard();
         }
-        let (start, kept) = self.open_first(kept).await?;
+        let (start, kept) = match kept {
+            Some(kept) => self.open_kept(kept).await?,
+            None => (self.open_fresh(mode).await?, None),
+        };
         // What an earlier call left and this one builds on (0 if it started over),
         // as the first attempt that reached the server found it.
         let kept_bytes = kept.as_ref().map_or(0, |k| k.ranges.len());
@@ -433,116 +546,200 @@ impl<'a> Job<'a> {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
-        let (transfer, part, ranges, first_unit) = match start {
-            Start::Whole(response) => {
-                let size = self.expected_size(response.content_length())?;
-                let transfer = Transfer::new(size, Validator::of(&response));
+        let (transfer, part, ranges, first) = match start {
+            Start::Whole(response, total, target) => {
+                let size = self.expected_size(total)?;
+                let validator = Validator::of(response.headers());
+                let transfer = Transfer::new(size, validator, target);
                 let part = PartFile::create(&self.paths.part, size, self.options.durable)?;
                 let unit = 0..size.unwrap_or(u64::MAX);
-                (transfer, part, RangeSet::new(), Some((response, unit)))
+                let body = Body {
+                    response,
+                    start: 0,
+                    holds_until: unit.end,
+                };
+                (transfer, part, RangeSet::new(), Some((body, unit)))
             }
-            Start::Partial(response, range) => {
+            Start::Partial {
+                body,
+                asked,
+                total,
+                target,
+            } => {
                 let (transfer, part, ranges) = match kept {
                     Some(kept) => {
-                        let transfer =
-                            Transfer::new(kept.sidecar.size, Validator::of_sidecar(&kept.sidecar));
+                        let validator = validator_of_sidecar(&kept.sidecar);
+                        let transfer = Transfer::new(kept.sidecar.size, validator, target);
                         (transfer, kept.part, kept.ranges)
                     }
                     None => {
-                        let size = match http::content_range(&response) {
-                            Some(ContentRange::Bytes { total, .. }) => total,
-                            _ => None,
-                        };
-                        let size = self.expected_size(size)?;
-                        let transfer = Transfer::new(size, Validator::of(&response));
+                        let size = self.expected_size(total)?;
+                        let validator = Validator::of(body.response.headers());
+                        let transfer = Transfer::new(size, validator, target);
                         let part = PartFile::create(&self.paths.part, size, self.options.durable)?;
                         (transfer, part, RangeSet::new())
                     }
                 };
-                (transfer, part, ranges, Some((response, range)))
+                let end = transfer.size.map_or(asked.end, |s| asked.end.min(s));
+                (transfer, part, ranges, Some((body, asked.start..end)))
             }
             Start::Complete => {
                 let kept =
                     kept.ok_or_else(|| Error::internal("a complete start without a part"))?;
-                let transfer = Transfer::new(kept.sidecar.size, Validator::default());
+                let transfer =
+                    Transfer::new(kept.sidecar.size, Validator::default(), self.origin());
                 (transfer, kept.part, kept.ranges, None)
             }
         };
-        self.fetch_and_persist(&transfer, part, ranges, first_unit)
-            .await
+        self.fetch_and_persist(&transfer, part, ranges, first).await
     }
 
-    /// Sends the attempt's first request: the first missing range of `kept` with
-    /// If-Range, or (fresh) a plain GET, or a first unit when going parallel.
-    async fn open_first(&self, kept: Option<Kept>) -> Result<(Start, Option<Kept>)> {
-        let Some(kept) = kept else {
-            if self.options.connections == Some(1) {
-                let opened = self
-                    .http
-                    .open(&self.url, &self.headers, &self.guard)
-                    .await?;
-                return Ok((self.plain(opened)?, None));
-            }
-            // All of it: one request for a small file; a large one is split once
-            // the size is known, this connection stopping at its first unit.
-            let headers = self.request_headers(Some(0..u64::MAX), None);
-            let opened = self.http.open(&self.url, &headers, &self.guard).await?;
-            let response = opened.response;
-            let total_known = matches!(
-                http::content_range(&response),
-                Some(ContentRange::Bytes { total: Some(_), .. })
-            );
-            return match response.status() {
-                StatusCode::PARTIAL_CONTENT if total_known => {
-                    let range = self.check_partial(&response, 0..u64::MAX, None)?;
-                    Ok((Start::Partial(response, range), None))
-                }
-                StatusCode::PARTIAL_CONTENT | StatusCode::RANGE_NOT_SATISFIABLE => {
-                    // An empty file has no byte 0, and a range of a file of unknown
-                    // size cannot be split: ask again without a range.
-                    let opened = self
-                        .http
-                        .open(&self.url, &self.headers, &self.guard)
-                        .await?;
-                    Ok((self.plain(opened)?, None))
-                }
-                _ => Ok((Start::Whole(response), None)),
-            };
-        };
+    /// Asks for the first range `kept` is missing, under the validator it was
+    /// recorded with (`If-Range`).
+    async fn open_kept(&self, kept: Kept) -> Result<(Start, Option<Kept>)> {
         let size = kept.sidecar.size.unwrap_or(0);
         let Some(missing) = kept.ranges.missing(size).into_iter().next() else {
             return Ok((Start::Complete, Some(kept)));
         };
-        let validator = Validator::of_sidecar(&kept.sidecar);
-        let headers = self.request_headers(Some(missing.clone()), Some(&validator));
-        let opened = self.http.open(&self.url, &headers, &self.guard).await?;
-        let response = opened.response;
-        match response.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                let range = self.check_partial(&response, missing, Some((&validator, size)))?;
-                Ok((Start::Partial(response, range), Some(kept)))
+        // Open-ended to the end of the file: no large range end for servers to trip on.
+        let end = if missing.end >= size {
+            u64::MAX
+        } else {
+            missing.end
+        };
+        let asked = Asked {
+            range: Some(missing.start..end),
+            max_skip: u64::MAX,
+        };
+        let known = kept.known();
+        let validator = validator_of_sidecar(&kept.sidecar);
+        let headers = Self::ranged(&self.headers, &(missing.start..end), Some(&validator));
+        let opened = match self.http.open(&self.url, &headers, &self.guard).await {
+            Err(Error::Http { status, .. }) if ranges_refused(status) => {
+                return Ok((self.open_plain(known.as_ref()).await?, None));
+            }
+            other => other?,
+        };
+        let seen = Seen::of(&opened.response);
+        match judge(&asked, known.as_ref(), &seen) {
+            Verdict::Part { body, total } => {
+                let target = Target {
+                    url: opened.url,
+                    headers: opened.headers,
+                };
+                let body = Body {
+                    response: opened.response,
+                    start: body.start,
+                    holds_until: body.end,
+                };
+                let asked = missing.start..end;
+                let start = Start::Partial {
+                    body,
+                    asked,
+                    total,
+                    target,
+                };
+                Ok((start, Some(kept)))
             }
             // The server ignored the range, or If-Range saw another version:
             // this body is the whole (current) file, so start over with it.
-            StatusCode::OK => Ok((Start::Whole(response), None)),
-            // The file is shorter than what we kept: it changed.
-            _ => Err(Error::SourceChanged {
-                url: self.url.to_string(),
-                detail: format!("a range request answered {}", response.status()),
-            }),
+            Verdict::Whole { total } => {
+                let target = Target {
+                    url: opened.url,
+                    headers: opened.headers,
+                };
+                Ok((Start::Whole(opened.response, total, target), None))
+            }
+            Verdict::Unusable(Unusable::Untrusted(detail)) => Err(self.changed(detail)),
+            Verdict::Unusable(Unusable::Misfit(detail)) if seen.status == 416 => {
+                let _ = detail;
+                Ok((self.open_plain(known.as_ref()).await?, None))
+            }
+            Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable(detail)),
         }
     }
 
-    fn plain(&self, opened: http::Opened) -> Result<Start> {
-        let response = opened.response;
-        if response.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+    /// A fresh start. With several connections possible, asks for `bytes=0-`, so
+    /// that a `206` tells the size and that ranges work; otherwise a plain GET.
+    async fn open_fresh(&self, mode: Mode) -> Result<Start> {
+        if mode != Mode::Parallel {
+            return self.open_plain(None).await;
+        }
+        let whole = 0..u64::MAX;
+        let asked = Asked {
+            range: Some(whole.clone()),
+            max_skip: 0,
+        };
+        let headers = Self::ranged(&self.headers, &whole, None);
+        let opened = match self.http.open(&self.url, &headers, &self.guard).await {
+            // Ranges unusable here: ask once more without one.
+            Err(Error::Http { status, .. }) if ranges_refused(status) => {
+                return self.open_plain(None).await
+            }
+            other => other?,
+        };
+        let target = Target {
+            url: opened.url,
+            headers: opened.headers,
+        };
+        match judge(&asked, None, &Seen::of(&opened.response)) {
+            Verdict::Part {
+                body,
+                total: Some(total),
+            } => Ok(Start::Partial {
+                body: Body {
+                    response: opened.response,
+                    start: body.start,
+                    holds_until: body.end,
+                },
+                asked: whole,
+                total: Some(total),
+                target,
+            }),
+            Verdict::Whole { total } => Ok(Start::Whole(opened.response, total, target)),
+            // An empty file has no byte 0 (416), and a range of a file of unknown
+            // size cannot be split: ask again without a range.
+            Verdict::Part { total: None, .. } => self.open_plain(None).await,
+            Verdict::Unusable(Unusable::Misfit(_)) if opened.response.status() == 416 => {
+                self.open_plain(None).await
+            }
+            Verdict::Unusable(Unusable::Misfit(detail) | Unusable::Untrusted(detail)) => {
+                Err(self.unusable(detail))
+            }
+        }
+    }
+
+    /// A GET without `Range`, which must be answered with the whole file.
+    async fn open_plain(&self, known: Option<&Known>) -> Result<Start> {
+        let opened = self
+            .http
+            .open(&self.url, &self.headers, &self.guard)
+            .await?;
+        let asked = Asked {
+            range: None,
+            max_skip: 0,
+        };
+        let status = opened.response.status();
+        if status == StatusCode::RANGE_NOT_SATISFIABLE {
             return Err(Error::Http {
                 status: 416,
-                url: opened.url.to_string(),
+                url: http::redact(&opened.url),
                 retry_after: None,
             });
         }
-        Ok(Start::Whole(response))
+        match judge(&asked, known, &Seen::of(&opened.response)) {
+            Verdict::Whole { total } => {
+                let target = Target {
+                    url: opened.url,
+                    headers: opened.headers,
+                };
+                Ok(Start::Whole(opened.response, total, target))
+            }
+            Verdict::Part { .. } => Err(self.unusable("a plain request was answered 206".into())),
+            Verdict::Unusable(Unusable::Misfit(detail) | Unusable::Untrusted(detail)) => {
+                Err(self.unusable(detail))
+            }
+        }
     }
 
     /// The size to expect: the caller's, checked against what the server announced.
@@ -556,105 +753,43 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// Checks that a 206 holds exactly the range asked for (cut at the file's
-    /// end) of the expected version; returns the range it holds.
-    fn check_partial(
-        &self,
-        response: &reqwest::Response,
-        asked: Range<u64>,
-        known: Option<(&Validator, u64)>,
-    ) -> Result<Range<u64>> {
-        let changed = |detail: String| Error::SourceChanged {
-            url: self.url.to_string(),
-            detail,
-        };
-        if let Some((validator, _)) = known {
-            if validator.differs_from(response) {
-                return Err(changed("its ETag or Last-Modified changed".into()));
-            }
-        }
-        let Some(ContentRange::Bytes { first, last, total }) = http::content_range(response) else {
-            return Err(Error::network(
-                format!(
-                    "{} answered a range request with a 206 without a usable Content-Range: the server is broken; try --connections 1",
-                    self.url
-                ),
-                false,
-            ));
-        };
-        if let (Some((_, size)), Some(total)) = (known, total) {
-            if total != size {
-                return Err(changed(format!(
-                    "its size went from {size} to {total} bytes"
-                )));
-            }
-        }
-        let end = total.map_or(asked.end, |t| asked.end.min(t));
-        if let Some(length) = response.content_length().filter(|l| *l != last + 1 - first) {
-            return Err(Error::network(
-                format!(
-                    "{} sent a Content-Length of {length} for bytes {first}-{last}: the server or a proxy is broken; try --connections 1",
-                    self.url
-                ),
-                true,
-            ));
-        }
-        if first != asked.start || last + 1 != end {
-            return Err(Error::network(
-                format!(
-                    "{} sent bytes {first}-{last} when asked for {}-{}: refusing to splice them in; try --connections 1",
-                    self.url,
-                    asked.start,
-                    end - 1
-                ),
-                false,
-            ));
-        }
-        Ok(asked.start..end)
-    }
-
     /// Runs the connections over the missing ranges, then verifies and persists.
     async fn fetch_and_persist(
         &self,
         transfer: &Transfer,
         part: PartFile,
         kept: RangeSet,
-        first_unit: Option<(reqwest::Response, Range<u64>)>,
+        first: Option<(Body, Range<u64>)>,
     ) -> Result<(u64, Option<String>, String)> {
         let size = transfer.size;
         let sidecar = Sidecar {
             version: Sidecar::VERSION,
-            url: self.url.to_string(),
+            url: self.shown_url.clone(),
             etag: transfer.validator.etag.clone(),
             last_modified: transfer.validator.last_modified.clone(),
             size,
             ranges_done: kept.to_pairs(),
         };
-        if first_unit.is_some() {
+        if first.is_some() {
             sidecar
                 .store(&self.paths.sidecar, false)
                 .map_err(|e| Error::storage("writing", &self.paths.sidecar, e))?;
         }
-        let connections = self.connection_count(transfer, first_unit.as_ref());
+        let connections = self.connection_count(transfer, first.as_ref());
         transfer.parallel.store(connections > 1, Ordering::Relaxed);
         // The first response holds the whole first missing range; with several
         // connections it serves only the first unit and the rest is queued.
-        let mut first_unit = first_unit.map(|(response, range)| {
-            let step = match size {
-                Some(size) if connections > 1 => unit_size(size, connections),
-                _ => u64::MAX,
-            };
+        let step = match size {
+            Some(size) if connections > 1 => unit_size(size, connections),
+            _ => u64::MAX,
+        };
+        let mut first = first.map(|(body, range)| {
             let unit = range.start..range.end.min(range.start.saturating_add(step));
-            (response, unit, range.end)
+            (body, unit)
         });
-        if let (Some(size), Some((_, unit, _))) = (size, first_unit.as_ref()) {
+        if let (Some(size), Some((_, unit))) = (size, first.as_ref()) {
             let mut rest = kept.clone();
             rest.insert(unit.clone());
-            let step = if connections > 1 {
-                unit_size(size, connections)
-            } else {
-                u64::MAX
-            };
             if let Ok(mut queue) = transfer.queue.lock() {
                 queue.extend(split(rest.missing(size), step));
             }
@@ -675,7 +810,7 @@ impl<'a> Job<'a> {
         )?;
         let result = {
             let workers = (0..connections).map(|i| {
-                let first = if i == 0 { first_unit.take() } else { None };
+                let first = if i == 0 { first.take() } else { None };
                 self.connection(transfer, &sink, first)
             });
             try_join_all(workers).await
@@ -709,12 +844,8 @@ impl<'a> Job<'a> {
         Ok((len, sha256, xxh3_128))
     }
 
-    fn connection_count(
-        &self,
-        transfer: &Transfer,
-        first_unit: Option<&(reqwest::Response, Range<u64>)>,
-    ) -> u32 {
-        let ranged = first_unit.is_some_and(|(r, _)| r.status() == StatusCode::PARTIAL_CONTENT);
+    fn connection_count(&self, transfer: &Transfer, first: Option<&(Body, Range<u64>)>) -> u32 {
+        let ranged = first.is_some_and(|(b, _)| b.response.status() == StatusCode::PARTIAL_CONTENT);
         if !ranged || !transfer.resumable() {
             return 1;
         }
@@ -731,18 +862,18 @@ impl<'a> Job<'a> {
         &self,
         transfer: &Transfer,
         sink: &Sink,
-        first: Option<(reqwest::Response, Range<u64>, u64)>,
+        first: Option<(Body, Range<u64>)>,
     ) -> Result<()> {
         let mut next = first;
         loop {
-            let (response, unit, holds_until) = match next.take() {
+            let (body, unit) = match next.take() {
                 Some(started) => started,
                 None => {
                     let Some(unit) = transfer.next_unit() else {
                         return Ok(());
                     };
                     match self.open_unit(transfer, unit.clone()).await {
-                        Ok(response) => (response, unit.clone(), unit.end),
+                        Ok(body) => (body, unit),
                         Err(e) => {
                             self.retry_unit(transfer, e, unit).await?;
                             continue;
@@ -751,9 +882,7 @@ impl<'a> Job<'a> {
                 }
             };
             let mut stream = sink.stream(unit.start);
-            let streamed = self
-                .stream_unit(response, &mut stream, &unit, holds_until)
-                .await;
+            let streamed = self.stream_unit(body, &mut stream, &unit).await;
             // What arrived before an error is good data: keep it for the retry.
             let flushed = stream.flush().await;
             let remaining = stream.position()..unit.end;
@@ -777,36 +906,77 @@ impl<'a> Job<'a> {
         self.backoff(retry, &error).await
     }
 
-    async fn open_unit(&self, transfer: &Transfer, unit: Range<u64>) -> Result<reqwest::Response> {
-        let headers = self.request_headers(Some(unit.clone()), Some(&transfer.validator));
-        let response = self
-            .http
-            .open(&self.url, &headers, &self.guard)
-            .await?
-            .response;
-        if response.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(Error::SourceChanged {
-                url: self.url.to_string(),
-                detail: format!("a range request answered {}", response.status()),
-            });
-        }
+    /// Asks for one unit where the attempt's first request was redirected to,
+    /// resolving again from the original URL when that place refuses (a signed
+    /// URL that expired).
+    async fn open_unit(&self, transfer: &Transfer, unit: Range<u64>) -> Result<Body> {
         let size = transfer.size.unwrap_or(u64::MAX);
-        self.check_partial(&response, unit, Some((&transfer.validator, size)))?;
-        Ok(response)
+        let range = unit.start..if unit.end >= size { u64::MAX } else { unit.end };
+        let target = transfer.target();
+        let headers = Self::ranged(&target.headers, &range, Some(&transfer.validator));
+        let opened = match self.http.open(&target.url, &headers, &self.guard).await {
+            Err(Error::Http { status, .. })
+                if matches!(status, 401 | 403 | 410) && target.url != self.url =>
+            {
+                let headers = Self::ranged(&self.headers, &range, Some(&transfer.validator));
+                let opened = self.http.open(&self.url, &headers, &self.guard).await;
+                if let Ok(opened) = &opened {
+                    transfer.retarget(Target {
+                        url: opened.url.clone(),
+                        headers: opened.headers.clone(),
+                    });
+                }
+                opened
+            }
+            other => other,
+        };
+        let opened = match opened {
+            Err(Error::Http { status, .. }) if ranges_refused(status) => {
+                return Err(self.unusable(format!("a range request was answered {status}")))
+            }
+            other => other?,
+        };
+        let asked = Asked {
+            range: Some(range),
+            max_skip: UNIT_MAX_SKIP,
+        };
+        let known = transfer.known();
+        let seen = Seen::of(&opened.response);
+        match judge(&asked, known.as_ref(), &seen) {
+            Verdict::Part { body, .. } => Ok(Body {
+                response: opened.response,
+                start: body.start,
+                holds_until: body.end,
+            }),
+            Verdict::Whole { .. }
+                if transfer.validator.compare(&seen.validator) == Comparison::Other =>
+            {
+                Err(self.changed("its ETag or Last-Modified changed".into()))
+            }
+            Verdict::Whole { .. } => Err(self.unusable("a range request was answered 200".into())),
+            Verdict::Unusable(Unusable::Untrusted(detail)) => Err(self.changed(detail)),
+            Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable(detail)),
+        }
     }
 
-    /// Streams `unit` (its end `u64::MAX` when the size is unknown) from a
-    /// response that holds the file up to `holds_until`; a response that holds
-    /// more is dropped once the unit is complete.
+    /// Streams `unit` (its end `u64::MAX` when the size is unknown) from `body`,
+    /// skipping what it holds before the unit; a body that holds more is dropped
+    /// once the unit is complete.
     async fn stream_unit(
         &self,
-        mut response: reqwest::Response,
+        body: Body,
         stream: &mut RangeStream,
         unit: &Range<u64>,
-        holds_until: u64,
     ) -> Result<()> {
+        let Body {
+            mut response,
+            start,
+            holds_until,
+        } = body;
         let url = response.url().clone();
         let announced = response.content_length().is_some();
+        let mut skip = unit.start.saturating_sub(start);
+        let mut meter = SpeedMeter::new(self.options.speed_limit, self.options.speed_time);
         loop {
             let chunk = self
                 .guard
@@ -814,6 +984,17 @@ impl<'a> Job<'a> {
                 .await?
                 .map_err(|e| self.http.transport_error(&e, &url))?;
             let Some(mut chunk) = chunk else { break };
+            self.transferred
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            meter.record(chunk.len() as u64)?;
+            if skip > 0 {
+                let skipped = skip.min(chunk.len() as u64);
+                skip -= skipped;
+                let _ = chunk.split_to(skipped as usize);
+                if chunk.is_empty() {
+                    continue;
+                }
+            }
             let end = stream.position() + chunk.len() as u64;
             let done = end >= unit.end && holds_until > unit.end;
             if done {
@@ -825,8 +1006,6 @@ impl<'a> Job<'a> {
                     actual: end,
                 });
             }
-            self.transferred
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             stream.push(&chunk, &self.guard).await?;
             self.progress.add_done(chunk.len() as u64);
             if done {
@@ -844,8 +1023,9 @@ impl<'a> Job<'a> {
         if unit.end != u64::MAX && at < unit.end {
             return Err(Error::network(
                 format!(
-                    "the connection closed at byte {at} of {} from {url}",
-                    unit.end
+                    "the connection closed at byte {at} of {} from {}",
+                    unit.end,
+                    http::redact(&url)
                 ),
                 true,
             ));
@@ -880,6 +1060,52 @@ impl<'a> Job<'a> {
                 actual: output.xxh3_128.clone(),
             });
         }
+        Ok(())
+    }
+}
+
+/// Statuses that, answering a range request, say "not with ranges here" rather
+/// than "try later": the request is made again without `Range`.
+fn ranges_refused(status: u16) -> bool {
+    !matches!(status, 408 | 429 | 502 | 503 | 504)
+}
+
+/// curl's low-speed limit: a response that delivers fewer than `limit` bytes a
+/// second over `window` is stalled (retried, and resumed where it can be).
+struct SpeedMeter {
+    limit: u64,
+    window: Duration,
+    since: Instant,
+    bytes: u64,
+}
+
+impl SpeedMeter {
+    fn new(limit: u64, window: Duration) -> Self {
+        Self {
+            limit,
+            window,
+            since: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn record(&mut self, bytes: u64) -> Result<()> {
+        if self.limit == 0 {
+            return Ok(());
+        }
+        self.bytes += bytes;
+        let elapsed = self.since.elapsed();
+        if elapsed < self.window {
+            return Ok(());
+        }
+        if (self.bytes as f64) < self.limit as f64 * elapsed.as_secs_f64() {
+            return Err(Error::Timeout {
+                kind: TimeoutKind::LowSpeed(self.limit),
+                after: elapsed,
+            });
+        }
+        self.since = Instant::now();
+        self.bytes = 0;
         Ok(())
     }
 }

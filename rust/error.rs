@@ -14,6 +14,8 @@ pub enum TimeoutKind {
     Connect,
     Read,
     Overall,
+    /// Below the low-speed limit (bytes per second) for the window.
+    LowSpeed(u64),
 }
 
 #[derive(Debug)]
@@ -54,6 +56,12 @@ pub enum Error {
     /// The file on the server changed during the transfer (validator, size or
     /// range support differ): the transfer starts over rather than mix versions.
     SourceChanged {
+        url: String,
+        detail: String,
+    },
+    /// The server answered in a way that cannot be used for what was asked
+    /// (it mishandles ranges): the engine asks again with fewer ranges.
+    Unusable {
         url: String,
         detail: String,
     },
@@ -98,7 +106,11 @@ impl Error {
     pub fn keeps_part(&self) -> bool {
         matches!(
             self,
-            Error::Cancelled | Error::Network { .. } | Error::Timeout { .. } | Error::Http { .. }
+            Error::Cancelled
+                | Error::Network { .. }
+                | Error::Timeout { .. }
+                | Error::Http { .. }
+                | Error::Unusable { .. }
         )
     }
 }
@@ -127,6 +139,10 @@ impl fmt::Display for Error {
                     TimeoutKind::Read => write!(
                         f,
                         "the server sent nothing for {secs:.3} s: retry later or raise the read timeout"
+                    ),
+                    TimeoutKind::LowSpeed(limit) => write!(
+                        f,
+                        "the server sent less than {limit} bytes/s for {secs:.0} s (the low-speed limit): it or the network is stalled; retry later, or change --speed-limit / --speed-time"
                     ),
                     TimeoutKind::Overall => write!(
                         f,
@@ -171,6 +187,10 @@ impl fmt::Display for Error {
                     path.display()
                 )
             }
+            Error::Unusable { url, detail } => write!(
+                f,
+                "{url} answered in a way that cannot be used ({detail}); the part file is kept"
+            ),
             Error::SourceChanged { url, detail } => write!(
                 f,
                 "the file at {url} changed on the server during the download ({detail}); nothing was kept: run again to download the new version"

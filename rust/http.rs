@@ -97,7 +97,11 @@ impl Http {
             if !status.is_success() && status != StatusCode::RANGE_NOT_SATISFIABLE {
                 return Err(status_error(&response, &url));
             }
-            return Ok(Opened { response, url });
+            return Ok(Opened {
+                response,
+                url,
+                headers,
+            });
         }
         Err(Error::network(
             format!(
@@ -208,10 +212,12 @@ pub fn request_headers(extra: &[(String, String)]) -> Result<HeaderMap> {
     Ok(headers)
 }
 
-/// The response that ends a redirect chain, and the URL that gave it.
+/// The response that ends a redirect chain, the URL that gave it, and the
+/// headers sent there (credentials dropped if a redirect left the origin).
 pub struct Opened {
     pub response: Response,
     pub url: Url,
+    pub headers: HeaderMap,
 }
 
 /// Where a redirect leads, refusing other schemes and https → http downgrades.
@@ -351,19 +357,6 @@ fn parse_content_range(value: &str) -> Option<ContentRange> {
         return None;
     }
     Some(ContentRange::Bytes { first, last, total })
-}
-
-/// The validator to send in If-Range later: a strong ETag, else Last-Modified.
-pub fn validators(response: &Response) -> (Option<String>, Option<String>) {
-    let get = |name| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let etag = get(header::ETAG).filter(|tag| !tag.starts_with("W/"));
-    (etag, get(header::LAST_MODIFIED))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod hash;
 pub mod http;
 pub mod part;
 pub mod ranges;
+pub mod response;
 pub mod retry;
 pub mod sink;
 
