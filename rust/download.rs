@@ -330,6 +330,9 @@ struct Job<'a> {
     transferred: AtomicU64,
     resumed_from: AtomicU64,
     retries_used: AtomicU32,
+    /// The version (validator and size) this call last worked on, until it
+    /// changed: a plain answer that contradicts it is not the whole file.
+    known: Mutex<Option<Known>>,
 }
 
 impl<'a> Job<'a> {
@@ -385,7 +388,16 @@ impl<'a> Job<'a> {
             transferred: AtomicU64::new(0),
             resumed_from: AtomicU64::new(NOT_YET),
             retries_used: AtomicU32::new(0),
+            known: Mutex::new(None),
         })
+    }
+
+    fn known(&self) -> Option<Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_known(&self, known: Option<Known>) {
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = known;
     }
 
     fn origin(&self) -> Target {
@@ -402,10 +414,22 @@ impl<'a> Job<'a> {
         }
     }
 
+    /// An attempt's first request answered unusably: asking the same again with
+    /// one connection would not help, so the next attempt sends no `Range`.
     fn unusable(&self, detail: String) -> Error {
         Error::Unusable {
             url: self.shown_url.clone(),
             detail,
+            unit: false,
+        }
+    }
+
+    /// A unit answered unusably: the next attempt continues on one connection.
+    fn unusable_unit(&self, detail: String) -> Error {
+        Error::Unusable {
+            url: self.shown_url.clone(),
+            detail,
+            unit: true,
         }
     }
 
@@ -447,7 +471,9 @@ impl<'a> Job<'a> {
                 Err(e) => e,
             };
             match error {
-                Error::Unusable { ref detail, .. } => {
+                Error::Unusable {
+                    ref detail, unit, ..
+                } => {
                     let Some(next) = mode.fewer_ranges() else {
                         return Err(Error::network(
                             format!(
@@ -457,11 +483,12 @@ impl<'a> Job<'a> {
                             false,
                         ));
                     };
-                    mode = next;
+                    mode = if unit { next } else { Mode::Plain };
                     resume = mode != Mode::Plain;
                 }
                 Error::SourceChanged { .. } if restarts < MAX_RESTARTS => {
                     restarts += 1;
+                    self.set_known(None);
                     self.paths.discard();
                     mode = mode.max(Mode::Single);
                     resume = false;
@@ -591,6 +618,12 @@ impl<'a> Job<'a> {
                 (transfer, kept.part, kept.ranges, None)
             }
         };
+        if let Some(known) = transfer
+            .known()
+            .filter(|k| k.validator.if_range().is_some())
+        {
+            self.set_known(Some(known));
+        }
         self.fetch_and_persist(&transfer, part, ranges, first).await
     }
 
@@ -612,11 +645,12 @@ impl<'a> Job<'a> {
             max_skip: u64::MAX,
         };
         let known = kept.known();
+        self.set_known(known.clone());
         let validator = validator_of_sidecar(&kept.sidecar);
         let headers = Self::ranged(&self.headers, &(missing.start..end), Some(&validator));
         let opened = match self.http.open(&self.url, &headers, &self.guard).await {
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
-                return Ok((self.open_plain(known.as_ref()).await?, None));
+                return Ok((self.open_plain().await?, None));
             }
             other => other?,
         };
@@ -653,7 +687,7 @@ impl<'a> Job<'a> {
             Verdict::Unusable(Unusable::Untrusted(detail)) => Err(self.changed(detail)),
             Verdict::Unusable(Unusable::Misfit(detail)) if seen.status == 416 => {
                 let _ = detail;
-                Ok((self.open_plain(known.as_ref()).await?, None))
+                Ok((self.open_plain().await?, None))
             }
             Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable(detail)),
         }
@@ -663,7 +697,7 @@ impl<'a> Job<'a> {
     /// that a `206` tells the size and that ranges work; otherwise a plain GET.
     async fn open_fresh(&self, mode: Mode) -> Result<Start> {
         if mode != Mode::Parallel {
-            return self.open_plain(None).await;
+            return self.open_plain().await;
         }
         let whole = 0..u64::MAX;
         let asked = Asked {
@@ -674,7 +708,7 @@ impl<'a> Job<'a> {
         let opened = match self.http.open(&self.url, &headers, &self.guard).await {
             // Ranges unusable here: ask once more without one.
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
-                return self.open_plain(None).await
+                return self.open_plain().await
             }
             other => other?,
         };
@@ -699,9 +733,9 @@ impl<'a> Job<'a> {
             Verdict::Whole { total } => Ok(Start::Whole(opened.response, total, target)),
             // An empty file has no byte 0 (416), and a range of a file of unknown
             // size cannot be split: ask again without a range.
-            Verdict::Part { total: None, .. } => self.open_plain(None).await,
+            Verdict::Part { total: None, .. } => self.open_plain().await,
             Verdict::Unusable(Unusable::Misfit(_)) if opened.response.status() == 416 => {
-                self.open_plain(None).await
+                self.open_plain().await
             }
             Verdict::Unusable(Unusable::Misfit(detail) | Unusable::Untrusted(detail)) => {
                 Err(self.unusable(detail))
@@ -710,7 +744,8 @@ impl<'a> Job<'a> {
     }
 
     /// A GET without `Range`, which must be answered with the whole file.
-    async fn open_plain(&self, known: Option<&Known>) -> Result<Start> {
+    async fn open_plain(&self) -> Result<Start> {
+        let known = self.known();
         let opened = self
             .http
             .open(&self.url, &self.headers, &self.guard)
@@ -727,7 +762,7 @@ impl<'a> Job<'a> {
                 retry_after: None,
             });
         }
-        match judge(&asked, known, &Seen::of(&opened.response)) {
+        match judge(&asked, known.as_ref(), &Seen::of(&opened.response)) {
             Verdict::Whole { total } => {
                 let target = Target {
                     url: opened.url,
@@ -932,7 +967,7 @@ impl<'a> Job<'a> {
         };
         let opened = match opened {
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
-                return Err(self.unusable(format!("a range request was answered {status}")))
+                return Err(self.unusable_unit(format!("a range request was answered {status}")))
             }
             other => other?,
         };
@@ -953,9 +988,11 @@ impl<'a> Job<'a> {
             {
                 Err(self.changed("its ETag or Last-Modified changed".into()))
             }
-            Verdict::Whole { .. } => Err(self.unusable("a range request was answered 200".into())),
+            Verdict::Whole { .. } => {
+                Err(self.unusable_unit("a range request was answered 200".into()))
+            }
             Verdict::Unusable(Unusable::Untrusted(detail)) => Err(self.changed(detail)),
-            Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable(detail)),
+            Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable_unit(detail)),
         }
     }
 

@@ -64,6 +64,8 @@ pub enum Error {
     Unusable {
         url: String,
         detail: String,
+        /// Answering one unit of a parallel transfer (not an attempt's first request).
+        unit: bool,
     },
     /// Another process holds the part file of this destination.
     Busy {
@@ -187,7 +189,7 @@ impl fmt::Display for Error {
                     path.display()
                 )
             }
-            Error::Unusable { url, detail } => write!(
+            Error::Unusable { url, detail, .. } => write!(
                 f,
                 "{url} answered in a way that cannot be used ({detail}); the part file is kept"
             ),

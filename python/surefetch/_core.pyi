@@ -35,6 +35,8 @@ def download(
     headers: list[tuple[str, str]] | None = None,
     connections: int | None = None,
     resume: bool = True,
+    speed_limit: int = 1024,
+    speed_time: float = 30.0,
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...

@@ -197,6 +197,16 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     get.add_argument("--no-fsync", action="store_true", help="skip fsync (rebuildable caches)")
     get.add_argument("--no-sha256", action="store_true", help="compute only XXH3-128")
     get.add_argument("--timeout", metavar="S", type=_seconds, help="overall time limit")
+    get.add_argument(
+        "--speed-limit",
+        metavar="BYTES_PER_S",
+        type=_non_negative_int,
+        default=1024,
+        help="slower than this for --speed-time is a stall, retried (0: off; default 1024)",
+    )
+    get.add_argument(
+        "--speed-time", metavar="S", type=_seconds, default=30.0, help="low-speed window"
+    )
     _add_network_options(get)
     get.add_argument("--executable", action="store_true", help="make the file executable")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -224,6 +234,8 @@ def _run_get(args: argparse.Namespace) -> int:
                 read_timeout=args.read_timeout,
                 connect_timeout=args.connect_timeout,
                 retries=args.retries,
+                speed_limit=args.speed_limit,
+                speed_time=args.speed_time,
                 headers=dict(args.header),
                 progress=progress,
                 compute_sha256=not args.no_sha256,

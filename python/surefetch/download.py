@@ -90,6 +90,8 @@ def download(
     read_timeout: float | None = 30.0,
     connect_timeout: float = 30.0,
     retries: int = 3,
+    speed_limit: int = 1024,
+    speed_time: float = 30.0,
     headers: Mapping[str, str] | None = None,
     cancel: CancelToken | None = None,
     progress: ProgressCallback | None = None,
@@ -121,6 +123,9 @@ def download(
         connect_timeout: how long connecting may take, in seconds.
         retries: further attempts after a transient failure (connect error, cut
             body, 5xx, 408, 429 honouring Retry-After), with exponential backoff.
+        speed_limit: low-speed limit in bytes per second (0: off), with
+            `speed_time` in seconds: a response slower than that over that long
+            is a stall, retried and resumed (curl's ``--speed-limit``/``--speed-time``).
         headers: extra request headers (credentials are dropped on a redirect to
             another host).
         cancel: a token whose cancellation stops the transfer within milliseconds.
@@ -144,6 +149,11 @@ def download(
         KeyboardInterrupt: Ctrl+C, raised within 100 ms; the transfer is cancelled.
     """
     _check(connections, retries, timeout, read_timeout)
+    if speed_limit < 0 or not speed_time > 0:
+        raise ValueError(
+            f"speed_limit must be 0 or more and speed_time positive, "
+            f"not {speed_limit} and {speed_time}"
+        )
     path = _destination(url, dest)
     raw = _core.download(
         url,
@@ -158,6 +168,8 @@ def download(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         retries=retries,
+        speed_limit=speed_limit,
+        speed_time=speed_time,
         headers=list((headers or {}).items()),
         connections=connections,
         resume=resume,
