@@ -190,6 +190,10 @@ def test_counters_are_exact_under_concurrency(server: FaultServer) -> None:
         ("bytes=-100", len(DATA) - 100, len(DATA) - 1),
         ("bytes=100-999999999", 100, len(DATA) - 1),
         ("bytes=-999999999", 0, len(DATA) - 1),
+        ("bytes=0-18446744073709551614", 0, len(DATA) - 1),
+        ("bytes=7-" + "9" * 5000, 7, len(DATA) - 1),
+        ("bytes=-" + "9" * 5000, 0, len(DATA) - 1),
+        ("bytes=00010-00019", 10, 19),
     ],
 )
 def test_range_gives_206(server: FaultServer, spec: str, first: int, last: int) -> None:
@@ -201,7 +205,10 @@ def test_range_gives_206(server: FaultServer, spec: str, first: int, last: int) 
     assert server.bytes_sent == last - first + 1
 
 
-@pytest.mark.parametrize("spec", [f"bytes={len(DATA)}-", "bytes=999999999-", "bytes=-0"])
+@pytest.mark.parametrize(
+    "spec",
+    [f"bytes={len(DATA)}-", "bytes=999999999-", "bytes=-0", "bytes=1" + "0" * 5000 + "-"],
+)
 def test_unsatisfiable_range_is_416(server: FaultServer, spec: str) -> None:
     reply = fetch(server.url + "/data.bin", headers={"Range": spec})
     assert reply.status == 416
@@ -216,6 +223,15 @@ def test_multiple_or_malformed_ranges_are_ignored(server: FaultServer, spec: str
     reply = fetch(server.url + "/data.bin", headers={"Range": spec})
     assert reply.status == 200
     assert reply.body == DATA
+
+
+@pytest.mark.parametrize(
+    ("spec", "status"),
+    [("bytes=²-", 200), ("bytes=000-", 206), ("bytes=1" + "0" * 5000 + "-", 500)],
+)
+def test_ranged_only_reads_any_range_header(server: FaultServer, spec: str, status: int) -> None:
+    reply = fetch(server.url + "/data.bin?ranged_only=1&status=500", headers={"Range": spec})
+    assert reply.status == status
 
 
 def test_empty_file_range_is_416() -> None:

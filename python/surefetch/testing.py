@@ -91,10 +91,12 @@ Persistent behaviours (every request):
     A 206 announces bytes N further on in its ``Content-Range`` than it sends.
 
 Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
-206 with ``Content-Range``; a start at or beyond the end gives 416 with
-``Content-Range: bytes */SIZE``; several ranges or a malformed header are
-ignored (200). ``If-Range`` honours the Range only on an exact match of the
-strong ETag or of the ``Last-Modified`` date. An unknown name is 404.
+206 with ``Content-Range``; an end at or beyond the end of the
+representation (``bytes=0-18446744073709551614``) is clamped to its last
+byte; a start at or beyond the end gives 416 with ``Content-Range: bytes
+*/SIZE``; several ranges or a malformed header are ignored (200).
+``If-Range`` honours the Range only on an exact match of the strong ETag or
+of the ``Last-Modified`` date. An unknown name is 404.
 
 Counters: `FaultServer.bytes_sent` counts the body bytes of 200 and 206
 answers written to sockets (not the short text bodies of redirects and
@@ -132,6 +134,8 @@ _SLICE: Final = 1 << 20
 _THROTTLE_SLICE: Final = 16 << 10
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _STOP_JOIN_S: Final = 1.0
+_POSITION_DIGITS: Final = 30
+_FAR_POSITION: Final = 10**30
 _RANGE: Final = re.compile(r"bytes\s*=\s*(?:(\d+)\s*-\s*(\d*)|-\s*(\d+))", re.ASCII | re.IGNORECASE)
 
 
@@ -283,7 +287,8 @@ def _parse_redirect_status(value: str) -> int:
 
 def _range_starts_past_zero(header: str | None) -> bool:
     start = (header or "").partition("=")[2].partition("-")[0].strip()
-    return start.isdigit() and int(start) > 0
+    # Not int(start): str.isdigit() accepts "²", which int() refuses.
+    return start.isascii() and start.isdigit() and start.strip("0") != ""
 
 
 def _parse_header_value(value: str) -> str:
@@ -356,6 +361,18 @@ class _Unsatisfiable(Exception):
     """The Range starts at or beyond the end of the representation (416)."""
 
 
+def _position(digits: str) -> int:
+    """A byte position from ASCII digits, of any length.
+
+    int() refuses strings of more than 4300 digits; a position that long is
+    past the end of anything, so it becomes 10**30.
+    """
+    digits = digits.lstrip("0")
+    if len(digits) > _POSITION_DIGITS:
+        return _FAR_POSITION
+    return int(digits or "0")
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """Return (first, last) of a single byte range, or None to ignore the header.
 
@@ -367,12 +384,12 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None
     first_s, last_s, suffix_s = match.groups()
     if suffix_s is not None:
-        suffix = int(suffix_s)
+        suffix = _position(suffix_s)
         if suffix == 0 or size == 0:
             raise _Unsatisfiable
         return max(0, size - suffix), size - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else size - 1
+    first = _position(first_s)
+    last = _position(last_s) if last_s else size - 1
     if last_s and last < first:
         return None
     if first >= size:
