@@ -130,6 +130,26 @@ def test_keep_alive_reuses_one_connection(server: FaultServer) -> None:
     assert server.bytes_sent == 3 * len(DATA)
 
 
+def test_connections_counts_tcp_connections(server: FaultServer) -> None:
+    assert server.connections == 0
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/data.bin", headers={"Range": "bytes=0-9"})
+            assert conn.getresponse().read() == DATA[:10]
+    finally:
+        conn.close()
+    assert server.connections == 1
+    fetch(server.url + "/data.bin")
+    fetch(server.url + "/data.bin?_x=1")
+    assert server.connections == 3
+    assert len(server.requests) == 5
+    server.reset_counters()
+    assert server.connections == 0
+    fetch(server.url + "/data.bin")
+    assert server.connections == 1
+
+
 def test_localhost_names_the_same_server(server: FaultServer) -> None:
     url = server.url_for("data.bin", host="localhost")
     assert url == f"http://localhost:{server.port}/data.bin"

@@ -103,7 +103,8 @@ answers written to sockets (not the short text bodies of redirects and
 errors, nor a write that failed because the client went away); a byte is
 counted before any client can have read it, so a test may assert right
 after its download returns. `FaultServer.requests` records every request
-before it is answered.
+before it is answered, `FaultServer.connections` counts the TCP connections
+accepted (each before its first request is read).
 """
 
 from __future__ import annotations
@@ -724,6 +725,7 @@ class FaultServer:
         self._seen: dict[tuple[str, str], int] = {}
         self._bytes_sent = 0
         self._bytes_by_name: dict[str, int] = {}
+        self._accepted = 0
         self._connections: set[socket.socket] = set()
         self._handlers: set[threading.Thread] = set()
         self._thread: threading.Thread | None = None
@@ -893,9 +895,16 @@ class FaultServer:
                 if r.name == name and (method is None or r.method == method)
             )
 
-    def reset_counters(self) -> None:
-        """Forget recorded requests, byte counts, and the ``times``/``flaky`` counters."""
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (a keep-alive connection counts once)."""
         with self._lock:
+            return self._accepted
+
+    def reset_counters(self) -> None:
+        """Forget recorded requests, byte and connection counts, the ``times``/``flaky`` counts."""
+        with self._lock:
+            self._accepted = 0
             self._requests.clear()
             self._seen.clear()
             self._bytes_sent = 0
@@ -933,6 +942,7 @@ class FaultServer:
 
     def _track(self, connection: socket.socket, thread: threading.Thread) -> None:
         with self._lock:
+            self._accepted += 1
             self._connections.add(connection)
             self._handlers.add(thread)
         if self._stopping.is_set():
