@@ -333,6 +333,98 @@ def test_no_range_ignores_range(server: FaultServer) -> None:
     assert "Accept-Ranges" not in reply.headers
 
 
+# -- misbehaving ranges ------------------------------------------------------------
+
+
+def test_ok_with_range_answers_200_with_the_ranged_bytes(server: FaultServer) -> None:
+    url = server.url + "/data.bin?ok_with_range=1"
+    normal = fetch(server.url + "/data.bin", method="HEAD").headers
+    reply = fetch(url, headers={"Range": "bytes=1000-1999"})
+    assert reply.status == 200
+    assert reply.body == DATA[1000:2000]
+    assert reply.headers["Content-Length"] == "1000"
+    assert reply.headers["Content-Range"] == f"bytes 1000-1999/{len(DATA)}"
+    assert reply.headers["ETag"] == normal["ETag"]
+    assert reply.headers["Last-Modified"] == normal["Last-Modified"]
+    assert server.bytes_sent == 1000
+    whole = fetch(url)
+    assert (whole.status, whole.body, whole.headers["Content-Range"]) == (200, DATA, None)
+    assert fetch(url, headers={"Range": "bytes=999999999-"}).status == 416
+    stale = fetch(url, headers={"Range": "bytes=10-", "If-Range": '"other"'})
+    assert (stale.status, stale.body, stale.headers["Content-Range"]) == (200, DATA, None)
+
+
+def test_ignore_if_range_honours_any_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?ignore_if_range=1"
+    date = fetch(url, method="HEAD").headers["Last-Modified"]
+    earlier = email.utils.formatdate(
+        email.utils.parsedate_to_datetime(date).timestamp() - 60, usegmt=True
+    )
+    for condition in ('"other"', "W/" + '"other"', earlier, "garbage"):
+        reply = fetch(url, headers={"Range": "bytes=10-", "If-Range": condition})
+        assert (reply.status, reply.body) == (206, DATA[10:]), condition
+    bare = fetch(url + "&no_validators=1", headers={"Range": "bytes=10-19", "If-Range": '"other"'})
+    assert (bare.status, bare.body) == (206, DATA[10:20])
+    assert fetch(url, headers={"Range": "bytes=999999999-", "If-Range": '"x"'}).status == 416
+
+
+def test_range_no_validators_strips_them_from_206_only(server: FaultServer) -> None:
+    url = server.url + "/data.bin?range_no_validators=1"
+    whole = fetch(url)
+    assert whole.status == 200
+    assert "ETag" in whole.headers and "Last-Modified" in whole.headers
+    part = fetch(url, headers={"Range": "bytes=10-", "If-Range": whole.headers["ETag"]})
+    assert (part.status, part.body) == (206, DATA[10:])
+    assert "ETag" not in part.headers and "Last-Modified" not in part.headers
+    ok = fetch(url + "&ok_with_range=1", headers={"Range": "bytes=10-"})
+    assert ok.status == 200 and ok.headers["ETag"] == whole.headers["ETag"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "last"),
+    [
+        ("bytes=70000-", 65536, len(DATA) - 1),
+        ("bytes=70000-70009", 65536, 70009),
+        ("bytes=65536-65539", 65536, 65539),
+        ("bytes=100-199", 0, 199),
+        ("bytes=-100", 65536, len(DATA) - 1),
+    ],
+)
+def test_range_align_rounds_the_start_down(
+    server: FaultServer, spec: str, first: int, last: int
+) -> None:
+    reply = fetch(server.url + "/data.bin?range_align=65536", headers={"Range": spec})
+    assert reply.status == 206
+    assert reply.headers["Content-Range"] == f"bytes {first}-{last}/{len(DATA)}"
+    assert reply.headers["Content-Length"] == str(last - first + 1)
+    assert reply.body == DATA[first : last + 1]
+
+
+def test_range_align_must_be_positive(server: FaultServer) -> None:
+    assert fetch(server.url + "/data.bin?range_align=0").status == 400
+    assert fetch(server.url + "/data.bin?range_align=-1").status == 400
+    one = fetch(server.url + "/data.bin?range_align=1", headers={"Range": "bytes=5-"})
+    assert one.body == DATA[5:]
+
+
+@pytest.mark.parametrize("spec", ["bytes=70000-70009", "bytes=-5", "bytes=999999999-", "bytes=x"])
+def test_range_whole_sends_everything_as_206(server: FaultServer, spec: str) -> None:
+    reply = fetch(server.url + "/data.bin?range_whole=1", headers={"Range": spec})
+    assert reply.status == 206
+    assert reply.headers["Content-Range"] == f"bytes 0-{len(DATA) - 1}/{len(DATA)}"
+    assert reply.headers["Content-Length"] == str(len(DATA))
+    assert reply.body == DATA
+
+
+def test_range_whole_without_a_range_or_with_a_stale_if_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?range_whole=1"
+    assert fetch(url).status == 200
+    stale = fetch(url, headers={"Range": "bytes=10-", "If-Range": '"other"'})
+    assert (stale.status, stale.body, stale.headers["Content-Range"]) == (200, DATA, None)
+    empty = server.add("empty", b"")
+    assert fetch(empty + "?range_whole=1", headers={"Range": "bytes=0-"}).status == 416
+
+
 # -- transient faults -------------------------------------------------------------
 
 

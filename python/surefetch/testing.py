@@ -89,6 +89,26 @@ Persistent behaviours (every request):
     Add ``Content-Disposition: attachment; filename="NAME"``.
 ``range_shift=N``
     A 206 announces bytes N further on in its ``Content-Range`` than it sends.
+``ok_with_range=1``
+    A Range that would give a 206 gives ``200 OK`` instead, with the same
+    ``Content-Range``, ``Content-Length`` and body (only the ranged bytes)
+    and the usual validators (a broken server or proxy seen in the wild).
+``ignore_if_range=1``
+    Honour ``Range`` whatever ``If-Range`` says, even a validator that does
+    not match.
+``range_no_validators=1``
+    206 answers carry no ``ETag`` and no ``Last-Modified``; 200 answers
+    (even those of ``ok_with_range``) keep them.
+``range_align=N``
+    A 206 starts at the requested start rounded down to a multiple of N and
+    ends where asked; its ``Content-Range`` tells what is sent
+    (``bytes=70000-`` with ``range_align=65536`` gives ``bytes
+    65536-(SIZE-1)/SIZE``).
+``range_whole=1``
+    Any ``Range`` (even a malformed or unsatisfiable one) gives 206 with
+    ``Content-Range: bytes 0-(SIZE-1)/SIZE`` and the whole body; an
+    ``If-Range`` that does not match still gives 200, an empty body still
+    416. (``no_range=1`` is the whole body as 200.)
 
 Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
 206 with ``Content-Range``; an end at or beyond the end of the
@@ -226,6 +246,11 @@ class _Faults:
     echo_headers: bool = False
     filename: str | None = None
     range_shift: int = 0
+    ok_with_range: bool = False
+    ignore_if_range: bool = False
+    range_no_validators: bool = False
+    range_align: int = 1
+    range_whole: bool = False
 
     def without_transient(self) -> _Faults:
         return dataclasses.replace(
@@ -255,6 +280,13 @@ def _parse_count(value: str) -> int:
     number = int(value)
     if number < 0:
         raise ValueError(f"must not be negative: {value!r}")
+    return number
+
+
+def _parse_positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be positive: {value!r}")
     return number
 
 
@@ -327,6 +359,11 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "filename": _parse_header_value,
     "ranged_only": _parse_bool,
     "range_shift": _parse_count,
+    "ok_with_range": _parse_bool,
+    "ignore_if_range": _parse_bool,
+    "range_no_validators": _parse_bool,
+    "range_align": _parse_positive,
+    "range_whole": _parse_bool,
 }
 
 
@@ -531,11 +568,14 @@ class _Handler(BaseHTTPRequestHandler):
         self, name: str, rep: _Representation, faults: _Faults, head: bool
     ) -> None:
         size = len(rep.body)
-        status, first, last = 200, 0, size - 1
+        status, first, last, ranged = 200, 0, size - 1, False
         range_header = self.headers.get("Range") if rep.ranges and not faults.no_range else None
         if range_header is not None and self._if_range_holds(rep, faults):
             try:
-                wanted = _parse_range(range_header, size)
+                if faults.range_whole and size > 0:
+                    wanted: tuple[int, int] | None = (0, size - 1)
+                else:
+                    wanted = _parse_range(range_header, size)
             except _Unsatisfiable:
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
@@ -543,7 +583,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             if wanted is not None:
-                status, (first, last) = 206, wanted
+                first, last = wanted
+                first -= first % faults.range_align
+                status, ranged = (200 if faults.ok_with_range else 206), True
         body = memoryview(rep.body)[first : last + 1]
 
         chunked = faults.chunked and self.request_version != "HTTP/1.0"
@@ -558,12 +600,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         else:
             self.send_header("Content-Length", str(declared))
-        if status == 206:
+        if ranged:
             shift = faults.range_shift
             self.send_header("Content-Range", f"bytes {first + shift}-{last + shift}/{size}")
         if rep.ranges and not faults.no_range:
             self.send_header("Accept-Ranges", "bytes")
-        if not faults.no_validators:
+        if not faults.no_validators and not (status == 206 and faults.range_no_validators):
             if rep.etag is not None:
                 self.send_header("ETag", rep.etag)
             if rep.last_modified is not None:
@@ -586,7 +628,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _if_range_holds(self, rep: _Representation, faults: _Faults) -> bool:
         condition = self.headers.get("If-Range")
-        if condition is None:
+        if condition is None or faults.ignore_if_range:
             return True
         if faults.no_validators:
             return False
