@@ -425,6 +425,42 @@ def test_range_whole_without_a_range_or_with_a_stale_if_range(server: FaultServe
     assert fetch(empty + "?range_whole=1", headers={"Range": "bytes=0-"}).status == 416
 
 
+def test_etag_per_response_is_new_every_time(server: FaultServer) -> None:
+    url = server.url + "/data.bin?etag_per_response=1"
+    plain = fetch(server.url + "/data.bin", method="HEAD").headers
+    replies = [fetch(url), fetch(url, method="HEAD"), fetch(url), fetch(url + "&gzip=1")]
+    tags = [reply.headers["ETag"] for reply in replies]
+    assert len(set(tags)) == len(tags)
+    for tag in tags:
+        assert tag.startswith(plain["ETag"][:-1] + "-") and tag.endswith('"')
+    assert "-gzip-" in tags[-1]
+    assert replies[0].body == replies[2].body == DATA
+    assert {r.headers["Last-Modified"] for r in replies} == {plain["Last-Modified"]}
+    server.reset_counters()
+    assert fetch(url).headers["ETag"] not in tags
+    weak = fetch(url + "&weak_etag=1").headers["ETag"]
+    assert weak.startswith("W/" + plain["ETag"][:-1] + "-")
+
+
+def test_etag_per_response_never_matches_if_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?etag_per_response=1"
+    first = fetch(url).headers
+    for condition in (first["ETag"], first["Last-Modified"], '"anything"'):
+        reply = fetch(url, headers={"Range": "bytes=10-", "If-Range": condition})
+        assert (reply.status, reply.body) == (200, DATA), condition
+        assert reply.headers["Content-Range"] is None
+    # a Range without If-Range is still honoured
+    assert fetch(url, headers={"Range": "bytes=10-"}).body == DATA[10:]
+
+
+def test_etag_per_response_with_ignore_if_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?etag_per_response=1&ignore_if_range=1"
+    tag = fetch(url, method="HEAD").headers["ETag"]
+    reply = fetch(url, headers={"Range": "bytes=10-", "If-Range": tag})
+    assert (reply.status, reply.body) == (206, DATA[10:])
+    assert reply.headers["ETag"] not in (tag, None)
+
+
 # -- transient faults -------------------------------------------------------------
 
 

@@ -109,6 +109,12 @@ Persistent behaviours (every request):
     ``Content-Range: bytes 0-(SIZE-1)/SIZE`` and the whole body; an
     ``If-Range`` that does not match still gives 200, an empty body still
     416. (``no_range=1`` is the whole body as 200.)
+``etag_per_response=1``
+    Every answer that carries an ETag carries a new one, never sent before
+    by this server (``"<tag>-<serial>"``; weak with ``weak_etag``), as CDNs
+    with tokenised URLs do; the bytes and ``Last-Modified`` stay the same.
+    ``If-Range`` then never matches, whether it holds an ETag or a date (a
+    Range gives 200 with the whole body), unless ``ignore_if_range=1``.
 
 Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
 206 with ``Content-Range``; an end at or beyond the end of the
@@ -251,6 +257,7 @@ class _Faults:
     range_no_validators: bool = False
     range_align: int = 1
     range_whole: bool = False
+    etag_per_response: bool = False
 
     def without_transient(self) -> _Faults:
         return dataclasses.replace(
@@ -364,6 +371,7 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "range_no_validators": _parse_bool,
     "range_align": _parse_positive,
     "range_whole": _parse_bool,
+    "etag_per_response": _parse_bool,
 }
 
 
@@ -546,7 +554,8 @@ class _Handler(BaseHTTPRequestHandler):
             if artifact is None:
                 self._send_text(404, f"no such file: {name!r}\n", head)
                 return
-            rep = _representation(artifact, faults)
+            serial = owner._next_etag_serial() if faults.etag_per_response else None
+            rep = _representation(artifact, faults, serial)
         self._send_representation(name, rep, faults, head)
 
     def _location(self, path: str, query: str, faults: _Faults) -> str | None:
@@ -630,7 +639,7 @@ class _Handler(BaseHTTPRequestHandler):
         condition = self.headers.get("If-Range")
         if condition is None or faults.ignore_if_range:
             return True
-        if faults.no_validators:
+        if faults.no_validators or faults.etag_per_response:
             return False
         condition = condition.strip()
         if condition.startswith(('"', "W/")):
@@ -732,12 +741,14 @@ def _lower_headers(handler: BaseHTTPRequestHandler) -> dict[str, str]:
     return headers
 
 
-def _representation(artifact: _Artifact, faults: _Faults) -> _Representation:
+def _representation(artifact: _Artifact, faults: _Faults, serial: int | None) -> _Representation:
     body, etag, encoding = artifact.data, artifact.etag, None
     if faults.gzip:
         body, encoding = artifact.gzip_body(), "gzip"
         if etag is not None:
             etag = etag[:-1] + '-gzip"'
+    if etag is not None and serial is not None:
+        etag = f'{etag[:-1]}-{serial}"'
     if etag is not None and faults.weak_etag and not etag.startswith("W/"):
         etag = "W/" + etag
     return _Representation(body, "application/octet-stream", etag, artifact.last_modified, encoding)
@@ -768,6 +779,7 @@ class FaultServer:
         self._bytes_sent = 0
         self._bytes_by_name: dict[str, int] = {}
         self._accepted = 0
+        self._etag_serial = 0
         self._connections: set[socket.socket] = set()
         self._handlers: set[threading.Thread] = set()
         self._thread: threading.Thread | None = None
@@ -972,6 +984,12 @@ class FaultServer:
             number = self._seen.get(key, 0) + 1
             self._seen[key] = number
         return number
+
+    def _next_etag_serial(self) -> int:
+        """A number never returned before by this server (not reset by reset_counters)."""
+        with self._lock:
+            self._etag_serial += 1
+            return self._etag_serial
 
     def _lookup(self, name: str) -> _Artifact | None:
         with self._lock:
