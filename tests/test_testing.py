@@ -461,6 +461,50 @@ def test_etag_per_response_with_ignore_if_range(server: FaultServer) -> None:
     assert reply.headers["ETag"] not in (tag, None)
 
 
+@pytest.mark.parametrize(
+    ("spec", "status"),
+    [
+        ("bytes=0-18446744073709551614", 500),
+        ("bytes=0-2147483648", 500),
+        ("bytes=100-" + "9" * 5000, 500),
+        ("bytes=0-2147483647", 206),
+        ("bytes=0-", 206),
+        ("bytes=2147483648-", 416),  # past the size: the usual 416, not CODE
+        ("bytes=-2147483648", 206),
+        ("bytes=9-3", 200),  # invalid, ignored as usual
+    ],
+)
+def test_max_range_end(server: FaultServer, spec: str, status: int) -> None:
+    reply = fetch(server.url + "/data.bin?max_range_end=2147483647", headers={"Range": spec})
+    assert reply.status == status
+    if status == 500:
+        assert reply.body.startswith(b"500 Internal Server Error")
+        assert reply.headers["Content-Range"] is None
+        assert server.bytes_sent == 0
+
+
+def test_max_range_end_with_416_like_nginx(server: FaultServer) -> None:
+    url = server.url + "/data.bin?max_range_end=9223372036854775807&max_range_status=416"
+    reply = fetch(url, headers={"Range": "bytes=0-18446744073709551614"})
+    assert reply.status == 416
+    assert reply.headers["Content-Range"] == f"bytes */{len(DATA)}"
+    assert reply.body.startswith(b"416 ")
+    head = fetch(url, method="HEAD", headers={"Range": "bytes=0-18446744073709551614"})
+    assert (head.status, head.body) == (416, b"")
+    assert fetch(url, headers={"Range": "bytes=0-9223372036854775807"}).body == DATA
+    assert fetch(url, headers={"Range": "bytes=10-"}).body == DATA[10:]
+
+
+def test_max_range_end_only_where_the_range_is_honoured(server: FaultServer) -> None:
+    url = server.url + "/data.bin?max_range_end=100"
+    spec = {"Range": "bytes=0-1000"}
+    assert fetch(url, headers=spec).status == 500
+    assert fetch(url + "&no_range=1", headers=spec).status == 200
+    assert fetch(url, headers={**spec, "If-Range": '"other"'}).status == 200
+    assert fetch(url + "&max_range_status=503", headers=spec).status == 503
+    assert fetch(url + "&max_range_status=99", headers=spec).status == 400
+
+
 # -- transient faults -------------------------------------------------------------
 
 

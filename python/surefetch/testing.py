@@ -115,6 +115,14 @@ Persistent behaviours (every request):
     with tokenised URLs do; the bytes and ``Last-Modified`` stay the same.
     ``If-Range`` then never matches, whether it holds an ETag or a date (a
     Range gives 200 with the whole body), unless ``ignore_if_range=1``.
+``max_range_end=N[&max_range_status=CODE]``
+    A Range ``bytes=a-b`` with b past N, even one the size would clamp, is
+    answered CODE (default 500) with a short text body, and with 416 also
+    ``Content-Range: bytes */SIZE``; ``bytes=a-`` and ``bytes=-n`` are
+    answered as usual, and so is any Range that is not honoured anyway
+    (``no_range``, an ``If-Range`` that does not match). nginx answers 416
+    to ``bytes=0-18446744073709551614``; some servers answer 500 to any end
+    past 2**31-1 (``max_range_end=2147483647``).
 
 Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
 206 with ``Content-Range``; an end at or beyond the end of the
@@ -258,6 +266,8 @@ class _Faults:
     range_align: int = 1
     range_whole: bool = False
     etag_per_response: bool = False
+    max_range_end: int | None = None
+    max_range_status: int = 500
 
     def without_transient(self) -> _Faults:
         return dataclasses.replace(
@@ -372,6 +382,8 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "range_align": _parse_positive,
     "range_whole": _parse_bool,
     "etag_per_response": _parse_bool,
+    "max_range_end": _parse_count,
+    "max_range_status": _parse_status,
 }
 
 
@@ -441,6 +453,15 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if first >= size:
         raise _Unsatisfiable
     return first, min(last, size - 1)
+
+
+def _range_end(header: str) -> int | None:
+    """The last byte position of a valid single ``bytes=a-b`` range, or None."""
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or not match.group(2):
+        return None
+    first, last = _position(match.group(1)), _position(match.group(2))
+    return last if last >= first else None
 
 
 @dataclass(frozen=True)
@@ -580,6 +601,10 @@ class _Handler(BaseHTTPRequestHandler):
         status, first, last, ranged = 200, 0, size - 1, False
         range_header = self.headers.get("Range") if rep.ranges and not faults.no_range else None
         if range_header is not None and self._if_range_holds(rep, faults):
+            end = _range_end(range_header)
+            if faults.max_range_end is not None and end is not None and end > faults.max_range_end:
+                self._refuse_range(faults.max_range_end, faults.max_range_status, size, head)
+                return
             try:
                 if faults.range_whole and size > 0:
                     wanted: tuple[int, int] | None = (0, size - 1)
@@ -634,6 +659,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop(faults.reset)
         elif close_delimited:
             self.close_connection = True
+
+    def _refuse_range(self, limit: int, code: int, size: int, head: bool) -> None:
+        """Answer like a server that cannot serve a range ending past byte ``limit``."""
+        reason = self.responses.get(code, ("",))[0]
+        text = f"{code} {reason}: this server refuses ranges ending past byte {limit}\n"
+        unsatisfied = f"bytes */{size}" if code == 416 else None
+        self._send_text(code, text, head, content_range=unsatisfied)
 
     def _if_range_holds(self, rep: _Representation, faults: _Faults) -> bool:
         condition = self.headers.get("If-Range")
@@ -702,7 +734,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
 
     def _send_text(
-        self, status: int, text: str | None, head: bool, retry_after: int | None = None
+        self,
+        status: int,
+        text: str | None,
+        head: bool,
+        retry_after: int | None = None,
+        content_range: str | None = None,
     ) -> None:
         if text is None:
             text = f"{status} {self.responses.get(status, ('',))[0]}\n"
@@ -713,6 +750,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         if retry_after is not None:
             self.send_header("Retry-After", str(retry_after))
+        if content_range is not None:
+            self.send_header("Content-Range", content_range)
         self.end_headers()
         if not head and body:
             self.wfile.write(body)
