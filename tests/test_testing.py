@@ -638,6 +638,94 @@ def test_throttle_paces_the_body(server: FaultServer) -> None:
     assert 0.4 <= elapsed <= 1.0
 
 
+def read_for(sock: socket.socket, seconds: float) -> bytes:
+    """Everything that arrives on ``sock`` within ``seconds`` (or until it closes)."""
+    deadline = time.monotonic() + seconds
+    received = bytearray()
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+def test_trickle_sends_a_prefix_then_a_trickle(server: FaultServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /data.bin?trickle=100&trickle_after=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = read_for(sock, 0.05).partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(DATA)}\r\n".encode() in head
+        assert 1000 <= len(body) <= 1010  # the prefix at once, then 10 bytes a tick
+        body += read_for(sock, 0.3)
+    assert body == DATA[: len(body)]
+    assert 1020 <= len(body) <= 1050, len(body)
+
+
+@pytest.mark.parametrize("query", ["", "&chunked=1"])
+def test_trickle_delivers_the_whole_body(server: FaultServer, query: str) -> None:
+    started = time.monotonic()
+    body = fetch(server.url + "/data.bin?trickle=100000&trickle_after=80000" + query).body
+    elapsed = time.monotonic() - started
+    assert body == DATA
+    # 22,400 trickled bytes: 10,000 at once, 10,000 a tick later, the rest a tick after.
+    assert 0.18 <= elapsed <= 1.0
+
+
+def test_trickle_ends_when_the_client_goes(server: FaultServer) -> None:
+    baseline = threading.active_count()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /data.bin?trickle=1&trickle_after=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_for(sock, 0.1).endswith(DATA[:11])  # the prefix and one trickled byte
+        assert threading.active_count() > baseline
+    deadline = time.monotonic() + 1.0
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= baseline  # the handler noticed within a tick or so
+    assert server.bytes_sent == 11
+
+
+def test_trickle_with_times_trickles_once(server: FaultServer) -> None:
+    url = server.url + "/data.bin?trickle=10&trickle_after=100000&times=1"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", urlsplit(url).path + "?" + urlsplit(url).query)
+        resp = conn.getresponse()
+        assert resp.read(100000) == DATA[:100000]
+        started = time.monotonic()
+        assert resp.read(4) == DATA[100000:100004]
+        assert time.monotonic() - started >= 0.25  # one byte a tick
+    finally:
+        conn.close()
+    started = time.monotonic()
+    assert fetch(url).body == DATA  # the retry is served normally
+    assert time.monotonic() - started < 0.5
+    assert fetch(url, headers={"Range": "bytes=100000-"}).body == DATA[100000:]
+
+
+def test_trickle_ranged_only_with_times(server: FaultServer) -> None:
+    url = server.url + "/data.bin?ranged_only=1&trickle=10&trickle_after=1000&times=1"
+    ranged = {"Range": "bytes=100-"}
+    target = urlsplit(url).path + "?" + urlsplit(url).query
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        # the first request is a range: it trickles
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nRange: bytes=100-\r\n\r\n".encode())
+        head, _, body = read_for(sock, 0.25).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206 ")
+    assert body == DATA[100 : 100 + len(body)]
+    assert 1001 <= len(body) <= 1004
+    started = time.monotonic()
+    assert fetch(url, headers=ranged).body == DATA[100:]
+    assert fetch(url + "&_a=1", headers={"Range": "bytes=0-"}).body == DATA  # not past 0
+    assert fetch(url + "&_b=1").body == DATA  # no Range at all
+    # times counts the request ranged_only exempted, so this range is served normally
+    assert fetch(url + "&_b=1", headers=ranged).body == DATA[100:]
+    assert time.monotonic() - started < 0.5
+
+
 # -- persistent behaviours -------------------------------------------------------
 
 
@@ -779,7 +867,15 @@ def test_client_disconnect_mid_body_is_silent(capfd: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize(
-    "query", ["hang_headers=30", "hang=30", "stall_after=10&stall=30", "stall_after=10"]
+    "query",
+    [
+        "hang_headers=30",
+        "hang=30",
+        "stall_after=10&stall=30",
+        "stall_after=10",
+        "trickle=1",
+        "trickle=0.01&trickle_after=10",
+    ],
 )
 def test_stop_is_prompt_with_a_stalled_request(query: str) -> None:
     srv = FaultServer().start()

@@ -38,12 +38,20 @@ are served normally; the persistent behaviours below still apply):
     Send K body bytes, stall S seconds, then send the rest. ``stall``
     alone stalls at byte 0; ``stall_after`` alone stalls until the server
     stops.
+``trickle=BPS[&trickle_after=K]``
+    Send the first K body bytes (default 0) at full speed, then the rest at
+    BPS bytes per second, a tenth of a second's worth at a time (at least
+    one byte, at most 16 KiB), however long that takes; the connection is
+    dropped within a tenth of a second of the server stopping or of the
+    client closing it (or shutting down only its sending half).
 ``status=CODE``
     Answer CODE with a short text body; ``retry_after=S`` adds
     ``Retry-After: S``.
 ``ranged_only=1``
     Apply the transient faults only to requests whose ``Range`` starts past
     byte 0 (one range of a parallel transfer, not its first request).
+    ``times`` still counts the requests it exempts: with ``times=1``, only
+    a first request that is such a range misbehaves.
 ``wrong=1``
     Same length, wrong bytes: the byte at offset ``size // 2`` of the
     representation is inverted (a Range sees it only if it covers it).
@@ -151,6 +159,7 @@ import hashlib
 import json
 import math
 import re
+import select
 import socket
 import socketserver
 import struct
@@ -169,6 +178,7 @@ _SLICE: Final = 1 << 20
 _THROTTLE_SLICE: Final = 16 << 10
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _STOP_JOIN_S: Final = 1.0
+_TRICKLE_TICK_S: Final = 0.1
 _POSITION_DIGITS: Final = 30
 _FAR_POSITION: Final = 10**30
 _RANGE: Final = re.compile(r"bytes\s*=\s*(?:(\d+)\s*-\s*(\d*)|-\s*(\d+))", re.ASCII | re.IGNORECASE)
@@ -238,6 +248,8 @@ class _Faults:
     hang_headers: float | None = None
     stall_after: int | None = None
     stall: float | None = None
+    trickle: float | None = None
+    trickle_after: int = 0
     status: int | None = None
     wrong: bool = False
     ranged_only: bool = False
@@ -279,6 +291,8 @@ class _Faults:
             hang_headers=None,
             stall_after=None,
             stall=None,
+            trickle=None,
+            trickle_after=0,
             status=None,
             wrong=False,
         )
@@ -356,6 +370,8 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "hang_headers": _parse_seconds,
     "stall_after": _parse_count,
     "stall": _parse_seconds,
+    "trickle": _parse_rate,
+    "trickle_after": _parse_count,
     "status": _parse_status,
     "wrong": _parse_bool,
     "flaky": _parse_count,
@@ -694,6 +710,9 @@ class _Handler(BaseHTTPRequestHandler):
         rate = faults.throttle
         step = _SLICE if rate is None else max(1, min(_THROTTLE_SLICE, int(rate / 20)))
         stall_at = faults.stall_after if faults.stall is not None else None
+        trickle = faults.trickle
+        trickle_at = faults.trickle_after if trickle is not None else None
+        watch_client = False
         if faults.hang:
             self._pause(faults.hang)
         paced_from, paced_pos = time.monotonic(), 0
@@ -703,11 +722,17 @@ class _Handler(BaseHTTPRequestHandler):
                 stall_at = None
                 self._pause(cast(float, faults.stall))
                 paced_from, paced_pos = time.monotonic(), pos
+            if trickle is not None and trickle_at is not None and pos >= trickle_at:
+                # From here on, a tick's worth at a time, for as long as it takes.
+                trickle_at, rate, watch_client = None, trickle, True
+                step = max(1, min(_THROTTLE_SLICE, int(trickle * _TRICKLE_TICK_S)))
+                paced_from, paced_pos = time.monotonic(), pos
             if pos >= end:
                 break
             stop = min(end, pos + step)
-            if stall_at is not None and pos < stall_at < stop:
-                stop = stall_at
+            for boundary in (stall_at, trickle_at):
+                if boundary is not None and pos < boundary < stop:
+                    stop = boundary
             piece: memoryview | bytearray = body[pos:stop]
             if flip is not None and pos <= flip < stop:
                 piece = bytearray(piece)
@@ -729,7 +754,7 @@ class _Handler(BaseHTTPRequestHandler):
             if rate is not None and pos < end:
                 delay = paced_from + (pos - paced_pos) / rate - time.monotonic()
                 if delay > 0:
-                    self._pause(delay)
+                    self._pause(delay, watch_client)
         if chunked and faults.cut is None:
             self.wfile.write(b"0\r\n\r\n")
 
@@ -756,11 +781,30 @@ class _Handler(BaseHTTPRequestHandler):
         if not head and body:
             self.wfile.write(body)
 
-    def _pause(self, seconds: float) -> None:
-        """Wait, or drop the connection at once if the server stops meanwhile."""
-        timeout = None if math.isinf(seconds) else seconds
-        if self._owner._stopping.wait(timeout):
-            raise _Abort
+    def _pause(self, seconds: float, watch_client: bool = False) -> None:
+        """Wait, or drop the connection at once if the server stops meanwhile.
+
+        With ``watch_client``, also drop it within a tick of the client
+        closing its end (a client that only shuts down its writing half
+        counts as gone).
+        """
+        if not watch_client:
+            timeout = None if math.isinf(seconds) else seconds
+            if self._owner._stopping.wait(timeout):
+                raise _Abort
+            return
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._owner._stopping.wait(min(remaining, _TRICKLE_TICK_S)) or self._client_gone():
+                raise _Abort
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed or reset the connection; reads nothing it sent."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
     def _drop(self, reset: bool) -> None:
         """Close the connection after this response; with ``reset`` by an RST."""
