@@ -114,6 +114,24 @@ def test_unknown_parameter_is_400_but_underscore_is_ignored(server: FaultServer)
     assert fetch(server.url + "/data.bin?filename=a%0D%0AX-Injected:%201").status == 400
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "trickle=0",
+        "trickle=1&trickle_after=-1",
+        "trickel=10",
+        "range_align=x",
+        "range_whole=maybe",
+        "ok_with_range=2",
+        "max_range_end=-1",
+        "max_range_status=600",
+        "etag_per_response=yes%20please",
+    ],
+)
+def test_new_parameters_reject_bad_values(server: FaultServer, query: str) -> None:
+    assert fetch(server.url + "/data.bin?" + query).status == 400
+
+
 def test_keep_alive_reuses_one_connection(server: FaultServer) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
