@@ -108,8 +108,9 @@ Persistent behaviours (every request):
     206 answers carry no ``ETag`` and no ``Last-Modified``; 200 answers
     (even those of ``ok_with_range``) keep them.
 ``range_align=N``
-    A 206 starts at the requested start rounded down to a multiple of N and
-    ends where asked; its ``Content-Range`` tells what is sent
+    A 206 (or the 200 of ``ok_with_range``) starts at the requested start
+    rounded down to a multiple of N and ends where asked; its
+    ``Content-Range`` tells what is sent
     (``bytes=70000-`` with ``range_align=65536`` gives ``bytes
     65536-(SIZE-1)/SIZE``).
 ``range_whole=1``
@@ -125,7 +126,8 @@ Persistent behaviours (every request):
     Range gives 200 with the whole body), unless ``ignore_if_range=1``.
 ``max_range_end=N[&max_range_status=CODE]``
     A Range ``bytes=a-b`` with b past N, even one the size would clamp, is
-    answered CODE (default 500) with a short text body, and with 416 also
+    answered CODE (default 500), before any other Range behaviour applies,
+    with a short text body, and with 416 also
     ``Content-Range: bytes */SIZE``; ``bytes=a-`` and ``bytes=-n`` are
     answered as usual, and so is any Range that is not honoured anyway
     (``no_range``, an ``If-Range`` that does not match). nginx answers 416
