@@ -114,6 +114,24 @@ def test_unknown_parameter_is_400_but_underscore_is_ignored(server: FaultServer)
     assert fetch(server.url + "/data.bin?filename=a%0D%0AX-Injected:%201").status == 400
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "trickle=0",
+        "trickle=1&trickle_after=-1",
+        "trickel=10",
+        "range_align=x",
+        "range_whole=maybe",
+        "ok_with_range=2",
+        "max_range_end=-1",
+        "max_range_status=600",
+        "etag_per_response=yes%20please",
+    ],
+)
+def test_new_parameters_reject_bad_values(server: FaultServer, query: str) -> None:
+    assert fetch(server.url + "/data.bin?" + query).status == 400
+
+
 def test_keep_alive_reuses_one_connection(server: FaultServer) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
@@ -128,6 +146,26 @@ def test_keep_alive_reuses_one_connection(server: FaultServer) -> None:
     finally:
         conn.close()
     assert server.bytes_sent == 3 * len(DATA)
+
+
+def test_connections_counts_tcp_connections(server: FaultServer) -> None:
+    assert server.connections == 0
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/data.bin", headers={"Range": "bytes=0-9"})
+            assert conn.getresponse().read() == DATA[:10]
+    finally:
+        conn.close()
+    assert server.connections == 1
+    fetch(server.url + "/data.bin")
+    fetch(server.url + "/data.bin?_x=1")
+    assert server.connections == 3
+    assert len(server.requests) == 5
+    server.reset_counters()
+    assert server.connections == 0
+    fetch(server.url + "/data.bin")
+    assert server.connections == 1
 
 
 def test_localhost_names_the_same_server(server: FaultServer) -> None:
@@ -190,6 +228,10 @@ def test_counters_are_exact_under_concurrency(server: FaultServer) -> None:
         ("bytes=-100", len(DATA) - 100, len(DATA) - 1),
         ("bytes=100-999999999", 100, len(DATA) - 1),
         ("bytes=-999999999", 0, len(DATA) - 1),
+        ("bytes=0-18446744073709551614", 0, len(DATA) - 1),
+        ("bytes=7-" + "9" * 5000, 7, len(DATA) - 1),
+        ("bytes=-" + "9" * 5000, 0, len(DATA) - 1),
+        ("bytes=00010-00019", 10, 19),
     ],
 )
 def test_range_gives_206(server: FaultServer, spec: str, first: int, last: int) -> None:
@@ -201,7 +243,10 @@ def test_range_gives_206(server: FaultServer, spec: str, first: int, last: int) 
     assert server.bytes_sent == last - first + 1
 
 
-@pytest.mark.parametrize("spec", [f"bytes={len(DATA)}-", "bytes=999999999-", "bytes=-0"])
+@pytest.mark.parametrize(
+    "spec",
+    [f"bytes={len(DATA)}-", "bytes=999999999-", "bytes=-0", "bytes=1" + "0" * 5000 + "-"],
+)
 def test_unsatisfiable_range_is_416(server: FaultServer, spec: str) -> None:
     reply = fetch(server.url + "/data.bin", headers={"Range": spec})
     assert reply.status == 416
@@ -216,6 +261,15 @@ def test_multiple_or_malformed_ranges_are_ignored(server: FaultServer, spec: str
     reply = fetch(server.url + "/data.bin", headers={"Range": spec})
     assert reply.status == 200
     assert reply.body == DATA
+
+
+@pytest.mark.parametrize(
+    ("spec", "status"),
+    [("bytes=²-", 200), ("bytes=000-", 206), ("bytes=1" + "0" * 5000 + "-", 500)],
+)
+def test_ranged_only_reads_any_range_header(server: FaultServer, spec: str, status: int) -> None:
+    reply = fetch(server.url + "/data.bin?ranged_only=1&status=500", headers={"Range": spec})
+    assert reply.status == status
 
 
 def test_empty_file_range_is_416() -> None:
@@ -295,6 +349,178 @@ def test_no_range_ignores_range(server: FaultServer) -> None:
     reply = fetch(server.url + "/data.bin?no_range=1", headers={"Range": "bytes=10-"})
     assert (reply.status, reply.body) == (200, DATA)
     assert "Accept-Ranges" not in reply.headers
+
+
+# -- misbehaving ranges ------------------------------------------------------------
+
+
+def test_ok_with_range_answers_200_with_the_ranged_bytes(server: FaultServer) -> None:
+    url = server.url + "/data.bin?ok_with_range=1"
+    normal = fetch(server.url + "/data.bin", method="HEAD").headers
+    reply = fetch(url, headers={"Range": "bytes=1000-1999"})
+    assert reply.status == 200
+    assert reply.body == DATA[1000:2000]
+    assert reply.headers["Content-Length"] == "1000"
+    assert reply.headers["Content-Range"] == f"bytes 1000-1999/{len(DATA)}"
+    assert reply.headers["ETag"] == normal["ETag"]
+    assert reply.headers["Last-Modified"] == normal["Last-Modified"]
+    assert server.bytes_sent == 1000
+    whole = fetch(url)
+    assert (whole.status, whole.body, whole.headers["Content-Range"]) == (200, DATA, None)
+    assert fetch(url, headers={"Range": "bytes=999999999-"}).status == 416
+    stale = fetch(url, headers={"Range": "bytes=10-", "If-Range": '"other"'})
+    assert (stale.status, stale.body, stale.headers["Content-Range"]) == (200, DATA, None)
+
+
+def test_ignore_if_range_honours_any_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?ignore_if_range=1"
+    date = fetch(url, method="HEAD").headers["Last-Modified"]
+    earlier = email.utils.formatdate(
+        email.utils.parsedate_to_datetime(date).timestamp() - 60, usegmt=True
+    )
+    for condition in ('"other"', "W/" + '"other"', earlier, "garbage"):
+        reply = fetch(url, headers={"Range": "bytes=10-", "If-Range": condition})
+        assert (reply.status, reply.body) == (206, DATA[10:]), condition
+    bare = fetch(url + "&no_validators=1", headers={"Range": "bytes=10-19", "If-Range": '"other"'})
+    assert (bare.status, bare.body) == (206, DATA[10:20])
+    assert fetch(url, headers={"Range": "bytes=999999999-", "If-Range": '"x"'}).status == 416
+
+
+def test_range_no_validators_strips_them_from_206_only(server: FaultServer) -> None:
+    url = server.url + "/data.bin?range_no_validators=1"
+    whole = fetch(url)
+    assert whole.status == 200
+    assert "ETag" in whole.headers and "Last-Modified" in whole.headers
+    part = fetch(url, headers={"Range": "bytes=10-", "If-Range": whole.headers["ETag"]})
+    assert (part.status, part.body) == (206, DATA[10:])
+    assert "ETag" not in part.headers and "Last-Modified" not in part.headers
+    ok = fetch(url + "&ok_with_range=1", headers={"Range": "bytes=10-"})
+    assert ok.status == 200 and ok.headers["ETag"] == whole.headers["ETag"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "last"),
+    [
+        ("bytes=70000-", 65536, len(DATA) - 1),
+        ("bytes=70000-70009", 65536, 70009),
+        ("bytes=65536-65539", 65536, 65539),
+        ("bytes=100-199", 0, 199),
+        ("bytes=-100", 65536, len(DATA) - 1),
+    ],
+)
+def test_range_align_rounds_the_start_down(
+    server: FaultServer, spec: str, first: int, last: int
+) -> None:
+    reply = fetch(server.url + "/data.bin?range_align=65536", headers={"Range": spec})
+    assert reply.status == 206
+    assert reply.headers["Content-Range"] == f"bytes {first}-{last}/{len(DATA)}"
+    assert reply.headers["Content-Length"] == str(last - first + 1)
+    assert reply.body == DATA[first : last + 1]
+
+
+def test_range_align_must_be_positive(server: FaultServer) -> None:
+    assert fetch(server.url + "/data.bin?range_align=0").status == 400
+    assert fetch(server.url + "/data.bin?range_align=-1").status == 400
+    one = fetch(server.url + "/data.bin?range_align=1", headers={"Range": "bytes=5-"})
+    assert one.body == DATA[5:]
+
+
+@pytest.mark.parametrize("spec", ["bytes=70000-70009", "bytes=-5", "bytes=999999999-", "bytes=x"])
+def test_range_whole_sends_everything_as_206(server: FaultServer, spec: str) -> None:
+    reply = fetch(server.url + "/data.bin?range_whole=1", headers={"Range": spec})
+    assert reply.status == 206
+    assert reply.headers["Content-Range"] == f"bytes 0-{len(DATA) - 1}/{len(DATA)}"
+    assert reply.headers["Content-Length"] == str(len(DATA))
+    assert reply.body == DATA
+
+
+def test_range_whole_without_a_range_or_with_a_stale_if_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?range_whole=1"
+    assert fetch(url).status == 200
+    stale = fetch(url, headers={"Range": "bytes=10-", "If-Range": '"other"'})
+    assert (stale.status, stale.body, stale.headers["Content-Range"]) == (200, DATA, None)
+    empty = server.add("empty", b"")
+    assert fetch(empty + "?range_whole=1", headers={"Range": "bytes=0-"}).status == 416
+
+
+def test_etag_per_response_is_new_every_time(server: FaultServer) -> None:
+    url = server.url + "/data.bin?etag_per_response=1"
+    plain = fetch(server.url + "/data.bin", method="HEAD").headers
+    replies = [fetch(url), fetch(url, method="HEAD"), fetch(url), fetch(url + "&gzip=1")]
+    tags = [reply.headers["ETag"] for reply in replies]
+    assert len(set(tags)) == len(tags)
+    for tag in tags:
+        assert tag.startswith(plain["ETag"][:-1] + "-") and tag.endswith('"')
+    assert "-gzip-" in tags[-1]
+    assert replies[0].body == replies[2].body == DATA
+    assert {r.headers["Last-Modified"] for r in replies} == {plain["Last-Modified"]}
+    server.reset_counters()
+    assert fetch(url).headers["ETag"] not in tags
+    weak = fetch(url + "&weak_etag=1").headers["ETag"]
+    assert weak.startswith("W/" + plain["ETag"][:-1] + "-")
+
+
+def test_etag_per_response_never_matches_if_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?etag_per_response=1"
+    first = fetch(url).headers
+    for condition in (first["ETag"], first["Last-Modified"], '"anything"'):
+        reply = fetch(url, headers={"Range": "bytes=10-", "If-Range": condition})
+        assert (reply.status, reply.body) == (200, DATA), condition
+        assert reply.headers["Content-Range"] is None
+    # a Range without If-Range is still honoured
+    assert fetch(url, headers={"Range": "bytes=10-"}).body == DATA[10:]
+
+
+def test_etag_per_response_with_ignore_if_range(server: FaultServer) -> None:
+    url = server.url + "/data.bin?etag_per_response=1&ignore_if_range=1"
+    tag = fetch(url, method="HEAD").headers["ETag"]
+    reply = fetch(url, headers={"Range": "bytes=10-", "If-Range": tag})
+    assert (reply.status, reply.body) == (206, DATA[10:])
+    assert reply.headers["ETag"] not in (tag, None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "status"),
+    [
+        ("bytes=0-18446744073709551614", 500),
+        ("bytes=0-2147483648", 500),
+        ("bytes=100-" + "9" * 5000, 500),
+        ("bytes=0-2147483647", 206),
+        ("bytes=0-", 206),
+        ("bytes=2147483648-", 416),  # past the size: the usual 416, not CODE
+        ("bytes=-2147483648", 206),
+        ("bytes=9-3", 200),  # invalid, ignored as usual
+    ],
+)
+def test_max_range_end(server: FaultServer, spec: str, status: int) -> None:
+    reply = fetch(server.url + "/data.bin?max_range_end=2147483647", headers={"Range": spec})
+    assert reply.status == status
+    if status == 500:
+        assert reply.body.startswith(b"500 Internal Server Error")
+        assert reply.headers["Content-Range"] is None
+        assert server.bytes_sent == 0
+
+
+def test_max_range_end_with_416_like_nginx(server: FaultServer) -> None:
+    url = server.url + "/data.bin?max_range_end=9223372036854775807&max_range_status=416"
+    reply = fetch(url, headers={"Range": "bytes=0-18446744073709551614"})
+    assert reply.status == 416
+    assert reply.headers["Content-Range"] == f"bytes */{len(DATA)}"
+    assert reply.body.startswith(b"416 ")
+    head = fetch(url, method="HEAD", headers={"Range": "bytes=0-18446744073709551614"})
+    assert (head.status, head.body) == (416, b"")
+    assert fetch(url, headers={"Range": "bytes=0-9223372036854775807"}).body == DATA
+    assert fetch(url, headers={"Range": "bytes=10-"}).body == DATA[10:]
+
+
+def test_max_range_end_only_where_the_range_is_honoured(server: FaultServer) -> None:
+    url = server.url + "/data.bin?max_range_end=100"
+    spec = {"Range": "bytes=0-1000"}
+    assert fetch(url, headers=spec).status == 500
+    assert fetch(url + "&no_range=1", headers=spec).status == 200
+    assert fetch(url, headers={**spec, "If-Range": '"other"'}).status == 200
+    assert fetch(url + "&max_range_status=503", headers=spec).status == 503
+    assert fetch(url + "&max_range_status=99", headers=spec).status == 400
 
 
 # -- transient faults -------------------------------------------------------------
@@ -428,6 +654,94 @@ def test_throttle_paces_the_body(server: FaultServer) -> None:
     assert body == DATA
     # 102400 bytes at 200 kB/s: 0.51 s; the first 10 kB slice goes at once.
     assert 0.4 <= elapsed <= 1.0
+
+
+def read_for(sock: socket.socket, seconds: float) -> bytes:
+    """Everything that arrives on ``sock`` within ``seconds`` (or until it closes)."""
+    deadline = time.monotonic() + seconds
+    received = bytearray()
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
+def test_trickle_sends_a_prefix_then_a_trickle(server: FaultServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /data.bin?trickle=100&trickle_after=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = read_for(sock, 0.05).partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(DATA)}\r\n".encode() in head
+        assert 1000 <= len(body) <= 1010  # the prefix at once, then 10 bytes a tick
+        body += read_for(sock, 0.3)
+    assert body == DATA[: len(body)]
+    assert 1020 <= len(body) <= 1050, len(body)
+
+
+@pytest.mark.parametrize("query", ["", "&chunked=1"])
+def test_trickle_delivers_the_whole_body(server: FaultServer, query: str) -> None:
+    started = time.monotonic()
+    body = fetch(server.url + "/data.bin?trickle=100000&trickle_after=80000" + query).body
+    elapsed = time.monotonic() - started
+    assert body == DATA
+    # 22,400 trickled bytes: 10,000 at once, 10,000 a tick later, the rest a tick after.
+    assert 0.18 <= elapsed <= 1.0
+
+
+def test_trickle_ends_when_the_client_goes(server: FaultServer) -> None:
+    baseline = threading.active_count()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /data.bin?trickle=1&trickle_after=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_for(sock, 0.1).endswith(DATA[:11])  # the prefix and one trickled byte
+        assert threading.active_count() > baseline
+    deadline = time.monotonic() + 1.0
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= baseline  # the handler noticed within a tick or so
+    assert server.bytes_sent == 11
+
+
+def test_trickle_with_times_trickles_once(server: FaultServer) -> None:
+    url = server.url + "/data.bin?trickle=10&trickle_after=100000&times=1"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", urlsplit(url).path + "?" + urlsplit(url).query)
+        resp = conn.getresponse()
+        assert resp.read(100000) == DATA[:100000]
+        started = time.monotonic()
+        assert resp.read(4) == DATA[100000:100004]
+        assert time.monotonic() - started >= 0.25  # one byte a tick
+    finally:
+        conn.close()
+    started = time.monotonic()
+    assert fetch(url).body == DATA  # the retry is served normally
+    assert time.monotonic() - started < 0.5
+    assert fetch(url, headers={"Range": "bytes=100000-"}).body == DATA[100000:]
+
+
+def test_trickle_ranged_only_with_times(server: FaultServer) -> None:
+    url = server.url + "/data.bin?ranged_only=1&trickle=10&trickle_after=1000&times=1"
+    ranged = {"Range": "bytes=100-"}
+    target = urlsplit(url).path + "?" + urlsplit(url).query
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        # the first request is a range: it trickles
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nRange: bytes=100-\r\n\r\n".encode())
+        head, _, body = read_for(sock, 0.25).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 206 ")
+    assert body == DATA[100 : 100 + len(body)]
+    assert 1001 <= len(body) <= 1004
+    started = time.monotonic()
+    assert fetch(url, headers=ranged).body == DATA[100:]
+    assert fetch(url + "&_a=1", headers={"Range": "bytes=0-"}).body == DATA  # not past 0
+    assert fetch(url + "&_b=1").body == DATA  # no Range at all
+    # times counts the request ranged_only exempted, so this range is served normally
+    assert fetch(url + "&_b=1", headers=ranged).body == DATA[100:]
+    assert time.monotonic() - started < 0.5
 
 
 # -- persistent behaviours -------------------------------------------------------
@@ -571,7 +885,15 @@ def test_client_disconnect_mid_body_is_silent(capfd: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize(
-    "query", ["hang_headers=30", "hang=30", "stall_after=10&stall=30", "stall_after=10"]
+    "query",
+    [
+        "hang_headers=30",
+        "hang=30",
+        "stall_after=10&stall=30",
+        "stall_after=10",
+        "trickle=1",
+        "trickle=0.01&trickle_after=10",
+    ],
 )
 def test_stop_is_prompt_with_a_stalled_request(query: str) -> None:
     srv = FaultServer().start()

@@ -38,12 +38,20 @@ are served normally; the persistent behaviours below still apply):
     Send K body bytes, stall S seconds, then send the rest. ``stall``
     alone stalls at byte 0; ``stall_after`` alone stalls until the server
     stops.
+``trickle=BPS[&trickle_after=K]``
+    Send the first K body bytes (default 0) at full speed, then the rest at
+    BPS bytes per second, a tenth of a second's worth at a time (at least
+    one byte, at most 16 KiB), however long that takes; the connection is
+    dropped within a tenth of a second of the server stopping or of the
+    client closing it (or shutting down only its sending half).
 ``status=CODE``
     Answer CODE with a short text body; ``retry_after=S`` adds
     ``Retry-After: S``.
 ``ranged_only=1``
     Apply the transient faults only to requests whose ``Range`` starts past
     byte 0 (one range of a parallel transfer, not its first request).
+    ``times`` still counts the requests it exempts: with ``times=1``, only
+    a first request that is such a range misbehaves.
 ``wrong=1``
     Same length, wrong bytes: the byte at offset ``size // 2`` of the
     representation is inverted (a Range sees it only if it covers it).
@@ -89,19 +97,58 @@ Persistent behaviours (every request):
     Add ``Content-Disposition: attachment; filename="NAME"``.
 ``range_shift=N``
     A 206 announces bytes N further on in its ``Content-Range`` than it sends.
+``ok_with_range=1``
+    A Range that would give a 206 gives ``200 OK`` instead, with the same
+    ``Content-Range``, ``Content-Length`` and body (only the ranged bytes)
+    and the usual validators (a broken server or proxy seen in the wild).
+``ignore_if_range=1``
+    Honour ``Range`` whatever ``If-Range`` says, even a validator that does
+    not match.
+``range_no_validators=1``
+    206 answers carry no ``ETag`` and no ``Last-Modified``; 200 answers
+    (even those of ``ok_with_range``) keep them.
+``range_align=N``
+    A 206 (or the 200 of ``ok_with_range``) starts at the requested start
+    rounded down to a multiple of N and ends where asked; its
+    ``Content-Range`` tells what is sent
+    (``bytes=70000-`` with ``range_align=65536`` gives ``bytes
+    65536-(SIZE-1)/SIZE``).
+``range_whole=1``
+    Any ``Range`` (even a malformed or unsatisfiable one) gives 206 with
+    ``Content-Range: bytes 0-(SIZE-1)/SIZE`` and the whole body; an
+    ``If-Range`` that does not match still gives 200, an empty body still
+    416. (``no_range=1`` is the whole body as 200.)
+``etag_per_response=1``
+    Every answer that carries an ETag carries a new one, never sent before
+    by this server (``"<tag>-<serial>"``; weak with ``weak_etag``), as CDNs
+    with tokenised URLs do; the bytes and ``Last-Modified`` stay the same.
+    ``If-Range`` then never matches, whether it holds an ETag or a date (a
+    Range gives 200 with the whole body), unless ``ignore_if_range=1``.
+``max_range_end=N[&max_range_status=CODE]``
+    A Range ``bytes=a-b`` with b past N, even one the size would clamp, is
+    answered CODE (default 500), before any other Range behaviour applies,
+    with a short text body, and with 416 also
+    ``Content-Range: bytes */SIZE``; ``bytes=a-`` and ``bytes=-n`` are
+    answered as usual, and so is any Range that is not honoured anyway
+    (``no_range``, an ``If-Range`` that does not match). nginx answers 416
+    to ``bytes=0-18446744073709551614``; some servers answer 500 to any end
+    past 2**31-1 (``max_range_end=2147483647``).
 
 Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
-206 with ``Content-Range``; a start at or beyond the end gives 416 with
-``Content-Range: bytes */SIZE``; several ranges or a malformed header are
-ignored (200). ``If-Range`` honours the Range only on an exact match of the
-strong ETag or of the ``Last-Modified`` date. An unknown name is 404.
+206 with ``Content-Range``; an end at or beyond the end of the
+representation (``bytes=0-18446744073709551614``) is clamped to its last
+byte; a start at or beyond the end gives 416 with ``Content-Range: bytes
+*/SIZE``; several ranges or a malformed header are ignored (200).
+``If-Range`` honours the Range only on an exact match of the strong ETag or
+of the ``Last-Modified`` date. An unknown name is 404.
 
 Counters: `FaultServer.bytes_sent` counts the body bytes of 200 and 206
 answers written to sockets (not the short text bodies of redirects and
 errors, nor a write that failed because the client went away); a byte is
 counted before any client can have read it, so a test may assert right
 after its download returns. `FaultServer.requests` records every request
-before it is answered.
+before it is answered, `FaultServer.connections` counts the TCP connections
+accepted (each before its first request is read).
 """
 
 from __future__ import annotations
@@ -114,6 +161,7 @@ import hashlib
 import json
 import math
 import re
+import select
 import socket
 import socketserver
 import struct
@@ -132,6 +180,9 @@ _SLICE: Final = 1 << 20
 _THROTTLE_SLICE: Final = 16 << 10
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _STOP_JOIN_S: Final = 1.0
+_TRICKLE_TICK_S: Final = 0.1
+_POSITION_DIGITS: Final = 30
+_FAR_POSITION: Final = 10**30
 _RANGE: Final = re.compile(r"bytes\s*=\s*(?:(\d+)\s*-\s*(\d*)|-\s*(\d+))", re.ASCII | re.IGNORECASE)
 
 
@@ -199,6 +250,8 @@ class _Faults:
     hang_headers: float | None = None
     stall_after: int | None = None
     stall: float | None = None
+    trickle: float | None = None
+    trickle_after: int = 0
     status: int | None = None
     wrong: bool = False
     ranged_only: bool = False
@@ -221,6 +274,14 @@ class _Faults:
     echo_headers: bool = False
     filename: str | None = None
     range_shift: int = 0
+    ok_with_range: bool = False
+    ignore_if_range: bool = False
+    range_no_validators: bool = False
+    range_align: int = 1
+    range_whole: bool = False
+    etag_per_response: bool = False
+    max_range_end: int | None = None
+    max_range_status: int = 500
 
     def without_transient(self) -> _Faults:
         return dataclasses.replace(
@@ -232,6 +293,8 @@ class _Faults:
             hang_headers=None,
             stall_after=None,
             stall=None,
+            trickle=None,
+            trickle_after=0,
             status=None,
             wrong=False,
         )
@@ -250,6 +313,13 @@ def _parse_count(value: str) -> int:
     number = int(value)
     if number < 0:
         raise ValueError(f"must not be negative: {value!r}")
+    return number
+
+
+def _parse_positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be positive: {value!r}")
     return number
 
 
@@ -283,7 +353,8 @@ def _parse_redirect_status(value: str) -> int:
 
 def _range_starts_past_zero(header: str | None) -> bool:
     start = (header or "").partition("=")[2].partition("-")[0].strip()
-    return start.isdigit() and int(start) > 0
+    # Not int(start): str.isdigit() accepts "²", which int() refuses.
+    return start.isascii() and start.isdigit() and start.strip("0") != ""
 
 
 def _parse_header_value(value: str) -> str:
@@ -301,6 +372,8 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "hang_headers": _parse_seconds,
     "stall_after": _parse_count,
     "stall": _parse_seconds,
+    "trickle": _parse_rate,
+    "trickle_after": _parse_count,
     "status": _parse_status,
     "wrong": _parse_bool,
     "flaky": _parse_count,
@@ -321,6 +394,14 @@ _PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "filename": _parse_header_value,
     "ranged_only": _parse_bool,
     "range_shift": _parse_count,
+    "ok_with_range": _parse_bool,
+    "ignore_if_range": _parse_bool,
+    "range_no_validators": _parse_bool,
+    "range_align": _parse_positive,
+    "range_whole": _parse_bool,
+    "etag_per_response": _parse_bool,
+    "max_range_end": _parse_count,
+    "max_range_status": _parse_status,
 }
 
 
@@ -356,6 +437,18 @@ class _Unsatisfiable(Exception):
     """The Range starts at or beyond the end of the representation (416)."""
 
 
+def _position(digits: str) -> int:
+    """A byte position from ASCII digits, of any length.
+
+    int() refuses strings of more than 4300 digits; a position that long is
+    past the end of anything, so it becomes 10**30.
+    """
+    digits = digits.lstrip("0")
+    if len(digits) > _POSITION_DIGITS:
+        return _FAR_POSITION
+    return int(digits or "0")
+
+
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """Return (first, last) of a single byte range, or None to ignore the header.
 
@@ -367,17 +460,26 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
         return None
     first_s, last_s, suffix_s = match.groups()
     if suffix_s is not None:
-        suffix = int(suffix_s)
+        suffix = _position(suffix_s)
         if suffix == 0 or size == 0:
             raise _Unsatisfiable
         return max(0, size - suffix), size - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else size - 1
+    first = _position(first_s)
+    last = _position(last_s) if last_s else size - 1
     if last_s and last < first:
         return None
     if first >= size:
         raise _Unsatisfiable
     return first, min(last, size - 1)
+
+
+def _range_end(header: str) -> int | None:
+    """The last byte position of a valid single ``bytes=a-b`` range, or None."""
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or not match.group(2):
+        return None
+    first, last = _position(match.group(1)), _position(match.group(2))
+    return last if last >= first else None
 
 
 @dataclass(frozen=True)
@@ -491,7 +593,8 @@ class _Handler(BaseHTTPRequestHandler):
             if artifact is None:
                 self._send_text(404, f"no such file: {name!r}\n", head)
                 return
-            rep = _representation(artifact, faults)
+            serial = owner._next_etag_serial() if faults.etag_per_response else None
+            rep = _representation(artifact, faults, serial)
         self._send_representation(name, rep, faults, head)
 
     def _location(self, path: str, query: str, faults: _Faults) -> str | None:
@@ -513,11 +616,18 @@ class _Handler(BaseHTTPRequestHandler):
         self, name: str, rep: _Representation, faults: _Faults, head: bool
     ) -> None:
         size = len(rep.body)
-        status, first, last = 200, 0, size - 1
+        status, first, last, ranged = 200, 0, size - 1, False
         range_header = self.headers.get("Range") if rep.ranges and not faults.no_range else None
         if range_header is not None and self._if_range_holds(rep, faults):
+            end = _range_end(range_header)
+            if faults.max_range_end is not None and end is not None and end > faults.max_range_end:
+                self._refuse_range(faults.max_range_end, faults.max_range_status, size, head)
+                return
             try:
-                wanted = _parse_range(range_header, size)
+                if faults.range_whole and size > 0:
+                    wanted: tuple[int, int] | None = (0, size - 1)
+                else:
+                    wanted = _parse_range(range_header, size)
             except _Unsatisfiable:
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
@@ -525,7 +635,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             if wanted is not None:
-                status, (first, last) = 206, wanted
+                first, last = wanted
+                first -= first % faults.range_align
+                status, ranged = (200 if faults.ok_with_range else 206), True
         body = memoryview(rep.body)[first : last + 1]
 
         chunked = faults.chunked and self.request_version != "HTTP/1.0"
@@ -540,12 +652,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         else:
             self.send_header("Content-Length", str(declared))
-        if status == 206:
+        if ranged:
             shift = faults.range_shift
             self.send_header("Content-Range", f"bytes {first + shift}-{last + shift}/{size}")
         if rep.ranges and not faults.no_range:
             self.send_header("Accept-Ranges", "bytes")
-        if not faults.no_validators:
+        if not faults.no_validators and not (status == 206 and faults.range_no_validators):
             if rep.etag is not None:
                 self.send_header("ETag", rep.etag)
             if rep.last_modified is not None:
@@ -566,11 +678,18 @@ class _Handler(BaseHTTPRequestHandler):
         elif close_delimited:
             self.close_connection = True
 
+    def _refuse_range(self, limit: int, code: int, size: int, head: bool) -> None:
+        """Answer like a server that cannot serve a range ending past byte ``limit``."""
+        reason = self.responses.get(code, ("",))[0]
+        text = f"{code} {reason}: this server refuses ranges ending past byte {limit}\n"
+        unsatisfied = f"bytes */{size}" if code == 416 else None
+        self._send_text(code, text, head, content_range=unsatisfied)
+
     def _if_range_holds(self, rep: _Representation, faults: _Faults) -> bool:
         condition = self.headers.get("If-Range")
-        if condition is None:
+        if condition is None or faults.ignore_if_range:
             return True
-        if faults.no_validators:
+        if faults.no_validators or faults.etag_per_response:
             return False
         condition = condition.strip()
         if condition.startswith(('"', "W/")):
@@ -593,6 +712,9 @@ class _Handler(BaseHTTPRequestHandler):
         rate = faults.throttle
         step = _SLICE if rate is None else max(1, min(_THROTTLE_SLICE, int(rate / 20)))
         stall_at = faults.stall_after if faults.stall is not None else None
+        trickle = faults.trickle
+        trickle_at = faults.trickle_after if trickle is not None else None
+        watch_client = False
         if faults.hang:
             self._pause(faults.hang)
         paced_from, paced_pos = time.monotonic(), 0
@@ -602,11 +724,17 @@ class _Handler(BaseHTTPRequestHandler):
                 stall_at = None
                 self._pause(cast(float, faults.stall))
                 paced_from, paced_pos = time.monotonic(), pos
+            if trickle is not None and trickle_at is not None and pos >= trickle_at:
+                # From here on, a tick's worth at a time, for as long as it takes.
+                trickle_at, rate, watch_client = None, trickle, True
+                step = max(1, min(_THROTTLE_SLICE, int(trickle * _TRICKLE_TICK_S)))
+                paced_from, paced_pos = time.monotonic(), pos
             if pos >= end:
                 break
             stop = min(end, pos + step)
-            if stall_at is not None and pos < stall_at < stop:
-                stop = stall_at
+            for boundary in (stall_at, trickle_at):
+                if boundary is not None and pos < boundary < stop:
+                    stop = boundary
             piece: memoryview | bytearray = body[pos:stop]
             if flip is not None and pos <= flip < stop:
                 piece = bytearray(piece)
@@ -628,12 +756,17 @@ class _Handler(BaseHTTPRequestHandler):
             if rate is not None and pos < end:
                 delay = paced_from + (pos - paced_pos) / rate - time.monotonic()
                 if delay > 0:
-                    self._pause(delay)
+                    self._pause(delay, watch_client)
         if chunked and faults.cut is None:
             self.wfile.write(b"0\r\n\r\n")
 
     def _send_text(
-        self, status: int, text: str | None, head: bool, retry_after: int | None = None
+        self,
+        status: int,
+        text: str | None,
+        head: bool,
+        retry_after: int | None = None,
+        content_range: str | None = None,
     ) -> None:
         if text is None:
             text = f"{status} {self.responses.get(status, ('',))[0]}\n"
@@ -644,15 +777,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         if retry_after is not None:
             self.send_header("Retry-After", str(retry_after))
+        if content_range is not None:
+            self.send_header("Content-Range", content_range)
         self.end_headers()
         if not head and body:
             self.wfile.write(body)
 
-    def _pause(self, seconds: float) -> None:
-        """Wait, or drop the connection at once if the server stops meanwhile."""
-        timeout = None if math.isinf(seconds) else seconds
-        if self._owner._stopping.wait(timeout):
-            raise _Abort
+    def _pause(self, seconds: float, watch_client: bool = False) -> None:
+        """Wait, or drop the connection at once if the server stops meanwhile.
+
+        With ``watch_client``, also drop it within a tick of the client
+        closing its end (a client that only shuts down its writing half
+        counts as gone).
+        """
+        if not watch_client:
+            timeout = None if math.isinf(seconds) else seconds
+            if self._owner._stopping.wait(timeout):
+                raise _Abort
+            return
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._owner._stopping.wait(min(remaining, _TRICKLE_TICK_S)) or self._client_gone():
+                raise _Abort
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed or reset the connection; reads nothing it sent."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
     def _drop(self, reset: bool) -> None:
         """Close the connection after this response; with ``reset`` by an RST."""
@@ -672,12 +826,14 @@ def _lower_headers(handler: BaseHTTPRequestHandler) -> dict[str, str]:
     return headers
 
 
-def _representation(artifact: _Artifact, faults: _Faults) -> _Representation:
+def _representation(artifact: _Artifact, faults: _Faults, serial: int | None) -> _Representation:
     body, etag, encoding = artifact.data, artifact.etag, None
     if faults.gzip:
         body, encoding = artifact.gzip_body(), "gzip"
         if etag is not None:
             etag = etag[:-1] + '-gzip"'
+    if etag is not None and serial is not None:
+        etag = f'{etag[:-1]}-{serial}"'
     if etag is not None and faults.weak_etag and not etag.startswith("W/"):
         etag = "W/" + etag
     return _Representation(body, "application/octet-stream", etag, artifact.last_modified, encoding)
@@ -707,6 +863,8 @@ class FaultServer:
         self._seen: dict[tuple[str, str], int] = {}
         self._bytes_sent = 0
         self._bytes_by_name: dict[str, int] = {}
+        self._accepted = 0
+        self._etag_serial = 0
         self._connections: set[socket.socket] = set()
         self._handlers: set[threading.Thread] = set()
         self._thread: threading.Thread | None = None
@@ -876,9 +1034,16 @@ class FaultServer:
                 if r.name == name and (method is None or r.method == method)
             )
 
-    def reset_counters(self) -> None:
-        """Forget recorded requests, byte counts, and the ``times``/``flaky`` counters."""
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (a keep-alive connection counts once)."""
         with self._lock:
+            return self._accepted
+
+    def reset_counters(self) -> None:
+        """Forget recorded requests, byte and connection counts, the ``times``/``flaky`` counts."""
+        with self._lock:
+            self._accepted = 0
             self._requests.clear()
             self._seen.clear()
             self._bytes_sent = 0
@@ -905,6 +1070,12 @@ class FaultServer:
             self._seen[key] = number
         return number
 
+    def _next_etag_serial(self) -> int:
+        """A number never returned before by this server (not reset by reset_counters)."""
+        with self._lock:
+            self._etag_serial += 1
+            return self._etag_serial
+
     def _lookup(self, name: str) -> _Artifact | None:
         with self._lock:
             return self._artifacts.get(name)
@@ -916,6 +1087,7 @@ class FaultServer:
 
     def _track(self, connection: socket.socket, thread: threading.Thread) -> None:
         with self._lock:
+            self._accepted += 1
             self._connections.add(connection)
             self._handlers.add(thread)
         if self._stopping.is_set():
