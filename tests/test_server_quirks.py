@@ -274,3 +274,17 @@ def test_when_even_a_plain_answer_cannot_be_whole_nothing_is_installed(tmp_path:
     assert proc.returncode == 4, proc.stderr
     assert "even a plain request" in proc.stderr and "nothing was installed" in proc.stderr
     assert dest.read_bytes() == b"the user's old file"
+
+
+def test_sync_pins_the_whole_file_whatever_the_ranges_do(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    url = server.add("v.bin", V1) + f"?ok_with_range=1&cut={1 << 20}&times=1"
+    manifest = tmp_path / "surefetch.toml"
+    manifest.write_text(f'[[artifact]]\nname = "v.bin"\nurl = "{url}"\n')
+    lock = tmp_path / "surefetch.lock"
+    sf.sync(manifest, lock, tmp_path / "dest", cache=tmp_path / "cache")
+    assert (tmp_path / "dest" / "v.bin").read_bytes() == V1
+    text = lock.read_text()
+    assert f"size = {SMALL}" in text
+    assert hashlib.sha256(V1).hexdigest() in text
