@@ -10,11 +10,14 @@ pub mod error;
 pub mod guard;
 pub mod hash;
 pub mod http;
+pub mod options;
 pub mod part;
 pub mod ranges;
 pub mod response;
 pub mod retry;
+pub mod schedule;
 pub mod sink;
+pub mod speed;
 
 mod bindings;
 

@@ -1,0 +1,243 @@
+//! Asking: each request of an attempt (a resume, a fresh start, a plain GET,
+//! one unit), and what its answer may be used for (`crate::response::judge`).
+
+use std::ops::Range;
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::StatusCode;
+
+use super::{ranges_refused, validator_of_sidecar, Body, Job, Kept, Mode, Start, UNIT_MAX_SKIP};
+use crate::error::{Error, Result};
+use crate::http;
+use crate::response::{judge, Asked, Comparison, Seen, Unusable, Validator, Verdict};
+use crate::schedule::{Target, Transfer};
+
+impl Job<'_> {
+    /// `base` with `Range` (an end of `u64::MAX` asks to the end) and `If-Range`.
+    pub(super) fn ranged(
+        base: &HeaderMap,
+        range: &Range<u64>,
+        validator: Option<&Validator>,
+    ) -> HeaderMap {
+        let mut headers = base.clone();
+        let value = if range.end == u64::MAX {
+            format!("bytes={}-", range.start)
+        } else {
+            format!("bytes={}-{}", range.start, range.end - 1)
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(header::RANGE, value);
+        }
+        if let Some(tag) = validator.and_then(Validator::if_range) {
+            if let Ok(value) = HeaderValue::from_str(tag) {
+                headers.insert(header::IF_RANGE, value);
+            }
+        }
+        headers
+    }
+
+    /// Asks for the first range `kept` is missing, under the validator it was
+    /// recorded with (`If-Range`).
+    pub(super) async fn open_kept(&self, kept: Kept) -> Result<(Start, Option<Kept>)> {
+        let size = kept.sidecar.size.unwrap_or(0);
+        let Some(missing) = kept.ranges.missing(size).into_iter().next() else {
+            return Ok((Start::Complete, Some(kept)));
+        };
+        // Open-ended to the end of the file: no large range end for servers to trip on.
+        let end = if missing.end >= size {
+            u64::MAX
+        } else {
+            missing.end
+        };
+        let asked = Asked {
+            range: Some(missing.start..end),
+            max_skip: u64::MAX,
+        };
+        let known = kept.known();
+        self.set_known(known.clone());
+        let validator = validator_of_sidecar(&kept.sidecar);
+        let headers = Self::ranged(&self.headers, &(missing.start..end), Some(&validator));
+        let opened = match self.http.open(&self.url, &headers, &self.guard).await {
+            Err(Error::Http { status, .. }) if ranges_refused(status) => {
+                return Ok((self.open_plain().await?, None));
+            }
+            other => other?,
+        };
+        let seen = Seen::of(&opened.response);
+        match judge(&asked, known.as_ref(), &seen) {
+            Verdict::Part { body, total } => {
+                let target = Target {
+                    url: opened.url,
+                    headers: opened.headers,
+                };
+                let body = Body {
+                    response: opened.response,
+                    start: body.start,
+                    holds_until: body.end,
+                };
+                let asked = missing.start..end;
+                let start = Start::Partial {
+                    body,
+                    asked,
+                    total,
+                    target,
+                };
+                Ok((start, Some(kept)))
+            }
+            // The server ignored the range, or If-Range saw another version:
+            // this body is the whole (current) file, so start over with it.
+            Verdict::Whole { total } => {
+                let target = Target {
+                    url: opened.url,
+                    headers: opened.headers,
+                };
+                Ok((Start::Whole(opened.response, total, target), None))
+            }
+            Verdict::Unusable(Unusable::Untrusted(detail)) => Err(self.changed(detail)),
+            Verdict::Unusable(Unusable::Misfit(detail)) if seen.status == 416 => {
+                let _ = detail;
+                Ok((self.open_plain().await?, None))
+            }
+            Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable(detail)),
+        }
+    }
+
+    /// A fresh start. With several connections possible, asks for `bytes=0-`, so
+    /// that a `206` tells the size and that ranges work; otherwise a plain GET.
+    pub(super) async fn open_fresh(&self, mode: Mode) -> Result<Start> {
+        if mode != Mode::Parallel {
+            return self.open_plain().await;
+        }
+        let whole = 0..u64::MAX;
+        let asked = Asked {
+            range: Some(whole.clone()),
+            max_skip: 0,
+        };
+        let headers = Self::ranged(&self.headers, &whole, None);
+        let opened = match self.http.open(&self.url, &headers, &self.guard).await {
+            // Ranges unusable here: ask once more without one.
+            Err(Error::Http { status, .. }) if ranges_refused(status) => {
+                return self.open_plain().await
+            }
+            other => other?,
+        };
+        let target = Target {
+            url: opened.url,
+            headers: opened.headers,
+        };
+        match judge(&asked, None, &Seen::of(&opened.response)) {
+            Verdict::Part {
+                body,
+                total: Some(total),
+            } => Ok(Start::Partial {
+                body: Body {
+                    response: opened.response,
+                    start: body.start,
+                    holds_until: body.end,
+                },
+                asked: whole,
+                total: Some(total),
+                target,
+            }),
+            Verdict::Whole { total } => Ok(Start::Whole(opened.response, total, target)),
+            // An empty file has no byte 0 (416), and a range of a file of unknown
+            // size cannot be split: ask again without a range.
+            Verdict::Part { total: None, .. } => self.open_plain().await,
+            Verdict::Unusable(Unusable::Misfit(_)) if opened.response.status() == 416 => {
+                self.open_plain().await
+            }
+            Verdict::Unusable(Unusable::Misfit(detail) | Unusable::Untrusted(detail)) => {
+                Err(self.unusable(detail))
+            }
+        }
+    }
+
+    /// A GET without `Range`, which must be answered with the whole file.
+    pub(super) async fn open_plain(&self) -> Result<Start> {
+        let known = self.known();
+        let opened = self
+            .http
+            .open(&self.url, &self.headers, &self.guard)
+            .await?;
+        let asked = Asked {
+            range: None,
+            max_skip: 0,
+        };
+        let status = opened.response.status();
+        if status == StatusCode::RANGE_NOT_SATISFIABLE {
+            return Err(Error::Http {
+                status: 416,
+                url: http::redact(&opened.url),
+                retry_after: None,
+            });
+        }
+        match judge(&asked, known.as_ref(), &Seen::of(&opened.response)) {
+            Verdict::Whole { total } => {
+                let target = Target {
+                    url: opened.url,
+                    headers: opened.headers,
+                };
+                Ok(Start::Whole(opened.response, total, target))
+            }
+            Verdict::Part { .. } => Err(self.unusable("a plain request was answered 206".into())),
+            Verdict::Unusable(Unusable::Misfit(detail) | Unusable::Untrusted(detail)) => {
+                Err(self.unusable(detail))
+            }
+        }
+    }
+
+    /// Asks for one unit where the attempt's first request was redirected to,
+    /// resolving again from the original URL when that place refuses (a signed
+    /// URL that expired).
+    pub(super) async fn open_unit(&self, transfer: &Transfer, unit: Range<u64>) -> Result<Body> {
+        let size = transfer.size.unwrap_or(u64::MAX);
+        let range = unit.start..if unit.end >= size { u64::MAX } else { unit.end };
+        let target = transfer.target();
+        let headers = Self::ranged(&target.headers, &range, Some(&transfer.validator));
+        let opened = match self.http.open(&target.url, &headers, &self.guard).await {
+            Err(Error::Http { status, .. })
+                if matches!(status, 401 | 403 | 410) && target.url != self.url =>
+            {
+                let headers = Self::ranged(&self.headers, &range, Some(&transfer.validator));
+                let opened = self.http.open(&self.url, &headers, &self.guard).await;
+                if let Ok(opened) = &opened {
+                    transfer.retarget(Target {
+                        url: opened.url.clone(),
+                        headers: opened.headers.clone(),
+                    });
+                }
+                opened
+            }
+            other => other,
+        };
+        let opened = match opened {
+            Err(Error::Http { status, .. }) if ranges_refused(status) => {
+                return Err(self.unusable_unit(format!("a range request was answered {status}")))
+            }
+            other => other?,
+        };
+        let asked = Asked {
+            range: Some(range),
+            max_skip: UNIT_MAX_SKIP,
+        };
+        let known = transfer.known();
+        let seen = Seen::of(&opened.response);
+        match judge(&asked, known.as_ref(), &seen) {
+            Verdict::Part { body, .. } => Ok(Body {
+                response: opened.response,
+                start: body.start,
+                holds_until: body.end,
+            }),
+            Verdict::Whole { .. }
+                if transfer.validator.compare(&seen.validator) == Comparison::Other =>
+            {
+                Err(self.changed("its ETag or Last-Modified changed".into()))
+            }
+            Verdict::Whole { .. } => {
+                Err(self.unusable_unit("a range request was answered 200".into()))
+            }
+            Verdict::Unusable(Unusable::Untrusted(detail)) => Err(self.changed(detail)),
+            Verdict::Unusable(Unusable::Misfit(detail)) => Err(self.unusable_unit(detail)),
+        }
+    }
+}
