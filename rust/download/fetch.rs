@@ -10,7 +10,10 @@ use reqwest::StatusCode;
 
 use super::{Body, Job};
 use crate::atomic;
+use crate::buffer::{self, Block, BLOCK_SIZE};
 use crate::error::{Error, Result};
+use crate::guard::Guard;
+use crate::hash::{Sha256Hasher, Xxh3Hasher};
 use crate::http;
 use crate::part::{file_mode, PartFile, Sidecar};
 use crate::ranges::RangeSet;
@@ -36,6 +39,12 @@ impl Job<'_> {
             size,
             ranges_done: kept.to_pairs(),
         };
+        if let (Some(size), Some((_, unit))) = (size, first.as_ref()) {
+            if size <= SMALL_MAX && kept.is_empty() && *unit == (0..size) {
+                let (body, unit) = first.expect("checked above");
+                return self.fetch_small(part, body, unit).await;
+            }
+        }
         if first.is_some() {
             sidecar
                 .store(&self.paths.sidecar, false)
@@ -92,22 +101,60 @@ impl Job<'_> {
             }
             return Err(error);
         }
-        let output = sink.finish().await?;
-        self.verify(&output, size)?;
         let SinkOutput {
             part,
             len,
             xxh3_128,
             sha256,
-        } = output;
+        } = sink.finish().await?;
+        self.verify(len, sha256.as_deref(), &xxh3_128, size)?;
+        self.persist(part)?;
+        self.paths.remove_sidecar();
+        Ok((len, sha256, xxh3_128))
+    }
+
+    /// A body that fits one block: read into memory, hashed and written here, on
+    /// the I/O runtime — no pipeline threads, no sidecar, no checkpoints. (A cut
+    /// one starts over: there is little to lose.)
+    async fn fetch_small(
+        &self,
+        mut part: PartFile,
+        body: Body,
+        unit: Range<u64>,
+    ) -> Result<(u64, Option<String>, String)> {
+        self.progress.set_total(Some(unit.end));
+        self.progress.set_done(0);
+        let mut memory = Memory(Block::take());
+        let streamed = self.stream_unit(body, &mut memory, &unit).await;
+        let block = memory.0;
+        let written = streamed.and_then(|()| part.write_at(block.as_slice(), 0));
+        let len = block.len() as u64;
+        let xxh3_128 = {
+            let mut xxh = Xxh3Hasher::default();
+            xxh.update(block.as_slice());
+            xxh.finish_hex()
+        };
+        let sha256 = (self.options.compute_sha256 || self.expected_sha256.is_some()).then(|| {
+            let mut sha = Sha256Hasher::default();
+            sha.update(block.as_slice());
+            sha.finish_hex()
+        });
+        buffer::recycle(block);
+        written?;
+        self.verify(len, sha256.as_deref(), &xxh3_128, Some(unit.end))?;
+        self.persist(part)?;
+        Ok((len, sha256, xxh3_128))
+    }
+
+    /// Makes the verified part durable (when asked), gives it its mode and
+    /// renames it over the final path.
+    fn persist(&self, part: PartFile) -> Result<()> {
         part.finish(file_mode(self.options.executable))?;
         atomic::persist(
             &self.paths.part,
             &self.paths.final_path,
             self.options.durable,
-        )?;
-        self.paths.remove_sidecar();
-        Ok((len, sha256, xxh3_128))
+        )
     }
 
     fn connection_count(&self, transfer: &Transfer, first: Option<&(Body, Range<u64>)>) -> u32 {
@@ -178,10 +225,10 @@ impl Job<'_> {
     /// Streams `unit` (its end `u64::MAX` when the size is unknown) from `body`,
     /// skipping what it holds before the unit; a body that holds more is dropped
     /// once the unit is complete.
-    pub(super) async fn stream_unit(
+    async fn stream_unit(
         &self,
         body: Body,
-        stream: &mut RangeStream,
+        stream: &mut impl UnitWriter,
         unit: &Range<u64>,
     ) -> Result<()> {
         let Body {
@@ -253,33 +300,74 @@ impl Job<'_> {
         Ok(())
     }
 
-    pub(super) fn verify(&self, output: &SinkOutput, expected: Option<u64>) -> Result<()> {
-        if let Some(expected) = expected.filter(|&e| e != output.len) {
+    /// Checks the size and digests of the `len` bytes received against what the
+    /// caller (or the server, for the size) promised.
+    fn verify(
+        &self,
+        len: u64,
+        sha256: Option<&str>,
+        xxh3_128: &str,
+        expected: Option<u64>,
+    ) -> Result<()> {
+        if let Some(expected) = expected.filter(|&e| e != len) {
             return Err(Error::SizeMismatch {
                 expected,
-                actual: output.len,
+                actual: len,
             });
         }
-        if let (Some(expected), Some(actual)) = (&self.expected_sha256, &output.sha256) {
+        if let (Some(expected), Some(actual)) = (&self.expected_sha256, sha256) {
             if expected != actual {
                 return Err(Error::ChecksumMismatch {
                     algorithm: "sha256",
                     expected: expected.clone(),
-                    actual: actual.clone(),
+                    actual: actual.to_owned(),
                 });
             }
         }
-        if let Some(expected) = self
-            .expected_xxh3
-            .as_ref()
-            .filter(|e| **e != output.xxh3_128)
-        {
+        if let Some(expected) = self.expected_xxh3.as_ref().filter(|e| *e != xxh3_128) {
             return Err(Error::ChecksumMismatch {
                 algorithm: "xxh3_128",
                 expected: expected.clone(),
-                actual: output.xxh3_128.clone(),
+                actual: xxh3_128.to_owned(),
             });
         }
+        Ok(())
+    }
+}
+
+/// Bodies up to this size take `fetch_small`: one block.
+const SMALL_MAX: u64 = BLOCK_SIZE as u64;
+
+/// Where `stream_unit` puts a unit's bytes: the sink's pipeline, or memory.
+trait UnitWriter {
+    /// File offset of the next byte.
+    fn position(&self) -> u64;
+    async fn push(&mut self, data: &[u8], guard: &Guard) -> Result<()>;
+}
+
+impl UnitWriter for RangeStream {
+    fn position(&self) -> u64 {
+        RangeStream::position(self)
+    }
+
+    async fn push(&mut self, data: &[u8], guard: &Guard) -> Result<()> {
+        RangeStream::push(self, data, guard).await
+    }
+}
+
+/// A small body, held whole in one block from offset 0.
+struct Memory(Block);
+
+impl UnitWriter for Memory {
+    fn position(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    async fn push(&mut self, data: &[u8], _guard: &Guard) -> Result<()> {
+        if self.0.len() + data.len() > BLOCK_SIZE {
+            return Err(Error::internal("a small body outgrew its block"));
+        }
+        self.0.fill_from(data);
         Ok(())
     }
 }
