@@ -44,6 +44,9 @@ pub struct Options {
     pub connections: Option<u32>,
     /// Continue a part file an earlier call left, when it is safe to.
     pub resume: bool,
+    /// Name the file after the first response's Content-Disposition filename
+    /// (a bare name, beside `final_path`) instead; see `PartPaths::name_after_server`.
+    pub content_disposition: bool,
 }
 
 impl Default for Options {
@@ -63,6 +66,7 @@ impl Default for Options {
             headers: Vec::new(),
             connections: None,
             resume: true,
+            content_disposition: false,
         }
     }
 }
@@ -142,7 +146,7 @@ pub async fn download_into(
     let _ = std::fs::remove_dir(&job.paths.dir);
     let (size, sha256, xxh3_128) = result?;
     Ok(Outcome {
-        path: job.paths.final_path.clone(),
+        path: job.paths.destination().to_path_buf(),
         size,
         sha256,
         xxh3_128,
@@ -622,6 +626,13 @@ impl<'a> Job<'a> {
         first_unit: Option<(reqwest::Response, Range<u64>)>,
     ) -> Result<(u64, Option<String>, String)> {
         let size = transfer.size;
+        if let Some(value) = first_unit
+            .as_ref()
+            .and_then(|(r, _)| r.headers().get(header::CONTENT_DISPOSITION))
+            .filter(|_| self.options.content_disposition)
+        {
+            self.paths.name_after_server(value.as_bytes());
+        }
         let sidecar = Sidecar {
             version: Sidecar::VERSION,
             url: self.url.to_string(),
@@ -702,7 +713,7 @@ impl<'a> Job<'a> {
         part.finish(file_mode(self.options.executable))?;
         atomic::persist(
             &self.paths.part,
-            &self.paths.final_path,
+            self.paths.destination(),
             self.options.durable,
         )?;
         self.paths.remove_sidecar();

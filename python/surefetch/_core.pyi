@@ -2,9 +2,18 @@
 
 from collections.abc import Callable
 from os import PathLike
+from pathlib import Path
 from typing import Any, final
 
-__all__ = ["CancelToken", "__version__", "download", "hash_file"]
+__all__ = [
+    "CancelToken",
+    "__version__",
+    "bare_name",
+    "download",
+    "fit_name",
+    "hash_file",
+    "part_dir",
+]
 
 __version__: str
 
@@ -35,9 +44,13 @@ def download(
     headers: list[tuple[str, str]] | None = None,
     connections: int | None = None,
     resume: bool = True,
+    content_disposition: bool = False,
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...
 def hash_file(
     path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None
 ) -> tuple[int, str, str | None]: ...
+def bare_name(raw: str) -> str: ...
+def fit_name(name: str | PathLike[str], suffix: str) -> str: ...
+def part_dir(directory: str | PathLike[str]) -> Path: ...
