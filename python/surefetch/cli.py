@@ -24,6 +24,8 @@ from surefetch.errors import (
     ManifestError,
     NetworkError,
     SurefetchError,
+    redact_url,
+    redact_urls,
 )
 
 EXIT_OK = 0
@@ -108,8 +110,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> int:
-    """Prints the one stderr line of a failed command and returns its exit code."""
-    print(f"surefetch: error: {message}", file=sys.stderr)
+    """Prints the one stderr line of a failed command (never a URL's password) and
+    returns its exit code."""
+    print(f"surefetch: error: {redact_urls(message)}", file=sys.stderr)
     return code
 
 
@@ -186,7 +189,13 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "arrived whole and verified; an interrupted download keeps its part file.",
     )
     get.add_argument("url", metavar="URL")
-    get.add_argument("-o", "--output", metavar="PATH", help="file or directory to write to")
+    get.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="file to write, or directory to write into (a PATH ending in / is a directory, "
+        "created if missing); default: the current directory",
+    )
     get.add_argument("--sha256", metavar="HEX", help="expected SHA-256")
     get.add_argument("--xxh3", metavar="HEX", help="expected XXH3-128 (as xxhsum -H2 prints)")
     get.add_argument("--size", metavar="N", type=_non_negative_int, help="expected size in bytes")
@@ -199,6 +208,12 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     get.add_argument("--timeout", metavar="S", type=_seconds, help="overall time limit")
     _add_network_options(get)
     get.add_argument("--executable", action="store_true", help="make the file executable")
+    get.add_argument(
+        "--content-disposition",
+        action="store_true",
+        help="name the file after the server's Content-Disposition filename (reduced to a "
+        "bare name) instead of the URL, unless -o names a file",
+    )
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     get.add_argument("--json", action="store_true", help="print the result as one JSON object")
     get.set_defaults(handler=_run_get)
@@ -228,6 +243,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 progress=progress,
                 compute_sha256=not args.no_sha256,
                 executable=args.executable,
+                content_disposition=args.content_disposition,
             )
         if args.json:
             _print_json(
@@ -1070,9 +1086,9 @@ def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any])
         print(f"{'ID':<32}  {'KIND':<4}  {'STATE':<9}  {'WORKER':<8}  WHAT")
         for job in reply["jobs"]:
             spec = job["spec"]
-            what = spec.get("url") or spec.get("dest", "")
+            what = redact_url(spec["url"]) if spec.get("url") else spec.get("dest", "")
             if job.get("error"):
-                what += f"  ({job['error']})"
+                what += f"  ({redact_urls(str(job['error']))})"
             print(
                 f"{job['id']:<32}  {job['kind']:<4}  {job['state']:<9}  "
                 f"{job['worker'] or '-':<8}  {what}"
