@@ -541,3 +541,18 @@ def test_a_lockfile_keeps_its_mode(server: FaultServer, tmp_path: Path) -> None:
     sf.sync(manifest, lock, tmp_path / "dest", cache=tmp_path / "c")
     assert "b.bin" in lock.read_text()
     assert stat.S_IMODE(lock.stat().st_mode) == 0o640
+
+
+def test_sessions_are_shown_without_the_password(tmp_path: Path) -> None:
+    from surefetch.sessions import SessionStore
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    store = SessionStore(db)
+    url = "http://user:sekret@h/x"
+    session = store.create("alice", f"get {url}", {"job": "get", "url": url})
+    store.close()
+    show = ["show", session.id]
+    for args in (["list"], ["list", "--json"], show, [*show, "--json"]):
+        done = run_cli(["sessions", *args, "--db", db, "--user", "alice"])
+        assert done.returncode == 0, done.stderr
+        assert "sekret" not in done.stdout and "user:***@h/x" in done.stdout, done.stdout

@@ -773,23 +773,24 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
                 return _fail("--limit must be 0 or more", EXIT_USAGE)
             found = store.list(user, status=args.status, limit=args.limit)
             if args.json:
-                print(json.dumps({"sessions": [s.to_dict() for s in found]}))
+                print(json.dumps({"sessions": [_shown(s.to_dict()) for s in found]}))
             else:
                 _print_session_table(found)
             return EXIT_OK
         if args.action == "show":
             session = store.get(args.id, user)
             if args.json:
-                print(json.dumps(session.to_dict()))
+                print(json.dumps(_shown(session.to_dict())))
             else:
-                for key, value in session.to_dict().items():
+                for key, value in _shown(session.to_dict()).items():
                     shown = json.dumps(value) if key == "metadata" else value
                     print(f"{key + ':':21}{'' if shown is None else shown}")
             return EXIT_OK
         changed = store.request_cancel(args.id, user)
         session = store.get(args.id, user)
         if args.json:
-            print(json.dumps({"id": session.id, "changed": changed, "session": session.to_dict()}))
+            shown = _shown(session.to_dict())
+            print(json.dumps({"id": session.id, "changed": changed, "session": shown}))
         else:
             print(_cancel_message(session, changed))
         return EXIT_OK
@@ -811,6 +812,20 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A session or job as printed: the URLs in its title, metadata, spec and error
+    without their passwords (the store keeps them: a job needs them to run)."""
+    shown = dict(record)
+    for key in ("title", "error"):
+        if isinstance(shown.get(key), str):
+            shown[key] = redact_urls(shown[key])
+    for key in ("metadata", "spec"):
+        inner = shown.get(key)
+        if isinstance(inner, dict) and isinstance(inner.get("url"), str):
+            shown[key] = {**inner, "url": redact_url(inner["url"])}
+    return shown
+
+
 def _print_session_table(found: Sequence[Any]) -> None:
     if not found:
         print("no sessions", file=sys.stderr)
@@ -818,7 +833,7 @@ def _print_session_table(found: Sequence[Any]) -> None:
     print(f"{'ID':32}  {'STATUS':9}  {'UI':12}  {'CANCEL':9}  {'CREATED':20}  TITLE")
     for s in found:
         created = s.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
-        title = s.title.replace("\n", " ")
+        title = redact_urls(s.title).replace("\n", " ")
         print(
             f"{s.id:32}  {s.status:9}  {s.ui_status:12}  {s.cancellation_status:9}  "
             f"{created:20}  {title}"
@@ -1062,6 +1077,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         return _fail(str(reply.get("error", "the supervisor refused")), int(reply.get("exit", 1)))
     reply.pop("ok", None)
+    if isinstance(reply.get("jobs"), list):
+        reply["jobs"] = [_shown(job) for job in reply["jobs"]]
     if as_json:
         _print_json(reply)
     else:
@@ -1086,9 +1103,9 @@ def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any])
         print(f"{'ID':<32}  {'KIND':<4}  {'STATE':<9}  {'WORKER':<8}  WHAT")
         for job in reply["jobs"]:
             spec = job["spec"]
-            what = redact_url(spec["url"]) if spec.get("url") else spec.get("dest", "")
+            what = spec.get("url") or spec.get("dest", "")
             if job.get("error"):
-                what += f"  ({redact_urls(str(job['error']))})"
+                what += f"  ({job['error']})"
             print(
                 f"{job['id']:<32}  {job['kind']:<4}  {job['state']:<9}  "
                 f"{job['worker'] or '-':<8}  {what}"
