@@ -1,5 +1,6 @@
 //! The one place that speaks PyO3: classes, functions and error conversion.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use crate::cancel;
 use crate::download::{download_into, Options, Outcome, Progress};
 use crate::error::Error;
 use crate::hash;
+use crate::names;
+use crate::part;
 use crate::retry::Backoff;
 
 pyo3::import_exception!(surefetch.errors, SurefetchError);
@@ -219,7 +222,7 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
     url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
     executable=false, timeout=None, connect_timeout=30.0, read_timeout=None, retries=3,
     backoff_base=0.25, backoff_cap=10.0, headers=None, connections=None, resume=true,
-    speed_limit=1024, speed_time=30.0, cancel=None, progress=None
+    speed_limit=1024, speed_time=30.0, content_disposition=false, cancel=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn download<'py>(
@@ -243,6 +246,7 @@ fn download<'py>(
     resume: bool,
     speed_limit: u64,
     speed_time: f64,
+    content_disposition: bool,
     cancel: Option<PyRef<'py, CancelToken>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -266,6 +270,7 @@ fn download<'py>(
         resume,
         speed_limit,
         speed_time: seconds(Some(speed_time), "speed_time")?.unwrap_or_default(),
+        content_disposition,
     };
     // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
     let token = match &cancel {
@@ -324,6 +329,25 @@ fn plain_os_error(err: Error) -> PyErr {
     }
 }
 
+/// `raw` reduced to a bare file name, "" when nothing is left (`names::bare_name`).
+#[pyfunction]
+fn bare_name(raw: &str) -> String {
+    names::bare_name(raw)
+}
+
+/// `name` + `suffix`, shortened to fit in 255 bytes (`names::fit_name`).
+#[pyfunction]
+fn fit_name(name: OsString, suffix: &str) -> OsString {
+    names::fit_name(&name, suffix)
+}
+
+/// Creates `<directory>/.surefetch` and checks that it is surefetch's own
+/// (`part::part_dir`); returns its path.
+#[pyfunction]
+fn part_dir(directory: PathBuf) -> PyResult<PathBuf> {
+    part::part_dir(&directory).map_err(|e| PyEngineError(e).into())
+}
+
 fn outcome_dict(py: Python<'_>, outcome: Outcome) -> PyResult<Bound<'_, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("path", outcome.path)?;
@@ -341,5 +365,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CancelToken>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(hash_file, m)?)?;
+    m.add_function(wrap_pyfunction!(bare_name, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_name, m)?)?;
+    m.add_function(wrap_pyfunction!(part_dir, m)?)?;
     Ok(())
 }

@@ -51,7 +51,7 @@ pub async fn download_into(
     let _ = std::fs::remove_dir(&job.paths.dir);
     let (size, sha256, xxh3_128) = result?;
     Ok(Outcome {
-        path: job.paths.final_path.clone(),
+        path: job.paths.destination().to_path_buf(),
         size,
         sha256,
         xxh3_128,

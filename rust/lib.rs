@@ -10,6 +10,7 @@ pub mod error;
 pub mod guard;
 pub mod hash;
 pub mod http;
+pub mod names;
 pub mod options;
 pub mod part;
 pub mod ranges;

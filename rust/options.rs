@@ -27,6 +27,9 @@ pub struct Options {
     pub connections: Option<u32>,
     /// Continue a part file an earlier call left, when it is safe to.
     pub resume: bool,
+    /// Name the file after the first response's Content-Disposition filename
+    /// (a bare name, beside `final_path`) instead; see `PartPaths::name_after_server`.
+    pub content_disposition: bool,
     /// Low-speed limit in bytes per second (0: off): a response slower than this
     /// over `speed_time` is a stall, retried (curl's `--speed-limit`).
     pub speed_limit: u64,
@@ -50,6 +53,7 @@ impl Default for Options {
             headers: Vec::new(),
             connections: None,
             resume: true,
+            content_disposition: false,
             speed_limit: 1024,
             speed_time: Duration::from_secs(30),
         }

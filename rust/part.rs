@@ -1,20 +1,33 @@
 //! The part file beside the destination, its resume sidecar, and the lock that
 //! keeps two processes from writing the same part.
 //!
-//! Layout: `<dest dir>/.surefetch/<name>.part`, `<name>.part.json` (what resume
-//! needs: url, validator, total size, byte ranges done), `<name>.lock`.
+//! Layout: `<dest dir>/.surefetch/<stem>.part`, `<stem>.part.json` (what resume
+//! needs: url, validator, total size, byte ranges done), `<stem>.lock`. The stem
+//! is the destination's name, shortened (`names::stem`) when a suffix would push
+//! it past the filesystem's 255 bytes.
+//!
+//! Everything under `.surefetch` is ours: the directory must be a real directory
+//! (never a symlink) owned by this user or root, its files are opened with
+//! `O_NOFOLLOW`, and the sidecar (which holds the URL) and the lock are 0600.
 
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::names;
 
 pub const PART_DIR: &str = ".surefetch";
+
+/// The longest suffix added to a stem: the sidecar's temporary.
+const LONGEST_SUFFIX: &str = ".part.json.tmp";
 
 /// How far behind the write head data is pushed to the disk while writing, so
 /// that the final fsync has little left to do.
@@ -28,13 +41,14 @@ pub struct PartPaths {
     pub part: PathBuf,
     pub sidecar: PathBuf,
     pub lock: PathBuf,
+    /// `final_path` renamed after the server's Content-Disposition, once known.
+    server_named: OnceLock<PathBuf>,
 }
 
 impl PartPaths {
     pub fn new(final_path: &Path) -> Result<Self> {
         let name = final_path
             .file_name()
-            .and_then(|n| n.to_str())
             .filter(|n| !n.is_empty() && *n != "." && *n != "..")
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -42,6 +56,13 @@ impl PartPaths {
                     final_path.display()
                 ))
             })?;
+        if name == PART_DIR {
+            return Err(Error::InvalidArgument(format!(
+                "destination {}: {PART_DIR} is the directory where surefetch keeps part files; \
+                 choose another file name",
+                final_path.display()
+            )));
+        }
         let parent = final_path.parent().unwrap_or(Path::new("."));
         let parent = if parent.as_os_str().is_empty() {
             Path::new(".")
@@ -49,21 +70,39 @@ impl PartPaths {
             parent
         };
         let dir = parent.join(PART_DIR);
+        let stem = names::stem(name.as_bytes(), LONGEST_SUFFIX.len());
+        let file = |suffix: &str| dir.join(OsStr::from_bytes(&[&stem, suffix.as_bytes()].concat()));
         Ok(Self {
             final_path: final_path.to_path_buf(),
-            part: dir.join(format!("{name}.part")),
-            sidecar: dir.join(format!("{name}.part.json")),
-            lock: dir.join(format!("{name}.lock")),
-            dir,
+            part: file(".part"),
+            sidecar: file(".part.json"),
+            lock: file(".lock"),
+            dir: dir.clone(),
+            server_named: OnceLock::new(),
         })
     }
 
+    /// Where the file is installed: `final_path`, or beside it under the name
+    /// the server gave (`name_after_server`).
+    pub fn destination(&self) -> &Path {
+        self.server_named.get().unwrap_or(&self.final_path)
+    }
+
+    /// Installs the file beside `final_path` under the name a `Content-Disposition`
+    /// header value gives, reduced to a bare name (`names::server_name`). The
+    /// first usable name counts; an unusable one (nothing left, `.surefetch`)
+    /// keeps `final_path`.
+    pub fn name_after_server(&self, content_disposition: &[u8]) {
+        if let Some(name) = names::server_name(content_disposition).filter(|n| n != PART_DIR) {
+            let _ = self.server_named.set(self.final_path.with_file_name(name));
+        }
+    }
+
+    /// Creates the part directory (and the destination's missing parents), and
+    /// checks that it is ours (`part_dir`).
     pub fn create_dir(&self) -> Result<()> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&self.dir)
-            .map_err(|e| Error::storage("creating", &self.dir, e))
+        let parent = self.dir.parent().unwrap_or(Path::new("."));
+        part_dir(parent).map(|_| ())
     }
 
     /// Creates the part directory and takes the lock in it. Another download
@@ -104,7 +143,64 @@ impl PartPaths {
     }
 }
 
-use std::os::unix::fs::DirBuilderExt;
+/// Creates `<parent>/.surefetch` (and `parent` when missing), 0755 minus the
+/// umask, and checks that it is surefetch's own: a real directory, not a
+/// symlink, owned by this user or root. Returns its path.
+pub fn part_dir(parent: &Path) -> Result<PathBuf> {
+    let dir = parent.join(PART_DIR);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(parent)
+        .map_err(|e| Error::storage("creating", parent, e))?;
+    match fs::DirBuilder::new().mode(0o755).create(&dir) {
+        Ok(()) => {}
+        // Checked below: a directory (ours or not), a file, a symlink...
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::storage("creating", &dir, e)),
+    }
+    let meta = fs::symlink_metadata(&dir).map_err(|e| Error::storage("creating", &dir, e))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let problem = if meta.file_type().is_symlink() {
+        "it is a symbolic link, which surefetch never follows to its part files".to_owned()
+    } else if !meta.is_dir() {
+        "it is not a directory".to_owned()
+    } else if meta.uid() != me && meta.uid() != 0 {
+        format!(
+            "it belongs to another user (uid {}), not to you",
+            meta.uid()
+        )
+    } else {
+        return Ok(dir);
+    };
+    Err(Error::storage(
+        "using",
+        &dir,
+        io::Error::other(format!(
+            "{problem}; surefetch keeps its part files in a directory of that name: \
+             move it away, or download into another directory"
+        )),
+    ))
+}
+
+/// An error opening one of our files: a symlink in its place is named as such.
+fn open_error(operation: &'static str, path: &Path, err: io::Error) -> Error {
+    if err.raw_os_error() == Some(libc::ELOOP) {
+        return Error::storage(
+            operation,
+            path,
+            io::Error::other(
+                "it is a symbolic link, which surefetch never follows among its own files: \
+                 remove it",
+            ),
+        );
+    }
+    Error::storage(operation, path, err)
+}
+
+/// Flags for every open of a file of ours.
+const OWN_FILE_FLAGS: i32 = libc::O_CLOEXEC | libc::O_NOFOLLOW;
 
 /// What a later call needs to resume a part file (written atomically).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,21 +224,32 @@ impl Sidecar {
 
     /// Reads a sidecar; a missing, unreadable or corrupt one is `None` (start over).
     pub fn load(path: &Path) -> Option<Self> {
-        let text = fs::read(path).ok()?;
+        let mut text = Vec::new();
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(OWN_FILE_FLAGS)
+            .open(path)
+            .and_then(|mut file| file.read_to_end(&mut text))
+            .ok()?;
         let sidecar: Sidecar = serde_json::from_slice(&text).ok()?;
         (sidecar.version == Self::VERSION).then_some(sidecar)
     }
 
-    /// Writes to a temporary file, then renames it over the sidecar (fsyncing the
-    /// temporary file first when `durable`). A sidecar lost to a power cut only
-    /// means starting over: the digests of a resumed file cover every byte.
+    /// Writes to a new temporary file (0600: the URL may hold a password), then
+    /// renames it over the sidecar (fsyncing the temporary file first when
+    /// `durable`). A sidecar lost to a power cut only means starting over: the
+    /// digests of a resumed file cover every byte.
     pub fn store(&self, path: &Path, durable: bool) -> io::Result<()> {
         let tmp = Self::temporary(path);
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(OWN_FILE_FLAGS)
             .open(&tmp)?;
         file.write_all(&serde_json::to_vec(self).map_err(io::Error::other)?)?;
         if durable {
@@ -170,9 +277,10 @@ impl PartLock {
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .mode(0o644)
+                .mode(0o600)
+                .custom_flags(OWN_FILE_FLAGS)
                 .open(path)
-                .map_err(|e| Error::storage("opening", path, e))?;
+                .map_err(|e| open_error("opening", path, e))?;
             // SAFETY: flock on a file descriptor we own.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let err = io::Error::last_os_error();
@@ -188,7 +296,7 @@ impl PartLock {
             let ours = file
                 .metadata()
                 .map_err(|e| Error::storage("locking", path, e))?;
-            match fs::metadata(path) {
+            match fs::symlink_metadata(path) {
                 Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {
                     return Ok(Self {
                         _file: file,
@@ -241,7 +349,7 @@ impl PartFile {
             .write(true)
             .create_new(true)
             .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(OWN_FILE_FLAGS)
             .open(path)
             .map_err(|e| Error::storage("creating", path, e))?;
         let part = Self::with_file(file, path, size, durable);
@@ -256,11 +364,16 @@ impl PartFile {
     pub fn open_existing(path: &Path, size: u64, durable: bool) -> Result<Option<Self>> {
         let file = match OpenOptions::new()
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(OWN_FILE_FLAGS)
             .open(path)
         {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // A symlink is never written through: start over (the caller removes it).
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(Error::storage("opening", path, e)),
         };
         let len = file
@@ -275,7 +388,7 @@ impl PartFile {
         let direct = if large {
             OpenOptions::new()
                 .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+                .custom_flags(OWN_FILE_FLAGS | libc::O_DIRECT)
                 .open(path)
                 .ok()
         } else {
@@ -448,6 +561,183 @@ mod tests {
         assert_eq!(rel.part, Path::new("./.surefetch/model.bin.part"));
         assert!(PartPaths::new(Path::new("/data/..")).is_err());
         assert!(PartPaths::new(Path::new("/")).is_err());
+        assert!(matches!(
+            PartPaths::new(Path::new("/data/.surefetch")),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    /// Every name the filesystem accepts gets internal files that fit, on a
+    /// real filesystem: sidecar, its temporary, part and lock are all created.
+    #[test]
+    fn internal_names_fit_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "a".to_owned(),
+            "n".repeat(200),
+            "n".repeat(241),
+            "n".repeat(250),
+            "n".repeat(255),
+            "é".repeat(125),
+            format!("{}.bin", "日本".repeat(41)),
+        ];
+        let mut stems = std::collections::HashSet::new();
+        for name in &names {
+            assert!(name.len() <= 255);
+            let paths = PartPaths::new(&dir.path().join(name)).unwrap();
+            for internal in [&paths.part, &paths.sidecar, &paths.lock] {
+                let file = internal.file_name().unwrap().as_bytes();
+                assert!(file.len() <= 255, "{} → {}", name.len(), file.len());
+                assert!(std::str::from_utf8(file).is_ok());
+            }
+            if name.len() <= 241 {
+                assert_eq!(
+                    paths.part,
+                    dir.path().join(PART_DIR).join(format!("{name}.part"))
+                );
+            }
+            let lock = paths.lock().unwrap();
+            let sidecar = Sidecar {
+                version: Sidecar::VERSION,
+                url: "http://h/x".into(),
+                etag: None,
+                last_modified: None,
+                size: Some(1),
+                ranges_done: vec![],
+            };
+            sidecar.store(&paths.sidecar, false).unwrap();
+            PartFile::create(&paths.part, Some(1), false).unwrap();
+            assert!(
+                stems.insert(paths.part.clone()),
+                "two names share a part file"
+            );
+            drop(lock);
+        }
+    }
+
+    #[test]
+    fn the_server_names_the_file_once() {
+        let p = PartPaths::new(Path::new("/data/from-url.bin")).unwrap();
+        assert_eq!(p.destination(), Path::new("/data/from-url.bin"));
+        p.name_after_server(b"attachment; filename=\"..\"");
+        p.name_after_server(b"attachment; filename=\".surefetch\"");
+        assert_eq!(p.destination(), Path::new("/data/from-url.bin"));
+        p.name_after_server(b"attachment; filename=\"../../etc/passwd\"");
+        assert_eq!(p.destination(), Path::new("/data/passwd"));
+        p.name_after_server(b"attachment; filename=\"later.bin\"");
+        assert_eq!(p.destination(), Path::new("/data/passwd"));
+        assert_eq!(p.part, Path::new("/data/.surefetch/from-url.bin.part"));
+    }
+
+    fn storage_message(result: Result<impl std::fmt::Debug>) -> String {
+        match result {
+            Err(e @ Error::Storage { .. }) => e.to_string(),
+            other => panic!("expected a storage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_part_dir_that_is_not_ours_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let paths = PartPaths::new(&dir.path().join("f")).unwrap();
+
+        // A symlink to another directory: nothing is created through it.
+        std::os::unix::fs::symlink(elsewhere.path(), &paths.dir).unwrap();
+        let text = storage_message(paths.lock());
+        assert!(text.contains("symbolic link"), "{text}");
+        assert!(text.contains(".surefetch"), "{text}");
+        assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        fs::remove_file(&paths.dir).unwrap();
+
+        // The user's own file of that name: a clear error, not "File exists".
+        fs::write(&paths.dir, b"mine").unwrap();
+        let text = storage_message(paths.lock());
+        assert!(text.contains("not a directory"), "{text}");
+        assert_eq!(fs::read(&paths.dir).unwrap(), b"mine");
+        fs::remove_file(&paths.dir).unwrap();
+
+        // A directory planted by another user (we run the tests as root or not).
+        fs::create_dir(&paths.dir).unwrap();
+        let other = 4242;
+        // SAFETY: chown on a path we created; fails harmlessly when not root.
+        let path = std::ffi::CString::new(paths.dir.as_os_str().as_bytes()).unwrap();
+        if unsafe { libc::chown(path.as_ptr(), other, other) } == 0 {
+            let text = storage_message(paths.lock());
+            assert!(text.contains("another user (uid 4242)"), "{text}");
+        }
+        fs::remove_dir(&paths.dir).unwrap();
+
+        // Ours: fine.
+        drop(paths.lock().unwrap());
+        assert!(paths.dir.is_dir());
+    }
+
+    #[test]
+    fn files_of_ours_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let paths = PartPaths::new(&dir.path().join("f")).unwrap();
+        paths.create_dir().unwrap();
+        let target = |name: &str| elsewhere.path().join(name);
+
+        std::os::unix::fs::symlink(target("lock"), &paths.lock).unwrap();
+        let text = storage_message(paths.lock());
+        assert!(text.contains("symbolic link"), "{text}");
+        assert!(!target("lock").exists(), "created through the link");
+        fs::remove_file(&paths.lock).unwrap();
+
+        // A sidecar (and its temporary) that are links are not read or written through.
+        fs::write(target("sidecar"), b"{}").unwrap();
+        std::os::unix::fs::symlink(target("sidecar"), &paths.sidecar).unwrap();
+        std::os::unix::fs::symlink(target("tmp"), Sidecar::temporary(&paths.sidecar)).unwrap();
+        assert_eq!(Sidecar::load(&paths.sidecar), None);
+        let sidecar = Sidecar {
+            version: Sidecar::VERSION,
+            url: "http://user:secret@h/x".into(),
+            etag: None,
+            last_modified: None,
+            size: None,
+            ranges_done: vec![],
+        };
+        sidecar.store(&paths.sidecar, true).unwrap();
+        assert_eq!(fs::read(target("sidecar")).unwrap(), b"{}");
+        assert!(!target("tmp").exists());
+        assert_eq!(Sidecar::load(&paths.sidecar), Some(sidecar));
+
+        // A part file that is a link is not resumed through.
+        fs::write(target("part"), b"x").unwrap();
+        std::os::unix::fs::symlink(target("part"), &paths.part).unwrap();
+        assert!(PartFile::open_existing(&paths.part, 1, false)
+            .unwrap()
+            .is_none());
+        PartFile::create(&paths.part, Some(1), false).unwrap();
+        assert_eq!(fs::read(target("part")).unwrap(), b"x");
+        assert!(!fs::symlink_metadata(&paths.part)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn the_sidecar_and_the_lock_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PartPaths::new(&dir.path().join("f")).unwrap();
+        let lock = paths.lock().unwrap();
+        let sidecar = Sidecar {
+            version: Sidecar::VERSION,
+            url: "http://user:secret@h/x".into(),
+            etag: None,
+            last_modified: None,
+            size: None,
+            ranges_done: vec![],
+        };
+        sidecar.store(&paths.sidecar, false).unwrap();
+        for path in [&paths.lock, &paths.sidecar] {
+            let mode = fs::metadata(path).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        drop(lock);
     }
 
     #[test]

@@ -435,11 +435,15 @@ def test_full_disk_keeps_the_old_file(url: str, tiny_fs: Path) -> None:
 
 def test_rename_across_filesystems_never_copies(url: str, tmp_path: Path, tiny_fs: Path) -> None:
     # The part directory on another filesystem than the destination: rename gives EXDEV.
+    # (A bind mount, not a symlink: surefetch never follows a symlinked .surefetch.)
     dest_dir = tmp_path / "dest"
-    dest_dir.mkdir()
-    (dest_dir / ".surefetch").symlink_to(tiny_fs)
-    with pytest.raises(sf.StorageError, match="never falls back to a copy") as info:
-        sf.download(url + "?length=1000", dest_dir / "f", compute_sha256=False, connections=1)
+    (dest_dir / ".surefetch").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(tiny_fs), str(dest_dir / ".surefetch")], check=True)
+    try:
+        with pytest.raises(sf.StorageError, match="never falls back to a copy") as info:
+            sf.download(url + "?length=1000", dest_dir / "f", compute_sha256=False, connections=1)
+    finally:
+        subprocess.run(["umount", "-l", str(dest_dir / ".surefetch")], check=True)
     assert info.value.errno == errno.EXDEV
     assert not (dest_dir / "f").exists()
     assert leftovers(tiny_fs) == []

@@ -2,9 +2,18 @@
 
 from collections.abc import Callable
 from os import PathLike
+from pathlib import Path
 from typing import Any, final
 
-__all__ = ["CancelToken", "__version__", "download", "hash_file"]
+__all__ = [
+    "CancelToken",
+    "__version__",
+    "bare_name",
+    "download",
+    "fit_name",
+    "hash_file",
+    "part_dir",
+]
 
 __version__: str
 
@@ -37,9 +46,13 @@ def download(
     resume: bool = True,
     speed_limit: int = 1024,
     speed_time: float = 30.0,
+    content_disposition: bool = False,
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...
 def hash_file(
     path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None
 ) -> tuple[int, str, str | None]: ...
+def bare_name(raw: str) -> str: ...
+def fit_name(name: str | PathLike[str], suffix: str) -> str: ...
+def part_dir(directory: str | PathLike[str]) -> Path: ...

@@ -29,6 +29,15 @@ that user after it was checked: for a cache shared between users who do not
 trust each other, give the directories the sticky bit (so that nobody can
 replace another's files) and let a trusted account populate it.
 
+The cache's own directories (``tmp/``, ``locks/``, ``blobs/``, ``meta/``,
+``quarantine/`` and the levels below them) are never followed through a
+symlink: each must be a real directory, and one that belongs to another user
+(not root) must not be writable by group or others unless it has the sticky
+bit; the root may be a symlink, but the same ownership rule applies to it.
+Anything else raises `StorageError` naming the directory. Lock files are opened
+with ``O_NOFOLLOW``. No file of the cache holds a password: the URLs in the
+metadata and in lock files are redacted (`surefetch.errors.redact_url`).
+
 Timeouts: ``lock_timeout`` bounds each wait for another process's lock and
 raises `LockTimeout` naming the holder; the overall ``timeout`` of a fetch
 covers the lock wait and the download, and raises `DownloadTimeout` when it is
@@ -59,6 +68,7 @@ from surefetch.errors import (
     SizeMismatch,
     StorageError,
     SurefetchError,
+    redact_url,
 )
 
 __all__ = [
@@ -314,7 +324,7 @@ class Cache:
         result = download(url, tmp, sha256=expected, timeout=remaining, cancel=cancel, **options)
         assert result.sha256 is not None  # computed whenever none was expected
         digest = result.sha256
-        info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": url}
+        info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": redact_url(url)}
         if expected is not None:
             path = self._install(tmp, digest, info)
         else:
@@ -363,7 +373,7 @@ class Cache:
             except FileNotFoundError:
                 continue
             meta = _read_json(self._meta_path(digest))
-            url = _printable(meta["url"]) if isinstance(meta.get("url"), str) else None
+            url = _printable(redact_url(meta["url"])) if isinstance(meta.get("url"), str) else None
             found.append(CachedBlob(path, digest, st.st_size, st.st_mtime, url))
         return sorted(found, key=lambda b: (b.last_used, b.sha256))
 
@@ -455,7 +465,7 @@ class Cache:
         cutoff = time.time() - older_than
         removed: list[tuple[Path, int]] = []
         live = 0
-        parts = self._root / "tmp" / ".surefetch"
+        parts = self._checked("tmp", ".surefetch")
         for base, group in _part_groups(parts).items():
             if _newest_mtime(group) > cutoff:
                 continue
@@ -464,18 +474,18 @@ class Cache:
                     live += 1
                     continue
                 removed += _remove(group)
-        tmp = self._root / "tmp"
+        tmp = self._checked("tmp")
         for stray in sorted(tmp.iterdir()) if tmp.is_dir() else []:
             if stray.is_file() and _newest_mtime([stray]) <= cutoff:
                 with self._try_locked(stray.name) as ok:
                     if ok:
                         removed += _remove([stray])
-        locks = self._root / "locks"
+        locks = self._checked("locks")
         for lock in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
             if _newest_mtime([lock]) <= cutoff:
                 with _try_flock(lock, unlink=True):
                     pass
-        quarantined = self._root / "quarantine"
+        quarantined = self._checked("quarantine")
         if quarantine and quarantined.is_dir():
             removed += _remove(sorted(quarantined.iterdir()))
         with contextlib.suppress(OSError):
@@ -485,28 +495,49 @@ class Cache:
     # -- internals ----------------------------------------------------------------
 
     def _dir(self, *parts: str) -> Path:
-        """``root/parts...``, created 0755 minus the umask, level by level."""
+        """``root/parts...``, created 0755 minus the umask, level by level, each
+        level checked (`_check_dir`)."""
         path = self._root
         if not path.is_dir():
             path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        _check_dir(path, os.stat(path), root=True)
         for part in parts:
             path = path / part
             with contextlib.suppress(FileExistsError):
                 path.mkdir(mode=_DIR_MODE)
+            _check_dir(path, os.lstat(path))
         return path
 
+    def _checked(self, *parts: str) -> Path:
+        """``root/parts...``, not created; every level of it that exists is checked
+        (`_check_dir`)."""
+        path = self._root
+        try:
+            _check_dir(path, os.stat(path), root=True)
+            for part in parts:
+                path = path / part
+                _check_dir(path, os.lstat(path))
+        except FileNotFoundError:
+            pass
+        return self._root.joinpath(*parts)
+
     def _blob_path(self, digest: str) -> Path:
-        return self._root / "blobs" / "sha256" / digest[:2] / digest
+        return self._checked("blobs", "sha256", digest[:2]) / digest
 
     def _meta_path(self, digest: str) -> Path:
-        return self._root / "meta" / digest[:2] / f"{digest}.json"
+        return self._checked("meta", digest[:2]) / f"{digest}.json"
 
     def _blobs(self) -> Iterator[tuple[Path, str]]:
-        top = self._root / "blobs" / "sha256"
+        top = self._checked("blobs", "sha256")
         if not top.is_dir():
             return
         for sub in sorted(top.iterdir()):
-            if sub.is_dir():
+            try:
+                st = sub.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                _check_dir(sub, st)
                 for path in sorted(sub.iterdir()):
                     if _SHA256.fullmatch(path.name) and path.name[:2] == sub.name:
                         yield path, path.name
@@ -569,8 +600,9 @@ class Cache:
         return blob
 
     def _write_meta(self, digest: str, info: dict[str, Any]) -> None:
-        """Writes the metadata atomically; a failure only costs a re-hash later."""
-        with contextlib.suppress(OSError):
+        """Writes the metadata atomically; a failure only costs a re-hash later (but a
+        directory that is not the cache's own is refused, as everywhere)."""
+        try:
             old = _read_json(self._meta_path(digest))
             directory = self._dir("meta", digest[:2])
             tmp = directory / f".{digest}.{os.getpid()}.{time.time_ns()}.tmp"
@@ -578,11 +610,15 @@ class Cache:
             with os.fdopen(fd, "w") as f:
                 json.dump({**old, **info, "sha256": digest}, f, sort_keys=True)
             os.rename(tmp, self._meta_path(digest))
+        except StorageError:
+            raise
+        except OSError:
+            pass
 
     @contextlib.contextmanager
     def _try_locked(self, key: str) -> Iterator[bool]:
         """Holds the artifact lock `key` if nobody else does; yields whether it does."""
-        with _try_flock(self._root / "locks" / f"{key}.lock", unlink=False) as ok:
+        with _try_flock(self._checked("locks") / f"{key}.lock", unlink=False) as ok:
             yield ok
 
     @contextlib.contextmanager
@@ -682,7 +718,9 @@ def _wait_for_lock(
     told = False
     while True:
         if cancel is not None and cancel.cancelled:
-            raise Cancelled(f"cancelled while waiting for {_holder(path)} to finish {url}")
+            raise Cancelled(
+                f"cancelled while waiting for {_holder(path)} to finish {redact_url(url)}"
+            )
         fd = _flock_nb(path)
         if fd is not None:
             return fd
@@ -695,11 +733,13 @@ def _wait_for_lock(
         if deadline is not None and now >= deadline and deadline <= lock_deadline:
             raise DownloadTimeout(
                 f"the timeout ran out after {waited:.1f} s waiting for {_holder(path)} "
-                f"to finish {url}; allow more time (timeout / --timeout) or stop that process"
+                f"to finish {redact_url(url)}; allow more time (timeout / --timeout) or stop "
+                "that process"
             )
         if now >= lock_deadline:
             raise LockTimeout(
-                f"gave up after {waited:.1f} s waiting for the cache lock on {url}, held by "
+                f"gave up after {waited:.1f} s waiting for the cache lock on {redact_url(url)}, "
+                "held by "
                 f"{_holder(path)}; if that process is stuck stop it (its lock goes with it), "
                 f"or wait longer (lock_timeout / --lock-timeout)"
             )
@@ -707,10 +747,18 @@ def _wait_for_lock(
 
 
 def _write_holder(fd: int, url: str) -> None:
-    """Tells waiters who holds the lock (best effort: another user's file is read-only)."""
+    """Tells waiters who holds the lock (best effort: another user's file is read-only).
+
+    Others may read the lock file: the URL's password is not written.
+    """
     import socket
 
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "url": url, "since": time.time()}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "url": redact_url(url),
+        "since": time.time(),
+    }
     with contextlib.suppress(OSError):
         data = json.dumps(record).encode()
         os.ftruncate(fd, 0)
@@ -726,7 +774,7 @@ def _holder(path: Path) -> str:
         finally:
             os.close(fd)
         pid, host = int(record["pid"]), _printable(str(record["host"]))
-        url = _printable(str(record["url"]))
+        url = _printable(redact_url(str(record["url"])))
         since = time.strftime("%H:%M:%S", time.localtime(float(record["since"])))
     except (OSError, ValueError, KeyError, TypeError, OverflowError):
         return "another process (it has not said which)"
@@ -770,7 +818,9 @@ def _remaining(deadline: float | None, url: str) -> float | None:
         return None
     left = deadline - time.monotonic()
     if left <= 0:
-        raise DownloadTimeout(f"the timeout ran out before {url} could start; allow more time")
+        raise DownloadTimeout(
+            f"the timeout ran out before {redact_url(url)} could start; allow more time"
+        )
     return left
 
 
@@ -784,6 +834,40 @@ def _trusted(st: os.stat_result) -> bool:
     )
 
 
+def _check_dir(path: Path, st: os.stat_result, *, root: bool = False) -> None:
+    """Refuses a directory of the cache's own that is a symlink (`root`, which the
+    user chose, may be one: `st` is then the target's), not a directory, or another
+    user's that group or others can write without the sticky bit."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        code, problem = errno.ELOOP, "is a symbolic link, which the cache never follows"
+    elif not stat.S_ISDIR(mode):
+        code, problem = errno.ENOTDIR, "is not a directory"
+    elif (
+        st.st_uid not in (os.geteuid(), 0)
+        and mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and not mode & stat.S_ISVTX
+    ):
+        code = errno.EPERM
+        problem = (
+            f"belongs to another user (uid {st.st_uid}) and others can write to it without "
+            "the sticky bit, so nothing in it can be trusted"
+        )
+    else:
+        return
+    what = "the cache directory" if root else "a directory of the cache"
+    fix = (
+        "fix its owner or permissions (chmod +t, or go-w)"
+        if code == errno.EPERM
+        else "remove it (the cache recreates it)"
+    )
+    raise StorageError(
+        code,
+        f"{what} {path} {problem}: {fix}, or use another cache (--cache DIR, SUREFETCH_CACHE)",
+        str(path),
+    )
+
+
 def _trusted_path(path: Path) -> bool:
     try:
         return _trusted(path.lstat())
@@ -793,7 +877,8 @@ def _trusted_path(path: Path) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
             value = json.loads(f.read(65536))
     except (OSError, ValueError):
         return {}

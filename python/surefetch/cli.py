@@ -24,6 +24,8 @@ from surefetch.errors import (
     ManifestError,
     NetworkError,
     SurefetchError,
+    redact_url,
+    redact_urls,
 )
 
 EXIT_OK = 0
@@ -108,8 +110,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> int:
-    """Prints the one stderr line of a failed command and returns its exit code."""
-    print(f"surefetch: error: {message}", file=sys.stderr)
+    """Prints the one stderr line of a failed command (never a URL's password) and
+    returns its exit code."""
+    print(f"surefetch: error: {redact_urls(message)}", file=sys.stderr)
     return code
 
 
@@ -186,7 +189,13 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "arrived whole and verified; an interrupted download keeps its part file.",
     )
     get.add_argument("url", metavar="URL")
-    get.add_argument("-o", "--output", metavar="PATH", help="file or directory to write to")
+    get.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="file to write, or directory to write into (a PATH ending in / is a directory, "
+        "created if missing); default: the current directory",
+    )
     get.add_argument("--sha256", metavar="HEX", help="expected SHA-256")
     get.add_argument("--xxh3", metavar="HEX", help="expected XXH3-128 (as xxhsum -H2 prints)")
     get.add_argument("--size", metavar="N", type=_non_negative_int, help="expected size in bytes")
@@ -209,6 +218,12 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _add_network_options(get)
     get.add_argument("--executable", action="store_true", help="make the file executable")
+    get.add_argument(
+        "--content-disposition",
+        action="store_true",
+        help="name the file after the server's Content-Disposition filename (reduced to a "
+        "bare name) instead of the URL, unless -o names a file",
+    )
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     get.add_argument("--json", action="store_true", help="print the result as one JSON object")
     get.set_defaults(handler=_run_get)
@@ -240,6 +255,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 progress=progress,
                 compute_sha256=not args.no_sha256,
                 executable=args.executable,
+                content_disposition=args.content_disposition,
             )
         if args.json:
             _print_json(
@@ -769,23 +785,24 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
                 return _fail("--limit must be 0 or more", EXIT_USAGE)
             found = store.list(user, status=args.status, limit=args.limit)
             if args.json:
-                print(json.dumps({"sessions": [s.to_dict() for s in found]}))
+                print(json.dumps({"sessions": [_shown(s.to_dict()) for s in found]}))
             else:
                 _print_session_table(found)
             return EXIT_OK
         if args.action == "show":
             session = store.get(args.id, user)
             if args.json:
-                print(json.dumps(session.to_dict()))
+                print(json.dumps(_shown(session.to_dict())))
             else:
-                for key, value in session.to_dict().items():
+                for key, value in _shown(session.to_dict()).items():
                     shown = json.dumps(value) if key == "metadata" else value
                     print(f"{key + ':':21}{'' if shown is None else shown}")
             return EXIT_OK
         changed = store.request_cancel(args.id, user)
         session = store.get(args.id, user)
         if args.json:
-            print(json.dumps({"id": session.id, "changed": changed, "session": session.to_dict()}))
+            shown = _shown(session.to_dict())
+            print(json.dumps({"id": session.id, "changed": changed, "session": shown}))
         else:
             print(_cancel_message(session, changed))
         return EXIT_OK
@@ -807,6 +824,20 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _shown(record: dict[str, Any]) -> dict[str, Any]:
+    """A session or job as printed: the URLs in its title, metadata, spec and error
+    without their passwords (the store keeps them: a job needs them to run)."""
+    shown = dict(record)
+    for key in ("title", "error"):
+        if isinstance(shown.get(key), str):
+            shown[key] = redact_urls(shown[key])
+    for key in ("metadata", "spec"):
+        inner = shown.get(key)
+        if isinstance(inner, dict) and isinstance(inner.get("url"), str):
+            shown[key] = {**inner, "url": redact_url(inner["url"])}
+    return shown
+
+
 def _print_session_table(found: Sequence[Any]) -> None:
     if not found:
         print("no sessions", file=sys.stderr)
@@ -814,7 +845,7 @@ def _print_session_table(found: Sequence[Any]) -> None:
     print(f"{'ID':32}  {'STATUS':9}  {'UI':12}  {'CANCEL':9}  {'CREATED':20}  TITLE")
     for s in found:
         created = s.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
-        title = s.title.replace("\n", " ")
+        title = redact_urls(s.title).replace("\n", " ")
         print(
             f"{s.id:32}  {s.status:9}  {s.ui_status:12}  {s.cancellation_status:9}  "
             f"{created:20}  {title}"
@@ -1058,6 +1089,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         return _fail(str(reply.get("error", "the supervisor refused")), int(reply.get("exit", 1)))
     reply.pop("ok", None)
+    if isinstance(reply.get("jobs"), list):
+        reply["jobs"] = [_shown(job) for job in reply["jobs"]]
     if as_json:
         _print_json(reply)
     else:

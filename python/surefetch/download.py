@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import urllib.parse
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from surefetch import _core
 from surefetch._core import CancelToken
+from surefetch.errors import StorageError, UnsafeDestination
 
 if TYPE_CHECKING:
     import asyncio
@@ -38,29 +40,65 @@ class DownloadResult:
     elapsed: float
 
 
+PART_DIR = ".surefetch"
+"""The directory beside a destination where surefetch keeps part files (a reserved name)."""
+
+
 def name_from_url(url: str) -> str:
     """The file name a URL suggests: its last path segment, percent-decoded, as a bare name.
 
-    A name that would leave its directory (``..``, a decoded ``/``) is reduced to its
-    last component; an empty one becomes ``index``.
+    A bare name has no ``/`` or ``\\`` (only what follows the last one is kept),
+    no control characters, no leading ``-``, is not ``.`` or ``..``, and fits in
+    255 bytes; one that reduces to nothing becomes ``index``.
     """
     path = urllib.parse.urlsplit(url).path
     segment = urllib.parse.unquote(path.rsplit("/", 1)[-1])
-    return safe_name(segment) or "index"
+    return _core.bare_name(segment) or "index"
 
 
-def safe_name(name: str) -> str:
-    """`name` reduced to a bare file name that stays in its directory ('' if nothing is left)."""
-    bare = name.replace("\\", "/").rsplit("/", 1)[-1].replace("\0", "").strip()
-    return "" if bare in ("", ".", "..") else bare
+def _destination(url: str, dest: StrPath | None) -> tuple[Path, bool]:
+    """The file to write, and whether it is in a directory the caller named (so that
+    its name is ours to choose: from the URL, or the server with Content-Disposition).
 
-
-def _destination(url: str, dest: StrPath | None) -> Path:
+    ``None`` is the current directory; a `dest` ending in ``/`` is a directory,
+    created when missing (0755 minus the umask); an existing directory is one too.
+    """
     if dest is None:
-        return Path.cwd() / name_from_url(url)
-    path = Path(os.fspath(dest))
-    if path.is_dir():
-        return path / name_from_url(url)
+        directory = Path.cwd()
+    else:
+        text = os.fspath(dest)
+        directory = Path(text)
+        if text.endswith(("/", os.sep)):
+            _make_directory(directory)
+        elif not directory.is_dir():
+            return _not_reserved(directory), False
+    return _not_reserved(directory / name_from_url(url)), True
+
+
+def _make_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise StorageError(
+            errno.ENOTDIR,
+            f"{directory} exists and is not a directory; a destination ending in / names a "
+            "directory: drop the / to write to that file, or choose another directory",
+            str(directory),
+        ) from exc
+    except OSError as exc:
+        raise StorageError(
+            exc.errno or errno.EIO,
+            f"cannot create the directory {directory}: {exc.strerror}; check its permissions",
+            str(directory),
+        ) from exc
+
+
+def _not_reserved(path: Path) -> Path:
+    if path.name == PART_DIR:
+        raise UnsafeDestination(
+            f"{path}: {PART_DIR} is the directory where surefetch keeps part files beside "
+            "the destination; choose another file name (-o NAME, or dest=)"
+        )
     return path
 
 
@@ -97,6 +135,7 @@ def download(
     progress: ProgressCallback | None = None,
     compute_sha256: bool = True,
     executable: bool = False,
+    content_disposition: bool = False,
 ) -> DownloadResult:
     """Download `url` to `dest`, verified, atomically.
 
@@ -107,8 +146,9 @@ def download(
 
     Args:
         url: an http or https URL.
-        dest: the file to create; an existing directory means "in it, named after
-            the URL"; None means the current directory.
+        dest: the file to create; a directory (one that exists, or any path ending
+            in ``/``, created when missing) means "in it, named after the URL" (a
+            bare name: `name_from_url`); None means the current directory.
         sha256: expected SHA-256 (hex); a mismatch raises `ChecksumMismatch`.
         xxh3_128: expected XXH3-128 (hex, canonical form as `xxhsum -H2` prints).
         size: expected size in bytes; a body that differs raises `SizeMismatch`.
@@ -132,6 +172,10 @@ def download(
         progress: called with (bytes done, total or None) at most ~10 times a second.
         compute_sha256: compute SHA-256 when no `sha256` is expected.
         executable: create the file with the executable bits (0755 minus umask).
+        content_disposition: when `dest` is a directory (or None), name the file
+            after the server's ``Content-Disposition`` filename (``filename*=UTF-8''``
+            first, else ``filename=``) reduced to a bare name, instead of the URL's;
+            without a usable one, the URL's name. Ignored when `dest` names a file.
 
     Returns:
         A `DownloadResult` with the path, size and digests.
@@ -143,7 +187,10 @@ def download(
             redirect was unsafe.
         DownloadTimeout: a connect, read or overall timeout expired.
         Cancelled: `cancel` was cancelled; the part file is kept for resume.
-        StorageError: the disk is full, failed, or the rename crossed filesystems.
+        StorageError: the disk is full, failed, or the rename crossed filesystems;
+            `dest` ends in ``/`` but is a file; ``<dest dir>/.surefetch`` is a
+            symlink, not a directory, or another user's.
+        UnsafeDestination: the file would be named ``.surefetch``.
         LockTimeout: another process is downloading to the same destination.
         ValueError: an invalid argument (URL scheme, digest, number).
         KeyboardInterrupt: Ctrl+C, raised within 100 ms; the transfer is cancelled.
@@ -154,7 +201,7 @@ def download(
             f"speed_limit must be 0 or more and speed_time positive, "
             f"not {speed_limit} and {speed_time}"
         )
-    path = _destination(url, dest)
+    path, in_directory = _destination(url, dest)
     raw = _core.download(
         url,
         path,
@@ -173,6 +220,7 @@ def download(
         headers=list((headers or {}).items()),
         connections=connections,
         resume=resume,
+        content_disposition=content_disposition and in_directory,
         cancel=cancel,
         progress=progress,
     )

@@ -11,8 +11,9 @@ The tree::
     ├── DownloadTimeout           (also a TimeoutError)
     ├── Cancelled
     │   └── SessionCancelled  (a session's cancellation was requested before its process started)
-    ├── StorageError              (also an OSError: disk full, I/O error, cross-device rename)
-    ├── UnsafeDestination         (a name or path that would leave its directory)
+    ├── StorageError              (also an OSError: disk full, I/O error, cross-device rename,
+    │                              a directory of surefetch's own that is a symlink or not ours)
+    ├── UnsafeDestination         (a name or path that would leave its directory, or .surefetch)
     ├── LockTimeout               (also a TimeoutError)
     ├── LockfileError             (invalid or unsafe lockfile)
     ├── LockfileOutdated          (lockfile missing or would change: --locked, --frozen)
@@ -22,9 +23,13 @@ The tree::
 
 The native core raises these same classes (``surefetch._core`` imports them
 from here), so callers never see a bare ``RuntimeError``.
+
+`redact_url` is what every message that shows a URL goes through.
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "Cancelled",
@@ -44,6 +49,8 @@ __all__ = [
     "StorageError",
     "SurefetchError",
     "UnsafeDestination",
+    "redact_url",
+    "redact_urls",
 ]
 
 
@@ -133,11 +140,17 @@ class StorageError(SurefetchError, OSError):
 
     Raised with the ``errno`` of the failure (``ENOSPC``, ``EIO``, ``EXDEV``...).
     The part file has been removed and the final path left as it was.
+
+    Also raised, naming the path, when a directory surefetch keeps its own files
+    in (``<dest>/.surefetch``, the cache's ``tmp/``, ``locks/``, ``blobs/``...) is
+    a symbolic link, not a directory, or another user's: surefetch never follows
+    a link there nor trusts a directory others can change.
     """
 
 
 class UnsafeDestination(SurefetchError, ValueError):
-    """A file name or path would leave the directory it must stay in."""
+    """A file name or path would leave the directory it must stay in, or is ``.surefetch``
+    (the directory where surefetch keeps part files beside the destination)."""
 
 
 class LockTimeout(SurefetchError, TimeoutError):
@@ -165,3 +178,30 @@ class SessionNotFound(SurefetchError):
 
 class NotOwner(SurefetchError):
     """The session exists but belongs to someone else."""
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo replaced: ``https://user:***@host/...``.
+
+    Everything else is kept as it was; a URL without a password comes back
+    unchanged, and so does text that is not a URL. Every message that shows a
+    URL goes through this (or `redact_urls`).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return url
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return f"{scheme}://{user}:***@{host}{rest[end:]}"
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_URL_WITH_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@]*@[^\s]*")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with `redact_url` applied to every URL in it that carries userinfo."""
+    return _URL_WITH_USERINFO.sub(lambda m: redact_url(m[0]), text)

@@ -83,6 +83,7 @@ from surefetch.errors import (
     SizeMismatch,
     StorageError,
     SurefetchError,
+    redact_url,
 )
 
 if sys.version_info >= (3, 11):
@@ -274,7 +275,7 @@ class _Checker:
         assert url is not None
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-            self.fail(f"url {url!r} must be an http or https URL")
+            self.fail(f"url {redact_url(url)!r} must be an http or https URL")
         return url
 
     def digest(self, key: str, digits: int, required: bool) -> str | None:
@@ -517,8 +518,10 @@ def render_lockfile(lock: Lockfile) -> str:
 def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
     """Writes `lock` to `path` atomically and durably, unless it already holds those bytes.
 
-    The text goes to a new temporary file beside `path` (mode 0644 under the umask),
-    which is fsynced and renamed over `path`; then the directory is fsynced.
+    The text goes to a new temporary file beside `path`, which is fsynced and renamed
+    over `path`; then the directory is fsynced. The file keeps the mode of the one it
+    replaces (a new one: 0644 under the umask), made 0600 when a URL in it holds a
+    password. The temporary's name fits the filesystem whatever `path`'s name is.
 
     Args:
         path: the lockfile.
@@ -536,10 +539,13 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
         if file.read_bytes() == data:
             return False
     directory = file.parent
-    temp = directory / f".{file.name}.{secrets.token_hex(6)}.tmp"
+    temp = directory / _core.fit_name(f".{file.name}", f".{secrets.token_hex(6)}.tmp")
+    mode = _lockfile_mode(file, lock)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
+            if mode != 0o644:
+                os.fchmod(fd, mode)  # exactly the old mode, not the umask's idea of it
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -557,6 +563,18 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
             os.unlink(temp)
         raise
     return True
+
+
+def _lockfile_mode(file: Path, lock: Lockfile) -> int:
+    """The mode of the lockfile that replaces `file`: its old one (0644 for a new one),
+    without group and other access when a URL holds a password."""
+    try:
+        mode = stat.S_IMODE(os.stat(file).st_mode)
+    except OSError:
+        mode = 0o644
+    if any(redact_url(a.url) != a.url for a in lock.artifacts):
+        mode &= 0o700
+    return mode
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -626,10 +644,19 @@ def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
     deadline = time.monotonic() + _DEST_LOCK_WAIT_S
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except FileNotFoundError:  # a finishing sync removed the empty state dir: recreate
-            state.mkdir(mode=0o755, exist_ok=True)
+            _core.part_dir(state.parent)
             continue
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StorageError(
+                errno.ELOOP,
+                f"{path} is a symbolic link, which surefetch never follows among its own "
+                "files: remove it",
+                str(path),
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -648,7 +675,7 @@ def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
             raise
         held = os.fstat(fd)
         try:
-            now = os.stat(path)
+            now = os.lstat(path)
         except FileNotFoundError:
             now = None
         if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
@@ -874,7 +901,7 @@ class _Worker:
             hint = "check the URL, or fix the manifest's digest or size"
         message = (
             f"{item.name}: {what} mismatch: {source} {expected}, downloaded {actual} from "
-            f"{item.url}; {hint}"
+            f"{redact_url(item.url)}; {hint}"
         )
         if isinstance(exc, ChecksumMismatch):
             return ChecksumMismatch(message, what, expected, actual)
@@ -1106,7 +1133,9 @@ def sync(
     token = cancel.child() if cancel is not None else CancelToken()
     state = Path(root, STATE_DIR)
     try:
-        state.mkdir(mode=0o755, exist_ok=True)
+        _core.part_dir(root)  # a real directory of ours, as the engine's part files need
+    except StorageError:
+        raise
     except OSError as exc:
         raise _storage_error(exc, f"cannot create {state}") from exc
     try:

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures_util::future::try_join_all;
+use reqwest::header;
 use reqwest::StatusCode;
 
 use super::{Body, Job};
@@ -31,6 +32,13 @@ impl Job<'_> {
         first: Option<(Body, Range<u64>)>,
     ) -> Result<(u64, Option<String>, String)> {
         let size = transfer.size;
+        if let Some(value) = first
+            .as_ref()
+            .and_then(|(body, _)| body.response.headers().get(header::CONTENT_DISPOSITION))
+            .filter(|_| self.options.content_disposition)
+        {
+            self.paths.name_after_server(value.as_bytes());
+        }
         let sidecar = Sidecar {
             version: Sidecar::VERSION,
             url: self.shown_url.clone(),
@@ -140,7 +148,12 @@ impl Job<'_> {
             sha.finish_hex()
         });
         buffer::recycle(block);
-        written?;
+        if let Err(error) = written {
+            // Without a sidecar the part cannot be resumed: leave nothing behind.
+            drop(part);
+            self.paths.discard();
+            return Err(error);
+        }
         self.verify(len, sha256.as_deref(), &xxh3_128, Some(unit.end))?;
         self.persist(part)?;
         Ok((len, sha256, xxh3_128))
@@ -152,7 +165,7 @@ impl Job<'_> {
         part.finish(file_mode(self.options.executable))?;
         atomic::persist(
             &self.paths.part,
-            &self.paths.final_path,
+            self.paths.destination(),
             self.options.durable,
         )
     }
