@@ -2,8 +2,9 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderMap;
 use reqwest::Url;
@@ -15,7 +16,7 @@ use crate::response::{Known, Validator};
 /// the block size, so every connection writes page-aligned blocks.
 pub const MAX_UNIT: u64 = 4 << 20;
 /// Below this size one connection is enough when the caller did not choose.
-pub const AUTO_PARALLEL_MIN: u64 = 64 << 20;
+pub const AUTO_PARALLEL_MIN: u64 = 16 << 20;
 pub const AUTO_CONNECTIONS: u32 = 8;
 /// Where requests go once redirects are resolved, and with which headers
 /// (credentials already dropped if a redirect left the origin).
@@ -66,6 +67,10 @@ impl Transfer {
         self.queue.lock().ok()?.pop_front()
     }
 
+    pub fn queue_is_empty(&self) -> bool {
+        self.queue.lock().map_or(true, |q| q.is_empty())
+    }
+
     pub fn give_back(&self, range: Range<u64>) {
         if let Ok(mut queue) = self.queue.lock() {
             let at = queue.partition_point(|r| r.start < range.start);
@@ -85,22 +90,160 @@ impl Transfer {
     }
 }
 
-/// How many connections a transfer uses: one unless ranges work (the first
-/// answer was a `206`) and can be validated; then the caller's count, or eight
-/// for a file of at least `AUTO_PARALLEL_MIN` bytes.
-pub fn connection_count(
+/// How many connections a transfer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Exactly this many (the caller's choice, or one where ranges cannot help).
+    Fixed(u32),
+    /// Start with one and add more while they raise the total rate, up to `cap`.
+    Adaptive { cap: u32 },
+}
+
+/// One connection unless ranges work (the first answer was a `206`) and can be
+/// validated; then the caller's count, or, for a file of at least
+/// `AUTO_PARALLEL_MIN` bytes, as many as help, up to eight.
+pub fn connection_plan(
     requested: Option<u32>,
     size: Option<u64>,
     ranged: bool,
     resumable: bool,
-) -> u32 {
+) -> Plan {
     if !ranged || !resumable {
-        return 1;
+        return Plan::Fixed(1);
     }
     match (requested, size) {
-        (Some(n), _) => n,
-        (None, Some(size)) if size >= AUTO_PARALLEL_MIN => AUTO_CONNECTIONS,
-        _ => 1,
+        (Some(n), _) => Plan::Fixed(n),
+        (None, Some(size)) if size >= AUTO_PARALLEL_MIN => Plan::Adaptive {
+            cap: AUTO_CONNECTIONS,
+        },
+        _ => Plan::Fixed(1),
+    }
+}
+
+/// New connections are given this long before their effect is measured.
+const RAMP_WARMUP: Duration = Duration::from_millis(300);
+/// The rate is measured over this long.
+const RAMP_WINDOW: Duration = Duration::from_millis(500);
+/// Doubling the connections must raise the rate by this factor to be kept.
+const RAMP_GAIN: f64 = 1.2;
+
+/// Decides how many connections an adaptive transfer runs: one, then twice as
+/// many while each doubling raises the measured rate by `RAMP_GAIN` (a server
+/// that limits each connection), back to the last count that helped otherwise
+/// (the network, the disk or the CPU is the limit), never above the cap.
+#[derive(Debug)]
+pub struct Ramp {
+    cap: u32,
+    active: u32,
+    /// The rate (bytes/s) measured with `active / 2` connections.
+    previous: Option<f64>,
+    phase: Phase,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    WarmingUp { until: Instant },
+    Measuring { since: Instant, bytes: u64 },
+    Settled,
+}
+
+impl Ramp {
+    pub fn new(cap: u32, now: Instant) -> Self {
+        Self {
+            cap: cap.max(1),
+            active: 1,
+            previous: None,
+            phase: if cap <= 1 {
+                Phase::Settled
+            } else {
+                Phase::WarmingUp {
+                    until: now + RAMP_WARMUP,
+                }
+            },
+        }
+    }
+
+    pub fn settled(&self) -> bool {
+        matches!(self.phase, Phase::Settled)
+    }
+
+    /// Given the bytes transferred so far at `now`, how many connections to run.
+    pub fn tick(&mut self, now: Instant, bytes: u64) -> u32 {
+        match self.phase {
+            Phase::Settled => {}
+            Phase::WarmingUp { until } if now >= until => {
+                self.phase = Phase::Measuring { since: now, bytes };
+            }
+            Phase::WarmingUp { .. } => {}
+            Phase::Measuring {
+                since,
+                bytes: at_start,
+            } => {
+                let elapsed = now.saturating_duration_since(since);
+                if elapsed >= RAMP_WINDOW {
+                    let rate = bytes.saturating_sub(at_start) as f64 / elapsed.as_secs_f64();
+                    self.measured(rate, now);
+                }
+            }
+        }
+        self.active
+    }
+
+    fn measured(&mut self, rate: f64, now: Instant) {
+        let helped = self
+            .previous
+            .is_none_or(|before| rate >= before * RAMP_GAIN);
+        if !helped {
+            self.active = (self.active / 2).max(1);
+            self.phase = Phase::Settled;
+        } else if self.active >= self.cap {
+            self.phase = Phase::Settled;
+        } else {
+            self.previous = Some(rate);
+            self.active = (self.active * 2).min(self.cap);
+            self.phase = Phase::WarmingUp {
+                until: now + RAMP_WARMUP,
+            };
+        }
+    }
+}
+
+/// The first connection of an adaptive transfer streams one open response
+/// until more connections join; then it stops at a cut (`end`) a little ahead
+/// of where it is (`at`), and the rest is queued as units.
+#[derive(Debug)]
+pub struct Stretch {
+    pub at: AtomicU64,
+    pub end: AtomicU64,
+}
+
+impl Stretch {
+    pub fn new(range: &Range<u64>) -> Self {
+        Self {
+            at: AtomicU64::new(range.start),
+            end: AtomicU64::new(range.end),
+        }
+    }
+
+    /// Moves the end to a block boundary at least `ahead` bytes past where the
+    /// stream is; returns the range given up, if any.
+    pub fn cut(&self, ahead: u64) -> Option<Range<u64>> {
+        let block = BLOCK_SIZE as u64;
+        let mut end = self.end.load(Ordering::Acquire);
+        loop {
+            let at = self.at.load(Ordering::Acquire);
+            let cut = at.saturating_add(ahead).div_ceil(block) * block;
+            if cut >= end {
+                return None;
+            }
+            match self
+                .end
+                .compare_exchange(end, cut, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(cut..end),
+                Err(now) => end = now,
+            }
+        }
     }
 }
 
@@ -153,15 +296,69 @@ mod tests {
     #[test]
     fn connections_only_where_ranges_work() {
         let big = Some(AUTO_PARALLEL_MIN);
-        assert_eq!(connection_count(None, big, true, true), AUTO_CONNECTIONS);
+        let adaptive = Plan::Adaptive {
+            cap: AUTO_CONNECTIONS,
+        };
+        assert_eq!(connection_plan(None, big, true, true), adaptive);
         assert_eq!(
-            connection_count(None, Some(AUTO_PARALLEL_MIN - 1), true, true),
-            1
+            connection_plan(None, Some(AUTO_PARALLEL_MIN - 1), true, true),
+            Plan::Fixed(1)
         );
-        assert_eq!(connection_count(Some(4), Some(10), true, true), 4);
-        assert_eq!(connection_count(Some(4), big, false, true), 1);
-        assert_eq!(connection_count(Some(4), big, true, false), 1);
-        assert_eq!(connection_count(None, None, true, true), 1);
+        assert_eq!(
+            connection_plan(Some(4), Some(10), true, true),
+            Plan::Fixed(4)
+        );
+        assert_eq!(connection_plan(Some(4), big, false, true), Plan::Fixed(1));
+        assert_eq!(connection_plan(Some(4), big, true, false), Plan::Fixed(1));
+        assert_eq!(connection_plan(None, None, true, true), Plan::Fixed(1));
+    }
+
+    /// Runs a ramp against a server whose total rate with `n` connections is
+    /// `rate(n)` bytes/s, ticking every 100 ms; returns the counts it asked for.
+    fn ramp_against(cap: u32, rate: impl Fn(u32) -> f64) -> Vec<u32> {
+        let t0 = Instant::now();
+        let mut ramp = Ramp::new(cap, t0);
+        let (mut bytes, mut active, mut seen) = (0.0, 1, vec![1]);
+        for step in 1..200 {
+            bytes += rate(active) * 0.1;
+            active = ramp.tick(t0 + Duration::from_millis(100 * step), bytes as u64);
+            if seen.last() != Some(&active) {
+                seen.push(active);
+            }
+            if ramp.settled() {
+                break;
+            }
+        }
+        assert!(ramp.settled());
+        seen
+    }
+
+    #[test]
+    fn a_per_connection_limit_ramps_up_to_the_cap() {
+        assert_eq!(ramp_against(8, |n| 5e6 * f64::from(n)), [1, 2, 4, 8]);
+        // Helps up to four, then the link is full: back to four.
+        assert_eq!(
+            ramp_against(8, |n| 5e6 * f64::from(n.min(4))),
+            [1, 2, 4, 8, 4]
+        );
+    }
+
+    #[test]
+    fn connections_that_do_not_help_are_given_up() {
+        assert_eq!(ramp_against(8, |_| 1e9), [1, 2, 1]);
+        assert_eq!(ramp_against(1, |n| 5e6 * f64::from(n)), [1]);
+    }
+
+    #[test]
+    fn a_cut_leaves_the_stream_ahead_and_never_behind() {
+        let stretch = Stretch::new(&(0..(64 << 20)));
+        stretch.at.store(3 << 20, Ordering::Release);
+        let given = stretch.cut(4 << 20).unwrap();
+        assert_eq!(given, (7 << 20)..(64 << 20));
+        assert_eq!(stretch.end.load(Ordering::Acquire), 7 << 20);
+        stretch.at.store((6 << 20) + 5, Ordering::Release);
+        assert_eq!(stretch.cut(4 << 20), None); // nothing left to give
+        assert_eq!(stretch.end.load(Ordering::Acquire), 7 << 20);
     }
 
     #[test]

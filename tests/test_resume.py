@@ -259,6 +259,27 @@ def test_n_throttled_connections_beat_one(server: FaultServer, url: str, tmp_pat
     assert parallel < 0.6 * single, (single, parallel)
 
 
+ADAPTIVE = payload(32 << 20, seed=9)
+
+
+def test_the_default_adds_connections_only_while_they_help(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    url = server.add("adaptive.bin", ADAPTIVE)
+    # Unlimited loopback: done before the first measurement, on one request.
+    fast = sf.download(url, tmp_path / "fast")
+    assert fast.size == len(ADAPTIVE) and server.request_count("adaptive.bin") == 1
+    # 4 MB/s per connection: each doubling doubles the rate, up to the cap.
+    server.reset_counters()
+    slow = sf.download(url + "?throttle=4000000", tmp_path / "slow")
+    assert (tmp_path / "slow").read_bytes() == ADAPTIVE
+    assert slow.bytes_transferred == len(ADAPTIVE)
+    assert server.connections >= 8
+    # The first answer was streamed until connections joined, then cut: no byte
+    # crossed the wire twice beyond a slice in flight.
+    assert len(ADAPTIVE) <= server.bytes_sent <= len(ADAPTIVE) + 16384
+
+
 def test_a_failed_range_is_retried_alone(server: FaultServer, url: str, tmp_path: Path) -> None:
     faulty = url + "?throttle=8000000&ranged_only=1&cut=100000&times=2"
     result = sf.download(faulty, tmp_path / "f", sha256=SHA, connections=4, retries=1)

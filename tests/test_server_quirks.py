@@ -186,7 +186,7 @@ def test_a_trickle_without_retries_is_a_timeout(server: FaultServer, tmp_path: P
 def test_nginx_gets_parallel_connections(tmp_path: Path) -> None:
     root = tmp_path / "www"
     root.mkdir()
-    size = 72 << 20  # above the automatic parallel threshold
+    size = 40 << 20
     data = payload(size, seed=14)
     (root / "model.bin").write_bytes(data)
     work = tmp_path / "nginx"
@@ -194,7 +194,7 @@ def test_nginx_gets_parallel_connections(tmp_path: Path) -> None:
     dest = tmp_path / "out" / "model.bin"
     dest.parent.mkdir()
     with Nginx(root, work) as nginx:
-        result = sf.download(nginx.url("model.bin"), dest)
+        result = sf.download(nginx.url("model.bin"), dest, connections=8)
         log = nginx.log("model.bin")
     assert result.sha256 == hashlib.sha256(data).hexdigest()
     assert dest.read_bytes() == data

@@ -2,10 +2,10 @@
 //! then verify and persist.
 
 use std::ops::Range;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
-use futures_util::future::try_join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use reqwest::header;
 use reqwest::StatusCode;
 
@@ -18,7 +18,7 @@ use crate::hash::{Sha256Hasher, Xxh3Hasher};
 use crate::http;
 use crate::part::{file_mode, PartFile, Sidecar};
 use crate::ranges::RangeSet;
-use crate::schedule::{self, split, unit_size, Transfer};
+use crate::schedule::{self, split, unit_size, Plan, Ramp, Stretch, Transfer};
 use crate::sink::{self, Checkpoint, RangeStream, Sink, SinkOutput};
 use crate::speed::SpeedMeter;
 
@@ -58,18 +58,31 @@ impl Job<'_> {
                 .store(&self.paths.sidecar, false)
                 .map_err(|e| Error::storage("writing", &self.paths.sidecar, e))?;
         }
-        let connections = self.connection_count(transfer, first.as_ref());
-        transfer.parallel.store(connections > 1, Ordering::Relaxed);
-        // The first response holds the whole first missing range; with several
-        // connections it serves only the first unit and the rest is queued.
+        let plan = self.connection_plan(transfer, first.as_ref());
+        let (initial, cap) = match plan {
+            Plan::Fixed(n) => (n, n),
+            Plan::Adaptive { cap } => (1, cap),
+        };
+        transfer.parallel.store(initial > 1, Ordering::Relaxed);
         let step = match size {
-            Some(size) if connections > 1 => unit_size(size, connections),
+            Some(size) if cap > 1 => unit_size(size, cap),
             _ => u64::MAX,
         };
-        let mut first = first.map(|(body, range)| {
-            let unit = range.start..range.end.min(range.start.saturating_add(step));
+        // The first response holds the whole first missing range. With several
+        // connections it serves only the first unit and the rest is queued; an
+        // adaptive transfer streams all of it until more connections join.
+        let first_step = match plan {
+            Plan::Adaptive { .. } => u64::MAX,
+            Plan::Fixed(_) => step,
+        };
+        let first = first.map(|(body, range)| {
+            let unit = range.start..range.end.min(range.start.saturating_add(first_step));
             (body, unit)
         });
+        let stretch = match (plan, first.as_ref()) {
+            (Plan::Adaptive { .. }, Some((_, unit))) => Some(Stretch::new(unit)),
+            _ => None,
+        };
         if let (Some(size), Some((_, unit))) = (size, first.as_ref()) {
             let mut rest = kept.clone();
             rest.insert(unit.clone());
@@ -88,16 +101,21 @@ impl Job<'_> {
             part,
             kept,
             with_sha256,
-            2 * connections as usize + 2,
+            2 * cap as usize + 2,
             Some(checkpoint),
         )?;
-        let result = {
-            let workers = (0..connections).map(|i| {
-                let first = if i == 0 { first.take() } else { None };
-                self.connection(transfer, &sink, first)
-            });
-            try_join_all(workers).await
+        let crew = Crew {
+            transfer,
+            sink: &sink,
+            stretch: stretch.as_ref(),
+            allowed: AtomicU32::new(initial),
+            step,
         };
+        let ramp = match plan {
+            Plan::Adaptive { cap } if stretch.is_some() => Some(Ramp::new(cap, Instant::now())),
+            _ => None,
+        };
+        let result = self.run_crew(&crew, initial, first, ramp).await;
         if let Err(error) = result {
             let (part, written) = sink.abort().await;
             if let Some(part) = part.filter(|_| error.keeps_part()) {
@@ -133,7 +151,7 @@ impl Job<'_> {
         self.progress.set_total(Some(unit.end));
         self.progress.set_done(0);
         let mut memory = Memory(Block::take());
-        let streamed = self.stream_unit(body, &mut memory, &unit).await;
+        let streamed = self.stream_unit(body, &mut memory, &unit, None).await;
         let block = memory.0;
         let written = streamed.and_then(|()| part.write_at(block.as_slice(), 0));
         let len = block.len() as u64;
@@ -170,9 +188,9 @@ impl Job<'_> {
         )
     }
 
-    fn connection_count(&self, transfer: &Transfer, first: Option<&(Body, Range<u64>)>) -> u32 {
+    fn connection_plan(&self, transfer: &Transfer, first: Option<&(Body, Range<u64>)>) -> Plan {
         let ranged = first.is_some_and(|(b, _)| b.response.status() == StatusCode::PARTIAL_CONTENT);
-        schedule::connection_count(
+        schedule::connection_plan(
             self.options.connections,
             transfer.size,
             ranged,
@@ -180,19 +198,64 @@ impl Job<'_> {
         )
     }
 
-    /// One connection: streams its first response (if any), then takes units from
-    /// the queue until none is left. A failed unit is handed back and retried alone.
-    pub(super) async fn connection(
+    /// Runs `initial` connections, and for an adaptive transfer adds (or retires)
+    /// connections as the ramp decides; ends at the first error or when all are done.
+    async fn run_crew(
         &self,
-        transfer: &Transfer,
-        sink: &Sink,
+        crew: &Crew<'_>,
+        initial: u32,
+        mut first: Option<(Body, Range<u64>)>,
+        mut ramp: Option<Ramp>,
+    ) -> Result<()> {
+        let mut running = FuturesUnordered::new();
+        for index in 0..initial {
+            let first = if index == 0 { first.take() } else { None };
+            running.push(self.connection(crew, index, first));
+        }
+        let mut launched = initial;
+        let mut ticker = tokio::time::interval(RAMP_TICK);
+        loop {
+            let ramping = ramp.as_ref().is_some_and(|r| !r.settled());
+            tokio::select! {
+                next = running.next() => match next {
+                    None => return Ok(()),
+                    Some(Err(error)) => return Err(error),
+                    Some(Ok(())) => {}
+                },
+                _ = ticker.tick(), if ramping => {
+                    let Some(ramp) = ramp.as_mut() else { continue };
+                    let wanted = ramp.tick(Instant::now(), self.transferred.load(Ordering::Relaxed));
+                    crew.allowed.store(wanted, Ordering::Relaxed);
+                    if wanted > 1 && crew.split_stretch() {
+                        while launched < wanted {
+                            running.push(self.connection(crew, launched, None));
+                            launched += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection: streams its first response (if any), then takes units from
+    /// the queue until none is left or it is no longer allowed to. A failed unit is
+    /// handed back and retried alone.
+    async fn connection(
+        &self,
+        crew: &Crew<'_>,
+        index: u32,
         first: Option<(Body, Range<u64>)>,
     ) -> Result<()> {
+        let transfer = crew.transfer;
         let mut next = first;
         loop {
+            let stretched = next.is_some() && crew.stretch.is_some();
             let (body, unit) = match next.take() {
                 Some(started) => started,
                 None => {
+                    if index >= crew.allowed.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
                     let Some(unit) = transfer.next_unit() else {
                         return Ok(());
                     };
@@ -205,11 +268,13 @@ impl Job<'_> {
                     }
                 }
             };
-            let mut stream = sink.stream(unit.start);
-            let streamed = self.stream_unit(body, &mut stream, &unit).await;
+            let stretch = crew.stretch.filter(|_| stretched);
+            let mut stream = crew.sink.stream(unit.start);
+            let streamed = self.stream_unit(body, &mut stream, &unit, stretch).await;
             // What arrived before an error is good data: keep it for the retry.
             let flushed = stream.flush().await;
-            let remaining = stream.position()..unit.end;
+            let end = stretch.map_or(unit.end, |s| s.end.load(Ordering::Acquire));
+            let remaining = stream.position()..end;
             if let Err(e) = streamed.and(flushed) {
                 self.retry_unit(transfer, e, remaining).await?;
             }
@@ -243,6 +308,7 @@ impl Job<'_> {
         body: Body,
         stream: &mut impl UnitWriter,
         unit: &Range<u64>,
+        stretch: Option<&Stretch>,
     ) -> Result<()> {
         let Body {
             mut response,
@@ -275,18 +341,23 @@ impl Job<'_> {
                     continue;
                 }
             }
+            // A stretch's end moves in when other connections join.
+            let unit_end = stretch.map_or(unit.end, |s| s.end.load(Ordering::Acquire));
             let end = stream.position() + chunk.len() as u64;
-            let done = end >= unit.end && holds_until > unit.end;
+            let done = end >= unit_end && holds_until > unit_end;
             if done {
-                chunk.truncate((unit.end - stream.position()) as usize);
-            } else if end > unit.end {
+                chunk.truncate(unit_end.saturating_sub(stream.position()) as usize);
+            } else if end > unit_end {
                 // Never write past the expected size.
                 return Err(Error::SizeMismatch {
-                    expected: unit.end,
+                    expected: unit_end,
                     actual: end,
                 });
             }
             stream.push(&chunk, &self.guard).await?;
+            if let Some(stretch) = stretch {
+                stretch.at.store(stream.position(), Ordering::Release);
+            }
             self.progress.add_done(chunk.len() as u64);
             if done {
                 return Ok(());
@@ -345,6 +416,43 @@ impl Job<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// How often an adaptive transfer's ramp looks at the rate.
+const RAMP_TICK: Duration = Duration::from_millis(100);
+/// When connections join, the first one stops at least this far ahead of where
+/// it is (more than any chunk it may be writing meanwhile).
+const STRETCH_AHEAD: u64 = 4 << 20;
+
+/// What the connections of one attempt share.
+struct Crew<'a> {
+    transfer: &'a Transfer,
+    sink: &'a Sink,
+    /// The first connection's open range, for an adaptive transfer.
+    stretch: Option<&'a Stretch>,
+    /// Connections with an index below this may take another unit.
+    allowed: AtomicU32,
+    step: u64,
+}
+
+impl Crew<'_> {
+    /// Cuts the first connection's stretch and queues the rest as units, once;
+    /// true when there is work for more connections.
+    fn split_stretch(&self) -> bool {
+        if self.transfer.parallel.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let Some(given) = self
+            .stretch
+            .and_then(|s| s.cut(STRETCH_AHEAD + BLOCK_SIZE as u64))
+        else {
+            return !self.transfer.queue_is_empty();
+        };
+        for unit in split(vec![given], self.step).into_iter().rev() {
+            self.transfer.give_back(unit);
+        }
+        true
     }
 }
 
