@@ -153,7 +153,8 @@ def download(
         xxh3_128: expected XXH3-128 (hex, canonical form as `xxhsum -H2` prints).
         size: expected size in bytes; a body that differs raises `SizeMismatch`.
         connections: parallel ranged connections (None: automatic: one for files
-            under 64 MiB or servers without ranges, eight above).
+            under 16 MiB or servers without ranges; above, one to eight, added
+            while they raise the rate).
         resume: continue a part file left by an interrupted transfer (Range with
             If-Range, so a file that changed on the server starts over); False
             discards any part file.
