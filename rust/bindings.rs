@@ -11,6 +11,7 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::batch;
 use crate::cancel;
 use crate::download::{download_into, Options, Outcome, Progress};
 use crate::error::Error;
@@ -289,6 +290,151 @@ fn download<'py>(
     outcome_dict(py, outcome)
 }
 
+/// The options of one item of `download_many`: the keyword arguments of
+/// `download` (those given; the rest keep their defaults).
+fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
+    let mut options = Options::default();
+    for (key, value) in item.iter() {
+        let key: String = key.extract()?;
+        match key.as_str() {
+            "sha256" => options.sha256 = value.extract()?,
+            "xxh3_128" => options.xxh3_128 = value.extract()?,
+            "size" => options.size = value.extract()?,
+            "compute_sha256" => options.compute_sha256 = value.extract()?,
+            "executable" => options.executable = value.extract()?,
+            "timeout" => options.timeout = seconds(value.extract()?, "timeout")?,
+            "connect_timeout" => {
+                options.connect_timeout =
+                    seconds(Some(value.extract()?), "connect_timeout")?.unwrap_or_default()
+            }
+            "read_timeout" => options.read_timeout = seconds(value.extract()?, "read_timeout")?,
+            "retries" => options.retries = value.extract()?,
+            "headers" => {
+                options.headers = value
+                    .extract::<Option<Vec<(String, String)>>>()?
+                    .unwrap_or_default()
+            }
+            "connections" => options.connections = value.extract()?,
+            "resume" => options.resume = value.extract()?,
+            "speed_limit" => options.speed_limit = value.extract()?,
+            "speed_time" => {
+                options.speed_time =
+                    seconds(Some(value.extract()?), "speed_time")?.unwrap_or_default()
+            }
+            "content_disposition" => options.content_disposition = value.extract()?,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown download option {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// Downloads many `(url, dest, options)` items, at most `jobs` at a time, on the
+/// one runtime; calls `on_result(index, result_dict_or_exception)` on this thread
+/// as each item is final, and `progress(items_done, items, bytes_done,
+/// bytes_known)` about ten times a second. Durable items are committed in groups.
+#[pyfunction]
+#[pyo3(signature = (items, *, jobs=8, durable=true, cancel=None, on_result, progress=None))]
+fn download_many<'py>(
+    py: Python<'py>,
+    items: Vec<(String, PathBuf, Bound<'py, PyDict>)>,
+    jobs: usize,
+    durable: bool,
+    cancel: Option<PyRef<'py, CancelToken>>,
+    on_result: Bound<'py, PyAny>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    if jobs == 0 {
+        return Err(PyValueError::new_err("jobs must be at least 1"));
+    }
+    let items = items
+        .into_iter()
+        .map(|(url, dest, options)| {
+            Ok(batch::Item {
+                url,
+                dest,
+                options: options_from_dict(&options)?,
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let token = match &cancel {
+        Some(parent) => parent.inner.child(),
+        None => cancel::CancelToken::new(),
+    };
+    let shared = batch::BatchProgress::new(items.len());
+    let (tx, rx) = mpsc::channel();
+    let (task_token, task_progress) = (token.clone(), Arc::clone(&shared));
+    runtime().spawn(async move {
+        batch::download_batch(items, jobs, durable, task_token, task_progress, tx).await;
+    });
+    let mut rx = Some(rx);
+    let mut last_report: Option<(Instant, batch::Totals)> = None;
+    let mut report = |py: Python<'_>, last: bool| -> PyResult<()> {
+        let Some(callback) = progress.as_ref() else {
+            return Ok(());
+        };
+        let totals = shared.get();
+        let due = last_report
+            .is_none_or(|(at, seen)| seen != totals && (last || at.elapsed() >= PROGRESS_INTERVAL));
+        if due {
+            last_report = Some((Instant::now(), totals));
+            callback.call1((
+                totals.items_done,
+                totals.items,
+                totals.bytes_done,
+                totals.bytes_known,
+            ))?;
+        }
+        let _ = py;
+        Ok(())
+    };
+    loop {
+        let Some(receiver) = rx.take() else {
+            return Ok(());
+        };
+        let (receiver, got) = py.detach(move || {
+            let got = receiver.recv_timeout(POLL);
+            (receiver, got)
+        });
+        rx = Some(receiver);
+        let step = match got {
+            Ok((index, result)) => {
+                let value = match result {
+                    Ok(outcome) => outcome_dict(py, outcome)?.into_any(),
+                    Err(error) => PyErr::from(PyEngineError(error))
+                        .into_value(py)
+                        .into_bound(py)
+                        .into_any(),
+                };
+                on_result.call1((index, value)).map(|_| ())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                py.check_signals().and_then(|()| report(py, false))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return report(py, true),
+        };
+        if let Err(err) = step {
+            token.cancel();
+            // Let the items wind down (their parts kept), without more callbacks.
+            if let Some(receiver) = rx.take() {
+                let deadline = Instant::now() + WIND_DOWN;
+                py.detach(move || {
+                    while Instant::now() < deadline {
+                        match receiver.recv_timeout(POLL) {
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                            _ => continue,
+                        }
+                    }
+                });
+            }
+            return Err(err);
+        }
+    }
+}
+
 /// Size and digests of a file: `(size, xxh3_128, sha256 or None)`.
 #[pyfunction]
 #[pyo3(signature = (path, *, sha256=true, cancel=None))]
@@ -364,6 +510,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<CancelToken>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
+    m.add_function(wrap_pyfunction!(download_many, m)?)?;
     m.add_function(wrap_pyfunction!(hash_file, m)?)?;
     m.add_function(wrap_pyfunction!(bare_name, m)?)?;
     m.add_function(wrap_pyfunction!(fit_name, m)?)?;

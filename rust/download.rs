@@ -7,7 +7,7 @@ mod fetch;
 mod open;
 
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
 use crate::http::{self, Http};
-use crate::part::{PartFile, PartPaths, Sidecar};
+use crate::part::{PartFile, PartLock, PartPaths, Sidecar};
 use crate::ranges::RangeSet;
 use crate::response::{Known, Validator};
 use crate::schedule::{Target, Transfer};
@@ -37,8 +37,46 @@ pub async fn download_into(
     cancel: CancelToken,
     progress: Arc<Progress>,
 ) -> Result<Outcome> {
+    let (outcome, _) = fetch_verified(url, final_path, options, cancel, progress, false).await?;
+    Ok(outcome)
+}
+
+/// A verified file left at its part path for a group commit (`crate::batch`):
+/// not yet synced nor renamed; its lock is held until it is dropped.
+#[derive(Debug)]
+pub struct Staged {
+    pub part: PathBuf,
+    pub destination: PathBuf,
+    pub part_dir: PathBuf,
+    _lock: PartLock,
+}
+
+/// Like `download_into`, but leaves the verified file `Staged`: the caller
+/// makes it durable and renames it, together with others.
+pub async fn download_staged(
+    url: &str,
+    final_path: &Path,
+    options: &Options,
+    cancel: CancelToken,
+    progress: Arc<Progress>,
+) -> Result<(Outcome, Staged)> {
+    let (outcome, staged) =
+        fetch_verified(url, final_path, options, cancel, progress, true).await?;
+    let staged = staged.ok_or_else(|| Error::internal("a deferred commit left nothing staged"))?;
+    Ok((outcome, staged))
+}
+
+async fn fetch_verified(
+    url: &str,
+    final_path: &Path,
+    options: &Options,
+    cancel: CancelToken,
+    progress: Arc<Progress>,
+    defer_commit: bool,
+) -> Result<(Outcome, Option<Staged>)> {
     let started = Instant::now();
-    let job = Job::new(url, final_path, options, cancel, progress)?;
+    let mut job = Job::new(url, final_path, options, cancel, progress)?;
+    job.defer_commit = defer_commit;
     let lock = job.paths.lock()?;
     let result = job.run_with_retries().await;
     match &result {
@@ -46,11 +84,22 @@ pub async fn download_into(
         Err(e) if e.keeps_part() => {}
         Err(_) => job.paths.discard(),
     }
-    drop(lock);
-    // Leaves the destination tidy when nothing else is in progress there.
-    let _ = std::fs::remove_dir(&job.paths.dir);
+    let staged = match (&result, defer_commit) {
+        (Ok(_), true) => Some(Staged {
+            part: job.paths.part.clone(),
+            destination: job.paths.destination().to_path_buf(),
+            part_dir: job.paths.dir.clone(),
+            _lock: lock,
+        }),
+        _ => {
+            drop(lock);
+            // Leaves the destination tidy when nothing else is in progress there.
+            let _ = std::fs::remove_dir(&job.paths.dir);
+            None
+        }
+    };
     let (size, sha256, xxh3_128) = result?;
-    Ok(Outcome {
+    let outcome = Outcome {
         path: job.paths.destination().to_path_buf(),
         size,
         sha256,
@@ -61,7 +110,8 @@ pub async fn download_into(
         },
         bytes_transferred: job.transferred.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
-    })
+    };
+    Ok((outcome, staged))
 }
 
 /// `Job::resumed_from` before an attempt reached the server.
@@ -161,6 +211,8 @@ struct Job<'a> {
     /// The version (validator and size) this call last worked on, until it
     /// changed: a plain answer that contradicts it is not the whole file.
     known: Mutex<Option<Known>>,
+    /// Leave the verified part for a group commit instead of syncing and renaming it.
+    defer_commit: bool,
 }
 
 impl<'a> Job<'a> {
@@ -217,6 +269,7 @@ impl<'a> Job<'a> {
             resumed_from: AtomicU64::new(NOT_YET),
             retries_used: AtomicU32::new(0),
             known: Mutex::new(None),
+            defer_commit: false,
         })
     }
 

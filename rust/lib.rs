@@ -3,6 +3,7 @@
 //! Only `bindings` knows about Python; every other module is plain Rust.
 
 pub mod atomic;
+pub mod batch;
 pub mod buffer;
 pub mod cancel;
 pub mod download;

@@ -503,6 +503,13 @@ impl PartFile {
             .map_err(|e| Error::storage("truncating", &self.path, e))
     }
 
+    /// Like `finish` without the fsync: for a group commit, which makes many
+    /// files durable together (`crate::batch`).
+    pub fn finish_unsynced(mut self, mode: u32) -> Result<()> {
+        self.durable = false;
+        self.finish(mode)
+    }
+
     /// Makes the data durable (when asked), sets the mode, and closes the file,
     /// reporting errors that only show at close (ENOSPC, EIO on some filesystems).
     pub fn finish(self, mode: u32) -> Result<()> {

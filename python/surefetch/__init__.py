@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from surefetch._core import CancelToken, __version__
-from surefetch.download import DownloadResult, adownload, download
+from surefetch.download import DownloadItem, DownloadResult, adownload, download, download_many
 from surefetch.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -51,6 +51,7 @@ __all__ = [
     "CancelToken",
     "Cancelled",
     "ChecksumMismatch",
+    "DownloadItem",
     "DownloadResult",
     "DownloadTimeout",
     "HTTPError",
@@ -69,5 +70,6 @@ __all__ = [
     "__version__",
     "adownload",
     "download",
+    "download_many",
     "sync",
 ]

@@ -10,6 +10,7 @@ __all__ = [
     "__version__",
     "bare_name",
     "download",
+    "download_many",
     "fit_name",
     "hash_file",
     "part_dir",
@@ -50,6 +51,15 @@ def download(
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...
+def download_many(
+    items: list[tuple[str, str | PathLike[str], dict[str, Any]]],
+    *,
+    jobs: int = 8,
+    durable: bool = True,
+    cancel: CancelToken | None = None,
+    on_result: Callable[[int, dict[str, Any] | BaseException], Any],
+    progress: Callable[[int, int, int, int], Any] | None = None,
+) -> None: ...
 def hash_file(
     path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None
 ) -> tuple[int, str, str | None]: ...

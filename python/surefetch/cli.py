@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Callable, NoReturn, cast
@@ -184,17 +184,29 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
 def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     get = sub.add_parser(
         "get",
-        help="download one URL, verified, to a file",
+        help="download URLs, verified, to files",
         description="Download URL to a file: nothing appears at the destination unless it "
-        "arrived whole and verified; an interrupted download keeps its part file.",
+        "arrived whole and verified; an interrupted download keeps its part file. With "
+        "several URLs (or -i), each goes into the -o directory, --jobs at a time; the exit "
+        "code is the worst of the items'.",
     )
-    get.add_argument("url", metavar="URL")
+    get.add_argument("url", metavar="URL", nargs="*")
     get.add_argument(
         "-o",
         "--output",
         metavar="PATH",
         help="file to write, or directory to write into (a PATH ending in / is a directory, "
-        "created if missing); default: the current directory",
+        "created if missing; with several URLs always a directory); default: the current "
+        "directory",
+    )
+    get.add_argument(
+        "-i",
+        "--input-file",
+        metavar="FILE",
+        help="more URLs, one a line: URL [out=NAME] [sha256=HEX] [size=N] (- for stdin)",
+    )
+    get.add_argument(
+        "-j", "--jobs", metavar="N", type=_positive_int, default=8, help="downloads at once"
     )
     get.add_argument("--sha256", metavar="HEX", help="expected SHA-256")
     get.add_argument("--xxh3", metavar="HEX", help="expected XXH3-128 (as xxhsum -H2 prints)")
@@ -225,19 +237,24 @@ def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "bare name) instead of the URL, unless -o names a file",
     )
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    get.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    get.add_argument(
+        "--json", action="store_true", help="print each result as one JSON object, one a line"
+    )
     get.set_defaults(handler=_run_get)
 
 
 def _run_get(args: argparse.Namespace) -> int:
     from surefetch.download import download
 
+    if args.input_file is not None or len(args.url) != 1:
+        return _run_get_many(args)
+
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
     def action() -> int:
         with _progress_bar(show_bar) as progress:
             result = download(
-                args.url,
+                args.url[0],
                 args.output,
                 sha256=args.sha256,
                 xxh3_128=args.xxh3,
@@ -258,22 +275,121 @@ def _run_get(args: argparse.Namespace) -> int:
                 content_disposition=args.content_disposition,
             )
         if args.json:
-            _print_json(
-                {
-                    "path": str(result.path),
-                    "size": result.size,
-                    "sha256": result.sha256,
-                    "xxh3_128": result.xxh3_128,
-                    "resumed_from": result.resumed_from,
-                    "bytes_transferred": result.bytes_transferred,
-                    "elapsed_s": round(result.elapsed, 6),
-                }
-            )
+            _print_json(_result_json(result))
         elif not args.quiet:
             print(result.path)
         return EXIT_OK
 
     return run_reporting_errors(action)
+
+
+def _run_get_many(args: argparse.Namespace) -> int:
+    from surefetch.download import DownloadItem, DownloadResult, download_many, parse_items
+
+    for flag, value in (("--sha256", args.sha256), ("--xxh3", args.xxh3), ("--size", args.size)):
+        if value is not None:
+            return _fail(
+                f"{flag} names one file: with several URLs give it per item in -i FILE", EXIT_USAGE
+            )
+    show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    def action() -> int:
+        items: list[str | DownloadItem] = list(args.url)
+        if args.input_file is not None:
+            items += _read_items(args.input_file, parse_items)
+        if not items:
+            return _fail("no URL given: name some, or -i FILE", EXIT_USAGE)
+        worst = EXIT_OK
+
+        def report(index: int, result: DownloadResult | Exception) -> None:
+            nonlocal worst
+            item = items[index]
+            url = redact_url(item if isinstance(item, str) else item.url)
+            if isinstance(result, DownloadResult):
+                if args.json:
+                    _print_json({"url": url, **_result_json(result)})
+                elif not args.quiet:
+                    print(result.path, flush=True)
+                return
+            code = exit_code_for(result)
+            worst = max(worst, code)
+            if args.json:
+                _print_json(
+                    {"url": url, "error": redact_urls(_error_line(result)), "exit_code": code}
+                )
+            else:
+                print(f"surefetch: {url}: {redact_urls(_error_line(result))}", file=sys.stderr)
+
+        with _batch_progress_bar(show_bar) as progress:
+            download_many(
+                items,
+                args.output or ".",
+                jobs=args.jobs,
+                durable=not args.no_fsync,
+                progress=progress,
+                on_result=report,
+                connections=args.connections,
+                resume=not args.no_resume,
+                timeout=args.timeout,
+                read_timeout=args.read_timeout,
+                connect_timeout=args.connect_timeout,
+                retries=args.retries,
+                speed_limit=args.speed_limit,
+                speed_time=args.speed_time,
+                headers=dict(args.header),
+                compute_sha256=not args.no_sha256,
+                executable=args.executable,
+                content_disposition=args.content_disposition,
+            )
+        return worst
+
+    return run_reporting_errors(action)
+
+
+def _read_items(source: str, parse: Callable[[Iterable[str], str], list[Any]]) -> list[Any]:
+    if source == "-":
+        return parse(sys.stdin, "-i -")
+    try:
+        with open(source, encoding="utf-8") as lines:
+            return parse(lines, source)
+    except OSError as exc:
+        raise ValueError(f"cannot read {source}: {exc.strerror}") from exc
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    return {
+        "path": str(result.path),
+        "size": result.size,
+        "sha256": result.sha256,
+        "xxh3_128": result.xxh3_128,
+        "resumed_from": result.resumed_from,
+        "bytes_transferred": result.bytes_transferred,
+        "elapsed_s": round(result.elapsed, 6),
+    }
+
+
+@contextmanager
+def _batch_progress_bar(
+    enabled: bool,
+) -> Iterator[Callable[[int, int, int, int], None] | None]:
+    """One tqdm bar for a batch: files done/total, bytes, rate, ETA."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def update(items_done: int, items: int, done: int, known: int) -> None:
+        bar.set_description_str(f"{items_done}/{items} files", refresh=False)
+        if bar.total != known:
+            bar.total = known
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 @contextmanager

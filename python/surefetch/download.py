@@ -7,19 +7,29 @@ import errno
 import os
 import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from surefetch import _core
 from surefetch._core import CancelToken
-from surefetch.errors import StorageError, UnsafeDestination
+from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["DownloadResult", "ProgressCallback", "adownload", "download", "name_from_url"]
+__all__ = [
+    "BatchProgressCallback",
+    "DownloadItem",
+    "DownloadResult",
+    "ProgressCallback",
+    "adownload",
+    "download",
+    "download_many",
+    "name_from_url",
+    "parse_items",
+]
 
 ProgressCallback = Callable[[int, Optional[int]], Any]
 """Called with (bytes done, total bytes or None), at most about ten times a second."""
@@ -225,6 +235,10 @@ def download(
         cancel=cancel,
         progress=progress,
     )
+    return _result(raw)
+
+
+def _result(raw: dict[str, Any]) -> DownloadResult:
     return DownloadResult(
         path=Path(raw["path"]),
         size=raw["size"],
@@ -292,3 +306,151 @@ async def adownload(
         with contextlib.suppress(BaseException):
             await done
         raise
+
+
+# --- many ------------------------------------------------------------------------------
+
+BatchProgressCallback = Callable[[int, int, int, int], Any]
+"""Called with (items done, items, bytes done, bytes known so far), ~10 times a second."""
+
+
+@dataclass(frozen=True)
+class DownloadItem:
+    """One item of `download_many`.
+
+    Attributes:
+        url: an http or https URL.
+        out: the file name inside the destination directory (default: from the URL).
+        sha256: expected SHA-256 (hex).
+        size: expected size in bytes.
+    """
+
+    url: str
+    out: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+
+
+def parse_items(lines: Iterable[str], source: str = "-i") -> list[DownloadItem]:
+    """Items from an input file: one a line, ``URL [out=NAME] [sha256=HEX] [size=N]``;
+    blank lines and ``#`` comments are skipped (aria2's input files, in short).
+
+    Raises:
+        ValueError: a line that does not parse, naming `source` and its line number.
+    """
+    items = []
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split() if not line.lstrip().startswith("#") else []
+        if not fields:
+            continue
+        url, extra = fields[0], fields[1:]
+        options: dict[str, str] = {}
+        for field in extra:
+            key, sep, value = field.partition("=")
+            if not sep or key not in ("out", "sha256", "size") or key in options:
+                raise ValueError(
+                    f"{source}:{number}: expected URL [out=NAME] [sha256=HEX] [size=N], "
+                    f"not {field!r}"
+                )
+            options[key] = value
+        size = options.get("size")
+        if size is not None and not size.isdigit():
+            raise ValueError(f"{source}:{number}: size must be a number of bytes, not {size!r}")
+        items.append(
+            DownloadItem(
+                url,
+                out=options.get("out"),
+                sha256=options.get("sha256"),
+                size=int(size) if size is not None else None,
+            )
+        )
+    return items
+
+
+def download_many(
+    items: Iterable[str | DownloadItem],
+    dest: StrPath | None = None,
+    *,
+    jobs: int = 8,
+    durable: bool = True,
+    cancel: CancelToken | None = None,
+    progress: BatchProgressCallback | None = None,
+    on_result: Callable[[int, DownloadResult | Exception], Any] | None = None,
+    **options: Any,
+) -> list[DownloadResult | Exception]:
+    """Download many URLs into the directory `dest`, at most `jobs` at a time, in one
+    call on one runtime (connections reused per host), each verified and atomic.
+
+    Items are independent: one that fails does not stop the others. With `durable`,
+    files are made durable together (group commit) before each is renamed into place.
+
+    Args:
+        items: URLs or `DownloadItem`s.
+        dest: the directory (created if missing; default: the current directory).
+        jobs: downloads in flight at once.
+        durable: fsync the files and the directory, in groups.
+        cancel: a token whose cancellation stops every item (their parts kept).
+        progress: see `BatchProgressCallback`.
+        on_result: called with (index, result or exception) as each item is final.
+        options: keyword arguments of `download` (not `sha256`, `xxh3_128` or `size`,
+            which are per item).
+
+    Returns:
+        For each item, in order, its `DownloadResult` or the exception it raised (a
+        `SurefetchError`, or `ValueError` for an item with a bad URL).
+
+    Raises:
+        ValueError: a bad argument, or two items that would write the same file.
+        StorageError: the destination directory cannot be created.
+        KeyboardInterrupt: Ctrl+C; every transfer is cancelled first.
+    """
+    for name in ("sha256", "xxh3_128", "size", "progress"):
+        if name in options:
+            raise ValueError(f"{name} is given per item (DownloadItem), not for all")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    _check(
+        options.get("connections"),
+        options.get("retries", 3),
+        options.get("timeout"),
+        options.get("read_timeout", 30.0),
+    )
+    directory = Path.cwd() if dest is None else Path(os.fspath(dest))
+    _make_directory(directory)
+    batch = [DownloadItem(i) if isinstance(i, str) else i for i in items]
+    raw_items: list[tuple[str, str | os.PathLike[str], dict[str, Any]]] = []
+    seen: dict[Path, str] = {}
+    for item in batch:
+        name = _core.bare_name(item.out) if item.out is not None else name_from_url(item.url)
+        if item.out is not None and name != item.out:
+            raise ValueError(f"out={item.out!r} for {redact_url(item.url)} is not a bare file name")
+        path = _not_reserved(directory / name)
+        if path in seen:
+            raise ValueError(
+                f"{redact_url(seen[path])} and {redact_url(item.url)} would both write {path}: "
+                "give one of them out=NAME"
+            )
+        seen[path] = item.url
+        per_item: dict[str, Any] = {k: v for k, v in options.items() if k != "headers"}
+        per_item["headers"] = list((options.get("headers") or {}).items())
+        per_item.update(sha256=item.sha256, size=item.size)
+        raw_items.append((item.url, path, per_item))
+    results: list[DownloadResult | Exception | None] = [None] * len(batch)
+
+    def collect(index: int, raw: dict[str, Any] | BaseException) -> None:
+        if isinstance(raw, BaseException) and not isinstance(raw, Exception):
+            raise raw
+        result = raw if isinstance(raw, Exception) else _result(raw)
+        results[index] = result
+        if on_result is not None:
+            on_result(index, result)
+
+    _core.download_many(
+        raw_items, jobs=jobs, durable=durable, cancel=cancel, on_result=collect, progress=progress
+    )
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise SurefetchError(
+            f"internal error: {len(missing)} item(s) ended without a result; please report this"
+        )
+    return [r for r in results if r is not None]

@@ -180,7 +180,11 @@ impl Job<'_> {
     /// Makes the verified part durable (when asked), gives it its mode and
     /// renames it over the final path.
     fn persist(&self, part: PartFile) -> Result<()> {
-        part.finish(file_mode(self.options.executable))?;
+        let mode = file_mode(self.options.executable);
+        if self.defer_commit {
+            return part.finish_unsynced(mode);
+        }
+        part.finish(mode)?;
         atomic::persist(
             &self.paths.part,
             self.paths.destination(),

@@ -1,0 +1,326 @@
+//! Many downloads in one call: one runtime, a global limit on the transfers in
+//! flight, the shared client's connections reused per host, each item's result
+//! as soon as it is known, and a group commit.
+//!
+//! Group commit (as a database commits a group of transactions with one log
+//! flush): a durable item is verified and left staged, unsynced; a committer
+//! takes every item staged by then (waiting `COMMIT_DELAY` for more), makes
+//! them durable together (one `syncfs` per filesystem for a group, `fsync` for
+//! a few files), renames each into place, then fsyncs each directory once. While it works, more items stage
+//! and form the next group. A file is never renamed before its data is durable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use std::sync::mpsc::Sender;
+
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::cancel::CancelToken;
+use crate::download::{download_into, download_staged, Options, Outcome, Progress, Staged};
+use crate::error::{Error, Result};
+
+/// One download of a batch.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub url: String,
+    pub dest: PathBuf,
+    pub options: Options,
+}
+
+/// Progress of a whole batch, summed over its items.
+#[derive(Debug)]
+pub struct BatchProgress {
+    items: Vec<Arc<Progress>>,
+    finished: AtomicU64,
+}
+
+/// A snapshot of `BatchProgress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub items_done: u64,
+    pub items: u64,
+    pub bytes_done: u64,
+    /// The sum of the sizes known so far.
+    pub bytes_known: u64,
+}
+
+impl BatchProgress {
+    pub fn new(items: usize) -> Arc<Self> {
+        Arc::new(Self {
+            items: (0..items).map(|_| Progress::new()).collect(),
+            finished: AtomicU64::new(0),
+        })
+    }
+
+    pub fn get(&self) -> Totals {
+        let (mut bytes_done, mut bytes_known) = (0, 0);
+        for item in &self.items {
+            let (done, total) = item.get();
+            bytes_done += done;
+            bytes_known += total.unwrap_or(done);
+        }
+        Totals {
+            items_done: self.finished.load(Ordering::Relaxed),
+            items: self.items.len() as u64,
+            bytes_done,
+            bytes_known,
+        }
+    }
+}
+
+/// The result of item `index`.
+pub type ItemResult = (usize, Result<Outcome>);
+
+/// Runs `items`, at most `jobs` at a time, and sends each one's result on
+/// `results` as soon as it is final (after its commit when `durable`). Items
+/// are independent: one failing does not stop the others; `cancel` stops all.
+pub async fn download_batch(
+    items: Vec<Item>,
+    jobs: usize,
+    durable: bool,
+    cancel: CancelToken,
+    progress: Arc<BatchProgress>,
+    results: Sender<ItemResult>,
+) {
+    let limit = Arc::new(Semaphore::new(jobs.max(1)));
+    let (staged_tx, staged_rx) = mpsc::unbounded_channel::<(usize, Outcome, Staged)>();
+    let committer = tokio::spawn(commit_groups(
+        staged_rx,
+        results.clone(),
+        Arc::clone(&progress),
+    ));
+    let mut workers = tokio::task::JoinSet::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let limit = Arc::clone(&limit);
+        let cancel = cancel.child();
+        let item_progress = Arc::clone(&progress.items[index]);
+        let batch = Arc::clone(&progress);
+        let results = results.clone();
+        let staged_tx = staged_tx.clone();
+        workers.spawn(async move {
+            let Ok(_permit) = limit.acquire_owned().await else {
+                return;
+            };
+            let Item { url, dest, options } = item;
+            let options = Options { durable, ..options };
+            if durable {
+                match download_staged(&url, &dest, &options, cancel, item_progress).await {
+                    Ok((outcome, staged)) => {
+                        let _ = staged_tx.send((index, outcome, staged));
+                    }
+                    Err(error) => finish(&results, &batch, index, Err(error)),
+                }
+            } else {
+                let result = download_into(&url, &dest, &options, cancel, item_progress).await;
+                finish(&results, &batch, index, result);
+            }
+        });
+    }
+    drop(staged_tx);
+    while let Some(joined) = workers.join_next().await {
+        if joined.is_err() {
+            // A worker panicked: its item gets no result; the caller reports it.
+            continue;
+        }
+    }
+    let _ = committer.await;
+}
+
+fn finish(
+    results: &Sender<ItemResult>,
+    progress: &BatchProgress,
+    index: usize,
+    result: Result<Outcome>,
+) {
+    progress.finished.fetch_add(1, Ordering::Relaxed);
+    let _ = results.send((index, result));
+}
+
+/// The committer: takes every item staged so far, commits them as one group,
+/// and repeats until no more can come.
+async fn commit_groups(
+    mut staged: mpsc::UnboundedReceiver<(usize, Outcome, Staged)>,
+    results: Sender<ItemResult>,
+    progress: Arc<BatchProgress>,
+) {
+    while let Some(first) = staged.recv().await {
+        let mut group = vec![first];
+        // Like a database's commit_delay: a moment for the items finishing
+        // alongside to join, so that one sync serves them all.
+        let gather = tokio::time::sleep(COMMIT_DELAY);
+        tokio::pin!(gather);
+        loop {
+            tokio::select! {
+                more = staged.recv() => match more {
+                    Some(more) => group.push(more),
+                    None => break,
+                },
+                () = &mut gather => break,
+            }
+        }
+        let committed = tokio::task::spawn_blocking(move || commit(group))
+            .await
+            .unwrap_or_default();
+        for (index, result) in committed {
+            finish(&results, &progress, index, result);
+        }
+    }
+}
+
+/// Makes a group durable, renames each file into place, fsyncs each directory
+/// once; returns each item's result.
+fn commit(group: Vec<(usize, Outcome, Staged)>) -> Vec<ItemResult> {
+    let parts: Vec<&Path> = group.iter().map(|(_, _, s)| s.part.as_path()).collect();
+    let synced = sync_files(&parts);
+    let mut results = Vec::with_capacity(group.len());
+    let mut renamed: Vec<(usize, Outcome, PathBuf)> = Vec::new();
+    let mut part_dirs = BTreeSet::new();
+    for ((index, outcome, staged), synced) in group.into_iter().zip(synced) {
+        part_dirs.insert(staged.part_dir.clone());
+        let done = synced.and_then(|()| {
+            std::fs::rename(&staged.part, &staged.destination)
+                .map_err(|e| Error::storage("renaming into", &staged.destination, e))
+        });
+        match done {
+            Ok(()) => renamed.push((index, outcome, staged.destination.clone())),
+            Err(error) => {
+                let _ = std::fs::remove_file(&staged.part);
+                results.push((index, Err(error)));
+            }
+        }
+        drop(staged);
+    }
+    // Each directory once, for every file renamed into it.
+    let mut by_dir: BTreeMap<PathBuf, Vec<(usize, Outcome)>> = BTreeMap::new();
+    for (index, outcome, destination) in renamed {
+        let dir = parent_of(&destination);
+        by_dir.entry(dir).or_default().push((index, outcome));
+    }
+    for (dir, items) in by_dir {
+        let synced = File::open(&dir).and_then(|d| d.sync_all());
+        for (index, outcome) in items {
+            let result = match &synced {
+                Ok(()) => Ok(outcome),
+                Err(e) => Err(Error::storage("syncing the directory", &dir, same_error(e))),
+            };
+            results.push((index, result));
+        }
+    }
+    for dir in part_dirs {
+        // Tidy, unless another download is still under way there.
+        let _ = std::fs::remove_dir(dir);
+    }
+    results
+}
+
+/// fsyncs a lone file; for a group, one `syncfs` per filesystem, which writes
+/// back every file of the group on it in one call.
+fn sync_files(parts: &[&Path]) -> Vec<Result<()>> {
+    if parts.len() < GROUP_SYNCFS_MIN {
+        return parts.iter().map(|p| fsync(p)).collect();
+    }
+    let mut by_device: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    let mut results: Vec<Result<()>> = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        match std::fs::metadata(part) {
+            Ok(meta) => {
+                by_device.entry(meta.dev()).or_default().push(i);
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(Error::storage("syncing", *part, e))),
+        }
+    }
+    for members in by_device.values() {
+        let first = parts[members[0]];
+        if let Err(error) = syncfs(first) {
+            for &i in members {
+                results[i] = Err(Error::storage(
+                    "syncing the filesystem of",
+                    parts[i],
+                    same_error(&error),
+                ));
+            }
+        }
+    }
+    results
+}
+
+/// How long a group waits for more items before it is committed.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// From this many files on, a group is made durable with `syncfs`.
+const GROUP_SYNCFS_MIN: usize = 4;
+
+fn fsync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::storage("syncing", path, e))
+}
+
+fn syncfs(path: &Path) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An `io::Error` that says the same (errno included), for each item it concerns.
+fn same_error(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(errno) => std::io::Error::from_raw_os_error(errno),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_sync_covers_every_file_and_reports_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = (0..6).map(|i| dir.path().join(format!("f{i}"))).collect();
+        for f in &files {
+            std::fs::write(f, b"x").unwrap();
+        }
+        let mut paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        assert!(sync_files(&paths).iter().all(Result::is_ok));
+        let missing = dir.path().join("missing");
+        paths.push(&missing);
+        let results = sync_files(&paths);
+        assert!(results[..6].iter().all(Result::is_ok));
+        assert!(matches!(results[6], Err(Error::Storage { .. })));
+        assert!(sync_files(&paths[..2]).iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn progress_sums_the_items() {
+        let progress = BatchProgress::new(2);
+        assert_eq!(
+            progress.get(),
+            Totals {
+                items_done: 0,
+                items: 2,
+                bytes_done: 0,
+                bytes_known: 0
+            }
+        );
+        assert_eq!(parent_of(Path::new("f")), PathBuf::from("."));
+        assert_eq!(parent_of(Path::new("/a/f")), PathBuf::from("/a"));
+    }
+}

@@ -1,0 +1,224 @@
+"""Many URLs in one call (`download_many`, `surefetch get URL URL... / -i FILE`):
+one runtime, a global limit, per-item results, a group commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import surefetch as sf
+from surefetch.download import DownloadItem, download_many, parse_items
+from surefetch.testing import FaultServer
+
+from support import SUREFETCH, leftovers, part_dir, payload, restore_default_signals, run_cli
+
+SMALL = [payload(4096, seed=i) for i in range(40)]
+LARGE = payload((3 << 20) + 123, seed=99)  # over one block: the streaming path
+
+
+@pytest.fixture
+def urls(server: FaultServer) -> list[str]:
+    return [server.add(f"f{i}.bin", data) for i, data in enumerate(SMALL)]
+
+
+def test_many_files_arrive_whole_in_one_call(
+    server: FaultServer, urls: list[str], tmp_path: Path
+) -> None:
+    large = server.add("large.bin", LARGE)
+    seen: list[int] = []
+    totals: list[tuple[int, int, int, int]] = []
+    results = download_many(
+        [*urls, large],
+        tmp_path / "out",
+        jobs=8,
+        on_result=lambda index, _: seen.append(index),
+        progress=lambda *t: totals.append(t),
+    )
+    assert sorted(seen) == list(range(len(urls) + 1))
+    for i, result in enumerate(results[:-1]):
+        assert isinstance(result, sf.DownloadResult)
+        assert result.path == tmp_path / "out" / f"f{i}.bin"
+        assert result.sha256 == hashlib.sha256(SMALL[i]).hexdigest()
+        assert result.path.read_bytes() == SMALL[i]
+    assert (tmp_path / "out" / "large.bin").read_bytes() == LARGE
+    # Published by rename after the group commit: nothing else is left.
+    assert leftovers(tmp_path / "out") == sorted([f"f{i}.bin" for i in range(40)] + ["large.bin"])
+    assert totals[-1] == (41, 41, 40 * 4096 + len(LARGE), 40 * 4096 + len(LARGE))
+
+
+def test_items_fail_alone(server: FaultServer, urls: list[str], tmp_path: Path) -> None:
+    results = download_many(
+        [
+            urls[0],
+            f"{server.url}/missing.bin",
+            DownloadItem(urls[1], out="checked.bin", sha256="0" * 64),
+            DownloadItem(urls[2], out="sized.bin", size=5),
+            "ftp://example.org/x",
+            DownloadItem(urls[3], out="good.bin", size=4096),
+        ],
+        tmp_path,
+    )
+    kinds = [type(r).__name__ for r in results]
+    assert kinds == [
+        "DownloadResult",
+        "HTTPError",
+        "ChecksumMismatch",
+        "SizeMismatch",
+        "ValueError",
+        "DownloadResult",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.bin", "good.bin"]
+
+
+def test_names_are_checked_before_anything_is_fetched(
+    server: FaultServer, urls: list[str], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="would both write"):
+        download_many([urls[0], urls[0] + "?again=1"], tmp_path)
+    with pytest.raises(ValueError, match="not a bare file name"):
+        download_many([DownloadItem(urls[0], out="../escape.bin")], tmp_path)
+    with pytest.raises(ValueError, match="per item"):
+        download_many(urls[:2], tmp_path, sha256="0" * 64)
+    assert server.requests == []
+
+
+def test_a_cancel_stops_every_item_and_keeps_their_parts(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    slow = [server.add(f"s{i}.bin", LARGE) + "?throttle=2000000" for i in range(3)]
+    token = sf.CancelToken()
+
+    def cancel_soon(*_: int) -> None:
+        if not token.cancelled:
+            time.sleep(0.3)
+            token.cancel()
+
+    started = time.monotonic()
+    results = download_many(slow, tmp_path, jobs=3, cancel=token, progress=cancel_soon)
+    assert time.monotonic() - started < 3
+    assert all(isinstance(r, sf.Cancelled) for r in results)
+    assert not any((tmp_path / f"s{i}.bin").exists() for i in range(3))
+    assert all((part_dir(tmp_path / "x") / f"s{i}.bin.part").exists() for i in range(3))
+
+
+def test_input_files_parse_like_aria2s() -> None:
+    text = "# models\n\nhttp://h/a out=x.bin sha256=ab size=3  # trailing\nhttp://h/b\n"
+    assert parse_items(text.splitlines(), "list") == [
+        DownloadItem("http://h/a", out="x.bin", sha256="ab", size=3),
+        DownloadItem("http://h/b"),
+    ]
+    for bad in ["http://h/a out", "http://h/a color=red", "http://h/a size=big", "u out=1 out=2"]:
+        with pytest.raises(ValueError, match="list:1"):
+            parse_items([bad], "list")
+
+
+def test_cli_get_many_reports_each_item_and_exits_with_the_worst(
+    server: FaultServer, urls: list[str], tmp_path: Path
+) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text(
+        f"# a comment\n{urls[0]} out=a.bin\n{urls[1]} sha256={'0' * 64}\n{server.url}/missing.bin\n"
+    )
+    done = run_cli(["get", urls[2], urls[3], "-i", str(listing), "-o", "out", "--json"], tmp_path)
+    assert done.returncode == 4, done.stderr  # 404 (4) is worse than a mismatch (3)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 5
+    by_url = {line["url"]: line for line in lines}
+    assert by_url[urls[2]]["path"] == "out/f2.bin"
+    assert by_url[urls[1]]["exit_code"] == 3 and "mismatch" in by_url[urls[1]]["error"]
+    assert by_url[f"{server.url}/missing.bin"]["exit_code"] == 4
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin", "f2.bin", "f3.bin"]
+    # From stdin, plain output: one path a line.
+    piped = subprocess.run(
+        [SUREFETCH, "get", "-i", "-", "-o", str(tmp_path / "piped")],
+        input="\n".join(urls[4:7]) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert sorted(Path(p).name for p in piped.stdout.split()) == ["f4.bin", "f5.bin", "f6.bin"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sha256", "0" * 64], "per item"),
+        (["-i", "missing.txt"], "cannot read missing.txt"),
+    ],
+)
+def test_cli_get_many_usage_errors(
+    urls: list[str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = run_cli(["get", urls[0], urls[1], *args], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_get_many_bad_input_line_is_a_usage_error(urls: list[str], tmp_path: Path) -> None:
+    (tmp_path / "list.txt").write_text(f"{urls[0]}\n{urls[1]} colour=red\n")
+    done = run_cli(["get", "-i", "list.txt"], tmp_path)
+    assert done.returncode == 2 and "list.txt:2" in done.stderr
+
+
+def test_cli_get_many_ctrl_c_exits_130_and_keeps_parts(server: FaultServer, tmp_path: Path) -> None:
+    slow = [server.add(f"s{i}.bin", LARGE) + "?throttle=1000000" for i in range(2)]
+    child = subprocess.Popen(
+        [SUREFETCH, "get", *slow, "-o", str(tmp_path), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=restore_default_signals,
+    )
+    time.sleep(1.0)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=10)
+    assert time.monotonic() - sent < 2
+    assert child.returncode == 130, err
+    assert not (tmp_path / "s0.bin").exists()
+    assert (tmp_path / ".surefetch" / "s0.bin.part").exists()
+
+
+def test_a_durable_batch_syncs_in_groups_not_per_file(urls: list[str], tmp_path: Path) -> None:
+    script = (
+        "import sys; from surefetch.download import download_many; "
+        "r = download_many(sys.argv[2:], sys.argv[1], jobs=8); "
+        "sys.exit(any(isinstance(x, Exception) for x in r))"
+    )
+    trace = tmp_path / "trace"
+    done = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,syncfs",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "out"),
+            *urls,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = trace.read_text().splitlines()
+    fsyncs = sum("fsync(" in c or "fdatasync(" in c for c in calls)
+    syncfs = sum("syncfs(" in c for c in calls)
+    assert len(list((tmp_path / "out").iterdir())) == len(urls)
+    # 40 files: a few groups, each one syncfs and one directory fsync — not 40+.
+    assert syncfs + fsyncs < len(urls) // 2, calls
+    assert syncfs >= 1
