@@ -12,6 +12,11 @@ Python start-up included:
 - ``requests``: one ``requests.Session``, the files fetched one after the other, each
   SHA-256 checked and written (a fresh output directory each run).
 - ``pooch``: ``pooch.retrieve`` with the known SHA-256 of each file, one after the other.
+- ``get-many``: ``surefetch get -i LIST --jobs 8``, each item with its SHA-256 (one call,
+  one runtime, group commit).
+- ``curl``: ``curl -Z --parallel-max 8`` with one ``url``/``output`` pair per file (no
+  digest checked, nothing synced).
+- ``aria2c``: ``aria2c -i LIST -j 8`` with ``checksum=sha-256=…`` per file.
 
 Runs are interleaved (round r runs every row once; one uncounted round first); each
 ratio is the median of per-round ratios. Targets: warm sync <= 0.5 s for the whole
@@ -50,12 +55,15 @@ FILE_SIZE = 4096
 FULL_RUNS, QUICK_RUNS = 5, 2
 COLD_FAIL_BELOW_X = 0.1
 WARM_TARGET_MS, COLD_TARGET_X = 500.0, 3.0
-ROWS = ("sync-cold", "sync-warm", "requests", "pooch")
+ROWS = ("sync-cold", "sync-warm", "requests", "pooch", "get-many", "curl", "aria2c")
 WHAT = {
     "sync-cold": "`surefetch sync --jobs 8`, empty cache and destination, no lockfile",
     "sync-warm": "`surefetch sync --jobs 8` again: all present and pinned",
     "requests": "one `requests.Session`, sequential, SHA-256 checked, files written",
     "pooch": "`pooch.retrieve(url, known_hash=sha256)`, sequential",
+    "get-many": "`surefetch get -i LIST --jobs 8`, SHA-256 per item, group commit",
+    "curl": "`curl -Z --parallel-max 8`, no digest, no fsync",
+    "aria2c": "`aria2c -i LIST -j 8`, `checksum=sha-256` per item",
 }
 
 
@@ -121,7 +129,48 @@ def write_inputs(base_url: str, files: list[tuple[str, str]]) -> Setup:
     )
     listing = WORK / "list.txt"
     listing.write_text("".join(f"{base_url}/{n} {sha} {n}\n" for n, sha in files))
+    (WORK / "get.txt").write_text(
+        "".join(f"{base_url}/{n} out={n} sha256={sha}\n" for n, sha in files)
+    )
+    (WORK / "curl.cfg").write_text(
+        "".join(f'url = "{base_url}/{n}"\noutput = "{n}"\n' for n, _ in files)
+    )
+    (WORK / "aria2.txt").write_text(
+        "".join(f"{base_url}/{n}\n  out={n}\n  checksum=sha-256={sha}\n" for n, sha in files)
+    )
     return Setup(base_url, files, manifest, listing)
+
+
+def _peer_argv(what: str, setup: Setup, out: Path) -> list[str]:
+    if what == "get-many":
+        get = WORK / "get.txt"
+        return [str(SUREFETCH), "get", "-i", str(get), "-o", str(out), "--jobs", "8", "-q"]
+    if what == "curl":
+        return [
+            "curl",
+            "-sSf",
+            "-Z",
+            "--parallel-max",
+            "8",
+            "-K",
+            str(WORK / "curl.cfg"),
+            "--output-dir",
+            str(out),
+        ]
+    if what == "aria2c":
+        return [
+            "aria2c",
+            "-q",
+            "-i",
+            str(WORK / "aria2.txt"),
+            "-j",
+            "8",
+            "-d",
+            str(out),
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+        ]
+    return [sys.executable, __file__, "--peer", what, str(setup.listing), str(out)]
 
 
 def timed(argv: Sequence[str], what: str) -> float:
@@ -186,8 +235,7 @@ def run_round(rows: dict[str, Row], r: int | None, setup: Setup) -> None:
                 rows["sync-warm"].seconds[r] = warm
             continue
         out = _fresh(WORK / f"run-{what}")
-        argv = [sys.executable, __file__, "--peer", what, str(setup.listing), str(out)]
-        seconds = timed(argv, what)
+        seconds = timed(_peer_argv(what, setup, out), what)
         check_installed(out, setup)
         if r is not None:
             rows[what].seconds[r] = seconds
