@@ -263,7 +263,8 @@ fn fsync(path: &Path) -> Result<()> {
         .map_err(|e| Error::storage("syncing", path, e))
 }
 
-fn syncfs(path: &Path) -> std::io::Result<()> {
+/// Writes back everything on the filesystem holding `path` (`syncfs(2)`).
+pub fn syncfs(path: &Path) -> std::io::Result<()> {
     let file = File::open(path)?;
     // SAFETY: syncfs on a descriptor we own.
     if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {

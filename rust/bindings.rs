@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 use crate::batch;
 use crate::cancel;
 use crate::download::{download_into, Options, Outcome, Progress};
-use crate::error::Error;
+use crate::error::{Error, TimeoutKind};
 use crate::hash;
 use crate::names;
 use crate::part;
@@ -48,7 +48,15 @@ impl From<PyEngineError> for PyErr {
             Error::Network { .. } | Error::SourceChanged { .. } | Error::Unusable { .. } => {
                 NetworkError::new_err(message)
             }
-            Error::Timeout { .. } => DownloadTimeout::new_err(message),
+            Error::Timeout { kind, .. } => {
+                let kind = match kind {
+                    TimeoutKind::Connect => "connect",
+                    TimeoutKind::Read => "read",
+                    TimeoutKind::Overall => "overall",
+                    TimeoutKind::LowSpeed(_) => "low-speed",
+                };
+                DownloadTimeout::new_err((message, kind))
+            }
             Error::Cancelled => Cancelled::new_err(message),
             Error::ChecksumMismatch {
                 algorithm,
@@ -435,6 +443,14 @@ fn download_many<'py>(
     }
 }
 
+/// Makes everything written to the filesystem holding `path` durable (`syncfs`):
+/// one call for a group of files; raises the `OSError` it gets.
+#[pyfunction]
+fn sync_filesystem(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    let synced = py.detach(|| batch::syncfs(&path));
+    synced.map_err(|source| plain_os_error(Error::storage("syncing", path, source)))
+}
+
 /// Size and digests of a file: `(size, xxh3_128, sha256 or None)`.
 #[pyfunction]
 #[pyo3(signature = (path, *, sha256=true, cancel=None))]
@@ -511,6 +527,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CancelToken>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(download_many, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_filesystem, m)?)?;
     m.add_function(wrap_pyfunction!(hash_file, m)?)?;
     m.add_function(wrap_pyfunction!(bare_name, m)?)?;
     m.add_function(wrap_pyfunction!(fit_name, m)?)?;

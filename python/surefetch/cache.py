@@ -54,13 +54,19 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from surefetch._core import CancelToken, hash_file
-from surefetch.download import ProgressCallback, download
+from surefetch._core import CancelToken, hash_file, sync_filesystem
+from surefetch.download import (
+    DownloadItem,
+    DownloadResult,
+    ProgressCallback,
+    download,
+    download_many,
+)
 from surefetch.errors import (
     Cancelled,
     DownloadTimeout,
@@ -76,6 +82,7 @@ __all__ = [
     "CacheEntry",
     "CachedBlob",
     "CleanReport",
+    "FetchRequest",
     "GcReport",
     "VerifyReport",
     "default_cache_root",
@@ -106,6 +113,15 @@ class CacheEntry:
     sha256: str
     xxh3_128: str
     bytes_transferred: int
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """One artifact of `Cache.fetch_many`: its URL and, when known, its digest and size."""
+
+    url: str
+    sha256: str | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +194,8 @@ class Cache:
         )
         self._root = self._root.absolute()
         self.lock_timeout = lock_timeout
+        # Directories already checked by `_dir`/`_checked` during a `fetch_many`.
+        self._checked_dirs: set[Path] | None = None
 
     @property
     def root(self) -> Path:
@@ -307,6 +325,165 @@ class Cache:
                     headers=headers,
                     progress=progress,
                 )
+
+    def fetch_many(
+        self,
+        requests: Sequence[FetchRequest],
+        *,
+        jobs: int = 8,
+        timeout: float | None = None,
+        cancel: CancelToken | None = None,
+        on_result: Callable[[int, CacheEntry | Exception], Any] | None = None,
+        on_wait: Callable[[str], None] | None = None,
+        **options: Any,
+    ) -> list[CacheEntry | Exception]:
+        """`fetch_entry` for many artifacts at once: what is cached is returned at once;
+        the rest is downloaded in one `download_many` call (one runtime, `jobs` at a time,
+        connections reused per host), made durable in groups, and only then moved into
+        the cache; artifacts another process is fetching are waited for afterwards.
+
+        Args:
+            requests: what to fetch.
+            jobs: downloads in flight at once.
+            timeout: seconds allowed to each download (None: no limit).
+            cancel: a token whose cancellation stops every download (parts kept).
+            on_result: called with (index, entry or exception) as each is final.
+            on_wait: see `fetch_entry`.
+            options: keyword arguments of `download` (retries, timeouts, headers...).
+
+        Returns:
+            For each request, in order, its `CacheEntry` or the exception it raised.
+
+        Raises:
+            StorageError: the cache directory cannot be used.
+            KeyboardInterrupt: Ctrl+C; every download is cancelled first.
+        """
+        results: list[CacheEntry | Exception | None] = [None] * len(requests)
+        # Within one batch each directory is checked once, not once per blob.
+        self._checked_dirs = set()
+        try:
+            return self._fetch_many(
+                requests, results, jobs, timeout, cancel, on_result, on_wait, options
+            )
+        finally:
+            self._checked_dirs = None
+
+    def _fetch_many(
+        self,
+        requests: Sequence[FetchRequest],
+        results: list[CacheEntry | Exception | None],
+        jobs: int,
+        timeout: float | None,
+        cancel: CancelToken | None,
+        on_result: Callable[[int, CacheEntry | Exception], Any] | None,
+        on_wait: Callable[[str], None] | None,
+        options: dict[str, Any],
+    ) -> list[CacheEntry | Exception]:
+        def settle(index: int, result: CacheEntry | Exception) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+
+        with self._storage(), contextlib.ExitStack() as held:
+            batch: list[tuple[int, str, str | None]] = []  # (index, key, expected)
+            waiting: list[int] = []
+            for index, request in enumerate(requests):
+                try:
+                    expected = _check_sha256(request.sha256) if request.sha256 else None
+                    hit = self._lookup(expected, touch=True) if expected is not None else None
+                    if hit is not None:
+                        _check_size(hit, request.size)
+                        settle(index, hit)
+                        continue
+                except SurefetchError as exc:
+                    settle(index, exc)
+                    continue
+                key = f"sha256-{expected}" if expected else f"url-{_url_key(request.url)}"
+                fd = _flock_nb(self._dir("locks") / f"{key}.lock")
+                if fd is None:  # another process (or an earlier request here) has it
+                    waiting.append(index)
+                    continue
+                held.callback(os.close, fd)
+                _write_holder(fd, request.url)
+                batch.append((index, key, expected))
+            if batch:
+                self._download_batch(requests, batch, jobs, timeout, cancel, settle, options)
+        for index in waiting:
+            request = requests[index]
+            try:
+                entry: CacheEntry | Exception = self.fetch_entry(
+                    request.url,
+                    sha256=request.sha256,
+                    size=request.size,
+                    timeout=timeout,
+                    cancel=cancel,
+                    on_wait=on_wait,
+                    **options,
+                )
+            except SurefetchError as exc:
+                entry = exc
+            settle(index, entry)
+        return [r for r in results if r is not None]
+
+    def _download_batch(
+        self,
+        requests: Sequence[FetchRequest],
+        batch: list[tuple[int, str, str | None]],
+        jobs: int,
+        timeout: float | None,
+        cancel: CancelToken | None,
+        settle: Callable[[int, CacheEntry | Exception], None],
+        options: dict[str, Any],
+    ) -> None:
+        """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
+        place and syncs the blob directories once for all."""
+        items = [
+            DownloadItem(requests[i].url, out=key, sha256=expected, size=requests[i].size)
+            for i, key, expected in batch
+        ]
+        placed: list[tuple[int, CacheEntry]] = []
+
+        def one(position: int, result: DownloadResult | Exception) -> None:
+            index, _, expected = batch[position]
+            if isinstance(result, Exception):
+                settle(index, result)
+                return
+            assert result.sha256 is not None  # computed whenever none was expected
+            url = redact_url(requests[index].url)
+            info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": url}
+            try:
+                path = self._place(result.path, result.sha256, info, expected is None)
+            except OSError as exc:
+                settle(index, exc)
+                return
+            entry = CacheEntry(
+                path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
+            )
+            placed.append((index, entry))
+
+        download_many(
+            items,
+            self._dir("tmp"),
+            jobs=jobs,
+            cancel=cancel,
+            on_result=one,
+            timeout=timeout,
+            **options,
+        )
+        if placed:
+            # The blobs' data was durable before their renames; one syncfs makes the
+            # renames (in up to 256 directories) durable too.
+            sync_filesystem(self._dir("blobs"))
+        for index, entry in placed:
+            settle(index, entry)
+
+    def _place(self, tmp: Path, digest: str, info: dict[str, Any], by_url: bool) -> Path:
+        """Moves the verified, durable download `tmp` to its blob path, its directory
+        synced later by the caller."""
+        if not by_url:
+            return self._install(tmp, digest, info, sync=False)
+        with self._locked(f"sha256-{digest}", info["url"], None, None, None):
+            return self._install(tmp, digest, info, sync=False)
 
     def _download(
         self,
@@ -497,6 +674,10 @@ class Cache:
     def _dir(self, *parts: str) -> Path:
         """``root/parts...``, created 0755 minus the umask, level by level, each
         level checked (`_check_dir`)."""
+        checked = self._checked_dirs
+        whole = self._root.joinpath(*parts)
+        if checked is not None and whole in checked:
+            return whole
         path = self._root
         if not path.is_dir():
             path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
@@ -506,11 +687,17 @@ class Cache:
             with contextlib.suppress(FileExistsError):
                 path.mkdir(mode=_DIR_MODE)
             _check_dir(path, os.lstat(path))
+        if checked is not None:
+            checked.add(whole)
         return path
 
     def _checked(self, *parts: str) -> Path:
         """``root/parts...``, not created; every level of it that exists is checked
         (`_check_dir`)."""
+        whole = self._root.joinpath(*parts)
+        checked = self._checked_dirs
+        if checked is not None and whole in checked:
+            return whole
         path = self._root
         try:
             _check_dir(path, os.stat(path), root=True)
@@ -518,8 +705,10 @@ class Cache:
                 path = path / part
                 _check_dir(path, os.lstat(path))
         except FileNotFoundError:
-            pass
-        return self._root.joinpath(*parts)
+            return whole
+        if checked is not None:
+            checked.add(whole)
+        return whole
 
     def _blob_path(self, digest: str) -> Path:
         return self._checked("blobs", "sha256", digest[:2]) / digest
@@ -587,8 +776,9 @@ class Cache:
             self._meta_path(digest).unlink()
         return target
 
-    def _install(self, tmp: Path, digest: str, info: dict[str, Any]) -> Path:
-        """Moves the verified download `tmp` to its blob path (or drops it if one is there)."""
+    def _install(self, tmp: Path, digest: str, info: dict[str, Any], *, sync: bool = True) -> Path:
+        """Moves the verified download `tmp` to its blob path (or drops it if one is there);
+        `sync`: fsync the blob's directory (else the caller makes it durable)."""
         self._write_meta(digest, info)
         if self._lookup(digest, touch=True) is not None:
             tmp.unlink()
@@ -596,7 +786,8 @@ class Cache:
         blob = self._blob_path(digest)
         directory = self._dir("blobs", "sha256", digest[:2])
         os.rename(tmp, blob)
-        _fsync_dir(directory)
+        if sync:
+            _fsync_dir(directory)
         return blob
 
     def _write_meta(self, digest: str, info: dict[str, Any]) -> None:

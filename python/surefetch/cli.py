@@ -705,6 +705,14 @@ def _add_sync_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     sync.add_argument(
         "--timeout-per-item", metavar="S", type=_seconds, help="time limit for each artifact"
     )
+    sync.add_argument(
+        "--link-mode",
+        choices=("auto", "reflink", "hardlink", "copy"),
+        default="auto",
+        help="how a cached file enters the destination: auto (reflink where the filesystem "
+        "can, else a kernel copy), reflink, copy, or hardlink (the installed file IS the "
+        "cache's copy: never edit it in place)",
+    )
     mode = sync.add_mutually_exclusive_group()
     mode.add_argument(
         "--locked", action="store_true", help="fail (exit 1) if the lockfile would change"
@@ -752,6 +760,7 @@ def _run_sync(args: argparse.Namespace) -> int:
                 frozen=args.frozen,
                 upgrade=args.upgrade,
                 cache=args.cache,
+                link_mode=args.link_mode,
                 progress=progress,
             )
         if args.json:

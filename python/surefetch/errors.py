@@ -113,7 +113,16 @@ class NetworkError(SurefetchError):
 
 
 class DownloadTimeout(SurefetchError, TimeoutError):
-    """A connect, idle-read or overall timeout expired."""
+    """A connect, idle-read or overall timeout expired, or the low-speed limit.
+
+    Attributes:
+        kind: ``"connect"``, ``"read"``, ``"overall"`` or ``"low-speed"`` (``""`` when
+            raised by other code).
+    """
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Cancelled(SurefetchError):

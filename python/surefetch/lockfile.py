@@ -31,13 +31,16 @@ change or reuse it).
 
 Transaction. Under an exclusive flock on ``<dest>/.surefetch/sync.lock`` (a second sync
 into the same destination waits for the first), stale staging directories left by a killed
-sync are removed first. Every artifact that needs work is fetched through the cache on a
-thread pool of ``jobs`` threads, each with ``timeout_per_item`` (bounding the fetch and the
-staging of that artifact) and a child of one shared `CancelToken`; the first failure cancels
-the token, the others stop within milliseconds, and that first error is raised. Each blob is
-copied into ``<dest>/.surefetch/sync-<random>/`` (mode 0644, or 0755 when executable, under
-the umask), fsynced, and its size and XXH3-128 checked again. Only after every artifact
-succeeded are the staged files renamed into place (parents created, directories fsynced),
+sync are removed first. Installed files are checked against their pins on ``jobs`` threads;
+every artifact that needs work is fetched through the cache in one batch
+(`Cache.fetch_many`: ``jobs`` downloads at a time on the engine's runtime, each bounded by
+``timeout_per_item``, made durable in groups before entering the cache), under one shared
+`CancelToken`; the first failure cancels the token, the others stop within milliseconds,
+and that first error is raised. Each blob is placed in ``<dest>/.surefetch/sync-<random>/``
+(mode 0644, or 0755 when executable, under the umask) by ``link_mode`` — a reflink where
+the filesystem can, else a kernel copy — and its size and XXH3-128 checked again; then one
+``syncfs`` makes all of them durable. Only after every artifact succeeded are the staged
+files renamed into place (parents created, directories fsynced),
 then the lockfile is written (temporary file in its directory, fsync, rename, fsync of the
 directory; skipped when the bytes would be identical), then the staging directory goes.
 On any failure, Ctrl+C or SIGTERM the staging directory is removed and neither the
@@ -72,6 +75,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Union
 
 from surefetch import _core
 from surefetch._core import CancelToken
+from surefetch._fs import LINK_MODES, LinkMode, place
 from surefetch.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -122,8 +126,6 @@ _MANIFEST_KEYS = frozenset({"name", "url", "sha256", "size", "path", "executable
 _LOCK_KEYS = frozenset({"name", "url", "size", "sha256", "xxh3_128", "executable", "path"})
 _DEST_LOCK_WAIT_S = 300.0
 _POLL_S = 0.05
-_VANISHED_DIR_RETRIES = 5
-_RACY_DIR_ERRNOS = (errno.ENOENT, errno.EEXIST)
 
 
 # --- the data ---------------------------------------------------------------------------------
@@ -817,8 +819,11 @@ class _Outcome:
     bytes_transferred: int
 
 
-class _Worker:
-    """Resolves one item: checks the installed file, fetches through the cache, stages."""
+class _Resolver:
+    """Brings every item to a staged file (or finds it installed): checks installed
+    files, fetches the rest through the cache in one batch (`Cache.fetch_many`), places
+    each blob in the staging directory (reflink or kernel copy, no fsync), and makes the
+    staging directory durable with one `syncfs`. The first failure cancels the rest."""
 
     def __init__(
         self,
@@ -828,6 +833,7 @@ class _Worker:
         token: CancelToken,
         timeout: float | None,
         lock_path: Path,
+        link_mode: LinkMode,
     ) -> None:
         self.root = root
         self.staging = staging
@@ -835,22 +841,87 @@ class _Worker:
         self.token = token
         self.timeout = timeout
         self.lock_path = lock_path
+        self.link_mode = link_mode
 
-    def __call__(self, item: _Item) -> _Outcome:
+    def run(self, items: list[_Item], jobs: int, progress: SyncProgress | None) -> list[_Outcome]:
+        total, done = len(items), 0
+
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        if progress is not None:
+            progress(0, total)
+        outcomes: list[_Outcome] = []
+        to_fetch: list[_Item] = []
+        for item, installed in zip(items, self._installed(items, jobs)):
+            if installed and item.pin is not None:
+                outcomes.append(_Outcome(item, item.pin, None, 0))
+                advance()
+            else:
+                to_fetch.append(item)
         if self.token.cancelled:
-            raise Cancelled(f"{item.name}: cancelled")
-        target = Path(self.root, item.target)
-        if item.pin is not None and _installed_matches(
-            target, item.pin, item.executable, self.token
-        ):
-            return _Outcome(item, item.pin, None, 0)
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        try:
-            found = self._fetch(item, deadline)
-        except (ChecksumMismatch, SizeMismatch) as exc:
-            raise self._integrity_error(item, exc) from exc
-        except SurefetchError as exc:
-            raise _named(exc, item.name) from None
+            raise Cancelled("the sync was cancelled")
+        if not to_fetch:
+            return outcomes
+        first: list[SurefetchError] = []
+
+        def fetched(index: int, result: CacheEntry | Exception) -> None:
+            if isinstance(result, Exception) and not first:
+                first.append(self._failure(to_fetch[index], result))
+                self.token.cancel()
+
+        from surefetch.cache import FetchRequest
+
+        requests = [
+            FetchRequest(
+                item.url,
+                item.pin.sha256 if item.pin is not None else item.sha256,
+                item.pin.size if item.pin is not None else item.size,
+            )
+            for item in to_fetch
+        ]
+        found = self.cache.get().fetch_many(
+            requests, jobs=jobs, timeout=self.timeout, cancel=self.token, on_result=fetched
+        )
+        if first:
+            raise first[0]
+        staged_any = False
+        for item, entry in zip(to_fetch, found):
+            if isinstance(entry, Exception):  # only after a cancel
+                raise self._failure(item, entry)
+            outcome = self._stage(item, entry)
+            staged_any = staged_any or outcome.staged is not None
+            outcomes.append(outcome)
+            advance()
+        if staged_any:
+            try:
+                _core.sync_filesystem(self.staging)
+            except OSError as exc:
+                raise _storage_error(
+                    exc, f"cannot sync the staged files in {self.staging}"
+                ) from exc
+        return outcomes
+
+    def _installed(self, items: list[_Item], jobs: int) -> list[bool]:
+        """Whether each pinned item's target already holds its bytes (hashed in parallel)."""
+        pinned = [item for item in items if item.pin is not None]
+        if not pinned:
+            return [False] * len(items)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def check(item: _Item) -> bool:
+            assert item.pin is not None
+            target = Path(self.root, item.target)
+            return _installed_matches(target, item.pin, item.executable, self.token)
+
+        with ThreadPoolExecutor(max_workers=min(jobs, len(pinned))) as pool:
+            found = dict(zip((i.index for i in pinned), pool.map(check, pinned)))
+        return [found.get(item.index, False) for item in items]
+
+    def _stage(self, item: _Item, found: CacheEntry) -> _Outcome:
         entry = item.entry(found.sha256, found.xxh3_128, found.size)
         if item.pin is not None and found.xxh3_128 != item.pin.xxh3_128:
             raise ChecksumMismatch(
@@ -861,32 +932,30 @@ class _Worker:
                 item.pin.xxh3_128,
                 found.xxh3_128,
             )
+        target = Path(self.root, item.target)
         if item.pin is None and _installed_matches(target, entry, item.executable, self.token):
             return _Outcome(item, entry, None, found.bytes_transferred)
         staged = self.staging / str(item.index)
-        _stage(found.path, staged, entry, item.executable)
-        _check_deadline(item, deadline, self.timeout)
+        link_mode = self.link_mode
+        if link_mode == "hardlink" and item.executable:
+            link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
+        _stage(found.path, staged, entry, item.executable, link_mode)
         return _Outcome(item, entry, staged, found.bytes_transferred)
 
-    def _fetch(self, item: _Item, deadline: float | None) -> CacheEntry:
-        pin = item.pin
-        for attempt in range(_VANISHED_DIR_RETRIES + 1):
-            try:
-                return self.cache.get().fetch_entry(
-                    item.url,
-                    sha256=pin.sha256 if pin is not None else item.sha256,
-                    size=pin.size if pin is not None else item.size,
-                    timeout=_check_deadline(item, deadline, self.timeout),
-                    cancel=self.token,
-                )
-            except StorageError as exc:
-                # Workaround: the engine removes its empty part directory after each
-                # download (rust/download.rs), racing with parallel downloads into the same
-                # directory that are creating it (EEXIST) or just did (ENOENT). Nothing
-                # was written; try again.
-                if exc.errno not in _RACY_DIR_ERRNOS or attempt == _VANISHED_DIR_RETRIES:
-                    raise
-        raise AssertionError("unreachable")
+    def _failure(self, item: _Item, exc: Exception) -> SurefetchError:
+        if isinstance(exc, DownloadTimeout) and exc.kind == "overall" and self.timeout:
+            return DownloadTimeout(
+                f"{item.name}: did not finish within --timeout-per-item {self.timeout:g} s "
+                "(its part file is kept for the next sync); raise the limit or check the server",
+                "overall",
+            )
+        if isinstance(exc, (ChecksumMismatch, SizeMismatch)):
+            return self._integrity_error(item, exc)
+        if isinstance(exc, SurefetchError):
+            return _named(exc, item.name)
+        if isinstance(exc, ValueError):
+            return ManifestError(f"{item.name}: {exc}")
+        return SurefetchError(f"{item.name}: {exc}")
 
     def _integrity_error(self, item: _Item, exc: ChecksumMismatch | SizeMismatch) -> SurefetchError:
         if isinstance(exc, ChecksumMismatch):
@@ -908,19 +977,6 @@ class _Worker:
         return SizeMismatch(message, exc.expected, exc.actual)
 
 
-def _check_deadline(item: _Item, deadline: float | None, timeout: float | None) -> float | None:
-    """The time left for `item`, raising DownloadTimeout when there is none."""
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise DownloadTimeout(
-            f"{item.name}: did not finish within --timeout-per-item {timeout:g} s; "
-            "raise the limit or check the server"
-        )
-    return left
-
-
 def _named(exc: SurefetchError, name: str) -> SurefetchError:
     """`exc` with the artifact's name in front of its message (errno-style OSErrors, with
     two arguments, keep theirs)."""
@@ -930,19 +986,18 @@ def _named(exc: SurefetchError, name: str) -> SurefetchError:
     return exc
 
 
-def _stage(blob: Path, staged: Path, entry: LockedArtifact, executable: bool) -> None:
-    """Copies the cache blob into the staging dir, fsynced, and checks what landed there."""
+def _stage(
+    blob: Path, staged: Path, entry: LockedArtifact, executable: bool, link_mode: LinkMode
+) -> None:
+    """Places the cache blob in the staging dir (reflink, kernel copy or, when asked,
+    hardlink; made durable later with the whole group) and checks what landed there."""
     mode = 0o755 if executable else 0o644
     try:
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            with open(blob, "rb") as src:
-                _copy(src.fileno(), fd)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        how = place(blob, staged, mode, link_mode)
     except OSError as exc:
-        raise _storage_error(exc, f"{entry.name}: cannot stage {staged}") from exc
+        raise _storage_error(exc, f"{entry.name}: cannot stage {staged} ({link_mode})") from exc
+    if how == "hardlink":
+        return  # the same inode as the verified blob
     size, xxh3, _ = _core.hash_file(staged, sha256=False)
     if (size, xxh3) != (entry.size, entry.xxh3_128):
         raise ChecksumMismatch(
@@ -952,66 +1007,6 @@ def _stage(blob: Path, staged: Path, entry: LockedArtifact, executable: bool) ->
             entry.xxh3_128,
             xxh3,
         )
-
-
-def _copy(src: int, dst: int) -> None:
-    size = os.fstat(src).st_size
-    offset = 0
-    try:
-        while offset < size:
-            sent = os.sendfile(dst, src, offset, size - offset)
-            if sent == 0:
-                break
-            offset += sent
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP) or offset:
-            raise
-    while chunk := os.read(src, 1 << 20):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view) :]
-
-
-def _fetch_all(
-    items: list[_Item],
-    worker: _Worker,
-    jobs: int,
-    progress: SyncProgress | None,
-) -> list[_Outcome]:
-    """Runs `worker` over `items` on `jobs` threads; the first failure cancels the rest."""
-    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-
-    outcomes: list[_Outcome] = []
-    if progress is not None:
-        progress(0, len(items))
-    if not items:
-        return outcomes
-    first: BaseException | None = None
-    pool = ThreadPoolExecutor(
-        max_workers=min(jobs, len(items)), thread_name_prefix="surefetch-sync"
-    )
-    try:
-        pending: set[Future[_Outcome]] = {pool.submit(worker, item) for item in items}
-        while pending and first is None:
-            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-            for future in done:
-                exc = future.exception()
-                if exc is None:
-                    outcomes.append(future.result())
-                elif first is None:
-                    first = exc
-                    worker.token.cancel()
-            if progress is not None and done:
-                progress(len(outcomes), len(items))
-    except BaseException:
-        worker.token.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if first is not None:
-        raise first
-    return outcomes
 
 
 # --- installing -------------------------------------------------------------------------------
@@ -1073,6 +1068,7 @@ def sync(
     cache: Cache | StrPath | None = None,
     cancel: CancelToken | None = None,
     progress: SyncProgress | None = None,
+    link_mode: LinkMode = "auto",
 ) -> SyncResult:
     """Brings `dest` to exactly what the manifest (through the lockfile) pins: all or nothing.
 
@@ -1083,13 +1079,17 @@ def sync(
         lock: the lockfile; created or updated only when every artifact succeeded.
         dest: the destination directory (created when missing).
         jobs: artifacts fetched in parallel.
-        timeout_per_item: seconds allowed to fetch and stage each artifact (None: no limit).
+        timeout_per_item: seconds allowed to download each artifact (None: no limit).
         locked: fail if the lockfile would change.
         frozen: install exactly the lockfile's entries; ignore the manifest.
         upgrade: re-resolve every artifact instead of keeping the pins.
         cache: a `Cache`, or the root directory of one (None: ``$SUREFETCH_CACHE`` or XDG).
         cancel: a token whose cancellation stops the sync within milliseconds.
         progress: called with (artifacts done, total) on the calling thread.
+        link_mode: how a cached blob enters the destination: ``auto`` (a reflink where
+            the filesystem can, else a kernel copy), ``reflink``, ``copy`` or
+            ``hardlink`` (see `surefetch._fs`: an installed hardlink *is* the cache's
+            blob).
 
     Returns:
         A `SyncResult`.
@@ -1109,6 +1109,8 @@ def sync(
     """
     started = time.monotonic()
     _check_arguments(jobs, timeout_per_item, locked, frozen, upgrade)
+    if link_mode not in LINK_MODES:
+        raise ValueError(f"link_mode must be one of {', '.join(LINK_MODES)}, not {link_mode!r}")
     lock_path = Path(os.fspath(lock))
     old_bytes = _read_lock_bytes(lock_path)
     old = _parse_lockfile(old_bytes, lock_path) if old_bytes is not None else None
@@ -1144,10 +1146,10 @@ def sync(
             staging = state / f"sync-{secrets.token_hex(8)}"
             staging.mkdir(mode=0o700)
             try:
-                worker = _Worker(
-                    root, staging, _LazyCache(cache), token, timeout_per_item, lock_path
+                resolver = _Resolver(
+                    root, staging, _LazyCache(cache), token, timeout_per_item, lock_path, link_mode
                 )
-                outcomes = _fetch_all(items, worker, jobs, progress)
+                outcomes = resolver.run(items, jobs, progress)
                 _install(root, outcomes, source, error)
                 changed = False
                 if not frozen:

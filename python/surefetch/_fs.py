@@ -1,0 +1,106 @@
+"""Putting a verified cache blob at a new path without writing its bytes twice.
+
+Link modes (uv's ``--link-mode``, in short):
+
+- ``reflink``: a copy-on-write clone (``FICLONE``: btrfs, XFS, bcachefs, ...): no
+  data is copied, and the two files are independent from then on. Fails where the
+  filesystem cannot clone.
+- ``copy``: ``copy_file_range`` — the kernel copies (and may clone or share extents
+  itself); never a read/write loop through Python.
+- ``auto`` (the default): ``reflink`` where the filesystem can, else ``copy``.
+- ``hardlink``: the same inode as the cache's blob. Nothing is copied, but the
+  installed file *is* the blob: editing it in place changes the cache's copy too
+  (``surefetch cache verify`` then quarantines it), and its mode is the blob's. Only
+  when asked, and never for an executable artifact (that needs its own mode).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Final, Literal
+
+LinkMode = Literal["auto", "reflink", "hardlink", "copy"]
+LINK_MODES: Final = ("auto", "reflink", "hardlink", "copy")
+
+# linux/fs.h: _IOW(0x94, 9, int)
+_FICLONE: Final = 0x40049409
+_CHUNK: Final = 1 << 30
+_NO_CLONE: Final = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+)
+
+
+def place(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -> str:
+    """Creates `target` (which must not exist) with the bytes of `blob`.
+
+    Args:
+        blob: the verified source file.
+        target: the new file (a clone or copy), or a hardlink to `blob`.
+        mode: the permission bits of a clone or copy, minus the umask.
+        link_mode: see the module documentation.
+
+    Returns:
+        What was done: ``"reflink"``, ``"copy"`` or ``"hardlink"``.
+
+    Raises:
+        OSError: the file could not be created, cloned (``reflink``), linked or copied;
+            a partly written `target` is removed.
+        ValueError: an unknown `link_mode`.
+    """
+    if link_mode not in LINK_MODES:
+        raise ValueError(f"link mode must be one of {', '.join(LINK_MODES)}, not {link_mode!r}")
+    if link_mode == "hardlink":
+        os.link(blob, target)
+        return "hardlink"
+    src = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            done = _clone_or_copy(src, dst, link_mode)
+        except BaseException:
+            os.close(dst)
+            os.unlink(target)
+            raise
+        os.close(dst)
+    finally:
+        os.close(src)
+    return done
+
+
+def _clone_or_copy(src: int, dst: int, link_mode: LinkMode) -> str:
+    if link_mode in ("auto", "reflink"):
+        try:
+            fcntl.ioctl(dst, _FICLONE, src)
+            return "reflink"
+        except OSError as exc:
+            if link_mode == "reflink" or exc.errno not in _NO_CLONE:
+                raise
+    _copy_range(src, dst, os.fstat(src).st_size)
+    return "copy"
+
+
+def _copy_range(src: int, dst: int, size: int) -> None:
+    """The kernel copies `size` bytes (`copy_file_range`, else `sendfile`)."""
+    offset = 0
+    try:
+        while offset < size:
+            copied = os.copy_file_range(src, dst, min(size - offset, _CHUNK), offset, offset)
+            if copied == 0:
+                break
+            offset += copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        os.lseek(dst, offset, os.SEEK_SET)
+        while offset < size:  # across filesystems on older kernels
+            sent = os.sendfile(dst, src, offset, size - offset)
+            if sent == 0:
+                break
+            offset += sent
+    if offset != size:
+        raise OSError(
+            errno.EIO, f"the source shrank while it was copied ({offset} of {size} bytes)"
+        )
