@@ -126,3 +126,20 @@ def test_hardlink_only_when_asked_and_never_for_an_executable(
     bad: Any = "symlink"
     with pytest.raises(ValueError, match="link_mode"):
         sf.sync(manifest, lock, tmp_path / "c" / "dest", cache=tmp_path / "cache", link_mode=bad)
+
+
+def test_fetch_installs_at_output_by_link_mode(server: FaultServer, tmp_path: Path) -> None:
+    url = server.add("tool.bin", DATA)
+    base = ["fetch", url, "--cache", "cache"]
+    into_dir = run_cli([*base, "-o", "out/"], tmp_path)
+    assert into_dir.returncode == 0, into_dir.stderr
+    assert into_dir.stdout.strip() == "out/tool.bin"
+    assert (tmp_path / "out" / "tool.bin").read_bytes() == DATA
+    linked = run_cli([*base, "-o", "linked.bin", "--link-mode", "hardlink"], tmp_path)
+    assert linked.returncode == 0, linked.stderr
+    assert os.stat(tmp_path / "linked.bin").st_ino == os.stat(_blob(tmp_path / "cache")).st_ino
+    (tmp_path / "kept.bin").write_bytes(b"old")
+    refused = run_cli([*base, "-o", "kept.bin", "--link-mode", "reflink"], tmp_path)
+    assert refused.returncode == 1 and "reflink" in refused.stderr
+    assert (tmp_path / "kept.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "kept.bin", "linked.bin", "out"]

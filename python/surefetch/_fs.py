@@ -16,9 +16,11 @@ Link modes (uv's ``--link-mode``, in short):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import secrets
 from pathlib import Path
 from typing import Final, Literal
 
@@ -104,3 +106,41 @@ def _copy_range(src: int, dst: int, size: int) -> None:
         raise OSError(
             errno.EIO, f"the source shrank while it was copied ({offset} of {size} bytes)"
         )
+
+
+def install(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -> str:
+    """Puts the bytes of `blob` at `target` atomically and durably: placed (see `place`)
+    under a temporary name beside `target`, fsynced, renamed over `target`, and the
+    directory fsynced. Whatever was at `target` stays until the rename.
+
+    Returns:
+        What `place` did.
+
+    Raises:
+        OSError: as `place`, or the fsync or rename failed (nothing at `target` changed).
+    """
+    temp = target.with_name(f".{target.name[:200]}.{secrets.token_hex(6)}.surefetch-tmp")
+    how = place(blob, temp, mode, link_mode)
+    try:
+        if how != "hardlink":
+            fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_dir(target.parent)
+    return how
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsyncs a directory, so that renames into it survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

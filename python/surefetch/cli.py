@@ -23,6 +23,7 @@ from surefetch.errors import (
     LockfileError,
     ManifestError,
     NetworkError,
+    StorageError,
     SurefetchError,
     redact_url,
     redact_urls,
@@ -469,6 +470,19 @@ def _add_cache_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="how long to wait for another process fetching the same artifact (default 300)",
     )
     _add_network_options(fetch)
+    fetch.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="also install the verified file at PATH (a PATH ending in / is a directory: "
+        "named after the URL), atomically",
+    )
+    fetch.add_argument(
+        "--link-mode",
+        choices=("auto", "reflink", "hardlink", "copy"),
+        default="auto",
+        help="how -o's file is made from the cached one (see `surefetch sync --help`)",
+    )
     fetch.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     fetch.add_argument("--json", action="store_true", help="print the result as one JSON object")
     fetch.set_defaults(handler=_run_fetch)
@@ -541,6 +555,8 @@ def _run_fetch(args: argparse.Namespace) -> int:
             if isinstance(exc, SurefetchError):
                 raise
             return _cache_os_error(cache, exc)
+        if args.output is not None:
+            entry = _install_fetched(entry, args.url, args.output, args.link_mode)
         if args.json:
             _print_json(
                 {
@@ -556,6 +572,30 @@ def _run_fetch(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return run_reporting_errors(action)
+
+
+def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
+    """Installs a fetched blob at -o's path; returns the entry with that path."""
+    import dataclasses
+    from pathlib import Path
+
+    from surefetch._fs import install
+    from surefetch.download import name_from_url
+
+    target = Path(output)
+    if output.endswith(("/", os.sep)) or target.is_dir():
+        target.mkdir(mode=0o755, parents=True, exist_ok=True)
+        target = target / name_from_url(url)
+    try:
+        install(entry.path, target, 0o644, link_mode)
+    except OSError as exc:
+        raise StorageError(
+            exc.errno or 0,
+            f"cannot install {target} from the cache ({link_mode}): {exc.strerror or exc}; "
+            "the cached copy is fine: check the destination, or use --link-mode copy",
+            str(target),
+        ) from exc
+    return dataclasses.replace(entry, path=target)
 
 
 def _run_cache(
