@@ -746,7 +746,7 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _open_store(url: str | None) -> Any:
-    from surefetch.sessions import SessionStore
+    from surefetch.store import SessionStore
 
     return SessionStore(url)
 

@@ -25,10 +25,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from surefetch.errors import NotOwner, SessionNotFound
-from surefetch.sessions import SessionStore
+from surefetch.store import SessionStore
 
 if TYPE_CHECKING:
-    from surefetch.sessions import Session
+    from surefetch.store import Session
 
 __all__ = ["create_app", "serve"]
 

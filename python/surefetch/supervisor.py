@@ -4,7 +4,7 @@
 (:mod:`surefetch.worker`) and a Unix control socket (mode 0600) speaking JSON
 lines; ``surefetch ctl`` is its client (:func:`request`).
 
-- **Desired state lives in the store.** Jobs (:mod:`surefetch.jobs`) are
+- **Desired state lives in the store.** Jobs (:mod:`surefetch.store.jobs`) are
   claimed from the session store and assigned to worker slots. A (re)started
   worker pulls every job assigned to its slot and converges, so nothing is
   replayed and nothing is lost with a process; its downloads resume from their
@@ -60,9 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from surefetch._procs import host_id, send_signal
 from surefetch.errors import NotOwner, SessionNotFound, SurefetchError
-from surefetch.jobs import JobQueue
-from surefetch.sessions import SessionStore, _signal, host_id
+from surefetch.store import JobQueue, SessionStore
 from surefetch.worker import EXIT_CONFIG
 
 __all__ = ["Backoff", "Supervisor", "SupervisorConfig", "request"]
@@ -702,7 +702,7 @@ class Supervisor:
     @staticmethod
     def _kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
         if proc.returncode is None:
-            _signal(proc.pid, sig)
+            send_signal(proc.pid, sig)
 
     # -- the periodic round: claims, cancellations, heartbeats --
 

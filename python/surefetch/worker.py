@@ -37,8 +37,7 @@ from typing import IO, Any
 
 from surefetch._core import CancelToken
 from surefetch.errors import Cancelled, SessionCancelled, SurefetchError
-from surefetch.jobs import Job, JobQueue
-from surefetch.sessions import SessionStore
+from surefetch.store import Job, JobQueue, SessionStore
 
 __all__ = ["EXIT_CONFIG", "main"]
 
