@@ -17,6 +17,9 @@ re-queued, and a worker never finishes a job that is no longer assigned to it
 (every write is fenced on the assignment), so a job runs to completion once.
 On PostgreSQL, claims take rows with ``FOR UPDATE SKIP LOCKED``; on SQLite, the
 write lock serializes them.
+
+Claims and heartbeats are timed by the queue's clock (``time.time`` unless a
+test injects another).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -187,11 +190,14 @@ class JobQueue:
 
     Args:
         store: the session store; its migrations create the tables.
+        clock: the time claims and heartbeats are measured by, in seconds since the
+            epoch; every process sharing the store must agree on it.
     """
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.db = store.db
+        self.clock = clock
         self._pg = store.backend == "postgresql"
 
     # -- helpers --
@@ -297,7 +303,7 @@ class JobQueue:
                 (wanted,),
             ).fetchall()
             slots = _fill(free, len(rows))
-            expires = time.time() + ttl
+            expires = self.clock() + ttl
             for (job_id,), slot in zip(rows, slots):
                 db.execute(
                     conn,
@@ -313,12 +319,12 @@ class JobQueue:
         self._run(
             "UPDATE jobs SET claim_expires = ? WHERE host = ? AND session_id IN "
             "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
-            (time.time() + ttl, host),
+            (self.clock() + ttl, host),
         )
 
     def requeue_expired(self, host: str) -> builtins.list[str]:
         """Re-queues the unfinished jobs of other hosts whose claims expired."""
-        return self._requeue("j.host <> ? AND j.claim_expires < ?", (host, time.time()))
+        return self._requeue("j.host <> ? AND j.claim_expires < ?", (host, self.clock()))
 
     def requeue_host(self, host: str, worker: str | None = None) -> builtins.list[str]:
         """Re-queues every unfinished job ``host`` (or one of its slots) holds."""
@@ -449,11 +455,11 @@ class JobQueue:
         Raises:
             SurefetchError: another supervisor with this host id is alive.
         """
-        supervisors.register(self.db, host, socket_path, ttl, time.time())
+        supervisors.register(self.db, host, socket_path, ttl, self.clock())
 
     def supervisor_heartbeat(self, host: str) -> bool:
         """Refreshes this supervisor's row; False if another process took the host id."""
-        return supervisors.heartbeat(self.db, host, time.time())
+        return supervisors.heartbeat(self.db, host, self.clock())
 
     def unregister_supervisor(self, host: str) -> None:
         """Gives ``host`` up, if this process holds it."""
