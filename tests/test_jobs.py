@@ -11,11 +11,11 @@ import pytest
 
 from surefetch.errors import SessionCancelled, SurefetchError
 from surefetch.jobs import JobQueue, job_spec
-from surefetch.sessions import SCHEMA_VERSION, SessionStore
+from surefetch.sessions import SCHEMA_VERSION, CancellationEnforcer, SessionStore, host_id
 
-from session_support import store, store_url
+from session_support import Children, alive, children, store, store_url
 
-__all__ = ["store", "store_url"]  # fixtures, imported for pytest
+__all__ = ["children", "store", "store_url"]  # fixtures, imported for pytest
 
 
 @pytest.fixture
@@ -219,3 +219,18 @@ def test_a_batch_is_queued_whole_or_not_at_all(queue: JobQueue) -> None:
     ids = queue.submit_many("u", [("get", get_spec(i)) for i in range(3)])
     assert [j.id for j in queue.list("u")] == ids  # in the order given
     assert queue.claim("h", {"w0": 3}, ttl=30) == {"w0": ids}
+
+
+def test_an_enforcer_never_signals_a_jobs_worker(queue: JobQueue, children: Children) -> None:
+    q, store = queue, queue.store
+    worker = children.sleep()  # stands for the worker process running the job
+    job = q.submit("u", "get", get_spec())
+    q.claim(host_id(), {"w0": 1}, ttl=30)
+    assert q.start(job.id, host_id(), "w0", worker.pid) is not None
+    plain = store.attach_process(store.create("u", "not a job").id, children.sleep().pid)
+    assert store.request_cancel(job.id, "u") and store.request_cancel(plain.id, "u")
+    assert [s.id for s in store.pending_cancellations()] == [plain.id]
+    assert CancellationEnforcer(store, grace=5.0).run_once() == [plain.id]
+    assert alive(worker.pid)  # left to its supervisor
+    assert q.get(job.id).state == "running"  # type: ignore[union-attr]
+    assert [j.id for j in q.cancel_requested(host_id())] == [job.id]

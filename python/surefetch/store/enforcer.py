@@ -1,5 +1,11 @@
 """The cancellation enforcer: stops the processes of cancelled sessions, on one host.
 
+One enforcer runs per host, for the sessions that are not supervised jobs
+(``surefetch enforce``, or in-process in ``surefetch serve``); a supervisor is
+the enforcer of the jobs it runs, and an enforcer never signals a job's worker
+(:meth:`~surefetch.store.sessions.SessionStore.pending_cancellations` and the
+claim below leave jobs out).
+
 Before acting on a session an enforcer claims it with a compare-and-set on its
 row (``claimed_by``, ``claim_expires``), so that two enforcers never act on the
 same session; a claim it cannot use is released with the reason in ``last_error``.
@@ -18,7 +24,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from surefetch._procs import host_id, process_state, send_signal
-from surefetch.store.session_table import NOTIFY_CHANNEL
+from surefetch.store.session_table import NOT_A_JOB, NOTIFY_CHANNEL
 from surefetch.store.sessions import SessionStore
 
 if TYPE_CHECKING:
@@ -37,10 +43,13 @@ class CancellationEnforcer:
     process group, waits up to ``grace`` seconds, sends SIGKILL, marks the session
     cancelled and cleans its workspace. A process already gone (ESRCH) is simply
     marked. A refused signal (EPERM) is recorded in ``last_error`` and retried on
-    the next round; the session is not marked.
+    the next round; the session is not marked. Supervised jobs are never touched:
+    their supervisor enforces them.
 
-    On PostgreSQL the background thread LISTENs on ``surefetch_cancel`` and wakes
-    as soon as a request is made; it also polls every ``interval`` seconds.
+    Run it in a background thread (:meth:`start`, :meth:`stop`) or in the
+    foreground (:meth:`run`, as ``surefetch enforce`` does). On PostgreSQL the loop
+    LISTENs on ``surefetch_cancel`` and wakes as soon as a request is made; it also
+    polls every ``interval`` seconds.
 
     Args:
         store: the session store.
@@ -71,6 +80,7 @@ class CancellationEnforcer:
         self._id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._foreground = False
         self._refusals: set[str] = set()
 
     # -- one round --
@@ -110,6 +120,7 @@ class CancellationEnforcer:
         marked: list[str] = []
         for session_id in gone:
             if self.store.mark_cancelled(session_id):
+                log.info("session %s: its process is gone; marked cancelled", session_id)
                 marked.append(session_id)
             if self.workspaces is not None:
                 try:
@@ -140,7 +151,7 @@ class CancellationEnforcer:
                 conn,
                 "UPDATE sessions SET claimed_by = ?, claim_expires = ? "
                 "WHERE id = ? AND cancellation_status = 'requested' AND status = 'running' "
-                "AND (claimed_by IS NULL OR claimed_by = ? OR claim_expires < ?)",
+                f"AND (claimed_by IS NULL OR claimed_by = ? OR claim_expires < ?) AND {NOT_A_JOB}",
                 (self._id, now + ttl, session_id, self._id, now),
             )
             return bool(cur.rowcount == 1)
@@ -192,7 +203,7 @@ class CancellationEnforcer:
         Raises:
             RuntimeError: already started.
         """
-        if self._thread is not None:
+        if self._thread is not None or self._foreground:
             raise RuntimeError("this enforcer is already running; call stop() first")
         self._stop.clear()
         self._thread = threading.Thread(
@@ -201,8 +212,29 @@ class CancellationEnforcer:
         self._thread.start()
         return self
 
+    def run(self) -> None:
+        """Runs :meth:`run_once` in this thread until :meth:`stop` (the foreground loop of
+        ``surefetch enforce``; call :meth:`stop` from a signal handler or another thread).
+
+        A round under way is finished first (at most the grace period and 5 s more).
+        A :meth:`stop` that came before makes it return at once.
+
+        Raises:
+            RuntimeError: already running.
+        """
+        if self._thread is not None or self._foreground:
+            raise RuntimeError("this enforcer is already running; call stop() first")
+        self._foreground = True
+        try:
+            self._loop()
+        finally:
+            self._foreground = False
+            self._stop.clear()
+
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stops the background thread and waits for it (up to ``timeout`` seconds)."""
+        """Stops the background thread and waits for it (up to ``timeout`` seconds), or makes
+        :meth:`run` return after its current round (then it only sets a flag, so a signal
+        handler may call it)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and self.store.backend == "postgresql":

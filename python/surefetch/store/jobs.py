@@ -18,6 +18,11 @@ re-queued, and a worker never finishes a job that is no longer assigned to it
 On PostgreSQL, claims take rows with ``FOR UPDATE SKIP LOCKED``; on SQLite, the
 write lock serializes them.
 
+A job's cancellation is enforced by the supervisor of the host that runs it (its
+worker's token first, signals to the worker as the fallback), never by a
+:class:`~surefetch.store.enforcer.CancellationEnforcer`: the session's pid is the
+worker's, and the worker runs other jobs too.
+
 Claims and heartbeats are timed by the queue's clock (``time.time`` unless a
 test injects another).
 """

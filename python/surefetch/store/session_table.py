@@ -24,6 +24,7 @@ __all__ = [
     "COLUMNS",
     "FINISHED_STATUSES",
     "NOTIFY_CHANNEL",
+    "NOT_A_JOB",
     "STATUSES",
     "UI_STATUSES",
     "Session",
@@ -42,6 +43,10 @@ CANCELLATION_STATUSES = ("none", "requested", "cancelled")
 
 #: The PostgreSQL channel a cancellation request is announced on (payload: the host).
 NOTIFY_CHANNEL = "surefetch_cancel"
+
+#: SQL condition on ``sessions``: the session is not a supervised job. Its supervisor
+#: enforces a job's cancellation; an enforcer would signal the whole worker.
+NOT_A_JOB = "NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.session_id = sessions.id)"
 
 #: The columns a :class:`Session` is read from, in the order :func:`row_to_session` takes.
 COLUMNS = (

@@ -14,11 +14,11 @@ Cancelling is two steps:
    :meth:`SessionStore.attach_process`, the session is marked cancelled and
    :class:`~surefetch.errors.SessionCancelled` is raised, so the work never
    starts.
-2. *Enforce* (:class:`~surefetch.store.enforcer.CancellationEnforcer`, one per
-   host): finds requested sessions whose process runs on its host, claims each
-   one with a compare-and-set (so that two enforcers never act on the same
-   session), sends SIGTERM to the process group, SIGKILL after the grace period,
-   marks the session cancelled and cleans its workspace.
+2. *Enforce*, on the session's host, by whoever runs its process: the
+   supervisor for the jobs it runs (:mod:`surefetch.store.jobs`), a
+   :class:`~surefetch.store.enforcer.CancellationEnforcer` for every other
+   session (``surefetch enforce``, or the one ``surefetch serve`` runs). Either
+   ends with :meth:`SessionStore.mark_cancelled`.
 
 Metadata is never changed by cancellation. Users see only their own sessions:
 :meth:`SessionStore.get` and :meth:`SessionStore.list` take the owner.
@@ -40,6 +40,7 @@ from surefetch.store.db import Database, default_db_url
 from surefetch.store.session_table import (
     CANCELLATION_STATUSES,
     COLUMNS,
+    NOT_A_JOB,
     NOTIFY_CHANNEL,
     STATUSES,
     UI_STATUSES,
@@ -212,10 +213,12 @@ class SessionStore:
         return [row_to_session(row) for row in rows]
 
     def pending_cancellations(self, host: str | None = None) -> builtins.list[Session]:
-        """Sessions whose cancellation was requested and whose process runs on ``host``.
+        """Sessions whose cancellation was requested and whose process runs on ``host``,
+        for its :class:`~surefetch.store.enforcer.CancellationEnforcer`.
 
         Sessions with no process yet are not included: their process is refused when
-        it attaches (see :meth:`attach_process`).
+        it attaches (see :meth:`attach_process`). Nor are supervised jobs: their
+        supervisor stops them, and their pid is the worker's, which runs other jobs.
 
         Args:
             host: a host id; None means this machine's (:func:`host_id`).
@@ -225,7 +228,8 @@ class SessionStore:
             rows = self.db.execute(
                 conn,
                 f"SELECT {COLUMNS} FROM sessions WHERE cancellation_status = 'requested' "
-                "AND host = ? AND pid IS NOT NULL AND status = 'running' ORDER BY created_at",
+                f"AND host = ? AND pid IS NOT NULL AND status = 'running' AND {NOT_A_JOB} "
+                "ORDER BY created_at",
                 (host,),
             ).fetchall()
         return [row_to_session(row) for row in rows]
@@ -339,8 +343,9 @@ class SessionStore:
         """Asks for a session to be cancelled (step one of two).
 
         Sets cancellation_status ``requested``, ``cancelled_at`` and ``cancelled_by``.
-        The enforcer on the session's host then stops its process; a session with no
-        process yet is refused when one attaches. Metadata is never touched.
+        Whoever runs the session's process on its host then stops it: its supervisor
+        for a supervised job, else the cancellation enforcer of that host. A session
+        with no process yet is refused when one attaches. Metadata is never touched.
 
         Args:
             session_id: the session's id.

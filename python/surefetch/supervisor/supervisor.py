@@ -20,9 +20,11 @@ Unix control socket (mode 0600) speaking JSON lines
   ``degraded``: it keeps retrying at the cap, and its jobs go to the other
   workers. A worker exiting 78 (bad configuration) or 2 (usage) is not restarted;
   the slot is ``stopped`` with the reason.
-- **Cancellation.** A cancel reaches the job's token in its worker first; if the
-  worker has not finished the job ``cancel_grace`` seconds later, the worker is
-  stopped (SIGTERM, then SIGKILL) and restarted without it.
+- **Cancellation.** The supervisor is its host's enforcer for the jobs it runs
+  (a :class:`~surefetch.store.enforcer.CancellationEnforcer` leaves them alone:
+  their pid is the worker's). A cancel reaches the job's token in its worker
+  first; if the worker has not finished the job ``cancel_grace`` seconds later,
+  the worker is stopped (SIGTERM, then SIGKILL) and restarted without it.
 - **Shutdown.** SIGTERM, SIGINT or ``ctl shutdown``: stop accepting work, stop the
   workers' jobs (their part files are kept), stop the workers (SIGTERM then
   SIGKILL after ``stop_grace``), put their unfinished jobs back in the queue,
