@@ -88,7 +88,7 @@ def seed(store: SessionStore, total: int, users: int) -> list[str]:
         "cancellation_status, created_at, updated_at) VALUES (?, ?, ?, ?, 'succeeded', 'done', "
         "'none', ?, ?)"
     )
-    with store._conn() as conn:
+    with store.db.connection() as conn:
         if store.backend == "sqlite":
             conn.execute("BEGIN")
             conn.executemany(sql, [(*r, r[-1]) for r in rows])

@@ -15,11 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from surefetch.sessions import SessionStore
+from surefetch.jobs import JobQueue
+from surefetch.sessions import SessionStore, host_id
 
-from session_support import store, store_url
+from session_support import Children, alive, children, store, store_url, wait_until
 
-__all__ = ["store", "store_url"]  # fixtures, imported for pytest
+__all__ = ["children", "store", "store_url"]  # fixtures, imported for pytest
 
 
 def sf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -175,3 +176,130 @@ def test_serve_on_a_busy_port(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args", [["--port", "70000"]])
 def test_serve_usage(args: list[str], tmp_path: Path) -> None:
     assert sf("serve", "--db", f"sqlite:///{tmp_path}/x.db", *args).returncode == 2
+
+
+# --- one cancellation story: who stops what --------------------------------------------------
+
+
+def background(*args: str) -> subprocess.Popen[str]:
+    """`surefetch ARGS` in the background, in its own session; waits for its first stderr
+    line (it is ready) and returns it with the process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "surefetch.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def ready_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line, f"{proc.args!r} exited {proc.wait()} before it was ready"
+    return line
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def test_sessions_cancel_says_who_stops_what(store: SessionStore, children: Children) -> None:
+    db = ("--db", store.url, "--user", "u")
+    proc = children.sleep()
+    plain = store.attach_process(store.create("u", "plain").id, proc.pid, host="h1")
+    out = sf("sessions", "cancel", plain.id, *db)
+    assert out.returncode == 0, out.stderr
+    assert (
+        "the enforcer on host h1 (`surefetch enforce` or `surefetch serve`) stops "
+        f"pid {proc.pid}" in out.stdout
+    )
+    q = JobQueue(store)
+    running, queued = (q.submit("u", "get", {"url": f"http://h/{i}", "dest": "/x"}) for i in (0, 1))
+    q.claim("h2", {"w0": 1}, ttl=30)
+    q.start(running.id, "h2", "w0", proc.pid)
+    out = sf("sessions", "cancel", running.id, *db)
+    assert "it is a job: the supervisor on host h2 stops it" in out.stdout
+    out = sf("sessions", "cancel", queued.id, *db)
+    assert "it is a queued job: it will not start" in out.stdout
+    assert alive(proc.pid)  # saying is not doing
+
+
+def test_enforce_stops_a_sessions_process_and_marks_it_cancelled(
+    store: SessionStore, children: Children
+) -> None:
+    proc = children.sleep()
+    s = store.attach_process(store.create("alice", "sleeper").id, proc.pid, host="enf-host")
+    enforcer = background(
+        "enforce", "--db", store.url, "--host-id", "enf-host", "--interval", "0.05"
+    )
+    try:
+        assert "cancelled sessions of host enf-host" in ready_line(enforcer)
+        assert store.request_cancel(s.id, "alice")
+        assert proc.wait(10) == -signal.SIGTERM
+        assert wait_until(lambda: store.get(s.id, "alice").status == "cancelled", 5)
+        c = store.get(s.id, "alice")
+        assert (c.cancellation_status, c.ui_status, c.pid) == ("cancelled", "needs_review", None)
+        assert stop(enforcer, signal.SIGTERM) == 0
+    finally:
+        stop(enforcer, signal.SIGKILL)
+
+
+def test_enforce_stops_on_sigint_with_130_and_checks_its_options(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/e.db"
+    enforcer = background("enforce", "--db", url)
+    try:
+        assert f"host {host_id()}" in ready_line(enforcer)
+        assert stop(enforcer, signal.SIGINT) == 130
+    finally:
+        stop(enforcer, signal.SIGKILL)
+    for args in (["--grace", "-1"], ["--interval", "0"], ["--db", "mysql://x/y"]):
+        out = sf("enforce", "--db", url, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("enforce", [True, False])
+def test_serve_enforces_cancellations_unless_told_not_to(
+    enforce: bool, tmp_path: Path, children: Children
+) -> None:
+    url = f"sqlite:///{tmp_path}/serve.db"
+    token = sf("users", "add", "alice", "--db", url).stdout.strip()
+    store = SessionStore(url)
+    proc = children.sleep()
+    s = store.attach_process(store.create("alice", "sleeper").id, proc.pid)
+    flags = [] if enforce else ["--no-enforce"]
+    server = background("serve", "--db", url, "--port", "0", *flags)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", ready_line(server))
+        assert match
+        base = f"http://127.0.0.1:{match.group(1)}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                r = httpx.post(
+                    f"{base}/sessions/{s.id}/cancel", headers={"Authorization": f"Bearer {token}"}
+                )
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert r.status_code == 202 and r.json()["changed"] is True
+        if enforce:
+            assert proc.wait(10) == -signal.SIGTERM
+            assert wait_until(lambda: store.get(s.id, "alice").status == "cancelled", 5)
+        else:
+            time.sleep(1.0)  # several rounds of an enforcer, had there been one
+            assert proc.poll() is None
+            assert store.get(s.id, "alice").cancellation_status == "requested"
+    finally:
+        stop(server, signal.SIGINT)
+        store.close()

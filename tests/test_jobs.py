@@ -11,11 +11,11 @@ import pytest
 
 from surefetch.errors import SessionCancelled, SurefetchError
 from surefetch.jobs import JobQueue, job_spec
-from surefetch.sessions import SCHEMA_VERSION, SessionStore
+from surefetch.sessions import SCHEMA_VERSION, CancellationEnforcer, SessionStore, host_id
 
-from session_support import store, store_url
+from session_support import Children, alive, children, store, store_url
 
-__all__ = ["store", "store_url"]  # fixtures, imported for pytest
+__all__ = ["children", "store", "store_url"]  # fixtures, imported for pytest
 
 
 @pytest.fixture
@@ -25,6 +25,21 @@ def queue(store: SessionStore) -> JobQueue:
 
 def get_spec(i: int = 0) -> dict[str, str]:
     return {"url": f"http://127.0.0.1:9/f{i}", "dest": f"/tmp/out/f{i}"}
+
+
+class FakeClock:
+    """The queue's clock, moved by hand: claims expire when the test says, without sleeping.
+
+    Its TTLs are seconds long, so a test passes only if the queue reads this clock."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def test_job_spec_checks_what_it_runs() -> None:
@@ -120,14 +135,15 @@ def test_queued_cancelled_jobs_are_marked_without_a_worker(queue: JobQueue) -> N
     assert q.get(job.id).state == "cancelled"  # type: ignore[union-attr]
 
 
-def test_expired_claims_of_other_hosts_are_requeued(queue: JobQueue) -> None:
-    q, store = queue, queue.store
+def test_expired_claims_of_other_hosts_are_requeued(store: SessionStore) -> None:
+    clock = FakeClock()
+    q = JobQueue(store, clock=clock)
     ids = [q.submit("u", "get", get_spec(i)).id for i in range(3)]
-    q.claim("silent", {"w0": 2}, ttl=0.05)
+    q.claim("silent", {"w0": 2}, ttl=5)
     q.start(ids[0], "silent", "w0", 4242)
     q.claim("alive", {"w0": 1}, ttl=30)
     assert q.requeue_expired("alive") == []
-    time.sleep(0.1)
+    clock.advance(10)
     assert sorted(q.requeue_expired("alive")) == sorted(ids[:2])
     assert q.requeue_expired("silent") == []  # the live host's claim is fresh
     assert q.get(ids[2]).host == "alive"  # type: ignore[union-attr]
@@ -139,15 +155,18 @@ def test_expired_claims_of_other_hosts_are_requeued(queue: JobQueue) -> None:
     assert not q.complete(ids[0], "silent", "w0", "succeeded")
 
 
-def test_heartbeats_keep_claims_alive(queue: JobQueue) -> None:
-    q = queue
+def test_heartbeats_keep_claims_alive(store: SessionStore) -> None:
+    clock = FakeClock()
+    q = JobQueue(store, clock=clock)
     job = q.submit("u", "get", get_spec())
-    q.claim("h", {"w0": 1}, ttl=0.2)
+    q.claim("h", {"w0": 1}, ttl=20)
     for _ in range(4):
-        time.sleep(0.1)
-        q.heartbeat("h", ttl=0.2)
+        clock.advance(10)
+        q.heartbeat("h", ttl=20)
         assert q.requeue_expired("other") == []
     assert q.get(job.id).host == "h"  # type: ignore[union-attr]
+    clock.advance(30)  # no heartbeat for longer than the ttl: the claim lapses
+    assert q.requeue_expired("other") == [job.id]
 
 
 def test_record_crash_fails_a_job_at_the_limit(queue: JobQueue) -> None:
@@ -200,3 +219,18 @@ def test_a_batch_is_queued_whole_or_not_at_all(queue: JobQueue) -> None:
     ids = queue.submit_many("u", [("get", get_spec(i)) for i in range(3)])
     assert [j.id for j in queue.list("u")] == ids  # in the order given
     assert queue.claim("h", {"w0": 3}, ttl=30) == {"w0": ids}
+
+
+def test_an_enforcer_never_signals_a_jobs_worker(queue: JobQueue, children: Children) -> None:
+    q, store = queue, queue.store
+    worker = children.sleep()  # stands for the worker process running the job
+    job = q.submit("u", "get", get_spec())
+    q.claim(host_id(), {"w0": 1}, ttl=30)
+    assert q.start(job.id, host_id(), "w0", worker.pid) is not None
+    plain = store.attach_process(store.create("u", "not a job").id, children.sleep().pid)
+    assert store.request_cancel(job.id, "u") and store.request_cancel(plain.id, "u")
+    assert [s.id for s in store.pending_cancellations()] == [plain.id]
+    assert CancellationEnforcer(store, grace=5.0).run_once() == [plain.id]
+    assert alive(worker.pid)  # left to its supervisor
+    assert q.get(job.id).state == "running"  # type: ignore[union-attr]
+    assert [j.id for j in q.cancel_requested(host_id())] == [job.id]

@@ -694,3 +694,50 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_crashes(
     # The worker slot itself is healthy again and takes new work.
     other = sup.submit_get(server.add("ok.bin", b"fine"), tmp_path / "ok.bin")
     sup.wait_jobs([other], "succeeded")
+
+
+# --- one cancellation story: the supervisor enforces its jobs, an enforcer never does -----------
+
+
+def test_an_enforcer_next_to_the_supervisor_leaves_its_worker_alone(
+    start: Any, server: FaultServer, tmp_path: Path, db: str
+) -> None:
+    size = 4 << 20
+    # Cancels asked in the store reach this supervisor at its next poll, up to 1 s later:
+    # plenty of rounds for an enforcer of the same host to act, if it would.
+    sup = start(workers=1, poll_interval=1.0, claim_ttl=10)
+    pid = sup.worker()["pid"]
+    victim, other = (
+        sup.submit_get(
+            server.add(f"e{i}.bin", payload(size, i)) + "?throttle=1000000", tmp_path / f"e{i}.bin"
+        )
+        for i in range(2)
+    )
+    sup.wait_jobs([victim, other], "running")
+    log = tmp_path / "enforce.log"
+    enforcer = subprocess.Popen(
+        [SUREFETCH, "enforce", "--db", db, "--interval", "0.02", "--grace", "0.5"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        start_new_session=True,
+    )
+    try:
+        assert wait_until(lambda: "stopping the cancelled sessions" in log.read_text(), 5)
+        store = SessionStore(db)
+        session = store.lookup(victim)
+        assert session is not None and session.pid == pid  # the worker's pid, on this host
+        assert store.request_cancel(victim, session.owner)
+        assert store.pending_cancellations(session.host) == []  # not the enforcer's to stop
+        store.close()
+        sup.wait_jobs([victim], "cancelled", timeout=4)  # by the supervisor, through the token
+        worker = sup.worker()
+        assert alive(pid) and worker["pid"] == pid and worker["restarts"] == 0
+        sup.wait_jobs([other], "succeeded", timeout=10)  # the worker's other job went on
+        assert victim not in log.read_text()
+        enforcer.send_signal(signal.SIGTERM)
+        assert enforcer.wait(10) == 0
+    finally:
+        if enforcer.poll() is None:
+            with_signal(enforcer.pid, signal.SIGKILL)
+            enforcer.wait(5)

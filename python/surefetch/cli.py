@@ -882,7 +882,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _add_session_commands(sub: argparse._SubParsersAction[Any]) -> None:
-    """Registers `sessions`, `users` and `serve` (each sets `handler` via set_defaults)."""
+    """Registers `sessions`, `users`, `serve` and `enforce` (each sets `handler` via
+    set_defaults)."""
     db_help = "session store URL (default: $SUREFETCH_DB, else sqlite under the XDG data dir)"
 
     sessions = sub.add_parser("sessions", help="list, show and cancel your sessions")
@@ -923,11 +924,37 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any]) -> None:
     serve.add_argument("--db", default=None, metavar="URL", help=db_help)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any)")
+    serve.add_argument(
+        "--no-enforce",
+        action="store_true",
+        help="do not run this host's cancellation enforcer in the server "
+        "(run `surefetch enforce` instead)",
+    )
     serve.set_defaults(handler=_cmd_serve)
+
+    enforce = sub.add_parser(
+        "enforce",
+        help="stop the processes of cancelled sessions on this host",
+        description="Runs this host's cancellation enforcer in the foreground: the process "
+        "of each session whose cancellation was requested gets SIGTERM, then SIGKILL after "
+        "--grace, and the session is marked cancelled. Supervised jobs are left to their "
+        "supervisor. SIGTERM (exit 0) or SIGINT (exit 130) stops it.",
+    )
+    enforce.add_argument("--db", default=None, metavar="URL", help=db_help)
+    enforce.add_argument(
+        "--host-id", default=None, metavar="ID", help="default $SUREFETCH_HOST_ID, else hostname"
+    )
+    enforce.add_argument(
+        "--interval", type=_seconds, default=0.2, metavar="S", help="time between polls (0.2)"
+    )
+    enforce.add_argument(
+        "--grace", type=float, default=5.0, metavar="S", help="time from SIGTERM to SIGKILL (5)"
+    )
+    enforce.set_defaults(handler=_cmd_enforce)
 
 
 def _open_store(url: str | None) -> Any:
-    from surefetch.sessions import SessionStore
+    from surefetch.store import SessionStore
 
     return SessionStore(url)
 
@@ -969,7 +996,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             shown = _shown(session.to_dict())
             print(json.dumps({"id": session.id, "changed": changed, "session": shown}))
         else:
-            print(_cancel_message(session, changed))
+            print(_cancel_message(session, changed, store))
         return EXIT_OK
     except SessionNotFound:
         return _fail(
@@ -1017,15 +1044,27 @@ def _print_session_table(found: Sequence[Any]) -> None:
         )
 
 
-def _cancel_message(session: Any, changed: bool) -> str:
+def _cancel_message(session: Any, changed: bool, store: Any) -> str:
+    """What a cancellation request will do: who stops the session's process, if any."""
+    from surefetch.store import JobQueue
+
+    requested = f"cancellation of session {session.id} requested"
+    job = JobQueue(store).get(session.id) if changed else None
+    if job is not None and job.host is not None:
+        return f"{requested}; it is a job: the supervisor on host {job.host} stops it"
+    if job is not None:
+        return (
+            f"{requested}; it is a queued job: it will not start, a supervisor marks it cancelled"
+        )
     if changed and session.pid is not None:
         return (
-            f"cancellation of session {session.id} requested; the enforcer on host "
-            f"{session.host} stops process {session.pid}"
+            f"{requested}; the enforcer on host {session.host} (`surefetch enforce` or "
+            f"`surefetch serve`) stops pid {session.pid}"
         )
     if changed:
         return (
-            f"cancellation of session {session.id} requested; it has no process and will not start"
+            f"{requested}; it has no process and will not start (a process that attaches to "
+            "it is refused, and the session marked cancelled)"
         )
     if session.cancellation_status == "requested":
         return (
@@ -1081,10 +1120,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"serving the sessions API on http://{shown}:{port} (Ctrl+C stops)", file=sys.stderr)
+    enforcing = "" if args.no_enforce else "; this host's cancellation enforcer runs in it"
+    print(
+        f"serving the sessions API on http://{shown}:{port} (Ctrl+C stops){enforcing}",
+        file=sys.stderr,
+    )
     sys.stderr.flush()
     try:
-        serve(args.db, host, port, sock=sock)
+        serve(args.db, host, port, sock=sock, enforce=not args.no_enforce)
     except ValueError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except SurefetchError as exc:
@@ -1092,6 +1135,52 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return EXIT_OK
+
+
+def _cmd_enforce(args: argparse.Namespace) -> int:
+    import logging
+
+    from surefetch.store import CancellationEnforcer
+
+    try:
+        store = _open_store(args.db)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return _fail(str(exc))
+    try:
+        enforcer = CancellationEnforcer(
+            store, host=args.host_id, interval=args.interval, grace=args.grace
+        )
+    except ValueError as exc:
+        store.close()
+        return _fail(str(exc), EXIT_USAGE)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("surefetch enforce: %(message)s"))
+    logger = logging.getLogger("surefetch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    code = EXIT_OK
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal code
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_OK
+        enforcer.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    print(
+        f"surefetch enforce: stopping the cancelled sessions of host {enforcer.host} "
+        f"({store.db.describe()}); SIGTERM or Ctrl+C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        enforcer.run()
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+        store.close()
+    return code
 
 
 # --- supervise, ctl ------------------------------------------------------------

@@ -10,6 +10,9 @@ Endpoints (bearer token per user; ``surefetch users add NAME`` makes one)::
 
 A missing or unknown token gets 401; another user's session is answered 404, so
 that users cannot even learn it exists. Invalid input gets 422, never 500.
+
+:func:`serve` also runs this host's cancellation enforcer, unless told not to, so
+that a cancel asked over HTTP stops the session's process here.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from surefetch.errors import NotOwner, SessionNotFound
-from surefetch.sessions import SessionStore
+from surefetch.store import CancellationEnforcer, SessionStore
 
 if TYPE_CHECKING:
-    from surefetch.sessions import Session
+    from surefetch.store import Session
 
 __all__ = ["create_app", "serve"]
 
@@ -222,6 +225,7 @@ def serve(
     port: int = 8000,
     *,
     sock: socket.socket | None = None,
+    enforce: bool = True,
 ) -> None:
     """Serves the sessions API with uvicorn until interrupted.
 
@@ -230,6 +234,8 @@ def serve(
         host: the address to bind (loopback by default).
         port: the TCP port (0 picks a free one).
         sock: an already bound socket to serve on instead of ``host``/``port``.
+        enforce: also run this host's :class:`CancellationEnforcer` (for the host id
+            ``$SUREFETCH_HOST_ID``, else the hostname) in a thread while serving.
 
     Raises:
         ValueError: an invalid store URL.
@@ -238,6 +244,7 @@ def serve(
     import uvicorn
 
     store = SessionStore(url)
+    enforcer = CancellationEnforcer(store).start() if enforce else None
     try:
         config = uvicorn.Config(
             create_app(store),
@@ -249,4 +256,6 @@ def serve(
         server = uvicorn.Server(config)
         server.run(sockets=[sock] if sock is not None else None)
     finally:
+        if enforcer is not None:
+            enforcer.stop()
         store.close()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from surefetch.errors import UnsafeDestination
 
 if TYPE_CHECKING:
-    from surefetch.sessions import SessionStore
+    from surefetch.store import SessionStore
 
 __all__ = ["STRATEGIES", "Workspace", "WorkspaceManager"]
 

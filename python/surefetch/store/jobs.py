@@ -1,0 +1,489 @@
+"""Supervised jobs: the durable queue that supervisors and their workers share.
+
+A job is one session (:mod:`surefetch.store.sessions`) plus what to run: a ``get`` (url,
+destination, optional sha256) or a ``sync`` (manifest, lockfile, destination).
+The session holds the state; the ``jobs`` row holds the spec and who runs it:
+
+- *queued*: session ``pending`` and no host. Any supervisor may claim it.
+- *assigned*: a host and a worker slot (``w0``, ``w1``...) hold it, with a claim
+  that the host's supervisor heartbeats. The worker in that slot runs every
+  unfinished job assigned to it, so a restarted worker converges on the same set.
+- *running*: the worker attached its pid to the session.
+- finished: the session ``succeeded``, ``failed`` or ``cancelled``; the row keeps
+  its host, worker, error and result for listing.
+
+A host whose claims expire (its supervisor went silent) has its unfinished jobs
+re-queued, and a worker never finishes a job that is no longer assigned to it
+(every write is fenced on the assignment), so a job runs to completion once.
+On PostgreSQL, claims take rows with ``FOR UPDATE SKIP LOCKED``; on SQLite, the
+write lock serializes them.
+
+A job's cancellation is enforced by the supervisor of the host that runs it (its
+worker's token first, signals to the worker as the fallback), never by a
+:class:`~surefetch.store.enforcer.CancellationEnforcer`: the session's pid is the
+worker's, and the worker runs other jobs too.
+
+Claims and heartbeats are timed by the queue's clock (``time.time`` unless a
+test injects another).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from surefetch.store import supervisors
+from surefetch.store.db import Migration, register_migration
+from surefetch.store.session_table import end_session, insert_session, requeue_session
+from surefetch.store.sessions import SessionStore
+
+__all__ = ["JOB_KINDS", "JOB_STATES", "Job", "JobQueue", "job_spec"]
+
+JOB_KINDS = ("get", "sync")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_UNFINISHED = "s.status IN ('pending', 'running')"
+_JOB_COLUMNS = (
+    "j.session_id, j.kind, j.spec, s.owner, s.status, s.cancellation_status, j.host, "
+    "j.worker, j.crashes, j.error, j.result, j.created_at"
+)
+_FROM = "jobs j JOIN sessions s ON s.id = j.session_id"
+
+register_migration(
+    Migration(
+        version=2,
+        step=0,
+        owner="surefetch.store.jobs",
+        statements=(
+            # Supervised jobs: one per session, the work a worker runs.
+            """CREATE TABLE jobs (
+                session_id TEXT PRIMARY KEY REFERENCES sessions (id),
+                kind TEXT NOT NULL CHECK (kind IN ('get', 'sync')),
+                spec TEXT NOT NULL,
+                host TEXT,
+                worker TEXT,
+                claim_expires DOUBLE PRECISION,
+                crashes INTEGER NOT NULL DEFAULT 0,
+                error TEXT,
+                result TEXT,
+                created_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX jobs_host_worker ON jobs (host, worker)",
+            "CREATE INDEX jobs_created ON jobs (created_at)",
+        ),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job as stored."""
+
+    id: str
+    kind: str
+    spec: dict[str, Any]
+    owner: str
+    state: str
+    cancel_requested: bool
+    host: str | None
+    worker: str | None
+    crashes: int
+    error: str | None
+    result: dict[str, Any] | None
+    created_at: float
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+    def to_dict(self, local_host: str | None = None) -> dict[str, Any]:
+        """The job for ``ctl jobs --json``: ``worker`` is the slot on ``local_host``,
+        else ``host/slot``."""
+        worker = self.worker
+        if worker is not None and self.host is not None and self.host != local_host:
+            worker = f"{self.host}/{worker}"
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "worker": worker,
+            "host": self.host,
+            "owner": self.owner,
+            "spec": self.spec,
+            "cancel_requested": self.cancel_requested,
+            "error": self.error,
+            "result": self.result,
+        }
+
+
+def _row_to_job(row: Sequence[Any]) -> Job:
+    status = row[4]
+    return Job(
+        id=row[0],
+        kind=row[1],
+        spec=json.loads(row[2]),
+        owner=row[3],
+        state="queued" if status == "pending" else status,
+        cancel_requested=row[5] != "none",
+        host=row[6],
+        worker=row[7],
+        crashes=int(row[8]),
+        error=row[9],
+        result=None if row[10] is None else json.loads(row[10]),
+        created_at=float(row[11]),
+    )
+
+
+def _absolute(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a path")
+    if "\x00" in value:
+        raise ValueError(f"{name} contains a NUL character")
+    if not os.path.isabs(value):
+        raise ValueError(f"{name} {value!r} is relative; send an absolute path")
+    return os.path.normpath(value)
+
+
+def job_spec(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks and normalizes what a job runs.
+
+    Args:
+        kind: ``"get"`` or ``"sync"``.
+        fields: for ``get``: ``url`` (http or https), ``dest`` (absolute path, a file or
+            a directory to name the file in) and optional ``sha256``; for ``sync``:
+            ``manifest``, ``lock`` and ``dest``, all absolute.
+
+    Returns:
+        The spec to store.
+
+    Raises:
+        ValueError: an unknown kind, a missing or invalid field, an unknown field.
+    """
+    allowed = {"get": {"url", "dest", "sha256"}, "sync": {"manifest", "lock", "dest"}}
+    if kind not in allowed:
+        raise ValueError(f"unknown job kind {kind!r}; use get or sync")
+    unknown = sorted(set(fields) - allowed[kind])
+    if unknown:
+        raise ValueError(f"unknown field(s) for a {kind} job: {', '.join(unknown)}")
+    if kind == "sync":
+        return {key: _absolute(key, fields.get(key)) for key in ("manifest", "lock", "dest")}
+    url = fields.get("url")
+    if not isinstance(url, str) or len(url) > 8192:
+        raise ValueError("a get job needs a url")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https") or not urlsplit(url).netloc:
+        raise ValueError(f"unsupported URL {url!r}: only http:// and https:// URLs are fetched")
+    spec: dict[str, Any] = {"url": url, "dest": _absolute("dest", fields.get("dest"))}
+    sha256 = fields.get("sha256")
+    if sha256 is not None:
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+            raise ValueError(f"sha256 must be 64 hex digits, not {sha256!r}")
+        spec["sha256"] = sha256.lower()
+    return spec
+
+
+class JobQueue:
+    """The jobs of a :class:`SessionStore` (same database, same connections).
+
+    Args:
+        store: the session store; its migrations create the tables.
+        clock: the time claims and heartbeats are measured by, in seconds since the
+            epoch; every process sharing the store must agree on it.
+    """
+
+    def __init__(self, store: SessionStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.db = store.db
+        self.clock = clock
+        self._pg = store.backend == "postgresql"
+
+    # -- helpers --
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        with self.db.connection() as conn:
+            return self.db.execute(conn, sql, params)
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
+        with self.db.connection() as conn:
+            return list(self.db.execute(conn, sql, params).fetchall())
+
+    # -- submitting and reading --
+
+    def submit(self, owner: str, kind: str, spec: Mapping[str, Any]) -> Job:
+        """Queues a job and creates its session (owned by ``owner``).
+
+        Raises:
+            ValueError: an invalid spec (see :func:`job_spec`), owner or title.
+        """
+        (job_id,) = self.submit_many(owner, [(kind, spec)])
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def submit_many(
+        self, owner: str, jobs: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> builtins.list[str]:
+        """Queues several jobs in one transaction: all of them, or none if one is invalid.
+
+        Returns:
+            The new jobs' ids (their sessions' ids), in order.
+
+        Raises:
+            ValueError: an invalid spec (see :func:`job_spec`), owner or title.
+        """
+        specs = [(kind, job_spec(kind, fields)) for kind, fields in jobs]
+        db = self.db
+        ids: builtins.list[str] = []
+        with db.transaction() as conn:
+            for kind, spec in specs:
+                target = spec["url"] if kind == "get" else spec["dest"]
+                title = f"{kind} {target}"[:1000]
+                job_id = insert_session(db, conn, owner, title, {"job": kind, **spec})
+                db.execute(
+                    conn,
+                    "INSERT INTO jobs (session_id, kind, spec, created_at) VALUES (?, ?, ?, ?)",
+                    (job_id, kind, json.dumps(spec), time.time() + len(ids) * 1e-6),
+                )
+                ids.append(job_id)
+        return ids
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id = ?", (job_id,))
+        return _row_to_job(rows[0]) if rows else None
+
+    def list(self, owner: str | None = None) -> builtins.list[Job]:
+        """Jobs in submission order (all of them, or ``owner``'s)."""
+        where, params = ("WHERE s.owner = ?", (owner,)) if owner is not None else ("", ())
+        rows = self._rows(
+            f"SELECT {_JOB_COLUMNS} FROM {_FROM} {where} ORDER BY j.created_at, j.session_id",
+            params,
+        )
+        return [_row_to_job(row) for row in rows]
+
+    def assigned(self, host: str, worker: str | None = None) -> builtins.list[Job]:
+        """Unfinished jobs assigned to ``host`` (and to its slot ``worker`` if given)."""
+        sql = f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.host = ? AND {_UNFINISHED}"
+        params: tuple[Any, ...] = (host,)
+        if worker is not None:
+            sql += " AND j.worker = ?"
+            params += (worker,)
+        rows = self._rows(sql + " ORDER BY j.created_at, j.session_id", params)
+        return [_row_to_job(row) for row in rows]
+
+    # -- claiming (supervisor side) --
+
+    def claim(
+        self, host: str, free: Mapping[str, int], ttl: float
+    ) -> dict[str, builtins.list[str]]:
+        """Assigns queued jobs to this host's worker slots, oldest first.
+
+        Args:
+            host: this supervisor's host id.
+            free: how many more jobs each slot can take.
+            ttl: seconds the claim holds without a heartbeat.
+
+        Returns:
+            The job ids each slot got (slots that got none are left out).
+        """
+        wanted = sum(n for n in free.values() if n > 0)
+        if wanted <= 0:
+            return {}
+        lock = " FOR UPDATE OF j SKIP LOCKED" if self._pg else ""
+        db = self.db
+        got: dict[str, builtins.list[str]] = {}
+        with db.transaction() as conn:
+            rows = db.execute(
+                conn,
+                f"SELECT j.session_id FROM {_FROM} WHERE j.host IS NULL "
+                "AND s.status = 'pending' AND s.cancellation_status = 'none' "
+                f"ORDER BY j.created_at, j.session_id LIMIT ?{lock}",
+                (wanted,),
+            ).fetchall()
+            slots = _fill(free, len(rows))
+            expires = self.clock() + ttl
+            for (job_id,), slot in zip(rows, slots):
+                db.execute(
+                    conn,
+                    "UPDATE jobs SET host = ?, worker = ?, claim_expires = ? "
+                    "WHERE session_id = ? AND host IS NULL",
+                    (host, slot, expires, job_id),
+                )
+                got.setdefault(slot, []).append(job_id)
+        return got
+
+    def heartbeat(self, host: str, ttl: float) -> None:
+        """Extends the claims of every unfinished job ``host`` holds."""
+        self._run(
+            "UPDATE jobs SET claim_expires = ? WHERE host = ? AND session_id IN "
+            "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
+            (self.clock() + ttl, host),
+        )
+
+    def requeue_expired(self, host: str) -> builtins.list[str]:
+        """Re-queues the unfinished jobs of other hosts whose claims expired."""
+        return self._requeue("j.host <> ? AND j.claim_expires < ?", (host, self.clock()))
+
+    def requeue_host(self, host: str, worker: str | None = None) -> builtins.list[str]:
+        """Re-queues every unfinished job ``host`` (or one of its slots) holds."""
+        if worker is None:
+            return self._requeue("j.host = ?", (host,))
+        return self._requeue("j.host = ? AND j.worker = ?", (host, worker))
+
+    def _requeue(self, condition: str, params: Sequence[Any]) -> builtins.list[str]:
+        lock = " FOR UPDATE OF j SKIP LOCKED" if self._pg else ""
+        db = self.db
+        with db.transaction() as conn:
+            rows = db.execute(
+                conn,
+                f"SELECT j.session_id FROM {_FROM} WHERE {condition} AND {_UNFINISHED}{lock}",
+                params,
+            ).fetchall()
+            ids = [row[0] for row in rows]
+            for job_id in ids:
+                db.execute(
+                    conn,
+                    "UPDATE jobs SET host = NULL, worker = NULL, claim_expires = NULL "
+                    "WHERE session_id = ?",
+                    (job_id,),
+                )
+                requeue_session(db, conn, job_id)
+        return ids
+
+    def cancel_queued(self) -> builtins.list[str]:
+        """Marks cancelled the queued jobs whose cancellation was requested."""
+        rows = self._rows(
+            f"SELECT j.session_id FROM {_FROM} WHERE j.host IS NULL "
+            "AND s.status = 'pending' AND s.cancellation_status = 'requested'"
+        )
+        return [row[0] for row in rows if self.store.mark_cancelled(row[0])]
+
+    def cancel_requested(self, host: str) -> builtins.list[Job]:
+        """Unfinished jobs on ``host`` whose cancellation was requested."""
+        rows = self._rows(
+            f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.host = ? AND {_UNFINISHED} "
+            "AND s.cancellation_status = 'requested'",
+            (host,),
+        )
+        return [_row_to_job(row) for row in rows]
+
+    def record_crash(self, host: str, worker: str, limit: int) -> builtins.list[str]:
+        """Counts a worker crash against the jobs it was running; fails those at ``limit``.
+
+        Returns:
+            The ids of the jobs this call failed.
+        """
+        running = [j for j in self.assigned(host, worker) if j.state == "running"]
+        failed: builtins.list[str] = []
+        for job in running:
+            self._run(
+                "UPDATE jobs SET crashes = crashes + 1 WHERE session_id = ? AND host = ? "
+                "AND worker = ?",
+                (job.id, host, worker),
+            )
+            if job.crashes + 1 >= limit:
+                message = (
+                    f"its worker died {job.crashes + 1} times while running it; "
+                    "see the supervisor's log"
+                )
+                if self.complete(job.id, host, worker, "failed", error=message):
+                    failed.append(job.id)
+        return failed
+
+    # -- running (worker side) --
+
+    def start(self, job_id: str, host: str, worker: str, pid: int) -> Job | None:
+        """Attaches the worker process to the job's session, if the job is still its own.
+
+        Returns:
+            The job, or None when it is no longer assigned to this worker or finished.
+
+        Raises:
+            SessionCancelled: its cancellation was requested first (the session is now
+                cancelled; do not run it).
+        """
+        job = self.get(job_id)
+        if job is None or job.finished or (job.host, job.worker) != (host, worker):
+            return None
+        self.store.attach_process(job_id, pid, host)
+        return self.get(job_id)
+
+    def complete(
+        self,
+        job_id: str,
+        host: str,
+        worker: str,
+        status: str,
+        *,
+        error: str | None = None,
+        result: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Records how a job ended, if it is still assigned to this worker.
+
+        ``status`` is ``succeeded``, ``failed`` or ``cancelled``. A cancelled job's
+        session is marked cancelled (its cancellation was requested).
+
+        Returns:
+            True if this call finished the job.
+        """
+        if status not in ("succeeded", "failed", "cancelled"):
+            raise ValueError(f"a job ends succeeded, failed or cancelled, not {status!r}")
+        db = self.db
+        with db.transaction() as conn:
+            cur = db.execute(
+                conn,
+                "UPDATE jobs SET error = ?, result = ? WHERE session_id = ? AND host = ? "
+                "AND worker = ? AND session_id IN "
+                "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
+                (error, None if result is None else json.dumps(result), job_id, host, worker),
+            )
+            if cur.rowcount != 1:
+                return False
+            end_session(db, conn, job_id, status)
+        return True
+
+    # -- supervisors (surefetch.store.supervisors) --
+
+    def register_supervisor(self, host: str, socket_path: str, ttl: float) -> None:
+        """Takes ``host`` for this process, unless a live supervisor holds it.
+
+        A row whose heartbeat is older than ``ttl``, or whose process on this machine
+        is gone, is taken over.
+
+        Raises:
+            SurefetchError: another supervisor with this host id is alive.
+        """
+        supervisors.register(self.db, host, socket_path, ttl, self.clock())
+
+    def supervisor_heartbeat(self, host: str) -> bool:
+        """Refreshes this supervisor's row; False if another process took the host id."""
+        return supervisors.heartbeat(self.db, host, self.clock())
+
+    def unregister_supervisor(self, host: str) -> None:
+        """Gives ``host`` up, if this process holds it."""
+        supervisors.unregister(self.db, host)
+
+
+def _fill(free: Mapping[str, int], count: int) -> builtins.list[str]:
+    """Spreads ``count`` jobs over the slots, least loaded (most free) first."""
+    left = {slot: n for slot, n in free.items() if n > 0}
+    order: list[str] = []
+    while len(order) < count and left:
+        slot = max(left, key=lambda s: (left[s], -_slot_index(s)))
+        order.append(slot)
+        left[slot] -= 1
+        if left[slot] == 0:
+            del left[slot]
+    return order
+
+
+def _slot_index(slot: str) -> int:
+    digits = slot.lstrip("w")
+    return int(digits) if digits.isdigit() else 0

@@ -1,0 +1,272 @@
+"""A supervised worker process: runs the jobs assigned to its slot.
+
+Started by the supervisor (:mod:`surefetch.supervisor.slots`) as ``python -m
+surefetch.worker --slot w0 --host-id H --parent-pid P`` with the store URL in
+``$SUREFETCH_DB`` (``surefetch.worker`` runs this module's :func:`main`). It speaks
+JSON lines: commands on stdin, events on the stdout it was started with (its
+own fd 1 is pointed at stderr, so a stray print cannot break the protocol).
+
+Commands: ``hello`` (answered with ``hello`` and the pid once the store is
+open: the handshake), ``ping`` (``pong``), ``sync`` (pull the slot's jobs from
+the store and converge: start the missing ones, stop the ones that are no longer
+its own or whose cancellation was requested), ``cancel`` (one job, at once),
+``stop`` (cancel every job, keeping its part files, and exit 0).
+
+Events: ``hello``, ``pong``, ``started``, ``finished`` (with ``state``:
+succeeded, failed or cancelled).
+
+The worker exits when its supervisor dies: stdin reaches EOF, and the kernel
+sends SIGTERM (``PR_SET_PDEATHSIG``). Exit codes: 0 after a stop, 78 for a
+configuration it cannot run with (the supervisor does not restart it), 1 for
+anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import IO, Any
+
+from surefetch import CancelToken
+from surefetch.errors import Cancelled, SessionCancelled, SurefetchError
+from surefetch.store import Job, JobQueue, SessionStore
+
+__all__ = ["EXIT_CONFIG", "main"]
+
+EXIT_CONFIG = 78  # EX_CONFIG: restarting cannot help
+_PR_SET_PDEATHSIG = 1
+_STOP_WAIT = 2.0  # seconds the running jobs get to flush their parts on a stop
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM."""
+
+
+@dataclass
+class _Running:
+    job: Job
+    token: CancelToken
+    thread: threading.Thread | None = None
+    reason: str = ""  # why it was cancelled: "cancel" (by its owner), "stop", "lost"
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    def __init__(self, queue: JobQueue, slot: str, host: str, out: IO[str]) -> None:
+        self.queue = queue
+        self.slot = slot
+        self.host = host
+        self.pid = os.getpid()
+        self._out = out
+        self._out_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._running: dict[str, _Running] = {}
+
+    # -- protocol --
+
+    def send(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}) + "\n"
+        with self._out_lock, contextlib.suppress(OSError, ValueError):
+            self._out.write(line)
+            self._out.flush()
+
+    def handle(self, message: dict[str, Any]) -> bool:
+        """Acts on one command; False when the worker should stop."""
+        op = message.get("op")
+        if op == "ping":
+            self.send("pong", seq=message.get("seq"))
+        elif op == "hello":
+            self.send("hello", pid=self.pid, slot=self.slot)
+            self.resync()
+        elif op == "sync":
+            self.resync()
+        elif op == "cancel":
+            self.cancel(str(message.get("id")), "cancel")
+        elif op == "stop":
+            return False
+        else:
+            print(f"surefetch worker {self.slot}: unknown command {op!r}", file=sys.stderr)
+        return True
+
+    # -- converging on the store --
+
+    def resync(self) -> None:
+        """Runs every unfinished job assigned to this slot; stops the ones that are not."""
+        assigned = {job.id: job for job in self.queue.assigned(self.host, self.slot)}
+        with self._lock:
+            running = dict(self._running)
+        for job_id in running:
+            job = assigned.get(job_id)
+            if job is None:
+                self.cancel(job_id, "lost")
+            elif job.cancel_requested:
+                self.cancel(job_id, "cancel")
+        for job_id, job in assigned.items():
+            if job_id not in running:
+                self._launch(job)
+
+    def _launch(self, job: Job) -> None:
+        entry = _Running(job, CancelToken())
+        entry.thread = threading.Thread(
+            target=self._run, args=(entry,), name=f"job-{job.id[:8]}", daemon=True
+        )
+        with self._lock:
+            self._running[job.id] = entry
+        entry.thread.start()
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        with self._lock:
+            entry = self._running.get(job_id)
+        if entry is not None:
+            entry.reason = entry.reason or reason
+            entry.token.cancel()
+
+    def stop_all(self, wait: float) -> None:
+        with self._lock:
+            entries = list(self._running.values())
+        for entry in entries:
+            entry.reason = entry.reason or "stop"
+            entry.token.cancel()
+        for entry in entries:
+            entry.done.wait(wait)
+
+    # -- one job --
+
+    def _run(self, entry: _Running) -> None:
+        job = entry.job
+        try:
+            try:
+                state, error, result = self._execute(entry)
+            except Exception as exc:  # a bug: fail the job rather than rerun it forever
+                traceback.print_exc()
+                state, error, result = "failed", f"internal error: {exc!r}", None
+            if state is not None and self.queue.complete(
+                job.id, self.host, self.slot, state, error=error, result=result
+            ):
+                self.send("finished", id=job.id, state=state, error=error)
+        except Exception:
+            traceback.print_exc()
+        finally:
+            # Only now: a resync in between must still see the job as running here.
+            with self._lock:
+                self._running.pop(job.id, None)
+            entry.done.set()
+
+    def _execute(self, entry: _Running) -> tuple[str | None, str | None, dict[str, Any] | None]:
+        job = entry.job
+        try:
+            if self.queue.start(job.id, self.host, self.slot, self.pid) is None:
+                return None, None, None
+        except SessionCancelled:
+            self.send("finished", id=job.id, state="cancelled", error=None)
+            return None, None, None
+        self.send("started", id=job.id)
+        try:
+            result = _perform(job, entry.token)
+        except Cancelled:
+            if entry.reason == "cancel":
+                return "cancelled", None, None
+            return None, None, None  # stopped or lost: it stays unfinished, parts kept
+        except (SurefetchError, OSError, ValueError) as exc:
+            return "failed", f"{type(exc).__name__}: {exc}", None
+        return "succeeded", None, result
+
+
+def _perform(job: Job, token: CancelToken) -> dict[str, Any]:
+    spec = job.spec
+    if job.kind == "get":
+        from surefetch.download import download
+
+        r = download(spec["url"], spec["dest"], sha256=spec.get("sha256"), cancel=token)
+        return {
+            "path": str(r.path),
+            "size": r.size,
+            "sha256": r.sha256,
+            "xxh3_128": r.xxh3_128,
+            "resumed_from": r.resumed_from,
+            "bytes_transferred": r.bytes_transferred,
+            "elapsed_s": round(r.elapsed, 6),
+        }
+    from surefetch.lockfile import sync
+
+    return sync(spec["manifest"], spec["lock"], spec["dest"], cancel=token).to_dict()
+
+
+# --- process set-up ----------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the supervisor dies, even by SIGKILL; exit at once if it already did."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def _protocol_out() -> IO[str]:
+    """The events stream: the original stdout. Fd 1 then points at stderr."""
+    out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return out
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="surefetch-worker")
+    parser.add_argument("--slot", required=True)
+    parser.add_argument("--host-id", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the supervisor's to handle
+    signal.signal(signal.SIGTERM, _raise_stop)
+    out = _protocol_out()
+    prefix = f"surefetch worker {args.slot}"
+    try:
+        store = SessionStore(os.environ.get("SUREFETCH_DB"))
+    except ValueError as exc:
+        print(f"{prefix}: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except _Stop:
+        return 0
+    except SurefetchError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return 1
+    worker = Worker(JobQueue(store), args.slot, args.host_id, out)
+    try:
+        for raw in sys.stdin.buffer:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                print(f"{prefix}: ignoring a line that is not JSON", file=sys.stderr)
+                continue
+            if not isinstance(message, dict) or not worker.handle(message):
+                break
+    except _Stop:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    worker.stop_all(_STOP_WAIT)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
