@@ -59,13 +59,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from surefetch._core import CancelToken, hash_file, sync_filesystem
 from surefetch.download import (
+    CancelToken,
     DownloadItem,
     DownloadResult,
     ProgressCallback,
     download,
     download_many,
+    hash_file,
+    sync_filesystem,
 )
 from surefetch.errors import (
     Cancelled,

@@ -13,22 +13,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from surefetch import _core
-from surefetch._core import CancelToken
+from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 
 if TYPE_CHECKING:
     import asyncio
 
+# The engine's file primitives, for the layers above (only this module and the
+# package's __init__ import the native core).
 __all__ = [
     "BatchProgressCallback",
+    "CancelToken",
     "DownloadItem",
     "DownloadResult",
     "ProgressCallback",
     "adownload",
     "download",
     "download_many",
+    "fit_name",
+    "hash_file",
     "name_from_url",
     "parse_items",
+    "part_dir",
+    "sync_filesystem",
 ]
 
 ProgressCallback = Callable[[int, Optional[int]], Any]

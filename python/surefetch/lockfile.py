@@ -73,9 +73,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Union
 
-from surefetch import _core
-from surefetch._core import CancelToken
 from surefetch._fs import LINK_MODES, LinkMode, place
+from surefetch.download import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -541,7 +540,7 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
         if file.read_bytes() == data:
             return False
     directory = file.parent
-    temp = directory / _core.fit_name(f".{file.name}", f".{secrets.token_hex(6)}.tmp")
+    temp = directory / fit_name(f".{file.name}", f".{secrets.token_hex(6)}.tmp")
     mode = _lockfile_mode(file, lock)
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
@@ -631,7 +630,7 @@ def _installed_matches(
     if executable and not st.st_mode & stat.S_IXUSR:
         return False
     try:
-        size, xxh3, sha256 = _core.hash_file(target, sha256=True, cancel=cancel)
+        size, xxh3, sha256 = hash_file(target, sha256=True, cancel=cancel)
     except OSError:
         return False
     return (size, xxh3, sha256) == (expected.size, expected.xxh3_128, expected.sha256)
@@ -648,7 +647,7 @@ def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except FileNotFoundError:  # a finishing sync removed the empty state dir: recreate
-            _core.part_dir(state.parent)
+            part_dir(state.parent)
             continue
         except OSError as exc:
             if exc.errno != errno.ELOOP:
@@ -898,7 +897,7 @@ class _Resolver:
             advance()
         if staged_any:
             try:
-                _core.sync_filesystem(self.staging)
+                sync_filesystem(self.staging)
             except OSError as exc:
                 raise _storage_error(
                     exc, f"cannot sync the staged files in {self.staging}"
@@ -998,7 +997,7 @@ def _stage(
         raise _storage_error(exc, f"{entry.name}: cannot stage {staged} ({link_mode})") from exc
     if how == "hardlink":
         return  # the same inode as the verified blob
-    size, xxh3, _ = _core.hash_file(staged, sha256=False)
+    size, xxh3, _ = hash_file(staged, sha256=False)
     if (size, xxh3) != (entry.size, entry.xxh3_128):
         raise ChecksumMismatch(
             f"{entry.name}: the cached copy changed while it was copied (xxh3_128 "
@@ -1135,7 +1134,7 @@ def sync(
     token = cancel.child() if cancel is not None else CancelToken()
     state = Path(root, STATE_DIR)
     try:
-        _core.part_dir(root)  # a real directory of ours, as the engine's part files need
+        part_dir(root)  # a real directory of ours, as the engine's part files need
     except StorageError:
         raise
     except OSError as exc:
@@ -1226,7 +1225,7 @@ def _differences(entry: LockedArtifact, target: Path) -> list[Difference]:
     if st.st_size != entry.size:
         out.append(diff("size", entry.size, st.st_size))
     else:
-        _, xxh3, sha256 = _core.hash_file(target, sha256=True)
+        _, xxh3, sha256 = hash_file(target, sha256=True)
         if sha256 != entry.sha256:
             out.append(diff("sha256", entry.sha256, sha256))
         if xxh3 != entry.xxh3_128:
