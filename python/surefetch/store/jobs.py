@@ -39,12 +39,20 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from surefetch._procs import host_id, process_start_time
+from surefetch.errors import SessionCancelled
 from surefetch.store import supervisors
 from surefetch.store.db import Migration, register_migration
-from surefetch.store.session_table import end_session, insert_session, requeue_session
+from surefetch.store.session_table import (
+    cancel_unstarted,
+    end_session,
+    fetch_session,
+    insert_session,
+    requeue_session,
+)
 from surefetch.store.sessions import SessionStore
 
-__all__ = ["JOB_KINDS", "JOB_STATES", "Job", "JobQueue", "job_spec"]
+__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "Job", "JobQueue", "job_spec"]
 
 JOB_KINDS = ("get", "sync")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -122,6 +130,16 @@ class Job:
             "error": self.error,
             "result": self.result,
         }
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one job ended, for `JobQueue.complete_many`."""
+
+    job_id: str
+    status: str  # succeeded, failed or cancelled
+    error: str | None = None
+    result: Mapping[str, Any] | None = None
 
 
 def _row_to_job(row: Sequence[Any]) -> Job:
@@ -415,6 +433,93 @@ class JobQueue:
         self.store.attach_process(job_id, pid, host)
         return self.get(job_id)
 
+    def start_many(
+        self, job_ids: Sequence[str], host: str, worker: str, pid: int
+    ) -> dict[str, Job | SessionCancelled | None]:
+        """`start` for many jobs in one transaction (the worker's group commit).
+
+        Returns:
+            For each id: the job (now running), None when it is no longer this
+            worker's or finished, or the `SessionCancelled` that `start` would raise
+            (the session is then marked cancelled).
+        """
+        if not job_ids:
+            return {}
+        db = self.db
+        started_at = process_start_time(pid) if host == host_id() else None
+        outcome: dict[str, Job | SessionCancelled | None] = {}
+        with db.transaction() as conn:
+            for job_id in job_ids:
+                cur = db.execute(
+                    conn,
+                    "UPDATE sessions SET status = 'running', pid = ?, pid_started = ?, host = ?, "
+                    "updated_at = ? WHERE id = ? AND cancellation_status = 'none' "
+                    "AND status IN ('pending', 'running') AND id IN (SELECT session_id "
+                    "FROM jobs WHERE session_id = ? AND host = ? AND worker = ?)",
+                    (pid, started_at, host, self.clock(), job_id, job_id, host, worker),
+                )
+                if cur.rowcount == 1:
+                    continue
+                session = fetch_session(db, conn, job_id)
+                mine = db.execute(
+                    conn,
+                    "SELECT 1 FROM jobs WHERE session_id = ? AND host = ? AND worker = ?",
+                    (job_id, host, worker),
+                ).fetchone()
+                if session is None or session.finished or mine is None:
+                    outcome[job_id] = None
+                elif session.cancellation_status != "none":
+                    cancel_unstarted(db, conn, job_id)
+                    outcome[job_id] = SessionCancelled(
+                        f"session {job_id} was cancelled before its process started",
+                        session_id=job_id,
+                    )
+                else:
+                    outcome[job_id] = None
+            placeholders = ", ".join("?" for _ in job_ids)
+            rows = db.execute(
+                conn,
+                f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id IN ({placeholders})",
+                tuple(job_ids),
+            ).fetchall()
+        jobs = {job.id: job for job in map(_row_to_job, rows)}
+        for job_id in job_ids:
+            if job_id not in outcome:
+                outcome[job_id] = jobs.get(job_id)
+        return outcome
+
+    def complete_many(self, endings: Sequence[Ending], host: str, worker: str) -> dict[str, bool]:
+        """`complete` for many jobs in one transaction (the worker's group commit).
+
+        Returns:
+            For each job id, True if this call finished it.
+        """
+        db = self.db
+        done: dict[str, bool] = {}
+        if not endings:
+            return done
+        with db.transaction() as conn:
+            for end in endings:
+                done[end.job_id] = self._complete_on(conn, end, host, worker)
+        return done
+
+    def _complete_on(self, conn: Any, end: Ending, host: str, worker: str) -> bool:
+        if end.status not in ("succeeded", "failed", "cancelled"):
+            raise ValueError(f"a job ends succeeded, failed or cancelled, not {end.status!r}")
+        db = self.db
+        result = None if end.result is None else json.dumps(end.result)
+        cur = db.execute(
+            conn,
+            "UPDATE jobs SET error = ?, result = ? WHERE session_id = ? AND host = ? "
+            "AND worker = ? AND session_id IN "
+            "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
+            (end.error, result, end.job_id, host, worker),
+        )
+        if cur.rowcount != 1:
+            return False
+        end_session(db, conn, end.job_id, end.status)
+        return True
+
     def complete(
         self,
         job_id: str,
@@ -433,21 +538,9 @@ class JobQueue:
         Returns:
             True if this call finished the job.
         """
-        if status not in ("succeeded", "failed", "cancelled"):
-            raise ValueError(f"a job ends succeeded, failed or cancelled, not {status!r}")
-        db = self.db
-        with db.transaction() as conn:
-            cur = db.execute(
-                conn,
-                "UPDATE jobs SET error = ?, result = ? WHERE session_id = ? AND host = ? "
-                "AND worker = ? AND session_id IN "
-                "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
-                (error, None if result is None else json.dumps(result), job_id, host, worker),
-            )
-            if cur.rowcount != 1:
-                return False
-            end_session(db, conn, job_id, status)
-        return True
+        end = Ending(job_id, status, error, result)
+        with self.db.transaction() as conn:
+            return self._complete_on(conn, end, host, worker)
 
     # -- supervisors (surefetch.store.supervisors) --
 

@@ -31,7 +31,9 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import IO, Any
@@ -39,12 +41,14 @@ from typing import IO, Any
 from surefetch import CancelToken
 from surefetch.errors import Cancelled, SessionCancelled, SurefetchError
 from surefetch.store import Job, JobQueue, SessionStore
+from surefetch.store.jobs import Ending
 
 __all__ = ["EXIT_CONFIG", "main"]
 
 EXIT_CONFIG = 78  # EX_CONFIG: restarting cannot help
 _PR_SET_PDEATHSIG = 1
 _STOP_WAIT = 2.0  # seconds the running jobs get to flush their parts on a stop
+_COMMIT_DELAY = 0.002  # seconds a group of job state changes waits for more
 
 
 class _Stop(Exception):
@@ -60,6 +64,76 @@ class _Running:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+class _GroupCommit:
+    """Job state changes of this worker, committed in groups: a job thread asks to start
+    or to finish its job and waits; one thread takes every request made by then
+    (waiting `_COMMIT_DELAY` for more), applies them in one transaction each for the
+    starts and the ends, and answers them all. Small jobs then share commits instead
+    of paying one (and its fsync) each."""
+
+    def __init__(self, queue: JobQueue, host: str, slot: str, pid: int) -> None:
+        self.queue, self.host, self.slot, self.pid = queue, host, slot, pid
+        self._cond = threading.Condition()
+        self._starts: dict[str, Future[Any]] = {}
+        self._ends: list[tuple[Ending, Future[Any]]] = []
+        threading.Thread(target=self._run, name="job-commits", daemon=True).start()
+
+    def start(self, job_id: str) -> Job | None:
+        """`JobQueue.start`, shared with the other jobs starting now."""
+        future: Future[Any] = Future()
+        with self._cond:
+            self._starts[job_id] = future
+            self._cond.notify()
+        outcome = future.result()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome  # type: ignore[no-any-return]
+
+    def complete(self, end: Ending) -> bool:
+        """`JobQueue.complete`, shared with the other jobs ending now."""
+        future: Future[Any] = Future()
+        with self._cond:
+            self._ends.append((end, future))
+            self._cond.notify()
+        return bool(future.result())
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._starts or self._ends):
+                    self._cond.wait()
+            time.sleep(_COMMIT_DELAY)  # let the jobs finishing alongside join the group
+            with self._cond:
+                starts, self._starts = self._starts, {}
+                ends, self._ends = self._ends, []
+            self._commit_starts(starts)
+            self._commit_ends(ends)
+
+    def _commit_starts(self, starts: dict[str, Future[Any]]) -> None:
+        if not starts:
+            return
+        try:
+            outcome = self.queue.start_many(list(starts), self.host, self.slot, self.pid)
+        except BaseException as exc:  # the store failed: every waiter gets the error
+            for future in starts.values():
+                future.set_result(exc)
+            return
+        for job_id, future in starts.items():
+            future.set_result(outcome.get(job_id))
+
+    def _commit_ends(self, ends: list[tuple[Ending, Future[Any]]]) -> None:
+        if not ends:
+            return
+        try:
+            done = self.queue.complete_many([end for end, _ in ends], self.host, self.slot)
+        except BaseException as exc:
+            for _, future in ends:
+                future.set_exception(exc)
+            return
+        for end, future in ends:
+            future.set_result(done.get(end.job_id, False))
+
+
 class Worker:
     def __init__(self, queue: JobQueue, slot: str, host: str, out: IO[str]) -> None:
         self.queue = queue
@@ -70,6 +144,7 @@ class Worker:
         self._out_lock = threading.Lock()
         self._lock = threading.Lock()
         self._running: dict[str, _Running] = {}
+        self._commits = _GroupCommit(queue, host, slot, self.pid)
 
     # -- protocol --
 
@@ -149,9 +224,7 @@ class Worker:
             except Exception as exc:  # a bug: fail the job rather than rerun it forever
                 traceback.print_exc()
                 state, error, result = "failed", f"internal error: {exc!r}", None
-            if state is not None and self.queue.complete(
-                job.id, self.host, self.slot, state, error=error, result=result
-            ):
+            if state is not None and self._commits.complete(Ending(job.id, state, error, result)):
                 self.send("finished", id=job.id, state=state, error=error)
         except Exception:
             traceback.print_exc()
@@ -164,7 +237,7 @@ class Worker:
     def _execute(self, entry: _Running) -> tuple[str | None, str | None, dict[str, Any] | None]:
         job = entry.job
         try:
-            if self.queue.start(job.id, self.host, self.slot, self.pid) is None:
+            if self._commits.start(job.id) is None:
                 return None, None, None
         except SessionCancelled:
             self.send("finished", id=job.id, state="cancelled", error=None)
