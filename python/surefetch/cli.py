@@ -180,6 +180,11 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra request header (repeatable)",
     )
+    parser.add_argument(
+        "--no-netrc",
+        action="store_true",
+        help="do not use the host's credentials from ~/.netrc ($NETRC)",
+    )
 
 
 def _add_get_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -274,6 +279,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 compute_sha256=not args.no_sha256,
                 executable=args.executable,
                 content_disposition=args.content_disposition,
+                netrc=not args.no_netrc,
             )
         if args.json:
             _print_json(_result_json(result))
@@ -341,6 +347,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
                 compute_sha256=not args.no_sha256,
                 executable=args.executable,
                 content_disposition=args.content_disposition,
+                netrc=not args.no_netrc,
             )
         return worst
 
@@ -548,6 +555,7 @@ def _run_fetch(args: argparse.Namespace) -> int:
                     read_timeout=args.read_timeout,
                     connect_timeout=args.connect_timeout,
                     retries=args.retries,
+                    netrc=not args.no_netrc,
                     progress=progress,
                     on_wait=on_wait,
                 )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from surefetch import _core
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
+from surefetch.credentials import netrc_headers
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 
 if TYPE_CHECKING:
@@ -153,6 +154,7 @@ def download(
     compute_sha256: bool = True,
     executable: bool = False,
     content_disposition: bool = False,
+    netrc: bool = True,
 ) -> DownloadResult:
     """Download `url` to `dest`, verified, atomically.
 
@@ -184,6 +186,8 @@ def download(
         speed_limit: low-speed limit in bytes per second (0: off), with
             `speed_time` in seconds: a response slower than that over that long
             is a stall, retried and resumed (curl's ``--speed-limit``/``--speed-time``).
+        netrc: use the credentials of `url`'s host in ``~/.netrc`` (``$NETRC``) when the
+            URL has no user and `headers` no ``Authorization``.
         headers: extra request headers (credentials are dropped on a redirect to
             another host).
         cancel: a token whose cancellation stops the transfer within milliseconds.
@@ -235,7 +239,7 @@ def download(
         retries=retries,
         speed_limit=speed_limit,
         speed_time=speed_time,
-        headers=list((headers or {}).items()),
+        headers=list((netrc_headers(url, headers) if netrc else dict(headers or {})).items()),
         connections=connections,
         resume=resume,
         content_disposition=content_disposition and in_directory,
@@ -438,8 +442,13 @@ def download_many(
                 "give one of them out=NAME"
             )
         seen[path] = item.url
-        per_item: dict[str, Any] = {k: v for k, v in options.items() if k != "headers"}
-        per_item["headers"] = list((options.get("headers") or {}).items())
+        per_item: dict[str, Any] = {
+            k: v for k, v in options.items() if k not in ("headers", "netrc")
+        }
+        headers = options.get("headers")
+        if options.get("netrc", True):
+            headers = netrc_headers(item.url, headers)
+        per_item["headers"] = list((headers or {}).items())
         per_item.update(sha256=item.sha256, size=item.size)
         raw_items.append((item.url, path, per_item))
     results: list[DownloadResult | Exception | None] = [None] * len(batch)

@@ -1,0 +1,61 @@
+"""Credentials from ``~/.netrc`` (or ``$NETRC``), as curl ``-n``, requests and pip use them.
+
+The entry for a URL's host (else the ``default`` entry) becomes an
+``Authorization: Basic`` header for that request — unless the URL carries its own
+user, or the caller set ``Authorization``. The engine drops the header on a redirect
+to another host (``rust/http.rs``), so the password never leaves its host, and it is
+never printed or logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import netrc
+import os
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["netrc_headers", "netrc_path"]
+
+
+def netrc_path() -> Path:
+    """``$NETRC`` if set, else ``~/.netrc``."""
+    configured = os.environ.get("NETRC")
+    return Path(configured) if configured else Path.home() / ".netrc"
+
+
+def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """`headers`, plus ``Authorization`` from the netrc entry of `url`'s host when
+    there is one and nothing else authenticates the request.
+
+    Raises:
+        ValueError: the netrc file does not parse (the message says where; it never
+            contains a password).
+    """
+    result = dict(headers or {})
+    if any(name.lower() == "authorization" for name in result):
+        return result
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or not parts.hostname:
+        return result
+    path = netrc_path()
+    if not path.is_file():
+        return result
+    try:
+        found = netrc.netrc(str(path)).authenticators(parts.hostname)
+    except netrc.NetrcParseError as exc:
+        raise ValueError(
+            f"{exc.filename or path}:{exc.lineno}: cannot read it ({exc.msg}); fix it, or turn "
+            "it off (--no-netrc, netrc=False)"
+        ) from None
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read {path}: {exc.strerror}; or turn it off (--no-netrc)"
+        ) from None
+    if found is None:
+        return result
+    login, _, password = found
+    token = base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
+    result["Authorization"] = f"Basic {token}"
+    return result

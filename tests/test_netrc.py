@@ -1,0 +1,95 @@
+"""Credentials from ~/.netrc ($NETRC), for the matching host only, never printed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+import surefetch as sf
+from surefetch.testing import FaultServer
+
+from support import run_cli
+
+BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+
+@pytest.fixture
+def netrc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "netrc"
+    path.write_text(
+        "machine 127.0.0.1 login alice password s3cret\nmachine other login b password c\n"
+    )
+    path.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(path))
+    return path
+
+
+def _sent(dest: Path) -> dict[str, str]:
+    headers: dict[str, str] = json.loads(dest.read_text())
+    return headers
+
+
+def test_the_hosts_entry_is_sent_unless_told_otherwise(
+    server: FaultServer, netrc: Path, tmp_path: Path
+) -> None:
+    url = server.url_for("x", echo_headers=1)
+    sf.download(url, tmp_path / "a")
+    assert _sent(tmp_path / "a")["authorization"] == BASIC
+    sf.download(url, tmp_path / "b", netrc=False)
+    assert "authorization" not in _sent(tmp_path / "b")
+    sf.download(url, tmp_path / "c", headers={"Authorization": "Bearer mine"})
+    assert _sent(tmp_path / "c")["authorization"] == "Bearer mine"
+    own = url.replace("http://", "http://bob:pw@")
+    sf.download(own, tmp_path / "d")
+    assert _sent(tmp_path / "d")["authorization"] == "Basic " + base64.b64encode(b"bob:pw").decode()
+    items = [sf.DownloadItem(url, out="1"), sf.DownloadItem(url + "&_=2", out="2")]
+    results = sf.download_many(items, tmp_path / "many")
+    assert all(_sent(r.path)["authorization"] == BASIC for r in results)  # type: ignore[union-attr]
+
+
+def test_no_entry_no_header(
+    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "netrc"
+    path.write_text("machine example.org login a password b\n")
+    monkeypatch.setenv("NETRC", str(path))
+    sf.download(server.url_for("x", echo_headers=1), tmp_path / "a")
+    assert "authorization" not in _sent(tmp_path / "a")
+
+
+def test_never_sent_to_another_host_after_a_redirect(
+    server: FaultServer, other_server: FaultServer, netrc: Path, tmp_path: Path
+) -> None:
+    elsewhere = other_server.url_for("x", echo_headers=1)
+    sf.download(server.url_for("x", redirect_to=elsewhere), tmp_path / "a")
+    assert "authorization" not in _sent(tmp_path / "a")
+
+
+def test_the_cli_uses_it_and_never_prints_it(
+    server: FaultServer, netrc: Path, tmp_path: Path
+) -> None:
+    url = server.url_for("x", echo_headers=1)
+    done = run_cli(["get", url, "-o", "a.json", "-q"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert _sent(tmp_path / "a.json")["authorization"] == BASIC
+    off = run_cli(["get", url, "-o", "b.json", "-q", "--no-netrc"], tmp_path)
+    assert off.returncode == 0 and "authorization" not in _sent(tmp_path / "b.json")
+    refused = run_cli(["get", server.url_for("x", status=401), "-o", "c"], tmp_path)
+    assert refused.returncode == 4
+    assert "s3cret" not in refused.stderr + refused.stdout and "alice" not in refused.stderr
+
+
+def test_a_broken_netrc_is_a_clear_usage_error(
+    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "netrc"
+    path.write_text("machine 127.0.0.1 login alice password s3cret\nmachine\n")
+    monkeypatch.setenv("NETRC", str(path))
+    done = run_cli(["get", server.url_for("x", echo_headers=1), "-o", "a"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert str(path) in done.stderr and "--no-netrc" in done.stderr
+    assert "s3cret" not in done.stderr
+    assert not (tmp_path / "a").exists()
