@@ -16,6 +16,7 @@ use crate::cancel;
 use crate::download::{download_into, Options, Outcome, Progress};
 use crate::error::{Error, TimeoutKind};
 use crate::hash;
+use crate::journal;
 use crate::names;
 use crate::part;
 use crate::retry::Backoff;
@@ -120,6 +121,7 @@ where
     loop {
         match wait(py, POLL) {
             Ok(result) => {
+                log_engine_notes(py);
                 let value = result.map_err(|e| PyErr::from(PyEngineError(e)))?;
                 if let Some(reporter) = reporter.as_mut() {
                     reporter.report(true)?;
@@ -127,6 +129,7 @@ where
                 return Ok(value);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                log_engine_notes(py);
                 let checked = py
                     .check_signals()
                     .and_then(|()| reporter.as_mut().map_or(Ok(()), |r| r.report(false)));
@@ -140,6 +143,29 @@ where
                 "internal error: the transfer task stopped without a result; please report this",
             )),
         }
+    }
+}
+
+/// Hands the engine's notes (`crate::journal`) to Python's `logging`, logger
+/// `surefetch.engine`, on this (the calling) thread. A logging failure is not the
+/// download's: it is reported by `logging` itself or dropped.
+fn log_engine_notes(py: Python<'_>) {
+    let notes = journal::take();
+    if notes.is_empty() {
+        return;
+    }
+    let Ok(logger) = py
+        .import("logging")
+        .and_then(|logging| logging.call_method1("getLogger", ("surefetch.engine",)))
+    else {
+        return;
+    };
+    for (level, message) in notes {
+        let method = match level {
+            journal::Level::Info => "info",
+            journal::Level::Warning => "warning",
+        };
+        let _ = logger.call_method1(method, ("%s", message));
     }
 }
 
@@ -420,9 +446,13 @@ fn download_many<'py>(
                 on_result.call1((index, value)).map(|_| ())
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                log_engine_notes(py);
                 py.check_signals().and_then(|()| report(py, false))
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => return report(py, true),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                log_engine_notes(py);
+                return report(py, true);
+            }
         };
         if let Err(err) = step {
             token.cancel();

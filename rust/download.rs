@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
 use crate::http::{self, Http};
+use crate::journal::{self, Level};
 use crate::part::{PartFile, PartLock, PartPaths, Sidecar};
 use crate::ranges::RangeSet;
 use crate::response::{Known, Validator};
@@ -366,8 +367,26 @@ impl<'a> Job<'a> {
                     };
                     mode = if unit { next } else { Mode::Plain };
                     resume = mode != Mode::Plain;
+                    journal::note(
+                        Level::Warning,
+                        format!(
+                            "{}: {detail}; continuing {}",
+                            self.shown_url,
+                            match mode {
+                                Mode::Plain => "without Range (a plain request)",
+                                _ => "on one connection",
+                            }
+                        ),
+                    );
                 }
-                Error::SourceChanged { .. } if restarts < MAX_RESTARTS => {
+                Error::SourceChanged { ref detail, .. } if restarts < MAX_RESTARTS => {
+                    journal::note(
+                        Level::Warning,
+                        format!(
+                            "{}: the file changed on the server ({detail}); starting over",
+                            self.shown_url
+                        ),
+                    );
                     restarts += 1;
                     self.set_known(None);
                     self.paths.discard();
@@ -378,6 +397,14 @@ impl<'a> Job<'a> {
                     let Some(retry) = self.take_retry() else {
                         return Err(error);
                     };
+                    journal::note(
+                        Level::Info,
+                        format!(
+                            "retry {} of {} after: {error}",
+                            retry + 1,
+                            self.options.retries
+                        ),
+                    );
                     self.backoff(retry, &error).await?;
                     resume = mode != Mode::Plain;
                 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod guard;
 pub mod hash;
 pub mod http;
+pub mod journal;
 pub mod names;
 pub mod options;
 pub mod part;

@@ -288,3 +288,18 @@ def test_sync_pins_the_whole_file_whatever_the_ranges_do(
     text = lock.read_text()
     assert f"size = {SMALL}" in text
     assert hashlib.sha256(V1).hexdigest() in text
+
+
+def test_verbose_tells_the_decisions_and_quiet_tells_nothing(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    url = server.add("v.bin", V1).replace("http://", "http://u:s3cret@")
+    cut = f"{url}?cut={1 << 20}&times=1&ok_with_range=1"
+    told = run_cli(["get", cut, "-o", "a.bin", "--connections", "1", "-v"], tmp_path)
+    assert told.returncode == 0, told.stderr
+    assert "retry 1 of 3" in told.stderr
+    assert "resuming at byte 1048576" in told.stderr
+    assert "Content-Range" in told.stderr and "without Range" in told.stderr
+    assert "s3cret" not in told.stderr
+    quiet = run_cli(["get", cut + "&_=2", "-o", "b.bin", "--connections", "1"], tmp_path)
+    assert quiet.returncode == 0 and quiet.stderr == ""

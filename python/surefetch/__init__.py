@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from surefetch._core import CancelToken, __version__
@@ -29,6 +30,11 @@ from surefetch.errors import (
 if TYPE_CHECKING:
     from surefetch.cache import Cache, CacheEntry
     from surefetch.lockfile import sync
+
+# The library logs its decisions to the `surefetch` logger (the engine's to
+# `surefetch.engine`) and installs no handler of its own: Python's last-resort handler
+# must not print them to a program's stderr unasked.
+logging.getLogger("surefetch").addHandler(logging.NullHandler())
 
 # The cache and the lockfile are imported on first use, so that processes that only
 # download (a supervisor's workers, restarted often) start faster.

@@ -50,6 +50,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import stat
@@ -92,6 +93,7 @@ __all__ = [
 
 StrPath = Union[str, "os.PathLike[str]"]
 
+_log = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _POLL_S = 0.05
 _FILE_MODE = 0o644
@@ -920,6 +922,7 @@ def _wait_for_lock(
         now = time.monotonic()
         if not told:
             told = True
+            _log.info("waiting for %s (cache lock of %s)", _holder(path), redact_url(url))
             if on_wait is not None:
                 on_wait(_holder(path))
         waited = now - started

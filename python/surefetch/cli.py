@@ -48,6 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="surefetch", description="Downloads that cannot corrupt anything.")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
@@ -62,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- errors, signals and output -----------------------------------------------
+
+_VERBOSE_HELP = (
+    "say what surefetch decides on stderr: retries and why, resume offsets, fall-backs, "
+    "connections, lock waits"
+)
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", dest="verbose_here", action="store_true", help=_VERBOSE_HELP
+    )
+
+
+def _log_to_stderr() -> None:
+    """The `surefetch` logger's INFO records on stderr, one line each (the library
+    itself installs no handler)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("surefetch: %(message)s"))
+    logger = logging.getLogger("surefetch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 class Terminated(BaseException):
@@ -180,6 +204,7 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra request header (repeatable)",
     )
+    _add_verbose(parser)
     parser.add_argument(
         "--no-netrc",
         action="store_true",
@@ -753,6 +778,7 @@ def _add_sync_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     sync.add_argument(
         "--timeout-per-item", metavar="S", type=_seconds, help="time limit for each artifact"
     )
+    _add_verbose(sync)
     sync.add_argument(
         "--link-mode",
         choices=("auto", "reflink", "hardlink", "copy"),
@@ -1401,6 +1427,9 @@ def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any])
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    if (args.verbose or getattr(args, "verbose_here", False)) and not quiet:
+        _log_to_stderr()
     handler = args.handler
     code: int = handler(args)
     return code

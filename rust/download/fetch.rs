@@ -229,7 +229,12 @@ impl Job<'_> {
                 _ = ticker.tick(), if ramping => {
                     let Some(ramp) = ramp.as_mut() else { continue };
                     let wanted = ramp.tick(Instant::now(), self.transferred.load(Ordering::Relaxed));
-                    crew.allowed.store(wanted, Ordering::Relaxed);
+                    if wanted != crew.allowed.swap(wanted, Ordering::Relaxed) {
+                        crate::journal::note(
+                            crate::journal::Level::Info,
+                            format!("{}: {wanted} connection(s)", self.shown_url),
+                        );
+                    }
                     if wanted > 1 && crew.split_stretch() {
                         while launched < wanted {
                             running.push(self.connection(crew, launched, None));

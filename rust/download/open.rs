@@ -55,7 +55,17 @@ impl Job<'_> {
         };
         let known = kept.known();
         self.set_known(known.clone());
+
         let validator = validator_of_sidecar(&kept.sidecar);
+        crate::journal::note(
+            crate::journal::Level::Info,
+            format!(
+                "{}: resuming at byte {} of {size} (If-Range {})",
+                self.shown_url,
+                missing.start,
+                validator.if_range().unwrap_or("-")
+            ),
+        );
         let headers = Self::ranged(&self.headers, &(missing.start..end), Some(&validator));
         let opened = match self.http.open(&self.url, &headers, &self.guard).await {
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
