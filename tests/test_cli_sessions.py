@@ -303,3 +303,40 @@ def test_serve_enforces_cancellations_unless_told_not_to(
     finally:
         stop(server, signal.SIGINT)
         store.close()
+
+
+def test_long_histories_newest_first_with_a_default_limit(
+    store: SessionStore, store_url: str
+) -> None:
+    ids = [store.create("hist", f"s{i}").id for i in range(105)]
+    store.finish(ids[0], "failed")
+    url = store_url
+    listed = json.loads(sf("sessions", "list", "--db", url, "--user", "hist", "--json").stdout)
+    assert [s["id"] for s in listed["sessions"]] == ids[::-1][:100]
+    every = json.loads(
+        sf("sessions", "list", "--db", url, "--user", "hist", "--json", "--all").stdout
+    )
+    assert len(every["sessions"]) == 105
+    failed = json.loads(
+        sf("sessions", "list", "--db", url, "--user", "hist", "--json", "--state", "failed").stdout
+    )
+    assert [s["id"] for s in failed["sessions"]] == [ids[0]]
+    two = json.loads(
+        sf("sessions", "list", "--db", url, "--user", "hist", "--json", "--limit", "2").stdout
+    )
+    assert [s["id"] for s in two["sessions"]] == ids[::-1][:2]
+    bad = sf("sessions", "list", "--db", url, "--user", "hist", "--limit", "-1")
+    assert bad.returncode == 2
+
+
+def test_job_history_filters(store: SessionStore, tmp_path: Path) -> None:
+    queue = JobQueue(store)
+    spec = {"url": "http://h/x", "dest": str(tmp_path / "x")}
+    ids = queue.submit_many("hist", [("get", spec)] * 5)
+    queue.complete(ids[0], "", "", "succeeded")  # not assigned: no change
+    assert [j.id for j in queue.list("hist", limit=2)] == ids[::-1][:2]
+    assert [j.id for j in queue.list("hist")] == ids
+    assert len(queue.list("hist", state="queued")) == 5
+    assert queue.list("hist", state="running") == []
+    with pytest.raises(ValueError, match="state must be one of"):
+        queue.list("hist", state="done")

@@ -933,10 +933,12 @@ def _add_session_commands(sub: argparse._SubParsersAction[Any]) -> None:
         else:
             p.add_argument(
                 "--status",
+                "--state",
+                dest="status",
                 choices=("pending", "running", "succeeded", "failed", "cancelled"),
-                help="only sessions in this status",
+                help="only sessions in this state",
             )
-            p.add_argument("--limit", type=int, default=None, help="at most N sessions")
+            _add_history_limits(p, "sessions")
         p.add_argument("--db", default=None, metavar="URL", help=db_help)
         p.add_argument(
             "--user",
@@ -1007,9 +1009,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         if args.action == "list":
-            if args.limit is not None and args.limit < 0:
-                return _fail("--limit must be 0 or more", EXIT_USAGE)
-            found = store.list(user, status=args.status, limit=args.limit)
+            found = store.list(user, status=args.status, limit=_history_limit(args))
             if args.json:
                 print(json.dumps({"sessions": [_shown(s.to_dict()) for s in found]}))
             else:
@@ -1269,10 +1269,18 @@ def _add_supervisor_commands(sub: argparse._SubParsersAction[Any]) -> None:
     csub = ctl.add_subparsers(dest="ctl_command", required=True, metavar="ACTION")
     for name, help_text in (
         ("list-workers", "the workers: pid, state, restarts, next restart, jobs"),
-        ("jobs", "your jobs, queued, running and finished"),
+        ("jobs", "your jobs, newest first: queued, running and finished"),
         ("shutdown", "stop the supervisor cleanly (jobs keep their parts)"),
     ):
-        _add_ctl_options(csub.add_parser(name, help=help_text), argparse.SUPPRESS)
+        action = csub.add_parser(name, help=help_text)
+        _add_ctl_options(action, argparse.SUPPRESS)
+        if name == "jobs":
+            action.add_argument(
+                "--state",
+                choices=("queued", "running", "succeeded", "failed", "cancelled"),
+                help="only jobs in this state",
+            )
+            _add_history_limits(action, "jobs")
     cancel = csub.add_parser("cancel", help="cancel one of your jobs")
     cancel.add_argument("id", metavar="ID")
     _add_ctl_options(cancel, argparse.SUPPRESS)
@@ -1289,6 +1297,23 @@ def _add_supervisor_commands(sub: argparse._SubParsersAction[Any]) -> None:
     for p in (submit, get, sync):
         _add_ctl_options(p, argparse.SUPPRESS)
     ctl.set_defaults(handler=_cmd_ctl)
+
+
+def _add_history_limits(parser: argparse.ArgumentParser, what: str) -> None:
+    from surefetch.store.sessions import HISTORY_LIMIT
+
+    parser.add_argument(
+        "--limit",
+        metavar="N",
+        type=_non_negative_int,
+        default=HISTORY_LIMIT,
+        help=f"the newest N {what} (default {HISTORY_LIMIT})",
+    )
+    parser.add_argument("--all", action="store_true", help=f"every one of your {what}")
+
+
+def _history_limit(args: argparse.Namespace) -> int | None:
+    return None if args.all else int(args.limit)
 
 
 def _add_ctl_options(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -1359,6 +1384,8 @@ def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "submit", "kind": args.kind, "spec": spec}
     if args.ctl_command == "cancel":
         return {"op": "cancel", "id": args.id}
+    if args.ctl_command == "jobs":
+        return {"op": "jobs", "state": args.state, "limit": _history_limit(args)}
     return {"op": args.ctl_command}
 
 
@@ -1377,6 +1404,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         return _fail(str(reply.get("error", "the supervisor refused")), int(reply.get("exit", 1)))
     reply.pop("ok", None)
+    if args.ctl_command == "jobs" and args.all and isinstance(reply.get("jobs"), list):
+        reply["jobs"].reverse()  # every job comes in submission order: newest first
     if isinstance(reply.get("jobs"), list):
         reply["jobs"] = [_shown(job) for job in reply["jobs"]]
     if as_json:

@@ -3,7 +3,8 @@
 Endpoints (bearer token per user; ``surefetch users add NAME`` makes one)::
 
     POST /sessions               create one of your sessions           -> 201
-    GET  /sessions               list yours, newest first              -> 200 {"sessions": [...]}
+    GET  /sessions               list yours, newest first (?status=, ?limit=, default 100,
+                                 ?all=true)                            -> 200 {"sessions": [...]}
     GET  /sessions/{id}          one of yours (404 for anyone else's)  -> 200
     POST /sessions/{id}/cancel   request its cancellation (idempotent) -> 202
     GET  /openapi.json           this API's OpenAPI document
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from surefetch.errors import NotOwner, SessionNotFound
 from surefetch.store import CancellationEnforcer, SessionStore
+from surefetch.store.sessions import HISTORY_LIMIT
 
 if TYPE_CHECKING:
     from surefetch.store import Session
@@ -178,14 +180,15 @@ def create_app(store: SessionStore) -> FastAPI:
         status: Optional[Status] = None,  # noqa: UP045
         ui_status: Optional[UIStatus] = None,  # noqa: UP045
         cancellation_status: Optional[CancellationStatus] = None,  # noqa: UP045
-        limit: Annotated[Optional[int], Query(ge=0, le=10000)] = None,  # noqa: UP045
+        limit: Annotated[int, Query(ge=0, le=10000)] = HISTORY_LIMIT,
+        all: Annotated[bool, Query(description="every session: no limit")] = False,
     ) -> dict[str, Any]:
         sessions = store.list(
             user,
             status=status,
             ui_status=ui_status,
             cancellation_status=cancellation_status,
-            limit=limit,
+            limit=None if all else limit,
         )
         return {"sessions": [_out(s) for s in sessions]}
 

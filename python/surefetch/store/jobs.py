@@ -277,14 +277,41 @@ class JobQueue:
         rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id = ?", (job_id,))
         return _row_to_job(rows[0]) if rows else None
 
-    def list(self, owner: str | None = None) -> builtins.list[Job]:
-        """Jobs in submission order (all of them, or ``owner``'s)."""
-        where, params = ("WHERE s.owner = ?", (owner,)) if owner is not None else ("", ())
-        rows = self._rows(
-            f"SELECT {_JOB_COLUMNS} FROM {_FROM} {where} ORDER BY j.created_at, j.session_id",
-            params,
-        )
-        return [_row_to_job(row) for row in rows]
+    def list(
+        self, owner: str | None = None, *, state: str | None = None, limit: int | None = None
+    ) -> builtins.list[Job]:
+        """Jobs (all of them, or ``owner``'s): in submission order, or with ``limit``
+        the newest ``limit`` of them, newest first.
+
+        Args:
+            owner: whose jobs (None: everyone's).
+            state: only jobs in this state (`JOB_STATES`).
+            limit: at most this many, the newest.
+
+        Raises:
+            ValueError: an unknown state, or a negative limit.
+        """
+        where: builtins.list[str] = []
+        params: builtins.list[Any] = []
+        if owner is not None:
+            where.append("s.owner = ?")
+            params.append(owner)
+        if state is not None:
+            if state not in JOB_STATES:
+                raise ValueError(f"state must be one of {', '.join(JOB_STATES)}, not {state!r}")
+            where.append("s.status = ?")
+            params.append("pending" if state == "queued" else state)
+        sql = f"SELECT {_JOB_COLUMNS} FROM {_FROM}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        if limit is None:
+            sql += " ORDER BY j.created_at, j.session_id"
+        else:
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ValueError(f"limit must be a non-negative int, not {limit!r}")
+            sql += " ORDER BY j.created_at DESC, j.session_id DESC LIMIT ?"
+            params.append(limit)
+        return [_row_to_job(row) for row in self._rows(sql, tuple(params))]
 
     def assigned(self, host: str, worker: str | None = None) -> builtins.list[Job]:
         """Unfinished jobs assigned to ``host`` (and to its slot ``worker`` if given)."""

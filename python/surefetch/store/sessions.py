@@ -52,7 +52,10 @@ from surefetch.store.session_table import (
     row_to_session,
 )
 
-__all__ = ["SessionStore"]
+__all__ = ["HISTORY_LIMIT", "SessionStore"]
+
+HISTORY_LIMIT = 100
+"""How many of the newest sessions or jobs the faces (CLI, HTTP API) show by default."""
 
 _FILTERS = ("status", "ui_status", "cancellation_status", "host")
 

@@ -197,7 +197,13 @@ class Supervisor:
             if op == "list-workers":
                 return {"ok": True, "workers": [slot.to_dict() for slot in self.slots]}
             if op == "jobs":
-                jobs = await self._db(self.queue.list, user)
+                state, limit = message.get("state"), message.get("limit")
+                try:
+                    jobs = await self._db(
+                        functools.partial(self.queue.list, user, state=state, limit=limit)
+                    )
+                except ValueError as exc:
+                    return error_reply(str(exc), 2)
                 return {"ok": True, "jobs": [job.to_dict(self.host) for job in jobs]}
             if op == "submit":
                 return await self._submit(message, user)
