@@ -72,6 +72,7 @@ impl From<PyEngineError> for PyErr {
                 StorageError::new_err((errno, message, path))
             }
             Error::Busy { .. } => LockTimeout::new_err(message),
+            Error::NotModified => SurefetchError::new_err(message),
         }
     }
 }
@@ -257,7 +258,8 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
     url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
     executable=false, timeout=None, connect_timeout=30.0, read_timeout=None, retries=3,
     backoff_base=0.25, backoff_cap=10.0, headers=None, connections=None, resume=true,
-    speed_limit=1024, speed_time=30.0, content_disposition=false, cancel=None, progress=None
+    speed_limit=1024, speed_time=30.0, content_disposition=false, if_none_match=None,
+    if_modified_since=None, cancel=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn download<'py>(
@@ -282,6 +284,8 @@ fn download<'py>(
     speed_limit: u64,
     speed_time: f64,
     content_disposition: bool,
+    if_none_match: Option<String>,
+    if_modified_since: Option<String>,
     cancel: Option<PyRef<'py, CancelToken>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -306,6 +310,8 @@ fn download<'py>(
         speed_limit,
         speed_time: seconds(Some(speed_time), "speed_time")?.unwrap_or_default(),
         content_disposition,
+        if_none_match,
+        if_modified_since,
     };
     // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
     let token = match &cancel {
@@ -549,6 +555,9 @@ fn outcome_dict(py: Python<'_>, outcome: Outcome) -> PyResult<Bound<'_, PyDict>>
     dict.set_item("resumed_from", outcome.resumed_from)?;
     dict.set_item("bytes_transferred", outcome.bytes_transferred)?;
     dict.set_item("elapsed", outcome.elapsed.as_secs_f64())?;
+    dict.set_item("not_modified", outcome.not_modified)?;
+    dict.set_item("etag", outcome.etag)?;
+    dict.set_item("last_modified", outcome.last_modified)?;
     Ok(dict)
 }
 

@@ -80,12 +80,17 @@ async fn fetch_verified(
     job.defer_commit = defer_commit;
     let lock = job.paths.lock()?;
     let result = job.run_with_retries().await;
+    let not_modified = matches!(result, Err(Error::NotModified));
+    let result = match result {
+        Err(Error::NotModified) => Ok((0, None, String::new())),
+        other => other,
+    };
     match &result {
         Ok(_) => {}
         Err(e) if e.keeps_part() => {}
         Err(_) => job.paths.discard(),
     }
-    let staged = match (&result, defer_commit) {
+    let staged = match (&result, defer_commit && !not_modified) {
         (Ok(_), true) => Some(Staged {
             part: job.paths.part.clone(),
             destination: job.paths.destination().to_path_buf(),
@@ -111,6 +116,9 @@ async fn fetch_verified(
         },
         bytes_transferred: job.transferred.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
+        not_modified,
+        etag: job.known().and_then(|k| k.validator.etag),
+        last_modified: job.known().and_then(|k| k.validator.last_modified),
     };
     Ok((outcome, staged))
 }

@@ -67,6 +67,9 @@ pub enum Error {
         /// Answering one unit of a parallel transfer (not an attempt's first request).
         unit: bool,
     },
+    /// A conditional request was answered `304 Not Modified` (not a failure: the
+    /// engine turns it into `Outcome::not_modified`).
+    NotModified,
     /// Another process holds the part file of this destination.
     Busy {
         path: PathBuf,
@@ -197,6 +200,7 @@ impl fmt::Display for Error {
                 f,
                 "the file at {url} changed on the server during the download ({detail}); nothing was kept: run again to download the new version"
             ),
+            Error::NotModified => f.write_str("not modified since the copy held"),
             Error::Busy { path } => write!(
                 f,
                 "another process is downloading to {} right now: wait for it to finish or stop it",

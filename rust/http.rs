@@ -93,8 +93,12 @@ impl Http {
                 url = next;
                 continue;
             }
-            // 416 answers a range request: the caller reads its Content-Range.
-            if !status.is_success() && status != StatusCode::RANGE_NOT_SATISFIABLE {
+            // 416 answers a range request: the caller reads its Content-Range; 304
+            // answers a conditional request.
+            if !status.is_success()
+                && status != StatusCode::RANGE_NOT_SATISFIABLE
+                && status != StatusCode::NOT_MODIFIED
+            {
                 return Err(status_error(&response, &url));
             }
             return Ok(Opened {

@@ -27,6 +27,10 @@ pub struct Options {
     pub connections: Option<u32>,
     /// Continue a part file an earlier call left, when it is safe to.
     pub resume: bool,
+    /// Revalidation (RFC 9110 §13.1): a fresh start sends these, and a `304`
+    /// ends the call with `Outcome::not_modified` and nothing written.
+    pub if_none_match: Option<String>,
+    pub if_modified_since: Option<String>,
     /// Name the file after the first response's Content-Disposition filename
     /// (a bare name, beside `final_path`) instead; see `PartPaths::name_after_server`.
     pub content_disposition: bool,
@@ -54,6 +58,8 @@ impl Default for Options {
             connections: None,
             resume: true,
             content_disposition: false,
+            if_none_match: None,
+            if_modified_since: None,
             speed_limit: 1024,
             speed_time: Duration::from_secs(30),
         }
@@ -110,6 +116,11 @@ pub struct Outcome {
     pub resumed_from: u64,
     pub bytes_transferred: u64,
     pub elapsed: Duration,
+    /// The server answered a conditional request `304`: nothing was written.
+    pub not_modified: bool,
+    /// The validators of the representation received (for a later revalidation).
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ def download(
     speed_limit: int = 1024,
     speed_time: float = 30.0,
     content_disposition: bool = False,
+    if_none_match: str | None = None,
+    if_modified_since: str | None = None,
     cancel: CancelToken | None = None,
     progress: Callable[[int, int | None], Any] | None = None,
 ) -> dict[str, Any]: ...

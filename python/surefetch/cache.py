@@ -74,6 +74,7 @@ from surefetch.errors import (
     Cancelled,
     DownloadTimeout,
     LockTimeout,
+    NetworkError,
     SizeMismatch,
     StorageError,
     SurefetchError,
@@ -188,7 +189,13 @@ class Cache:
         ValueError: `lock_timeout` is not a positive number.
     """
 
-    def __init__(self, root: StrPath | None = None, *, lock_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        root: StrPath | None = None,
+        *,
+        lock_timeout: float = 300.0,
+        offline: bool | None = None,
+    ) -> None:
         if not lock_timeout > 0:
             raise ValueError(
                 f"lock_timeout must be a positive number of seconds, not {lock_timeout}"
@@ -198,6 +205,12 @@ class Cache:
         )
         self._root = self._root.absolute()
         self.lock_timeout = lock_timeout
+        # No network at all: answer from the cache or fail (SUREFETCH_OFFLINE=1).
+        self.offline = (
+            offline
+            if offline is not None
+            else os.environ.get("SUREFETCH_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        )
         # Directories already checked by `_dir`/`_checked` during a `fetch_many`.
         self._checked_dirs: set[Path] | None = None
 
@@ -223,6 +236,7 @@ class Cache:
         connect_timeout: float = 30.0,
         retries: int = 3,
         connections: int | None = None,
+        netrc: bool = True,
         cancel: CancelToken | None = None,
         progress: ProgressCallback | None = None,
         on_wait: Callable[[str], None] | None = None,
@@ -238,6 +252,7 @@ class Cache:
             connect_timeout=connect_timeout,
             retries=retries,
             connections=connections,
+            netrc=netrc,
             cancel=cancel,
             progress=progress,
             on_wait=on_wait,
@@ -255,6 +270,7 @@ class Cache:
         connect_timeout: float = 30.0,
         retries: int = 3,
         connections: int | None = None,
+        netrc: bool = True,
         cancel: CancelToken | None = None,
         progress: ProgressCallback | None = None,
         on_wait: Callable[[str], None] | None = None,
@@ -308,6 +324,8 @@ class Cache:
             if hit is not None:  # no lock needed to read an immutable blob
                 _check_size(hit, size)
                 return hit
+            if self.offline:
+                return self._offline_entry(url, expected, size)
             with self._locked(key, url, deadline, cancel, on_wait):
                 if expected is not None:  # the process we waited for may have fetched it
                     hit = self._lookup(expected, touch=True)
@@ -327,6 +345,7 @@ class Cache:
                     connect_timeout=connect_timeout,
                     retries=retries,
                     headers=headers,
+                    netrc=netrc,
                     progress=progress,
                 )
 
@@ -402,6 +421,12 @@ class Cache:
                 except SurefetchError as exc:
                     settle(index, exc)
                     continue
+                if self.offline:
+                    try:
+                        settle(index, self._offline_entry(request.url, expected, request.size))
+                    except SurefetchError as exc:
+                        settle(index, exc)
+                    continue
                 key = f"sha256-{expected}" if expected else f"url-{_url_key(request.url)}"
                 fd = _flock_nb(self._dir("locks") / f"{key}.lock")
                 if fd is None:  # another process (or an earlier request here) has it
@@ -460,6 +485,10 @@ class Cache:
             except OSError as exc:
                 settle(index, exc)
                 return
+            if expected is None:
+                self._write_index(
+                    requests[index].url, result.sha256, result.etag, result.last_modified
+                )
             entry = CacheEntry(
                 path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
             )
@@ -499,10 +528,29 @@ class Cache:
         on_wait: Callable[[str], None] | None,
         **options: Any,
     ) -> CacheEntry:
-        """Downloads into tmp/ (resuming a part left there) and moves the blob into place."""
+        """Downloads into tmp/ (resuming a part left there) and moves the blob into place.
+
+        Without a digest, a blob this URL gave before is revalidated (RFC 9110 §13.1:
+        If-None-Match with its strong ETag, else If-Modified-Since): a ``304`` reuses it
+        with no body transferred."""
         remaining = _remaining(deadline, url)
         tmp = self._dir("tmp") / key
-        result = download(url, tmp, sha256=expected, timeout=remaining, cancel=cancel, **options)
+        cached, etag, modified = (None, None, None) if expected else self._indexed(url)
+        if cached is not None:
+            _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
+        result = download(
+            url,
+            tmp,
+            sha256=expected,
+            timeout=remaining,
+            cancel=cancel,
+            if_none_match=etag,
+            if_modified_since=modified,
+            **options,
+        )
+        if result.not_modified and cached is not None:
+            _log.info("%s not modified: the cached copy is used", redact_url(url))
+            return cached
         assert result.sha256 is not None  # computed whenever none was expected
         digest = result.sha256
         info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": redact_url(url)}
@@ -511,7 +559,82 @@ class Cache:
         else:
             with self._locked(f"sha256-{digest}", url, deadline, cancel, on_wait):
                 path = self._install(tmp, digest, info)
+            self._write_index(url, digest, result.etag, result.last_modified)
         return CacheEntry(path, result.size, digest, result.xxh3_128, result.bytes_transferred)
+
+    # -- the URL index: revalidation and --offline --------------------------------
+
+    def _index_path(self, url: str) -> Path:
+        key = _url_key(url)
+        return self._checked("urls", key[:2]) / f"{key}.json"
+
+    def _indexed(self, url: str) -> tuple[CacheEntry | None, str | None, str | None]:
+        """The blob this URL gave last time (checked as any lookup), and the conditional
+        request to revalidate it: the strong ETag, else the Last-Modified date."""
+        path = self._index_path(url)
+        record = _read_json(path) if _trusted_path(path) else {}
+        digest = record.get("sha256")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return None, None, None
+        entry = self._lookup(digest, touch=True)
+        if entry is None:
+            return None, None, None
+        etag, modified = record.get("etag"), record.get("last_modified")
+        if isinstance(etag, str) and not etag.startswith("W/"):
+            return entry, etag, None
+        if isinstance(modified, str):
+            return entry, None, modified
+        return None, None, None  # nothing to revalidate with: download again
+
+    def _write_index(
+        self, url: str, digest: str, etag: str | None, last_modified: str | None
+    ) -> None:
+        """Records which blob `url` gave, under which validators (best effort: a lost
+        record only costs a download)."""
+        record = {
+            "url": redact_url(url),
+            "sha256": digest,
+            "etag": etag,
+            "last_modified": last_modified,
+        }
+        key = _url_key(url)
+        directory = self._dir("urls", key[:2])
+        tmp = directory / f".{key}.{os.getpid()}.{time.time_ns()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, sort_keys=True)
+            os.rename(tmp, directory / f"{key}.json")
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _offline_entry(self, url: str, expected: str | None, size: int | None) -> CacheEntry:
+        """What the cache holds for `url` without any network access, or NetworkError."""
+        if expected is None:
+            entry, _, _ = self._indexed(url)
+            if entry is None:
+                entry = self._offline_any(url)
+            if entry is not None:
+                _check_size(entry, size)
+                return entry
+            raise NetworkError(
+                f"offline (--offline or SUREFETCH_OFFLINE): {redact_url(url)} was never "
+                f"fetched into the cache at {self._root}; fetch it once online, or drop --offline"
+            )
+        raise NetworkError(
+            f"offline (--offline or SUREFETCH_OFFLINE): the cache at {self._root} has no blob "
+            f"with sha256 {expected} for {redact_url(url)}; fetch it once online"
+        )
+
+    def _offline_any(self, url: str) -> CacheEntry | None:
+        """A blob recorded for `url` even without validators to revalidate it by."""
+        path = self._index_path(url)
+        record = _read_json(path) if _trusted_path(path) else {}
+        digest = record.get("sha256")
+        if isinstance(digest, str) and _SHA256.fullmatch(digest):
+            return self._lookup(digest, touch=True)
+        return None
 
     @contextlib.contextmanager
     def _storage(self) -> Iterator[None]:

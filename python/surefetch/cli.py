@@ -515,6 +515,12 @@ def _add_cache_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         default="auto",
         help="how -o's file is made from the cached one (see `surefetch sync --help`)",
     )
+    fetch.add_argument(
+        "--offline",
+        action="store_true",
+        help="no network: answer from the cache, or fail (exit 4) for a URL never fetched "
+        "(also SUREFETCH_OFFLINE=1)",
+    )
     fetch.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     fetch.add_argument("--json", action="store_true", help="print the result as one JSON object")
     fetch.set_defaults(handler=_run_fetch)
@@ -550,7 +556,8 @@ def _add_cache_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 def _open_cache(args: argparse.Namespace, lock_timeout: float = 300.0) -> Any:
     from surefetch.cache import Cache
 
-    return Cache(args.cache, lock_timeout=lock_timeout)
+    offline = True if getattr(args, "offline", False) else None  # None: $SUREFETCH_OFFLINE
+    return Cache(args.cache, lock_timeout=lock_timeout, offline=offline)
 
 
 def _cache_os_error(cache: Any, exc: OSError) -> int:

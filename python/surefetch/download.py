@@ -47,7 +47,13 @@ StrPath = Union[str, "os.PathLike[str]"]
 
 @dataclass(frozen=True)
 class DownloadResult:
-    """A download that arrived whole and verified at `path`."""
+    """A download that arrived whole and verified at `path`.
+
+    With ``not_modified`` the server answered a revalidation ``304``: nothing was
+    written, and the size and digests are empty (the caller's copy stands).
+    ``etag`` and ``last_modified`` are the validators received, for the next
+    revalidation.
+    """
 
     path: Path
     size: int
@@ -56,6 +62,9 @@ class DownloadResult:
     resumed_from: int
     bytes_transferred: int
     elapsed: float
+    not_modified: bool = False
+    etag: str | None = None
+    last_modified: str | None = None
 
 
 PART_DIR = ".surefetch"
@@ -155,6 +164,8 @@ def download(
     executable: bool = False,
     content_disposition: bool = False,
     netrc: bool = True,
+    if_none_match: str | None = None,
+    if_modified_since: str | None = None,
 ) -> DownloadResult:
     """Download `url` to `dest`, verified, atomically.
 
@@ -186,6 +197,8 @@ def download(
         speed_limit: low-speed limit in bytes per second (0: off), with
             `speed_time` in seconds: a response slower than that over that long
             is a stall, retried and resumed (curl's ``--speed-limit``/``--speed-time``).
+        if_none_match, if_modified_since: revalidate a copy the caller holds (RFC 9110
+            §13.1): a ``304`` returns a result with ``not_modified`` and writes nothing.
         netrc: use the credentials of `url`'s host in ``~/.netrc`` (``$NETRC``) when the
             URL has no user and `headers` no ``Authorization``.
         headers: extra request headers (credentials are dropped on a redirect to
@@ -243,6 +256,8 @@ def download(
         connections=connections,
         resume=resume,
         content_disposition=content_disposition and in_directory,
+        if_none_match=if_none_match,
+        if_modified_since=if_modified_since,
         cancel=cancel,
         progress=progress,
     )
@@ -258,6 +273,9 @@ def _result(raw: dict[str, Any]) -> DownloadResult:
         resumed_from=raw["resumed_from"],
         bytes_transferred=raw["bytes_transferred"],
         elapsed=raw["elapsed"],
+        not_modified=raw.get("not_modified", False),
+        etag=raw.get("etag"),
+        last_modified=raw.get("last_modified"),
     )
 
 

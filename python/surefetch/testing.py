@@ -139,6 +139,8 @@ Normal behaviour: ``Range: bytes=a-b``, ``bytes=a-`` and ``bytes=-n`` give
 representation (``bytes=0-18446744073709551614``) is clamped to its last
 byte; a start at or beyond the end gives 416 with ``Content-Range: bytes
 */SIZE``; several ranges or a malformed header are ignored (200).
+``If-None-Match`` (weak comparison) and ``If-Modified-Since`` (when there is no
+``If-None-Match``) answer 304 when the representation matches (RFC 9110 §13.1).
 ``If-Range`` honours the Range only on an exact match of the strong ETag or
 of the ``Last-Modified`` date. An unknown name is 404.
 
@@ -615,6 +617,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_representation(
         self, name: str, rep: _Representation, faults: _Faults, head: bool
     ) -> None:
+        if self._not_modified(rep, faults):
+            self.send_response(304)
+            if rep.etag is not None:
+                self.send_header("ETag", rep.etag)
+            self.end_headers()
+            return
         size = len(rep.body)
         status, first, last, ranged = 200, 0, size - 1, False
         range_header = self.headers.get("Range") if rep.ranges and not faults.no_range else None
@@ -684,6 +692,24 @@ class _Handler(BaseHTTPRequestHandler):
         text = f"{code} {reason}: this server refuses ranges ending past byte {limit}\n"
         unsatisfied = f"bytes */{size}" if code == 416 else None
         self._send_text(code, text, head, content_range=unsatisfied)
+
+    def _not_modified(self, rep: _Representation, faults: _Faults) -> bool:
+        """RFC 9110 §13.1.2/§13.1.3: If-None-Match (weak comparison), else
+        If-Modified-Since, on a representation with validators."""
+        if faults.no_validators or faults.etag_per_response:
+            return False
+        match = self.headers.get("If-None-Match")
+        if match is not None:
+            tags = {t.strip().removeprefix("W/") for t in match.split(",")}
+            return rep.etag is not None and ("*" in tags or rep.etag.removeprefix("W/") in tags)
+        since = self.headers.get("If-Modified-Since")
+        if since is None or rep.last_modified is None:
+            return False
+        try:
+            when = email.utils.parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False
+        return rep.last_modified <= int(when.timestamp())
 
     def _if_range_holds(self, rep: _Representation, faults: _Faults) -> bool:
         condition = self.headers.get("If-Range")

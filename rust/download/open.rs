@@ -114,6 +114,20 @@ impl Job<'_> {
 
     /// A fresh start. With several connections possible, asks for `bytes=0-`, so
     /// that a `206` tells the size and that ranges work; otherwise a plain GET.
+    /// `headers` with the caller's revalidation validators (a fresh start only).
+    fn conditional(&self, mut headers: HeaderMap) -> HeaderMap {
+        let validators = [
+            (header::IF_NONE_MATCH, &self.options.if_none_match),
+            (header::IF_MODIFIED_SINCE, &self.options.if_modified_since),
+        ];
+        for (name, value) in validators {
+            if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(name, value);
+            }
+        }
+        headers
+    }
+
     pub(super) async fn open_fresh(&self, mode: Mode) -> Result<Start> {
         if mode != Mode::Parallel {
             return self.open_plain().await;
@@ -123,7 +137,7 @@ impl Job<'_> {
             range: Some(whole.clone()),
             max_skip: 0,
         };
-        let headers = Self::ranged(&self.headers, &whole, None);
+        let headers = self.conditional(Self::ranged(&self.headers, &whole, None));
         let opened = match self.http.open(&self.url, &headers, &self.guard).await {
             // Ranges unusable here: ask once more without one.
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
@@ -131,6 +145,9 @@ impl Job<'_> {
             }
             other => other?,
         };
+        if opened.response.status() == StatusCode::NOT_MODIFIED {
+            return Err(Error::NotModified);
+        }
         let target = Target {
             url: opened.url,
             headers: opened.headers,
@@ -165,10 +182,11 @@ impl Job<'_> {
     /// A GET without `Range`, which must be answered with the whole file.
     pub(super) async fn open_plain(&self) -> Result<Start> {
         let known = self.known();
-        let opened = self
-            .http
-            .open(&self.url, &self.headers, &self.guard)
-            .await?;
+        let headers = self.conditional(self.headers.clone());
+        let opened = self.http.open(&self.url, &headers, &self.guard).await?;
+        if opened.response.status() == StatusCode::NOT_MODIFIED {
+            return Err(Error::NotModified);
+        }
         let asked = Asked {
             range: None,
             max_skip: 0,
