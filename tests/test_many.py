@@ -222,3 +222,46 @@ def test_a_durable_batch_syncs_in_groups_not_per_file(urls: list[str], tmp_path:
     # 40 files: a few groups, each one syncfs and one directory fsync — not 40+.
     assert syncfs + fsyncs < len(urls) // 2, calls
     assert syncfs >= 1
+
+
+def test_killing_a_batch_sync_anywhere_leaves_a_consistent_cache_and_lockfile(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """SIGKILL a sync of 60 artifacts at random moments: every blob in the cache
+    matches its digest, the lockfile is the old one or the new one, and the next
+    sync completes."""
+    import random
+
+    import tomli_w
+
+    datas = [payload(20_000 + i, seed=500 + i) for i in range(60)]
+    entries = [
+        {"name": f"a{i}", "url": server.add(f"a{i}", d) + "?throttle=400000"}
+        for i, d in enumerate(datas)
+    ]
+    old = [{"name": "old", "url": server.add("old", b"old bytes")}]
+    (tmp_path / "surefetch.toml").write_text(tomli_w.dumps({"artifact": old}))
+    args = ["sync", "--dest", "dest", "--cache", "cache", "--jobs", "8", "-q"]
+    assert run_cli(args, tmp_path).returncode == 0
+    before = (tmp_path / "surefetch.lock").read_bytes()
+    (tmp_path / "surefetch.toml").write_text(tomli_w.dumps({"artifact": old + entries}))
+    rng = random.Random(7)
+    for _ in range(6):
+        child = subprocess.Popen(
+            [SUREFETCH, *args],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=restore_default_signals,
+        )
+        time.sleep(rng.uniform(0.05, 0.6))
+        child.kill()
+        child.wait(10)
+        lock = (tmp_path / "surefetch.lock").read_bytes()
+        assert lock == before or b'name = "a59"' in lock
+        checked = run_cli(["cache", "verify", "--cache", "cache"], tmp_path)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    done = run_cli(args, tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for i, data in enumerate(datas):
+        assert (tmp_path / "dest" / f"a{i}").read_bytes() == data
