@@ -45,8 +45,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: prints `version_line` and exits 0 (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        print(version_line())
+        parser.exit(EXIT_OK)
+
+
+def version_line() -> str:
+    """``surefetch X.Y.Z``; with the native core's version too when it differs from the
+    installed package's (a stale build: both come from Cargo.toml)."""
+    from importlib import metadata
+
+    from surefetch import _core
+
+    try:
+        package = metadata.version("surefetch")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        package = _core.__version__
+    if package == _core.__version__:
+        return f"surefetch {package}"
+    return f"surefetch {package} (its native core is {_core.__version__}: reinstall surefetch)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="surefetch", description="Downloads that cannot corrupt anything.")
+    parser.add_argument("-V", "--version", action=_VersionAction, help="print the version and exit")
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
