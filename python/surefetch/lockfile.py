@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import re
 import secrets
@@ -828,6 +829,7 @@ class _Worker:
         token: CancelToken,
         timeout: float | None,
         lock_path: Path,
+        artifact_progress: Callable[[str, int, int | None], Any] | None = None,
     ) -> None:
         self.root = root
         self.staging = staging
@@ -835,6 +837,7 @@ class _Worker:
         self.token = token
         self.timeout = timeout
         self.lock_path = lock_path
+        self.artifact_progress = artifact_progress
 
     def __call__(self, item: _Item) -> _Outcome:
         if self.token.cancelled:
@@ -878,6 +881,9 @@ class _Worker:
                     size=pin.size if pin is not None else item.size,
                     timeout=_check_deadline(item, deadline, self.timeout),
                     cancel=self.token,
+                    progress=None
+                    if self.artifact_progress is None
+                    else functools.partial(self.artifact_progress, item.name),
                 )
             except StorageError as exc:
                 # Workaround: the engine removes its empty part directory after each
@@ -1073,6 +1079,7 @@ def sync(
     cache: Cache | StrPath | None = None,
     cancel: CancelToken | None = None,
     progress: SyncProgress | None = None,
+    artifact_progress: Callable[[str, int, int | None], Any] | None = None,
 ) -> SyncResult:
     """Brings `dest` to exactly what the manifest (through the lockfile) pins: all or nothing.
 
@@ -1090,6 +1097,8 @@ def sync(
         cache: a `Cache`, or the root directory of one (None: ``$SUREFETCH_CACHE`` or XDG).
         cancel: a token whose cancellation stops the sync within milliseconds.
         progress: called with (artifacts done, total) on the calling thread.
+        artifact_progress: called with (artifact name, bytes done, total or None) while
+            an artifact downloads, on the thread downloading it (`jobs` run at once).
 
     Returns:
         A `SyncResult`.
@@ -1145,7 +1154,13 @@ def sync(
             staging.mkdir(mode=0o700)
             try:
                 worker = _Worker(
-                    root, staging, _LazyCache(cache), token, timeout_per_item, lock_path
+                    root,
+                    staging,
+                    _LazyCache(cache),
+                    token,
+                    timeout_per_item,
+                    lock_path,
+                    artifact_progress,
                 )
                 outcomes = _fetch_all(items, worker, jobs, progress)
                 _install(root, outcomes, source, error)
