@@ -159,12 +159,11 @@ class SurefetchDownloader:
                 else:
                     result = self._download_into(url, output_file, expected, progress)
             except ChecksumMismatch as exc:
+                what = exc.algorithm.upper() or "hash"
                 raise ValueError(
-                    f"{exc.algorithm.upper() or 'hash'} of the file downloaded from "
-                    f"{redact_url(url)} does "
-                    f"not match the one the pooch registry knows: expected {exc.expected}, got "
-                    f"{exc.actual}; the file may have changed on the server, or the registry "
-                    "may be outdated"
+                    f"{what} of the file downloaded from {redact_url(url)} does not match the "
+                    f"one the pooch registry knows: expected {exc.expected}, got {exc.actual}; "
+                    "the file may have changed on the server, or the registry may be outdated"
                 ) from exc
             progress.finish(result.size)
         return None
