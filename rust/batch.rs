@@ -58,6 +58,19 @@ impl BatchProgress {
         })
     }
 
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Item `index`'s bytes done and total, if known.
+    pub fn item(&self, index: usize) -> (u64, Option<u64>) {
+        self.items.get(index).map_or((0, None), |p| p.get())
+    }
+
     pub fn get(&self) -> Totals {
         let (mut bytes_done, mut bytes_known) = (0, 0);
         for item in &self.items {

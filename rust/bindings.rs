@@ -375,9 +375,13 @@ fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
 /// Downloads many `(url, dest, options)` items, at most `jobs` at a time, on the
 /// one runtime; calls `on_result(index, result_dict_or_exception)` on this thread
 /// as each item is final, and `progress(items_done, items, bytes_done,
-/// bytes_known)` about ten times a second. Durable items are committed in groups.
+/// bytes_known)` about ten times a second, and `item_progress(index, done, total or
+/// None)` for each item whose bytes moved since. Durable items are committed in groups.
 #[pyfunction]
-#[pyo3(signature = (items, *, jobs=8, durable=true, cancel=None, on_result, progress=None))]
+#[pyo3(signature = (
+    items, *, jobs=8, durable=true, cancel=None, on_result, progress=None, item_progress=None
+))]
+#[allow(clippy::too_many_arguments)]
 fn download_many<'py>(
     py: Python<'py>,
     items: Vec<(String, PathBuf, Bound<'py, PyDict>)>,
@@ -386,6 +390,7 @@ fn download_many<'py>(
     cancel: Option<PyRef<'py, CancelToken>>,
     on_result: Bound<'py, PyAny>,
     progress: Option<Bound<'py, PyAny>>,
+    item_progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     if jobs == 0 {
         return Err(PyValueError::new_err("jobs must be at least 1"));
@@ -412,15 +417,28 @@ fn download_many<'py>(
     });
     let mut rx = Some(rx);
     let mut last_report: Option<(Instant, batch::Totals)> = None;
-    let mut report = |py: Python<'_>, last: bool| -> PyResult<()> {
-        let Some(callback) = progress.as_ref() else {
+    let mut items_seen: Vec<(u64, Option<u64>)> = vec![(0, None); shared.len()];
+    let mut report = |last: bool| -> PyResult<()> {
+        if progress.is_none() && item_progress.is_none() {
             return Ok(());
-        };
+        }
         let totals = shared.get();
         let due = last_report
             .is_none_or(|(at, seen)| seen != totals && (last || at.elapsed() >= PROGRESS_INTERVAL));
-        if due {
-            last_report = Some((Instant::now(), totals));
+        if !due {
+            return Ok(());
+        }
+        last_report = Some((Instant::now(), totals));
+        if let Some(callback) = item_progress.as_ref() {
+            for (index, seen) in items_seen.iter_mut().enumerate() {
+                let now = shared.item(index);
+                if now != *seen {
+                    *seen = now;
+                    callback.call1((index, now.0, now.1))?;
+                }
+            }
+        }
+        if let Some(callback) = progress.as_ref() {
             callback.call1((
                 totals.items_done,
                 totals.items,
@@ -428,7 +446,6 @@ fn download_many<'py>(
                 totals.bytes_known,
             ))?;
         }
-        let _ = py;
         Ok(())
     };
     loop {
@@ -453,11 +470,11 @@ fn download_many<'py>(
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 log_engine_notes(py);
-                py.check_signals().and_then(|()| report(py, false))
+                py.check_signals().and_then(|()| report(false))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 log_engine_notes(py);
-                return report(py, true);
+                return report(true);
             }
         };
         if let Err(err) = step {

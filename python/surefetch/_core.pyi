@@ -62,6 +62,7 @@ def download_many(
     cancel: CancelToken | None = None,
     on_result: Callable[[int, dict[str, Any] | BaseException], Any],
     progress: Callable[[int, int, int, int], Any] | None = None,
+    item_progress: Callable[[int, int, int | None], Any] | None = None,
 ) -> None: ...
 def hash_file(
     path: str | PathLike[str], *, sha256: bool = True, cancel: CancelToken | None = None

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from surefetch.download import (
+    BatchProgressCallback,
     CancelToken,
     DownloadItem,
     DownloadResult,
@@ -358,6 +359,8 @@ class Cache:
         cancel: CancelToken | None = None,
         on_result: Callable[[int, CacheEntry | Exception], Any] | None = None,
         on_wait: Callable[[str], None] | None = None,
+        progress: BatchProgressCallback | None = None,
+        item_progress: Callable[[int, int, int | None], Any] | None = None,
         **options: Any,
     ) -> list[CacheEntry | Exception]:
         """`fetch_entry` for many artifacts at once: what is cached is returned at once;
@@ -372,6 +375,8 @@ class Cache:
             cancel: a token whose cancellation stops every download (parts kept).
             on_result: called with (index, entry or exception) as each is final.
             on_wait: see `fetch_entry`.
+            progress, item_progress: the batch's progress and each request's (by its
+                index), as `download_many` reports them.
             options: keyword arguments of `download` (retries, timeouts, headers...).
 
         Returns:
@@ -386,7 +391,16 @@ class Cache:
         self._checked_dirs = set()
         try:
             return self._fetch_many(
-                requests, results, jobs, timeout, cancel, on_result, on_wait, options
+                requests,
+                results,
+                jobs,
+                timeout,
+                cancel,
+                on_result,
+                on_wait,
+                progress,
+                item_progress,
+                options,
             )
         finally:
             self._checked_dirs = None
@@ -400,6 +414,8 @@ class Cache:
         cancel: CancelToken | None,
         on_result: Callable[[int, CacheEntry | Exception], Any] | None,
         on_wait: Callable[[str], None] | None,
+        progress: BatchProgressCallback | None,
+        item_progress: Callable[[int, int, int | None], Any] | None,
         options: dict[str, Any],
     ) -> list[CacheEntry | Exception]:
         def settle(index: int, result: CacheEntry | Exception) -> None:
@@ -436,7 +452,16 @@ class Cache:
                 _write_holder(fd, request.url)
                 batch.append((index, key, expected))
             if batch:
-                self._download_batch(requests, batch, jobs, timeout, cancel, settle, options)
+                per_request = None
+                if item_progress is not None:
+                    report = item_progress
+
+                    def per_request(position: int, done: int, total: int | None) -> None:
+                        report(batch[position][0], done, total)
+
+                self._download_batch(
+                    requests, batch, jobs, timeout, cancel, settle, progress, per_request, options
+                )
         for index in waiting:
             request = requests[index]
             try:
@@ -462,6 +487,8 @@ class Cache:
         timeout: float | None,
         cancel: CancelToken | None,
         settle: Callable[[int, CacheEntry | Exception], None],
+        progress: BatchProgressCallback | None,
+        item_progress: Callable[[int, int, int | None], Any] | None,
         options: dict[str, Any],
     ) -> None:
         """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
@@ -500,6 +527,8 @@ class Cache:
             jobs=jobs,
             cancel=cancel,
             on_result=one,
+            progress=progress,
+            item_progress=item_progress,
             timeout=timeout,
             **options,
         )

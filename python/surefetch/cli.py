@@ -46,9 +46,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: prints `version_line` and exits 0 (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        print(version_line())
+        parser.exit(EXIT_OK)
+
+
+def version_line() -> str:
+    """``surefetch X.Y.Z``; with the native core's version too when it differs from the
+    installed package's (a stale build: both come from Cargo.toml)."""
+    from importlib import metadata
+
+    from surefetch import __version__ as core
+
+    try:
+        package = metadata.version("surefetch")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        package = core
+    if package == core:
+        return f"surefetch {package}"
+    return f"surefetch {package} (its native core is {core}: reinstall surefetch)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="surefetch", description="Downloads that cannot corrupt anything.")
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    parser.add_argument("-V", "--version", action=_VersionAction, help="print the version and exit")
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
@@ -283,7 +317,7 @@ def _run_get(args: argparse.Namespace) -> int:
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
     def action() -> int:
-        with _progress_bar(show_bar) as progress:
+        with _progress_bar(show_bar, _shown_name(args.url[0], args.output)) as progress:
             result = download(
                 args.url[0],
                 args.output,
@@ -425,15 +459,84 @@ def _batch_progress_bar(
         bar.close()
 
 
+def _fit_name(name: str, width: int) -> str:
+    """`name` cut in the middle to at most `width` terminal columns, keeping its end
+    (the extension): ``a_very_long_model_na…-00001.safetensors``."""
+    from tqdm.utils import disp_len
+
+    if disp_len(name) <= width:
+        return name
+    if width < 1:
+        return ""
+    dots = "…" if (sys.stderr.encoding or "").lower().replace("-", "") == "utf8" else "..."
+    head, tail = list(name[: len(name) // 2]), list(name[len(name) // 2 :])
+    while head or tail:
+        text = "".join(head) + dots + "".join(tail)
+        if disp_len(text) <= width:
+            return text
+        # Take from the head twice as often as from the tail: the tail holds the extension.
+        if tail and (not head or len(tail) * 2 > len(head)):
+            tail.pop(0)
+        else:
+            head.pop()
+    return dots[:width]
+
+
+_MIN_NAME_WIDTH = 12
+"""Columns a file name keeps in a narrow terminal, even if the numbers then lose theirs."""
+
+
+def _named_bar(name: str, **kwargs: Any) -> Any:
+    """A tqdm bar on stderr (bytes, rate, ETA) that starts with `name`, the file it is
+    about, shortened in the middle to leave the numbers whole at the terminal's width
+    (followed as it changes). `set_description_str` changes the name."""
+    from tqdm import tqdm
+    from tqdm.utils import disp_len
+
+    class NamedBar(tqdm):  # type: ignore[type-arg]
+        lead = ""  # shown whole before the name, e.g. "3/5 "
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            values = dict(super().format_dict)
+            name, ncols = values.get("prefix") or "", values.get("ncols")
+            if name and ncols:
+                numbers = self.format_meter(**{**values, "prefix": "", "ncols": None})
+                # tqdm writes "PREFIX: " before the numbers.
+                room = ncols - disp_len(numbers) - 2 - disp_len(self.lead)
+                name = _fit_name(name, max(room, _MIN_NAME_WIDTH))
+            values["prefix"] = (self.lead + name).rstrip()
+            return values
+
+    return NamedBar(
+        desc=name,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        **kwargs,
+    )
+
+
+def _shown_name(url: str, output: str | None) -> str:
+    """The name of the file `get` writes: -o's, or the URL's (the server's, with
+    --content-disposition, is known only once it answers)."""
+    from surefetch.download import name_from_url
+
+    if output and not output.endswith(("/", os.sep)) and not os.path.isdir(output):
+        return os.path.basename(output)
+    return name_from_url(url)
+
+
 @contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int | None], None] | None]:
-    """A tqdm bar on stderr (bytes, rate, ETA), or None when not wanted."""
+def _progress_bar(enabled: bool, name: str) -> Iterator[Callable[[int, int | None], None] | None]:
+    """A bar on stderr naming the file (bytes, rate, ETA), or None when not wanted."""
     if not enabled:
         yield None
         return
-    from tqdm import tqdm
-
-    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+    bar = _named_bar(name)
 
     def update(done: int, total: int | None) -> None:
         if total is not None and bar.total != total:
@@ -567,6 +670,12 @@ def _cache_os_error(cache: Any, exc: OSError) -> int:
     )
 
 
+def _name_from_url(url: str) -> str:
+    from surefetch.download import name_from_url
+
+    return name_from_url(url)
+
+
 def _run_fetch(args: argparse.Namespace) -> int:
     cache = _open_cache(args, args.lock_timeout)
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
@@ -577,7 +686,7 @@ def _run_fetch(args: argparse.Namespace) -> int:
 
     def action() -> int:
         try:
-            with _progress_bar(show_bar) as progress:
+            with _progress_bar(show_bar, _name_from_url(args.url)) as progress:
                 entry = cache.fetch_entry(
                     args.url,
                     sha256=args.sha256,
@@ -830,7 +939,7 @@ def _run_sync(args: argparse.Namespace) -> int:
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
     def action() -> int:
-        with _artifact_bar(show_bar) as progress:
+        with _sync_bar(show_bar) as (progress, artifact_progress):
             result = sync(
                 manifest=args.manifest,
                 lock=args.lock,
@@ -843,6 +952,7 @@ def _run_sync(args: argparse.Namespace) -> int:
                 cache=args.cache,
                 link_mode=args.link_mode,
                 progress=progress,
+                artifact_progress=artifact_progress,
             )
         if args.json:
             _print_json(result.to_dict())
@@ -859,21 +969,48 @@ def _run_sync(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _artifact_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on stderr counting artifacts, or None when not wanted."""
+def _sync_bar(
+    enabled: bool,
+) -> Iterator[
+    tuple[Callable[[int, int], None] | None, Callable[[str, int, int | None], None] | None]
+]:
+    """The bar of `sync` on stderr: artifacts done of all, the name of the one that last
+    made progress, then the bytes of all downloads (known total, rate, ETA) like
+    `get`'s. Yields sync's `progress` and `artifact_progress` callbacks (None, None when
+    not wanted); the second is called from several threads."""
     if not enabled:
-        yield None
+        yield None, None
         return
-    from tqdm import tqdm
+    import threading
 
-    bar = tqdm(unit="artifact", file=sys.stderr, leave=False)
+    bar = _named_bar("")
+    lock = threading.Lock()
+    done: dict[str, int] = {}
+    totals: dict[str, int] = {}
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+    def show(name: str | None = None) -> None:
+        if name is not None:
+            bar.set_description_str(name, refresh=False)
+        known = sum(totals.values())
+        if known and bar.total != known:
+            bar.total = known
+        bar.update(sum(done.values()) - bar.n)
+
+    def artifacts(finished: int, total: int) -> None:
+        with lock:
+            bar.lead = f"{finished}/{total} "
+            show()
+            bar.refresh()
+
+    def artifact_bytes(name: str, now: int, total: int | None) -> None:
+        with lock:
+            done[name] = now
+            if total is not None:
+                totals[name] = total
+            show(name)
 
     try:
-        yield update
+        yield artifacts, artifact_bytes
     finally:
         bar.close()
 

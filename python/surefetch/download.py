@@ -405,6 +405,7 @@ def download_many(
     cancel: CancelToken | None = None,
     progress: BatchProgressCallback | None = None,
     on_result: Callable[[int, DownloadResult | Exception], Any] | None = None,
+    item_progress: Callable[[int, int, int | None], Any] | None = None,
     **options: Any,
 ) -> list[DownloadResult | Exception]:
     """Download many URLs into the directory `dest`, at most `jobs` at a time, in one
@@ -421,6 +422,8 @@ def download_many(
         cancel: a token whose cancellation stops every item (their parts kept).
         progress: see `BatchProgressCallback`.
         on_result: called with (index, result or exception) as each item is final.
+        item_progress: called with (index, bytes done, total or None) for each item whose
+            bytes moved, about ten times a second.
         options: keyword arguments of `download` (not `sha256`, `xxh3_128` or `size`,
             which are per item).
 
@@ -480,7 +483,13 @@ def download_many(
             on_result(index, result)
 
     _core.download_many(
-        raw_items, jobs=jobs, durable=durable, cancel=cancel, on_result=collect, progress=progress
+        raw_items,
+        jobs=jobs,
+        durable=durable,
+        cancel=cancel,
+        on_result=collect,
+        progress=progress,
+        item_progress=item_progress,
     )
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

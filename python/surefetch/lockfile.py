@@ -833,6 +833,7 @@ class _Resolver:
         timeout: float | None,
         lock_path: Path,
         link_mode: LinkMode,
+        artifact_progress: Callable[[str, int, int | None], Any] | None = None,
     ) -> None:
         self.root = root
         self.staging = staging
@@ -841,6 +842,7 @@ class _Resolver:
         self.timeout = timeout
         self.lock_path = lock_path
         self.link_mode = link_mode
+        self.artifact_progress = artifact_progress
 
     def run(self, items: list[_Item], jobs: int, progress: SyncProgress | None) -> list[_Outcome]:
         total, done = len(items), 0
@@ -882,8 +884,20 @@ class _Resolver:
             )
             for item in to_fetch
         ]
+        on_bytes = self.artifact_progress
+        per_item = None
+        if on_bytes is not None:
+
+            def per_item(index: int, done: int, total: int | None) -> None:
+                on_bytes(to_fetch[index].name, done, total)
+
         found = self.cache.get().fetch_many(
-            requests, jobs=jobs, timeout=self.timeout, cancel=self.token, on_result=fetched
+            requests,
+            jobs=jobs,
+            timeout=self.timeout,
+            cancel=self.token,
+            on_result=fetched,
+            item_progress=per_item,
         )
         if first:
             raise first[0]
@@ -1068,6 +1082,7 @@ def sync(
     cancel: CancelToken | None = None,
     progress: SyncProgress | None = None,
     link_mode: LinkMode = "auto",
+    artifact_progress: Callable[[str, int, int | None], Any] | None = None,
 ) -> SyncResult:
     """Brings `dest` to exactly what the manifest (through the lockfile) pins: all or nothing.
 
@@ -1089,6 +1104,8 @@ def sync(
             the filesystem can, else a kernel copy), ``reflink``, ``copy`` or
             ``hardlink`` (see `surefetch._fs`: an installed hardlink *is* the cache's
             blob).
+        artifact_progress: called with (artifact name, bytes done, total or None) while
+            artifacts download (about ten times a second, on the calling thread).
 
     Returns:
         A `SyncResult`.
@@ -1146,7 +1163,14 @@ def sync(
             staging.mkdir(mode=0o700)
             try:
                 resolver = _Resolver(
-                    root, staging, _LazyCache(cache), token, timeout_per_item, lock_path, link_mode
+                    root,
+                    staging,
+                    _LazyCache(cache),
+                    token,
+                    timeout_per_item,
+                    lock_path,
+                    link_mode,
+                    artifact_progress,
                 )
                 outcomes = resolver.run(items, jobs, progress)
                 _install(root, outcomes, source, error)

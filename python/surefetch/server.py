@@ -8,6 +8,7 @@ Endpoints (bearer token per user; ``surefetch users add NAME`` makes one)::
     GET  /sessions/{id}          one of yours (404 for anyone else's)  -> 200
     POST /sessions/{id}/cancel   request its cancellation (idempotent) -> 202
     GET  /openapi.json           this API's OpenAPI document
+    GET  /docs, /redoc           the API's pages (Swagger UI, ReDoc), no CDN needed
 
 A missing or unknown token gets 401; another user's session is answered 404, so
 that users cannot even learn it exists. Invalid input gets 422, never 500.
@@ -26,6 +27,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 
 from surefetch.errors import NotOwner, SessionNotFound
@@ -134,10 +136,14 @@ def create_app(store: SessionStore) -> FastAPI:
     Args:
         store: the session store; the app never closes it.
     """
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's files served from the fastapi-offline
+    # package (FastAPI's self-hosting recipe, packaged), not from a CDN: the pages work
+    # on a machine without internet. validatorUrl None: no badge from swagger.io either.
+    app = FastAPIOffline(
         title="surefetch sessions",
         version="1",
         description="Sessions of the surefetch download tool, per user.",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.store = store
 
