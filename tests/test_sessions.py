@@ -389,8 +389,9 @@ def test_two_enforcers_racing_act_once(
 
 
 _UNPRIVILEGED_ENFORCER = """
-import json, os, sys
+import json, logging, os, sys
 from surefetch.sessions import CancellationEnforcer, SessionStore
+logging.basicConfig()  # the library installs no handler: its warnings go where we say
 store = SessionStore(sys.argv[1])
 enforcer = CancellationEnforcer(store, host=sys.argv[2], grace=0.5)
 store.pending_cancellations(sys.argv[2])  # open the pooled connection while still root
