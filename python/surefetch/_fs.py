@@ -138,9 +138,13 @@ def install(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -
 
 
 def fsync_dir(directory: Path) -> None:
-    """fsyncs a directory, so that renames into it survive a power cut."""
+    """fsyncs a directory, so that renames into it survive a power cut (a filesystem
+    that cannot sync a directory, EINVAL, has nothing more to do)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+from surefetch._fs import fsync_dir
 from surefetch.download import (
     BatchProgressCallback,
     CancelToken,
@@ -943,7 +944,7 @@ class Cache:
         directory = self._dir("blobs", "sha256", digest[:2])
         os.rename(tmp, blob)
         if sync:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return blob
 
     def _write_meta(self, digest: str, info: dict[str, Any]) -> None:
@@ -1231,17 +1232,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # some filesystems cannot sync a directory
-            raise
-    finally:
-        os.close(fd)
 
 
 def _newest_mtime(paths: list[Path]) -> float:

@@ -73,7 +73,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Union
 
-from surefetch._fs import LINK_MODES, LinkMode, place
+from surefetch._fs import LINK_MODES, LinkMode, fsync_dir, place
 from surefetch.download import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch.errors import (
     Cancelled,
@@ -554,7 +554,7 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
         finally:
             os.close(fd)
         os.replace(temp, file)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -576,14 +576,6 @@ def _lockfile_mode(file: Path, lock: Lockfile) -> int:
     if any(redact_url(a.url) != a.url for a in lock.artifacts):
         mode &= 0o700
     return mode
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -1047,7 +1039,7 @@ def _install(
             directory = directory.parent
     try:
         for directory in sorted(touched, key=lambda p: -len(p.parts)):
-            _fsync_dir(directory)
+            fsync_dir(directory)
     except OSError as exc:
         raise _storage_error(exc, f"cannot sync the directory {directory}") from exc
 
