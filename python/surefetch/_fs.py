@@ -148,3 +148,43 @@ def fsync_dir(directory: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def try_flock(path: Path, mode: int = 0o644) -> int | None:
+    """An exclusive ``flock`` on the file now at `path`: its descriptor, or None while
+    another holder has it. The file is created (`mode` minus the umask) if missing and
+    never opened through a symlink (``ELOOP``); another user's lock file is opened
+    read-only, which is enough to lock it.
+
+    A holder that unlinks its lock file before releasing it (so that a waiter notices)
+    may leave a waiter locking a file no longer at `path`: only the inode at `path`
+    counts, so the waiter tries again on the new file. This is the one copy of that
+    protocol (the cache's artifact locks, sync's destination lock, the supervisor's
+    socket lock).
+
+    Raises:
+        OSError: the file cannot be opened or created (``FileNotFoundError`` when its
+            directory is gone).
+    """
+    while True:
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, mode)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | flags)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        held = os.fstat(fd)
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)

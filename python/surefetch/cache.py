@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -60,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from surefetch._fs import fsync_dir
+from surefetch._fs import fsync_dir, try_flock
 from surefetch.download import (
     BatchProgressCallback,
     CancelToken,
@@ -993,35 +992,9 @@ class Cache:
 # -- locks ---------------------------------------------------------------------
 
 
-def _open_lock(path: Path) -> int:
-    flags = os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | flags, _FILE_MODE)
-    except PermissionError:  # another user's lock file in a shared cache: locking needs no write
-        return os.open(path, os.O_RDONLY | flags)
-
-
 def _flock_nb(path: Path) -> int | None:
     """A descriptor holding an exclusive flock on the file now at `path`, or None when busy."""
-    while True:
-        fd = _open_lock(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        # The holder may have unlinked the file (clean does): only the inode at `path` counts.
-        ours = os.fstat(fd)
-        try:
-            now = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            now = None
-        if now is not None and (now.st_ino, now.st_dev) == (ours.st_ino, ours.st_dev):
-            return fd
-        os.close(fd)
+    return try_flock(path, _FILE_MODE)
 
 
 @contextlib.contextmanager

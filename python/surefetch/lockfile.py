@@ -73,7 +73,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Union
 
-from surefetch._fs import LINK_MODES, LinkMode, fsync_dir, place
+from surefetch._fs import LINK_MODES, LinkMode, fsync_dir, place, try_flock
 from surefetch.download import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch.errors import (
     Cancelled,
@@ -631,13 +631,11 @@ def _installed_matches(
 @contextlib.contextmanager
 def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
     """Holds an exclusive flock on ``<state>/sync.lock``; removes the file when done."""
-    import fcntl
-
     path = state / "sync.lock"
     deadline = time.monotonic() + _DEST_LOCK_WAIT_S
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = try_flock(path, 0o600)
         except FileNotFoundError:  # a finishing sync removed the empty state dir: recreate
             part_dir(state.parent)
             continue
@@ -650,31 +648,16 @@ def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
                 "files: remove it",
                 str(path),
             ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if cancel.cancelled:
-                raise Cancelled("sync cancelled while waiting for another sync") from None
-            if time.monotonic() > deadline:
-                raise LockTimeout(
-                    f"another surefetch sync has been installing into {state.parent} for "
-                    f"{_DEST_LOCK_WAIT_S:.0f} s; wait for it to finish, or stop it"
-                ) from None
-            time.sleep(_POLL_S)
-            continue
-        except BaseException:
-            os.close(fd)
-            raise
-        held = os.fstat(fd)
-        try:
-            now = os.lstat(path)
-        except FileNotFoundError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
-            os.close(fd)  # the previous holder removed it after we opened it: retry
-            continue
-        break
+        if fd is not None:
+            break
+        if cancel.cancelled:
+            raise Cancelled("sync cancelled while waiting for another sync")
+        if time.monotonic() > deadline:
+            raise LockTimeout(
+                f"another surefetch sync has been installing into {state.parent} for "
+                f"{_DEST_LOCK_WAIT_S:.0f} s; wait for it to finish, or stop it"
+            )
+        time.sleep(_POLL_S)
     try:
         yield
     finally:

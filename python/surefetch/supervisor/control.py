@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import pwd
@@ -32,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from surefetch._fs import try_flock
 from surefetch.errors import SurefetchError
 
 __all__ = ["MAX_LINE", "PROTOCOL", "ControlServer", "error_reply", "peer_user", "request"]
@@ -89,22 +89,19 @@ class ControlServer:
             SurefetchError: another supervisor holds the path, the lock cannot be
                 created, or something other than a socket is at the path.
         """
-        lock_path = str(self.path) + ".lock"
+        lock_path = Path(str(self.path) + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = try_flock(lock_path, 0o600)
         except OSError as exc:
             raise SurefetchError(
                 f"cannot create {lock_path} ({exc.strerror}); choose a --socket in a "
                 "directory you can write"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             raise SurefetchError(
                 f"another supervisor is running on {self.path}; stop it with "
                 f"`surefetch ctl --socket {self.path} shutdown` or choose another --socket"
-            ) from None
+            )
         self._lock_fd = fd
         if self.path.exists() or self.path.is_symlink():
             mode = self.path.lstat().st_mode
