@@ -240,23 +240,22 @@ def test_a_corrupt_kept_part_is_caught_by_the_digest(
 # --- parallel connections -----------------------------------------------------------------
 
 
-def test_n_throttled_connections_beat_one(server: FaultServer, url: str, tmp_path: Path) -> None:
-    slow = url + "?throttle=4000000"  # 4 MB/s per connection: one takes about a second
-    started = time.monotonic()
+def test_n_connections_run_at_once(server: FaultServer, url: str, tmp_path: Path) -> None:
+    # (How much faster they are is measured by bench/parallel.py, not here.)
+    slow = url + "?throttle=4000000"  # 4 MB/s per connection: one unit takes 0.25 s
     one = sf.download(slow, tmp_path / "one", sha256=SHA, connections=1)
-    single = time.monotonic() - started
     server.reset_counters()
-    started = time.monotonic()
     four = sf.download(slow, tmp_path / "four", sha256=SHA, connections=4)
-    parallel = time.monotonic() - started
     assert one.sha256 == four.sha256 == SHA
     assert (tmp_path / "four").read_bytes() == DATA
-    assert server.request_count("model.bin") >= 4
+    assert server.request_count("model.bin") >= 4 and server.connections >= 4
+    # Four requests in flight at once: the first four arrive within one unit's time.
+    starts = sorted(r.time for r in server.requests)
+    assert starts[3] - starts[0] < 0.2, starts
     # The first answer holds the whole file; its connection drops it after its
     # first unit, when one more throttled slice (16 KiB) may be on its way.
     assert four.bytes_transferred == SIZE
     assert SIZE <= server.bytes_sent <= SIZE + 16384
-    assert parallel < 0.6 * single, (single, parallel)
 
 
 ADAPTIVE = payload(32 << 20, seed=9)
