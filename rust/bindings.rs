@@ -42,6 +42,7 @@ impl From<PyEngineError> for PyErr {
             Error::InvalidArgument(_) => PyValueError::new_err(message),
             Error::Http { status, url, .. } => HTTPError::new_err((message, status, url)),
             Error::Network { .. } | Error::SourceChanged { .. } => NetworkError::new_err(message),
+            Error::System { .. } | Error::Internal(_) => SurefetchError::new_err(message),
             Error::Timeout { .. } => DownloadTimeout::new_err(message),
             Error::Cancelled => Cancelled::new_err(message),
             Error::ChecksumMismatch {

@@ -130,7 +130,7 @@ pub async fn download_into(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let job = Job::new(url, final_path, options, cancel, progress)?;
-    let lock = job.paths.lock()?;
+    let lock = job.paths.lock().map_err(Error::before_writing)?;
     let result = job.run_with_retries().await;
     match &result {
         Ok(_) => {}
@@ -681,7 +681,7 @@ impl<'a> Job<'a> {
             try_join_all(workers).await
         };
         if let Err(error) = result {
-            let (part, written) = sink.abort().await;
+            let (part, written, error) = sink.abort(error).await;
             if let Some(part) = part.filter(|_| error.keeps_part()) {
                 let mut checkpoint = Checkpoint {
                     sidecar,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod guard;
 pub mod hash;
 pub mod http;
+pub mod panics;
 pub mod part;
 pub mod ranges;
 pub mod retry;
