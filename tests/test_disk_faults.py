@@ -9,19 +9,24 @@ final path (an existing file there untouched), and no part file on the full disk
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 import surefetch as sf
+from surefetch.lockfile import read_lockfile
 from surefetch.testing import FaultServer
 
 from support import SUREFETCH, leftovers, payload, restore_default_signals
@@ -238,3 +243,137 @@ def test_a_full_disk_raises_storage_error_naming_the_errno_and_path(
     assert "No space left on device (os error 28)" in str(caught.value)
     assert not dest.exists()
     assert engine_files(dest) == []
+
+
+# --- sync: the lockfile, and its directory ----------------------------------------------------
+
+
+def _sync_setup(server: FaultServer, root: Path, count: int = 3, **query: int) -> list[str]:
+    names = [f"a{i}" for i in range(count)]
+    entries = []
+    for i, name in enumerate(names):
+        with contextlib.suppress(ValueError):  # already served
+            server.add(name, payload(200_000 + i, seed=70 + i))
+        entries.append({"name": name, "url": _with_query(server.url_for(name), query)})
+    (root / "surefetch.toml").write_text(tomli_w.dumps({"artifact": entries}))
+    return names
+
+
+def _sync_args(root: Path) -> list[str]:
+    return [
+        "sync",
+        "--manifest",
+        str(root / "surefetch.toml"),
+        "--lock",
+        str(root / "surefetch.lock"),
+        "--dest",
+        str(root / "dest"),
+        "--cache",
+        str(root / "cache"),
+    ]
+
+
+@needs_strace
+def test_sync_says_the_lockfile_is_written_when_its_directory_sync_fails(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    _sync_setup(server, tmp_path)
+    # Only the lockfile's own directory sync touches tmp_path (dest and cache are below).
+    out = run_traced(_sync_args(tmp_path), ["-P", str(tmp_path), "-e", "inject=fsync:error=EIO"])
+    assert out.returncode == 1, out.stderr
+    assert_one_line_error(
+        out,
+        f"the lockfile {tmp_path / 'surefetch.lock'} was written, but its durability is "
+        f"unknown: syncing the directory {tmp_path} failed: Input/output error (os error 5)",
+    )
+    assert read_lockfile(tmp_path / "surefetch.lock").artifacts
+    assert [p.name for p in tmp_path.glob(".surefetch.lock.*")] == []
+
+
+@needs_strace
+def test_sync_says_the_files_are_installed_when_the_destination_sync_fails(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    names = _sync_setup(server, tmp_path)
+    dest = tmp_path / "dest"
+    out = run_traced(_sync_args(tmp_path), ["-P", str(dest), "-e", "inject=fsync:error=EIO"])
+    assert out.returncode == 1, out.stderr
+    assert_one_line_error(out, f"3 artifacts installed in {dest}, but their durability is unknown")
+    assert sorted(p.name for p in dest.iterdir() if p.is_file()) == names
+    # The lockfile matches what is installed: the next sync has nothing to do.
+    again = subprocess.run(
+        [SUREFETCH, *_sync_args(tmp_path), "--locked"], capture_output=True, text=True, timeout=30
+    )
+    assert again.returncode == 0, again.stderr
+
+
+def test_sync_removes_a_temporary_lockfile_a_killed_sync_left(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    _sync_setup(server, tmp_path)
+    stale = tmp_path / ".surefetch.lock.0123456789ab.tmp"
+    stale.write_text("version = 1\n# cut short by SIGKILL")
+    # One that a live writer holds (its flock) stays; so do files that merely look alike.
+    live = tmp_path / ".surefetch.lock.ba9876543210.tmp"
+    live.write_text("being written")
+    unrelated = [
+        tmp_path / ".surefetch.lock.notours.tmp",
+        tmp_path / ".other.lock.0123456789ab.tmp",
+    ]
+    for path in unrelated:
+        path.write_text("not ours")
+    with open(live) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for _ in range(2):  # the second sync changes nothing, and still tidies up
+            out = subprocess.run(
+                [SUREFETCH, *_sync_args(tmp_path)], capture_output=True, text=True, timeout=30
+            )
+            assert out.returncode == 0, out.stderr
+            assert not stale.exists()
+            stale.write_text("another one")
+        assert live.exists()
+    assert all(path.exists() for path in unrelated)
+
+
+@needs_strace
+def test_a_sync_killed_while_writing_the_lockfile_is_tidied_by_the_next(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """SIGKILL while the temporary lockfile exists. The second sync only drops an entry:
+    everything else is installed, so the only fsync it makes is the temporary lockfile's
+    (the first), which is made to take 20 s; the sync is killed during it."""
+    _sync_setup(server, tmp_path, count=3)
+    first = subprocess.run([SUREFETCH, *_sync_args(tmp_path)], capture_output=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    lock = tmp_path / "surefetch.lock"
+    before = lock.read_bytes()
+    _sync_setup(server, tmp_path, count=2)
+    assert STRACE is not None
+    delay = ["-e", "inject=fsync:delay_enter=20000000:when=1"]
+    child = subprocess.Popen(
+        [STRACE, "-I1", "-f", "-qq", "-o", "/dev/null", *delay, SUREFETCH, *_sync_args(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    temps: list[Path] = []
+    try:
+        deadline = time.monotonic() + 15
+        while not temps and time.monotonic() < deadline and child.poll() is None:
+            temps = list(tmp_path.glob(".surefetch.lock.*.tmp"))
+            time.sleep(0.02)
+        time.sleep(0.2)  # well inside the fsync's delay
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    assert temps, "the sync never stalled with its temporary lockfile"
+    assert all(t.exists() for t in temps)
+    assert lock.read_bytes() == before
+    out = subprocess.run(
+        [SUREFETCH, *_sync_args(tmp_path)], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert list(tmp_path.glob(".surefetch.lock.*.tmp")) == []
+    assert len(read_lockfile(lock).artifacts) == 2
