@@ -576,6 +576,8 @@ mod tests {
         let mut kept = RangeSet::new();
         kept.insert(0..BLOCK_SIZE as u64);
         let sink = Sink::start(part, kept, true, 4, None).unwrap();
+        // Before the writer extends the file: a hole would read back as zeros.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut stream = sink.stream(BLOCK_SIZE as u64);
         let err = push_until_refused(&mut stream).await;
         assert!(err.to_string().starts_with("reading back"), "{err}");
