@@ -1,4 +1,4 @@
-"""Disks that fail, under real processes.
+"""Disks that fail, and threads that die, under real processes.
 
 Failures are real: strace makes one chosen system call of a `surefetch` child process
 fail with a chosen errno (``-e inject=pwrite64:error=ENOSPC:when=2``, restricted with
@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pytest
 import tomli_w
@@ -377,3 +379,105 @@ def test_a_sync_killed_while_writing_the_lockfile_is_tidied_by_the_next(
     assert out.returncode == 0, out.stderr
     assert list(tmp_path.glob(".surefetch.lock.*.tmp")) == []
     assert len(read_lockfile(lock).artifacts) == 2
+
+
+# --- threads that cannot start, and threads that die -------------------------------------------
+
+
+@needs_strace
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_a_thread_that_cannot_start_ends_the_call(
+    n: int, server: FaultServer, tmp_path: Path
+) -> None:
+    """EAGAIN from the n-th clone3 (the runtime's workers, then the pipeline threads)."""
+    url = server.add("big.bin", BIG)
+    dest = tmp_path / "big.bin"
+    out = run_traced(["get", url, "-o", str(dest)], ["-e", f"inject=clone3:error=EAGAIN:when={n}"])
+    if out.returncode == 0:  # that clone3 was not needed for the download
+        assert dest.read_bytes() == BIG
+        return
+    assert out.returncode == 1, out.stderr
+    assert_one_line_error(out, "short of memory or processes")
+    assert not dest.exists()
+
+
+@needs_strace
+def test_a_panic_on_a_runtime_thread_ends_sync_instead_of_hanging(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A failing epoll_wait makes tokio's I/O driver panic on a worker thread. The
+    transfers on that worker would never run again: sync used to hang until killed."""
+    _sync_setup(server, tmp_path, count=6, throttle=1_000_000)
+    started = time.monotonic()
+    out = run_traced(
+        [*_sync_args(tmp_path), "--jobs", "4"],
+        ["-e", "inject=epoll_wait:error=EBADF:when=1"],
+        timeout=30,
+    )
+    assert time.monotonic() - started < 20
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "internal error: a thread of surefetch's I/O runtime panicked" in lines[0]
+    assert "unexpected error when polling the I/O driver" in lines[0]
+    assert not (tmp_path / "surefetch.lock").exists()
+    assert not [p for p in (tmp_path / "dest").iterdir() if p.is_file()]
+
+
+def _readline(stream: IO[str], timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no line within {timeout} s"
+    return stream.readline().rstrip("\n")
+
+
+@needs_strace
+def test_after_a_runtime_panic_the_next_call_gets_a_new_runtime(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """One process: a download on a runtime that panicked fails, then (strace detached,
+    so the new runtime's threads are spared) the next download gets a new runtime."""
+    server.add("first.bin", BIG)
+    first = server.url_for("first.bin", throttle=SLOW)
+    second = server.add("second.bin", payload(100_000, seed=3))
+    script = f"""
+import os, sys
+import surefetch as sf
+print(os.getpid(), flush=True)
+try:
+    sf.download({first!r}, {str(tmp_path / "first.bin")!r})
+    print("first: ok", flush=True)
+except sf.SurefetchError as e:
+    print("first:", type(e).__name__, e, flush=True)
+sys.stdin.readline()
+print("second:", sf.download({second!r}, {str(tmp_path / "second.bin")!r}).size, flush=True)
+"""
+    assert STRACE is not None
+    python = str(Path(SUREFETCH).with_name("python"))
+    inject = ["-e", "inject=epoll_wait:error=EBADF:when=1"]
+    tracer = subprocess.Popen(
+        [STRACE, "-I1", "-f", "-qq", "-o", "/dev/null", *inject, python, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert tracer.stdin is not None and tracer.stdout is not None
+    pid, finished = 0, False
+    try:
+        pid = int(_readline(tracer.stdout, 20))
+        first_line = _readline(tracer.stdout, 20)
+        assert first_line.startswith("first: SurefetchError internal error: a thread"), first_line
+        tracer.terminate()  # strace detaches and exits; python goes on untraced
+        tracer.wait(10)
+        tracer.stdin.write("go\n")
+        tracer.stdin.flush()
+        assert _readline(tracer.stdout, 20) == "second: 100000"
+        finished = True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(tracer.pid, signal.SIGKILL)
+        if pid and not finished:  # detached from strace, it is no longer in that group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        tracer.wait()
