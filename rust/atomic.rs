@@ -9,23 +9,24 @@ use crate::error::{Error, Result};
 /// when `durable`, fsyncs the directory so the new name survives a power loss.
 /// A rename across filesystems fails with `EXDEV`: there is no fallback to a copy,
 /// which could leave a partial file at the final path.
+///
+/// When only the directory sync fails, the file *is* at `final_path`: the error
+/// says so (`Left::Installed`) rather than claim the destination was untouched.
 pub fn persist(part: &Path, final_path: &Path, durable: bool) -> Result<()> {
     fs::rename(part, final_path).map_err(|e| Error::storage("renaming into", final_path, e))?;
     if durable {
-        sync_parent(final_path)?;
+        sync_parent(final_path).map_err(|e| Error::not_durable(final_path, e))?;
     }
     Ok(())
 }
 
 /// fsyncs the directory holding `path`.
-pub fn sync_parent(path: &Path) -> Result<()> {
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::storage("syncing the directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 #[cfg(test)]

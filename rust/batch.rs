@@ -220,7 +220,8 @@ fn commit(group: Vec<(usize, Outcome, Staged)>) -> Vec<ItemResult> {
         for (index, outcome) in items {
             let result = match &synced {
                 Ok(()) => Ok(outcome),
-                Err(e) => Err(Error::storage("syncing the directory", &dir, same_error(e))),
+                // The file is in place, whole and verified; only its durability is unknown.
+                Err(e) => Err(Error::not_durable(&outcome.path, same_error(e))),
             };
             results.push((index, result));
         }

@@ -2,9 +2,9 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -16,8 +16,10 @@ use crate::cancel;
 use crate::download::{download_into, Options, Outcome, Progress};
 use crate::error::{Error, TimeoutKind};
 use crate::hash;
+use crate::http;
 use crate::journal;
 use crate::names;
+use crate::panics::{self, Caught};
 use crate::part;
 use crate::retry::Backoff;
 
@@ -58,6 +60,7 @@ impl From<PyEngineError> for PyErr {
                 };
                 DownloadTimeout::new_err((message, kind))
             }
+            Error::System { .. } | Error::Internal(_) => SurefetchError::new_err(message),
             Error::Cancelled => Cancelled::new_err(message),
             Error::ChecksumMismatch {
                 algorithm,
@@ -77,15 +80,90 @@ impl From<PyEngineError> for PyErr {
     }
 }
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("surefetch-io")
-            .build()
-            .expect("start the surefetch I/O runtime")
-    })
+/// The process's one I/O runtime, and its generation.
+struct Runtime {
+    runtime: tokio::runtime::Runtime,
+    generation: u64,
+}
+
+/// The runtime, built on first use; rebuilt when a panic broke the current one
+/// (see `panics`), after the calls on it have failed.
+fn runtime() -> PyResult<(tokio::runtime::Handle, u64)> {
+    static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
+    static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+    let mut current = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rt) = current.as_ref() {
+        if panics::runtime_panic(rt.generation).is_none() {
+            return Ok((rt.runtime.handle().clone(), rt.generation));
+        }
+    }
+    if let Some(broken) = current.take() {
+        // Drops its tasks without waiting for them (a dead worker never would).
+        broken.runtime.shutdown_background();
+        // Their connections belonged to the old runtime's I/O driver.
+        http::forget_clients();
+    }
+    panics::install_hook();
+    let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+    let runtime = start_runtime(generation).map_err(|e| {
+        SurefetchError::new_err(format!(
+            "could not start surefetch's I/O runtime: {e}; the system is short of memory or processes: retry later"
+        ))
+    })?;
+    let handle = runtime.handle().clone();
+    *current = Some(Runtime {
+        runtime,
+        generation,
+    });
+    Ok((handle, generation))
+}
+
+/// Builds runtime `generation` and waits until every worker thread runs.
+///
+/// tokio cannot always start its threads and say so: when the OS refuses one
+/// (EAGAIN), tokio queues that worker behind the running ones, forever (tasks
+/// handed to it would never run); or it panics, and unwinding then waits for the
+/// workers already started, which nobody stops. So the build runs on a helper
+/// thread that is given up on (and leaked) when it does not return in time.
+fn start_runtime(generation: u64) -> Result<tokio::runtime::Runtime, String> {
+    const START_WITHIN: Duration = Duration::from_secs(5);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&started);
+    let (built_tx, built_rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("surefetch-start".into())
+        .spawn(move || {
+            let built = panics::catch_text(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .enable_all()
+                    .thread_name(panics::RUNTIME_THREAD)
+                    .on_thread_start(move || {
+                        panics::on_runtime_thread(generation);
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .build()
+            });
+            let _ = built_tx.send(built);
+        })
+        .map_err(|e| format!("could not start a thread: {e}"))?;
+    let deadline = Instant::now() + START_WITHIN;
+    let runtime = match built_rx.recv_timeout(START_WITHIN) {
+        Ok(Ok(Ok(runtime))) => runtime,
+        Ok(Ok(Err(e))) => return Err(e.to_string()),
+        Ok(Err(panic)) => return Err(panic),
+        Err(_) => return Err("its worker threads could not all be started".into()),
+    };
+    while started.load(Ordering::Relaxed) < workers {
+        if Instant::now() > deadline {
+            let running = started.load(Ordering::Relaxed);
+            runtime.shutdown_background();
+            return Err(format!("only {running} of its {workers} threads started"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(runtime)
 }
 
 /// Runs `work` on the runtime without the GIL, waking every `POLL` to run Python's
@@ -101,9 +179,11 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
 {
+    let (runtime, generation) = runtime()?;
     let (tx, rx) = mpsc::sync_channel(1);
-    runtime().spawn(async move {
-        let _ = tx.send(work.await);
+    runtime.spawn(async move {
+        // A panic in the transfer ends it with an internal error (and drops it).
+        let _ = tx.send(Caught::new("the transfer", work).await);
     });
     let mut reporter = progress.map(|(callback, progress)| Reporter::new(callback, progress));
     // `Receiver` is `Send` but not `Sync`: it moves into the GIL-free closure and back.
@@ -128,6 +208,12 @@ where
                     reporter.report(true)?;
                 }
                 return Ok(value);
+            }
+            Err(_) if panics::runtime_panic(generation).is_some() => {
+                // The runtime lost a thread: this transfer may never be polled again.
+                token.cancel();
+                let text = panics::runtime_panic(generation).unwrap_or_default();
+                return Err(PyEngineError(panics::broken_runtime(&text)).into());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 log_engine_notes(py);
@@ -412,8 +498,14 @@ fn download_many<'py>(
     let shared = batch::BatchProgress::new(items.len());
     let (tx, rx) = mpsc::channel();
     let (task_token, task_progress) = (token.clone(), Arc::clone(&shared));
-    runtime().spawn(async move {
-        batch::download_batch(items, jobs, durable, task_token, task_progress, tx).await;
+    let (runtime, generation) = runtime()?;
+    runtime.spawn(async move {
+        // A panic ends the batch: the items without a result are reported as such.
+        let batch = async move {
+            batch::download_batch(items, jobs, durable, task_token, task_progress, tx).await;
+            Ok(())
+        };
+        let _ = Caught::new("the batch", batch).await;
     });
     let mut rx = Some(rx);
     let mut last_report: Option<(Instant, batch::Totals)> = None;
@@ -470,6 +562,11 @@ fn download_many<'py>(
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 log_engine_notes(py);
+                if let Some(text) = panics::runtime_panic(generation) {
+                    // The runtime lost a thread: the batch may never be polled again.
+                    token.cancel();
+                    return Err(PyEngineError(panics::broken_runtime(&text)).into());
+                }
                 py.check_signals().and_then(|()| report(false))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -519,10 +616,25 @@ fn hash_file(
     };
     let task_token = token.clone();
     let work = async move {
-        tokio::task::spawn_blocking(move || hash::hash_file(&path, sha256, &task_token))
-            .await
-            // A panic surfaces as run_blocking's "task stopped without a result".
-            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
+        // A thread of its own rather than tokio's blocking pool, which panics
+        // when it cannot start a thread: here that is an error like any other.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let started = std::thread::Builder::new()
+            .name("surefetch-hash".into())
+            .spawn(move || {
+                let hashed =
+                    panics::catch("hashing", || hash::hash_file(&path, sha256, &task_token));
+                let _ = done_tx.send(hashed);
+            });
+        match started {
+            Ok(_) => done_rx
+                .await
+                .unwrap_or_else(|_| Err(Error::internal("the hashing thread stopped"))),
+            Err(source) => Err(Error::System {
+                what: "start a hashing thread",
+                source,
+            }),
+        }
     };
     // The inner result carries file errors out as plain OSErrors, as open() raises them.
     let digests =

@@ -78,7 +78,7 @@ async fn fetch_verified(
     let started = Instant::now();
     let mut job = Job::new(url, final_path, options, cancel, progress)?;
     job.defer_commit = defer_commit;
-    let lock = job.paths.lock()?;
+    let lock = job.paths.lock().map_err(Error::before_writing)?;
     let result = job.run_with_retries().await;
     let not_modified = matches!(result, Err(Error::NotModified));
     let result = match result {

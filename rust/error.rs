@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -47,11 +47,13 @@ pub enum Error {
         expected: u64,
         actual: u64,
     },
-    /// A local filesystem operation failed (ENOSPC, EIO, EXDEV, EACCES...).
+    /// A local filesystem operation failed (ENOSPC, EIO, EXDEV, EACCES...);
+    /// `left` says what that failure left on disk, so the message can tell the truth.
     Storage {
         operation: &'static str,
         path: PathBuf,
         source: io::Error,
+        left: Left,
     },
     /// The file on the server changed during the transfer (validator, size or
     /// range support differ): the transfer starts over rather than mix versions.
@@ -74,6 +76,28 @@ pub enum Error {
     Busy {
         path: PathBuf,
     },
+    /// The system refused a resource the transfer needs (a thread: EAGAIN, ENOMEM).
+    /// Nothing is wrong with the download: its part file is kept.
+    System {
+        what: &'static str,
+        source: io::Error,
+    },
+    /// A bug (a panic, a broken invariant), reported as such; the part is kept.
+    Internal(String),
+}
+
+/// What a failed storage operation leaves on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// It failed during the transfer: the part file and its sidecar are removed
+    /// (`download_into` discards them) and the destination is untouched.
+    PartRemoved,
+    /// It failed before anything was written: the destination and any part file
+    /// of an earlier call are as they were.
+    Untouched,
+    /// The verified file was renamed to `path`; only its durability is unknown
+    /// (syncing the directory failed).
+    Installed,
 }
 
 impl Error {
@@ -84,16 +108,47 @@ impl Error {
         }
     }
 
-    /// A bug, reported as such (a non-retryable network error, so the part is kept).
+    /// A bug, reported as such (the part is kept).
     pub fn internal(what: &str) -> Self {
-        Error::network(format!("internal error: {what}; please report this"), false)
+        Error::Internal(format!("internal error: {what}; please report this"))
     }
 
+    /// A storage failure during the transfer (the part is then removed).
     pub fn storage(operation: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Storage {
             operation,
             path: path.into(),
             source,
+            left: Left::PartRemoved,
+        }
+    }
+
+    /// The file is at `final_path`, but syncing its directory failed.
+    pub fn not_durable(final_path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Storage {
+            operation: "syncing the directory of",
+            path: final_path.into(),
+            source,
+            left: Left::Installed,
+        }
+    }
+
+    /// This error, marked as having happened before anything was written (a
+    /// storage error from taking the lock, creating the part directory...).
+    pub fn before_writing(self) -> Self {
+        match self {
+            Error::Storage {
+                operation,
+                path,
+                source,
+                ..
+            } => Error::Storage {
+                operation,
+                path,
+                source,
+                left: Left::Untouched,
+            },
+            other => other,
         }
     }
 
@@ -116,7 +171,84 @@ impl Error {
                 | Error::Timeout { .. }
                 | Error::Http { .. }
                 | Error::Unusable { .. }
+                | Error::System { .. }
+                | Error::Internal(_)
         )
+    }
+}
+
+/// An `io::Error` with the same errno (or kind) and text; `io::Error` is not `Clone`.
+fn copy_io(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// A stage's error is shown to every connection that ran into its closed queue.
+impl Clone for Error {
+    fn clone(&self) -> Self {
+        match self {
+            Error::InvalidArgument(message) => Error::InvalidArgument(message.clone()),
+            Error::Http {
+                status,
+                url,
+                retry_after,
+            } => Error::Http {
+                status: *status,
+                url: url.clone(),
+                retry_after: *retry_after,
+            },
+            Error::Network { message, retryable } => Error::Network {
+                message: message.clone(),
+                retryable: *retryable,
+            },
+            Error::Timeout { kind, after } => Error::Timeout {
+                kind: *kind,
+                after: *after,
+            },
+            Error::Cancelled => Error::Cancelled,
+            Error::ChecksumMismatch {
+                algorithm,
+                expected,
+                actual,
+            } => Error::ChecksumMismatch {
+                algorithm,
+                expected: expected.clone(),
+                actual: actual.clone(),
+            },
+            Error::SizeMismatch { expected, actual } => Error::SizeMismatch {
+                expected: *expected,
+                actual: *actual,
+            },
+            Error::Storage {
+                operation,
+                path,
+                source,
+                left,
+            } => Error::Storage {
+                operation,
+                path: path.clone(),
+                source: copy_io(source),
+                left: *left,
+            },
+            Error::SourceChanged { url, detail } => Error::SourceChanged {
+                url: url.clone(),
+                detail: detail.clone(),
+            },
+            Error::Busy { path } => Error::Busy { path: path.clone() },
+            Error::Unusable { url, detail, unit } => Error::Unusable {
+                url: url.clone(),
+                detail: detail.clone(),
+                unit: *unit,
+            },
+            Error::NotModified => Error::NotModified,
+            Error::System { what, source } => Error::System {
+                what,
+                source: copy_io(source),
+            },
+            Error::Internal(message) => Error::Internal(message.clone()),
+        }
     }
 }
 
@@ -172,25 +304,33 @@ impl fmt::Display for Error {
                 operation,
                 path,
                 source,
+                left,
             } => {
-                let hint = match source.raw_os_error() {
-                    Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
-                        "free space on that filesystem and retry"
+                let hint = storage_hint(operation, source);
+                match left {
+                    Left::Installed => {
+                        let dir = match path.parent() {
+                            Some(p) if !p.as_os_str().is_empty() => p,
+                            _ => Path::new("."),
+                        };
+                        write!(
+                            f,
+                            "installed at {}, but its durability is unknown: syncing the directory {} failed: {source}; the file is whole and verified, but a crash or power loss could still undo its rename: {hint}",
+                            path.display(),
+                            dir.display()
+                        )
                     }
-                    Some(libc::EXDEV) => {
-                        "the part directory is on another filesystem than the destination; surefetch never falls back to a copy: make .surefetch/ live on the destination's filesystem"
-                    }
-                    Some(libc::EIO) => "the device reported an I/O error: check the disk",
-                    Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
-                        "check the permissions of the destination directory"
-                    }
-                    _ => "check the destination",
-                };
-                write!(
-                    f,
-                    "{operation} {} failed: {source}; the part file was removed and the destination left untouched: {hint}",
-                    path.display()
-                )
+                    Left::PartRemoved => write!(
+                        f,
+                        "{operation} {} failed: {source}; the part file was removed and the destination left untouched: {hint}",
+                        path.display()
+                    ),
+                    Left::Untouched => write!(
+                        f,
+                        "{operation} {} failed: {source}; nothing was written and the destination was left untouched: {hint}",
+                        path.display()
+                    ),
+                }
             }
             Error::Unusable { url, detail, .. } => write!(
                 f,
@@ -206,7 +346,27 @@ impl fmt::Display for Error {
                 "another process is downloading to {} right now: wait for it to finish or stop it",
                 path.display()
             ),
+            Error::System { what, source } => write!(
+                f,
+                "could not {what}: {source}; the system is short of memory or processes: retry later, or use fewer parallel jobs"
+            ),
+            Error::Internal(message) => f.write_str(message),
         }
+    }
+}
+
+fn storage_hint(operation: &str, source: &io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => "free space on that filesystem and retry",
+        Some(libc::EXDEV) if operation == "renaming into" => {
+            "the part directory is on another filesystem than the destination; surefetch never falls back to a copy: make .surefetch/ live on the destination's filesystem"
+        }
+        Some(libc::EXDEV) => "a rename crossed filesystems: check what is mounted there",
+        Some(libc::EIO) => "the device reported an I/O error: check the disk",
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+            "check the permissions of the destination directory"
+        }
+        _ => "check the destination",
     }
 }
 
@@ -247,5 +407,39 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("free space"), "{text}");
         assert!(text.contains("/x/.surefetch/f.part"), "{text}");
+    }
+
+    #[test]
+    fn storage_messages_tell_what_is_on_disk() {
+        let eio = || io::Error::from_raw_os_error(libc::EIO);
+        let removed = Error::storage("writing", "/x/.surefetch/f.part", eio()).to_string();
+        assert!(removed.contains("part file was removed"), "{removed}");
+        assert!(removed.contains("destination left untouched"), "{removed}");
+        let early = Error::storage("locking", "/x/.surefetch/f.lock", eio())
+            .before_writing()
+            .to_string();
+        assert!(early.contains("nothing was written"), "{early}");
+        assert!(!early.contains("removed"), "{early}");
+        let installed = Error::not_durable("/x/f", eio()).to_string();
+        assert!(
+            installed.starts_with(
+                "installed at /x/f, but its durability is unknown: syncing the directory /x failed: Input/output error (os error 5)"
+            ),
+            "{installed}"
+        );
+        assert!(!installed.contains("untouched"), "{installed}");
+    }
+
+    #[test]
+    fn a_clone_keeps_the_errno_and_the_text() {
+        let e = Error::storage("writing", "/p", io::Error::from_raw_os_error(libc::ENOSPC));
+        let copy = e.clone();
+        assert_eq!(copy.to_string(), e.to_string());
+        let Error::Storage { source, .. } = copy else {
+            panic!("{copy}")
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::ENOSPC));
+        let eof = Error::storage("reading back", "/p", io::ErrorKind::UnexpectedEof.into());
+        assert_eq!(eof.clone().to_string(), eof.to_string());
     }
 }

@@ -2,7 +2,7 @@
 //! followed by hand so that every hop is checked (scheme, downgrade, credentials).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,6 +21,14 @@ const CREDENTIAL_HEADERS: [HeaderName; 3] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// The shared HTTP clients, by connect timeout.
+static CLIENTS: Mutex<Option<HashMap<Duration, Client>>> = Mutex::new(None);
+
+/// Drops every shared client (their connections belong to a runtime that is gone).
+pub fn forget_clients() {
+    *CLIENTS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
 /// The shared HTTP client (one per connect timeout, so connections are reused
 /// across calls) and the connect timeout it was built with.
 #[derive(Clone)]
@@ -31,11 +39,8 @@ pub struct Http {
 
 impl Http {
     pub fn shared(connect_timeout: Duration) -> Result<Self> {
-        static CLIENTS: OnceLock<Mutex<HashMap<Duration, Client>>> = OnceLock::new();
-        let mut clients = CLIENTS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+        let clients = clients.get_or_insert_with(Default::default);
         let client = match clients.get(&connect_timeout) {
             Some(client) => client.clone(),
             None => {

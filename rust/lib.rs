@@ -14,6 +14,7 @@ pub mod http;
 pub mod journal;
 pub mod names;
 pub mod options;
+pub mod panics;
 pub mod part;
 pub mod ranges;
 pub mod response;

@@ -12,6 +12,11 @@
 //! So one connection streams straight through, parallel connections need no
 //! second read while they stay near the frontier, and a resumed file's kept
 //! prefix is re-hashed from disk while the rest downloads.
+//!
+//! When a stage fails (a full disk, an I/O error, a panic), its error is kept in
+//! a slot shared by the whole sink *before* its queue closes; whoever then finds
+//! a queue closed (a connection, the writer, `finish`, `abort`) reports that
+//! error, never a vague "a stage stopped".
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -28,6 +33,7 @@ use crate::buffer::{self, Block, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{Sha256Hasher, Xxh3Hasher};
+use crate::panics;
 use crate::part::{PartFile, Sidecar};
 use crate::ranges::RangeSet;
 
@@ -58,14 +64,37 @@ pub struct Checkpoint {
 
 type Job = (Block, u64);
 
+/// The first error of any stage, recorded before that stage's queue closes.
+#[derive(Default)]
+struct FirstError(Mutex<Option<Error>>);
+
+impl FirstError {
+    fn record(&self, error: &Error) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(error.clone());
+        }
+    }
+
+    fn get(&self) -> Option<Error> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The error of the stage that stopped (`stage` names it if none was recorded).
+    fn stopped(&self, stage: &str) -> Error {
+        self.get().unwrap_or_else(|| stage_stopped(stage))
+    }
+}
+
 /// The running stages of one transfer.
 pub struct Sink {
     input: mpsc::Sender<Job>,
     written: Arc<Mutex<RangeSet>>,
     stop: Arc<AtomicBool>,
+    failed: Arc<FirstError>,
     writer: oneshot::Receiver<Result<PartFile>>,
     hasher: oneshot::Receiver<Result<(u64, Option<String>)>>,
-    xxh: oneshot::Receiver<String>,
+    xxh: oneshot::Receiver<Result<String>>,
 }
 
 impl Sink {
@@ -83,14 +112,25 @@ impl Sink {
         let reader = File::open(&path).map_err(|e| Error::storage("opening", &path, e))?;
         let written = Arc::new(Mutex::new(kept.clone()));
         let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(FirstError::default());
         let (input, writer_rx) = mpsc::channel::<Job>(QUEUE);
         let (hasher_tx, hasher_rx) = mpsc::channel::<Job>(QUEUE);
         let (xxh_tx, xxh_rx) = mpsc::channel::<Block>(QUEUE);
+        // If a later stage cannot start, `input` is dropped with this function's
+        // frame, and the stages already running end on their closed queues.
         let writer = {
             let written = Arc::clone(&written);
-            spawn_stage("surefetch-writer", move || {
-                write_blocks(part, writer_rx, hasher_tx, &written, checkpoint)
-            })
+            let stop = Arc::clone(&stop);
+            let seen = Arc::clone(&failed);
+            spawn_stage("writer", writer_rx, &failed, move |input| {
+                let mut writer = Writer {
+                    part,
+                    output: hasher_tx,
+                    checkpoint,
+                };
+                writer.run(input, &written, &stop, &seen)?;
+                Ok(writer.part)
+            })?
         };
         let hasher = {
             let stop = Arc::clone(&stop);
@@ -105,13 +145,14 @@ impl Sink {
                 output: xxh_tx,
                 stop,
             };
-            spawn_stage("surefetch-sha256", move || order.run(hasher_rx))
+            spawn_stage("sha256", hasher_rx, &failed, move |input| order.run(input))?
         };
-        let xxh = spawn_stage("surefetch-xxh3", move || hash_xxh3(xxh_rx));
+        let xxh = spawn_stage("xxh3", xxh_rx, &failed, |input| Ok(hash_xxh3(input)))?;
         Ok(Self {
             input,
             written,
             stop,
+            failed,
             writer,
             hasher,
             xxh,
@@ -122,6 +163,7 @@ impl Sink {
     pub fn stream(&self, offset: u64) -> RangeStream {
         RangeStream {
             input: self.input.clone(),
+            failed: Arc::clone(&self.failed),
             current: None,
             offset,
             opened: Instant::now(),
@@ -133,15 +175,21 @@ impl Sink {
     pub async fn finish(self) -> Result<SinkOutput> {
         let Sink {
             input,
+            failed,
             writer,
             hasher,
             xxh,
             ..
         } = self;
         drop(input);
-        let part = writer.await.map_err(|_| stage_stopped("writer"))??;
-        let (len, sha256) = hasher.await.map_err(|_| stage_stopped("hashing"))??;
-        let xxh3_128 = xxh.await.map_err(|_| stage_stopped("hashing"))?;
+        let part = writer.await.map_err(|_| failed.stopped("writer"))??;
+        let (len, sha256) = hasher.await.map_err(|_| failed.stopped("sha256"))??;
+        let xxh3_128 = xxh.await.map_err(|_| failed.stopped("xxh3"))??;
+        // A stage can fail after handing on what it had (the SHA-256 stage after
+        // the writer finished, say): the first failure still wins.
+        if let Some(error) = failed.get() {
+            return Err(error);
+        }
         Ok(SinkOutput {
             part,
             len,
@@ -151,12 +199,15 @@ impl Sink {
     }
 
     /// Stops hashing, writes what the streams handed over, and returns the part
-    /// file (if the writer survived) with the ranges that are on disk.
-    pub async fn abort(self) -> (Option<PartFile>, RangeSet) {
+    /// file (if the writer survived) with the ranges that are on disk, and the
+    /// error to report: a stage's own failure wins over `error`, what the
+    /// connections saw (a closed queue, or a network error racing a full disk).
+    pub async fn abort(self, error: Error) -> (Option<PartFile>, RangeSet, Error) {
         self.stop.store(true, Ordering::Relaxed);
         let Sink {
             input,
             written,
+            failed,
             writer,
             hasher,
             ..
@@ -165,7 +216,7 @@ impl Sink {
         let part = writer.await.ok().and_then(Result::ok);
         let _ = hasher.await;
         let written = written.lock().map(|w| w.clone()).unwrap_or_default();
-        (part, written)
+        (part, written, failed.get().unwrap_or(error))
     }
 }
 
@@ -173,6 +224,7 @@ impl Sink {
 /// of the file (so writes stay aligned for `O_DIRECT`).
 pub struct RangeStream {
     input: mpsc::Sender<Job>,
+    failed: Arc<FirstError>,
     current: Option<Block>,
     /// File offset of the current block's first byte.
     offset: u64,
@@ -216,7 +268,7 @@ impl RangeStream {
         self.input
             .send((block, offset))
             .await
-            .map_err(|_| stage_stopped("writer"))
+            .map_err(|_| self.failed.stopped("writer"))
     }
 
     async fn hand_off(&mut self, guard: &Guard) -> Result<()> {
@@ -227,7 +279,7 @@ impl RangeStream {
         let offset = self.offset;
         self.offset += len;
         if guard.wait(self.input.send((block, offset))).await?.is_err() {
-            return Err(stage_stopped("writer"));
+            return Err(self.failed.stopped("writer"));
         }
         Ok(())
     }
@@ -241,59 +293,89 @@ impl Drop for RangeStream {
     }
 }
 
-/// A pipeline thread ended without its result: the writer failed (its error is
-/// reported by `finish`) or there is a bug.
+/// A pipeline thread ended without recording an error: a bug.
 fn stage_stopped(stage: &str) -> Error {
     Error::internal(&format!("the {stage} thread stopped unexpectedly"))
 }
 
-/// Runs one pipeline stage on its own thread; its result arrives on the receiver.
-fn spawn_stage<T: Send + 'static>(
-    name: &str,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> oneshot::Receiver<T> {
+/// Runs one pipeline stage on its own thread, reading `input`; its result
+/// arrives on the receiver. A failure (an error or a panic) is recorded in
+/// `failed` *before* `input` is dropped, so that whoever finds the queue closed
+/// finds the reason too. Fails, instead of panicking, when the thread cannot
+/// be started (EAGAIN: too many threads, or no memory for its stack).
+fn spawn_stage<I: Send + 'static, T: Send + 'static>(
+    stage: &'static str,
+    mut input: I,
+    failed: &Arc<FirstError>,
+    work: impl FnOnce(&mut I) -> Result<T> + Send + 'static,
+) -> Result<oneshot::Receiver<Result<T>>> {
     let (done_tx, done_rx) = oneshot::channel();
+    let failed = Arc::clone(failed);
     thread::Builder::new()
-        .name(name.into())
+        .name(format!("surefetch-{stage}"))
         .spawn(move || {
-            let _ = done_tx.send(work());
+            let result = panics::catch(&format!("the {stage} thread"), || work(&mut input));
+            if let Err(error) = &result {
+                failed.record(error);
+            }
+            drop(input);
+            let _ = done_tx.send(result);
         })
-        .expect("spawn a pipeline thread");
-    done_rx
+        .map_err(|source| Error::System {
+            what: "start a pipeline thread",
+            source,
+        })?;
+    Ok(done_rx)
 }
 
-fn write_blocks(
-    mut part: PartFile,
-    mut input: mpsc::Receiver<Job>,
+/// The writer stage: writes blocks at their offsets, records them as written,
+/// hands them on to hashing, and checkpoints.
+struct Writer {
+    part: PartFile,
     output: mpsc::Sender<Job>,
-    written: &Mutex<RangeSet>,
-    mut checkpoint: Option<Checkpoint>,
-) -> Result<PartFile> {
-    let mut since_checkpoint = 0u64;
-    let mut last_checkpoint = Instant::now();
-    while let Some((block, offset)) = input.blocking_recv() {
-        let len = block.len() as u64;
-        if let Err(e) = part.write_at(block.as_slice(), offset) {
-            buffer::recycle(block);
-            return Err(e);
-        }
-        if let Ok(mut written) = written.lock() {
-            written.insert(offset..offset + len);
-        }
-        if let Err(returned) = output.blocking_send((block, offset)) {
-            buffer::recycle(returned.0 .0);
-        }
-        since_checkpoint += len;
-        if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            if let Some(checkpoint) = checkpoint.as_mut() {
-                let ranges = written.lock().map(|w| w.clone()).unwrap_or_default();
-                record(&part, checkpoint, &ranges)?;
+    checkpoint: Option<Checkpoint>,
+}
+
+impl Writer {
+    fn run(
+        &mut self,
+        input: &mut mpsc::Receiver<Job>,
+        written: &Mutex<RangeSet>,
+        stop: &AtomicBool,
+        failed: &FirstError,
+    ) -> Result<()> {
+        let mut since_checkpoint = 0u64;
+        let mut last_checkpoint = Instant::now();
+        while let Some((block, offset)) = input.blocking_recv() {
+            let len = block.len() as u64;
+            if let Err(e) = self.part.write_at(block.as_slice(), offset) {
+                buffer::recycle(block);
+                return Err(e);
             }
-            since_checkpoint = 0;
-            last_checkpoint = Instant::now();
+            if let Ok(mut written) = written.lock() {
+                written.insert(offset..offset + len);
+            }
+            if let Err(returned) = self.output.blocking_send((block, offset)) {
+                buffer::recycle(returned.0 .0);
+                // Hashing stopped: the transfer cannot finish, so stop taking its
+                // bytes (unless it is being aborted and only kept for a resume).
+                if !stop.load(Ordering::Relaxed) {
+                    return Err(failed.stopped("sha256"));
+                }
+            }
+            since_checkpoint += len;
+            if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+            {
+                if let Some(checkpoint) = self.checkpoint.as_mut() {
+                    let ranges = written.lock().map(|w| w.clone()).unwrap_or_default();
+                    record(&self.part, checkpoint, &ranges)?;
+                }
+                since_checkpoint = 0;
+                last_checkpoint = Instant::now();
+            }
         }
+        Ok(())
     }
-    Ok(part)
 }
 
 /// Makes the data durable, then lets the sidecar claim it: a sidecar never names
@@ -324,7 +406,7 @@ struct InOrder {
 }
 
 impl InOrder {
-    fn run(mut self, mut input: mpsc::Receiver<Job>) -> Result<(u64, Option<String>)> {
+    fn run(mut self, input: &mut mpsc::Receiver<Job>) -> Result<(u64, Option<String>)> {
         loop {
             self.advance()?;
             let Some((block, offset)) = input.blocking_recv() else {
@@ -422,11 +504,88 @@ impl std::io::Read for OffsetReader<'_> {
     }
 }
 
-fn hash_xxh3(mut input: mpsc::Receiver<Block>) -> String {
+fn hash_xxh3(input: &mut mpsc::Receiver<Block>) -> String {
     let mut xxh = Xxh3Hasher::default();
     while let Some(block) = input.blocking_recv() {
         xxh.update(block.as_slice());
         buffer::recycle(block);
     }
     xxh.finish_hex()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cancel::CancelToken;
+
+    fn sidecar() -> Sidecar {
+        Sidecar {
+            version: Sidecar::VERSION,
+            url: "http://h/x".into(),
+            etag: Some("\"e\"".into()),
+            last_modified: None,
+            size: None,
+            ranges_done: Vec::new(),
+        }
+    }
+
+    /// Pushes blocks (pausing past the checkpoint interval) until the sink refuses one.
+    async fn push_until_refused(stream: &mut RangeStream) -> Error {
+        let guard = Guard::new(CancelToken::new(), None, None);
+        let data = vec![7u8; BLOCK_SIZE];
+        for _ in 0..200 {
+            if let Err(e) = stream.push(&data, &guard).await {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the sink never refused a block");
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkpoint_is_the_error_every_stream_and_abort_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = PartFile::create(&dir.path().join("x.part"), None, false).unwrap();
+        let checkpoint = Checkpoint {
+            sidecar: sidecar(),
+            path: dir.path().join("gone").join("x.part.json"),
+        };
+        let sink = Sink::start(part, RangeSet::new(), true, 4, Some(checkpoint)).unwrap();
+        let mut first = sink.stream(0);
+        let err = push_until_refused(&mut first).await;
+        let Error::Storage { path, source, .. } = &err else {
+            panic!("not the writer's error: {err}");
+        };
+        assert!(path.ends_with("gone/x.part.json"), "{err}");
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{err}");
+        // A stream that comes later finds the same error, not "a stage stopped".
+        let mut later = sink.stream(64 << 20);
+        let again = push_until_refused(&mut later).await;
+        assert!(matches!(again, Error::Storage { .. }), "{again}");
+        drop((first, later));
+        let (part, _, reported) = sink.abort(Error::network("cut", true)).await;
+        assert!(part.is_none());
+        assert!(matches!(reported, Error::Storage { .. }), "{reported}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_back_stops_the_writer_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = PartFile::create(&dir.path().join("x.part"), None, false).unwrap();
+        // The kept range claims bytes the (empty) part file does not hold.
+        let mut kept = RangeSet::new();
+        kept.insert(0..BLOCK_SIZE as u64);
+        let sink = Sink::start(part, kept, true, 4, None).unwrap();
+        // Before the writer extends the file: a hole would read back as zeros.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut stream = sink.stream(BLOCK_SIZE as u64);
+        let err = push_until_refused(&mut stream).await;
+        assert!(err.to_string().starts_with("reading back"), "{err}");
+        drop(stream);
+        let finished = sink.finish().await.unwrap_err();
+        assert!(
+            finished.to_string().starts_with("reading back"),
+            "{finished}"
+        );
+    }
 }

@@ -943,24 +943,36 @@ class Cache:
         directory = self._dir("blobs", "sha256", digest[:2])
         os.rename(tmp, blob)
         if sync:
-            fsync_dir(directory)
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                raise StorageError(
+                    exc.errno,
+                    f"the blob {blob} is in the cache, whole and verified, but its durability is "
+                    f"unknown: syncing the directory {directory} failed: {exc.strerror} (os error "
+                    f"{exc.errno}); a crash or power loss could still lose it: check the disk",
+                ) from exc
         return blob
 
     def _write_meta(self, digest: str, info: dict[str, Any]) -> None:
         """Writes the metadata atomically; a failure only costs a re-hash later (but a
         directory that is not the cache's own is refused, as everywhere)."""
+        tmp: Path | None = None
         try:
             old = _read_json(self._meta_path(digest))
             directory = self._dir("meta", digest[:2])
-            tmp = directory / f".{digest}.{os.getpid()}.{time.time_ns()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
+            name = directory / f".{digest}.{os.getpid()}.{time.time_ns()}.tmp"
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
+            tmp = name
             with os.fdopen(fd, "w") as f:
                 json.dump({**old, **info, "sha256": digest}, f, sort_keys=True)
             os.rename(tmp, self._meta_path(digest))
         except StorageError:
             raise
         except OSError:
-            pass
+            if tmp is not None:  # a full disk must not also keep a half-written temporary
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     @contextlib.contextmanager
     def _try_locked(self, key: str) -> Iterator[bool]:

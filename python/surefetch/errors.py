@@ -147,8 +147,10 @@ class SessionCancelled(Cancelled):
 class StorageError(SurefetchError, OSError):
     """Writing, syncing or renaming on the local filesystem failed.
 
-    Raised with the ``errno`` of the failure (``ENOSPC``, ``EIO``, ``EXDEV``...).
-    The part file has been removed and the final path left as it was.
+    Raised with the ``errno`` of the failure (``ENOSPC``, ``EIO``, ``EXDEV``...) and the
+    path (``filename``). The message says what the failure left on disk: nearly always the
+    part file removed and the final path as it was; when only the fsync of the directory
+    after the final rename failed, the file is installed but its durability is unknown.
 
     Also raised, naming the path, when a directory surefetch keeps its own files
     in (``<dest>/.surefetch``, the cache's ``tmp/``, ``locks/``, ``blobs/``...) is

@@ -45,9 +45,12 @@ then the lockfile is written (temporary file in its directory, fsync, rename, fs
 directory; skipped when the bytes would be identical), then the staging directory goes.
 On any failure, Ctrl+C or SIGTERM the staging directory is removed and neither the
 destination nor the lockfile has changed. After a SIGKILL the next sync removes the staging
-directory it left. The install step is a series of atomic renames, so even an interruption
-there leaves only whole, verified files, and the lockfile is then still the old one; the
-next sync finds those files by their digests.
+directory and the temporary lockfile (``.<lock name>.<hex>.tmp``, flocked while in use) it
+left. The install step is a series of atomic renames, so even an interruption there leaves
+only whole, verified files, and the lockfile is then still the old one; the next sync finds
+those files by their digests. When only an fsync of a directory fails after its renames,
+the files (or the lockfile) are in place: the lockfile is still written to match them, and
+the `StorageError` says that they were installed but that their durability is unknown.
 
 ``locked=True`` fails with `LockfileOutdated` (exit 1) before any network access when the
 lockfile would change (a new, changed or removed artifact, or a lockfile that is missing or
@@ -522,7 +525,9 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
     The text goes to a new temporary file beside `path`, which is fsynced and renamed
     over `path`; then the directory is fsynced. The file keeps the mode of the one it
     replaces (a new one: 0644 under the umask), made 0600 when a URL in it holds a
-    password. The temporary's name fits the filesystem whatever `path`'s name is.
+    password. The temporary's name fits the filesystem whatever `path`'s name is. The
+    writer holds a flock on its temporary file, so that temporary files left by a
+    killed writer (and only those) are removed here and by `sync`.
 
     Args:
         path: the lockfile.
@@ -532,7 +537,9 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
         True when the file was written, False when it was already identical.
 
     Raises:
-        StorageError: writing, syncing or renaming failed; `path` is unchanged.
+        StorageError: writing, syncing or renaming failed, and `path` is unchanged; or
+            (the message says so) the new lockfile is in place but syncing its directory
+            failed, so that its durability is unknown.
     """
     file = Path(os.fspath(path))
     data = render_lockfile(lock).encode("utf-8")
@@ -540,29 +547,33 @@ def write_lockfile(path: StrPath, lock: Lockfile) -> bool:
         if file.read_bytes() == data:
             return False
     directory = file.parent
-    temp = directory / fit_name(f".{file.name}", f".{secrets.token_hex(6)}.tmp")
+    _remove_stale_temporaries(file)
     mode = _lockfile_mode(file, lock)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            if mode != 0o644:
-                os.fchmod(fd, mode)  # exactly the old mode, not the umask's idea of it
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fd, temp = _new_temporary(file, mode)
+    except OSError as exc:
+        raise _storage_error(exc, f"cannot write the lockfile {file}") from exc
+    try:
+        if mode != 0o644:
+            os.fchmod(fd, mode)  # exactly the old mode, not the umask's idea of it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
         os.replace(temp, file)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise _storage_error(exc, f"cannot write the lockfile {file}") from exc
+        raise
+    with contextlib.suppress(OSError):
+        os.close(fd)  # its data is already synced
+    try:
         fsync_dir(directory)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise _storage_error(exc, f"cannot write the lockfile {file}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+        raise _not_durable(exc, f"the lockfile {file} was written", directory) from exc
     return True
 
 
@@ -578,9 +589,109 @@ def _lockfile_mode(file: Path, lock: Lockfile) -> int:
     return mode
 
 
-def _storage_error(exc: OSError, what: str) -> StorageError:
+_TEMPORARY_SUFFIX = ".{}.tmp"
+
+
+def _temporary_name(file: Path, token: str) -> str:
+    """``.<name>.<token>.tmp``, the name cut (with a hash) to fit the filesystem."""
+    return fit_name(f".{file.name}", _TEMPORARY_SUFFIX.format(token))
+
+
+def _temporary_pattern(file: Path) -> re.Pattern[str]:
+    stem = _temporary_name(file, "0" * 12).removesuffix(_TEMPORARY_SUFFIX.format("0" * 12))
+    return re.compile(re.escape(stem) + r"\.[0-9a-f]{12}\.tmp")
+
+
+def _new_temporary(file: Path, mode: int = 0o644) -> tuple[int, Path]:
+    """Creates a temporary beside `file` (see `_temporary_name`) and holds a flock on it."""
+    import fcntl
+
+    while True:
+        temp = file.parent / _temporary_name(file, secrets.token_hex(6))
+        fd = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            now = os.stat(temp, follow_symlinks=False)
+        except (BlockingIOError, FileNotFoundError):
+            # A cleaner took it for a stale one between our open and our flock.
+            os.close(fd)
+            continue
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            os.close(fd)
+            raise
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd, temp
+        os.close(fd)
+
+
+def _remove_stale_temporaries(file: Path) -> int:
+    """Removes the temporary lockfiles a killed writer left beside `file`; a live writer
+    holds a flock on its own. Returns how many were removed."""
+    import fcntl
+
+    pattern = _temporary_pattern(file)
+    removed = 0
+    try:
+        entries = list(os.scandir(file.parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.fstat(fd)
+            now = os.stat(entry.path, follow_symlinks=False)
+            if stat.S_ISREG(held.st_mode) and (now.st_dev, now.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass  # held by a live writer, or already gone
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that filesystem and retry"
+    if exc.errno == errno.EIO:
+        return "the device reported an I/O error: check the disk"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check the permissions"
+    return "check the destination"
+
+
+def _reason(exc: OSError) -> str:
     reason = exc.strerror or str(exc)
-    return StorageError(exc.errno or errno.EIO, f"{what}: {reason}; free space or fix permissions")
+    return f"{reason} (os error {exc.errno})" if exc.errno else reason
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    return StorageError(exc.errno or errno.EIO, f"{what}: {_reason(exc)}; {_hint(exc)}")
+
+
+def _not_durable(exc: OSError, done: str, directory: Path, *, many: bool = False) -> StorageError:
+    """The error for a directory fsync that failed after the renames it should make
+    durable: what they did is in place, only its durability is unknown."""
+    its, it = ("their", "them") if many else ("its", "it")
+    return StorageError(
+        exc.errno or errno.EIO,
+        f"{done}, but {its} durability is unknown: syncing the directory {directory} failed: "
+        f"{_reason(exc)}; a crash or power loss could still undo {it}: {_hint(exc)}",
+    )
 
 
 # --- the destination --------------------------------------------------------------------------
@@ -1002,29 +1113,42 @@ def _stage(
 
 def _install(
     root: str, outcomes: Sequence[_Outcome], file: Path, error: type[SurefetchError]
-) -> None:
-    """Renames every staged file into place, then fsyncs the directories that changed."""
+) -> StorageError | None:
+    """Renames every staged file into place, then fsyncs the directories that changed.
+
+    Returns the error of a directory fsync that failed (the files are in place then, but
+    their durability is unknown), for the caller to raise once the lockfile matches them.
+    """
     touched: set[Path] = set()
-    for outcome in outcomes:
-        if outcome.staged is None:
-            continue
+    staged = [o for o in outcomes if o.staged is not None]
+    for installed, outcome in enumerate(staged):
         item = outcome.item
         target = Path(root, item.target)
+        assert outcome.staged is not None
         try:
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             _safe_target(root, item.target, file, item.name, error)  # again, now it exists
             os.replace(outcome.staged, target)
         except OSError as exc:
-            raise _storage_error(exc, f"{item.name}: cannot install {target}") from exc
+            what = f"{item.name}: cannot install {target}"
+            if installed:
+                what += (
+                    f" ({installed} of {len(staged)} artifacts were already installed, whole and "
+                    "verified; the lockfile is unchanged)"
+                )
+            raise _storage_error(exc, what) from exc
         directory = target.parent
         while _inside(root, str(directory)) and directory not in touched:
             touched.add(directory)
             directory = directory.parent
-    try:
-        for directory in sorted(touched, key=lambda p: -len(p.parts)):
+    for directory in sorted(touched, key=lambda p: -len(p.parts)):
+        try:
             fsync_dir(directory)
-    except OSError as exc:
-        raise _storage_error(exc, f"cannot sync the directory {directory}") from exc
+        except OSError as exc:
+            many = len(staged) != 1
+            done = f"{len(staged)} artifact{'s' if many else ''} installed in {root}"
+            return _not_durable(exc, done, directory, many=many)
+    return None
 
 
 # --- sync -------------------------------------------------------------------------------------
@@ -1134,6 +1258,7 @@ def sync(
     try:
         with _dest_lock(state, token):
             _remove_stale_staging(state)
+            _remove_stale_temporaries(lock_path)
             staging = state / f"sync-{secrets.token_hex(8)}"
             staging.mkdir(mode=0o700)
             try:
@@ -1148,11 +1273,13 @@ def sync(
                     artifact_progress,
                 )
                 outcomes = resolver.run(items, jobs, progress)
-                _install(root, outcomes, source, error)
+                not_durable = _install(root, outcomes, source, error)
                 changed = False
                 if not frozen:
                     new = Lockfile(tuple(sorted((o.entry for o in outcomes), key=lambda a: a.name)))
                     changed = write_lockfile(lock_path, new)
+                if not_durable is not None:
+                    raise not_durable
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     finally:

@@ -117,7 +117,7 @@ impl Job<'_> {
         };
         let result = self.run_crew(&crew, initial, first, ramp).await;
         if let Err(error) = result {
-            let (part, written) = sink.abort().await;
+            let (part, written, error) = sink.abort(error).await;
             if let Some(part) = part.filter(|_| error.keeps_part()) {
                 let mut checkpoint = Checkpoint {
                     sidecar,
