@@ -29,7 +29,7 @@ from surefetch.errors import (
 
 if TYPE_CHECKING:
     from surefetch.cache import Cache, CacheEntry
-    from surefetch.lockfile import sync
+    from surefetch.transaction import sync
 
 # The library logs its decisions to the `surefetch` logger (the engine's to
 # `surefetch.engine`) and installs no handler of its own: Python's last-resort handler
@@ -38,7 +38,11 @@ logging.getLogger("surefetch").addHandler(logging.NullHandler())
 
 # The cache and the lockfile are imported on first use, so that processes that only
 # download (a supervisor's workers, restarted often) start faster.
-_LAZY = {"Cache": "surefetch.cache", "CacheEntry": "surefetch.cache", "sync": "surefetch.lockfile"}
+_LAZY = {
+    "Cache": "surefetch.cache",
+    "CacheEntry": "surefetch.cache",
+    "sync": "surefetch.transaction",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,8 @@ import secrets
 from pathlib import Path
 from typing import Final, Literal
 
+from surefetch.errors import StorageError
+
 LinkMode = Literal["auto", "reflink", "hardlink", "copy"]
 LINK_MODES: Final = ("auto", "reflink", "hardlink", "copy")
 
@@ -188,3 +190,36 @@ def try_flock(path: Path, mode: int = 0o644) -> int | None:
         if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
             return fd
         os.close(fd)
+
+
+# -- what a failed file operation left, as a StorageError ------------------------------
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that filesystem and retry"
+    if exc.errno == errno.EIO:
+        return "the device reported an I/O error: check the disk"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check the permissions"
+    return "check the destination"
+
+
+def _reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    return f"{reason} (os error {exc.errno})" if exc.errno else reason
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    return StorageError(exc.errno or errno.EIO, f"{what}: {_reason(exc)}; {_hint(exc)}")
+
+
+def not_durable(exc: OSError, done: str, directory: Path, *, many: bool = False) -> StorageError:
+    """The error for a directory fsync that failed after the renames it should make
+    durable: what they did is in place, only its durability is unknown."""
+    its, it = ("their", "them") if many else ("its", "it")
+    return StorageError(
+        exc.errno or errno.EIO,
+        f"{done}, but {its} durability is unknown: syncing the directory {directory} failed: "
+        f"{_reason(exc)}; a crash or power loss could still undo {it}: {_hint(exc)}",
+    )

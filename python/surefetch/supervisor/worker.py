@@ -269,7 +269,7 @@ def _perform(job: Job, token: CancelToken) -> dict[str, Any]:
             "bytes_transferred": r.bytes_transferred,
             "elapsed_s": round(r.elapsed, 6),
         }
-    from surefetch.lockfile import sync
+    from surefetch.transaction import sync
 
     return sync(spec["manifest"], spec["lock"], spec["dest"], cancel=token).to_dict()
 
