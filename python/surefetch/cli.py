@@ -341,7 +341,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 netrc=not args.no_netrc,
             )
         if args.json:
-            _print_json(_result_json(result))
+            _print_json(result.to_dict())
         elif not args.quiet:
             print(result.path)
         return EXIT_OK
@@ -373,7 +373,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
             url = redact_url(item if isinstance(item, str) else item.url)
             if isinstance(result, DownloadResult):
                 if args.json:
-                    _print_json({"url": url, **_result_json(result)})
+                    _print_json({"url": url, **result.to_dict()})
                 elif not args.quiet:
                     print(result.path, flush=True)
                 return
@@ -421,18 +421,6 @@ def _read_items(source: str, parse: Callable[[Iterable[str], str], list[Any]]) -
             return parse(lines, source)
     except OSError as exc:
         raise ValueError(f"cannot read {source}: {exc.strerror}") from exc
-
-
-def _result_json(result: Any) -> dict[str, Any]:
-    return {
-        "path": str(result.path),
-        "size": result.size,
-        "sha256": result.sha256,
-        "xxh3_128": result.xxh3_128,
-        "resumed_from": result.resumed_from,
-        "bytes_transferred": result.bytes_transferred,
-        "elapsed_s": round(result.elapsed, 6),
-    }
 
 
 @contextmanager
