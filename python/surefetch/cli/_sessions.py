@@ -1,0 +1,312 @@
+"""`surefetch sessions|users|serve|enforce`: the session store, its HTTP API and the
+cancellation enforcer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from surefetch.cli._common import (
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    add_history_limits,
+    fail,
+    history_limit,
+    redacted,
+    seconds,
+)
+from surefetch.errors import SurefetchError, redact_urls
+
+
+def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    """Registers `sessions`, `users`, `serve` and `enforce` (each sets `handler` via
+    set_defaults)."""
+    db_help = "session store URL (default: $SUREFETCH_DB, else sqlite under the XDG data dir)"
+
+    sessions = sub.add_parser("sessions", help="list, show and cancel your sessions")
+    ssub = sessions.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("list", "list your sessions, newest first"),
+        ("show", "show one of your sessions"),
+        ("cancel", "request the cancellation of one of your sessions"),
+    ):
+        p = ssub.add_parser(name, help=help_text)
+        if name != "list":
+            p.add_argument("id", metavar="ID", help="the session id")
+        else:
+            p.add_argument(
+                "--status",
+                "--state",
+                dest="status",
+                choices=("pending", "running", "succeeded", "failed", "cancelled"),
+                help="only sessions in this state",
+            )
+            add_history_limits(p, "sessions")
+        p.add_argument("--db", default=None, metavar="URL", help=db_help)
+        p.add_argument(
+            "--user",
+            default=None,
+            metavar="NAME",
+            help="whose sessions (default: the current login user)",
+        )
+        p.add_argument("--json", action="store_true", help="print JSON on stdout")
+        p.set_defaults(handler=_cmd_sessions, action=name)
+
+    users = sub.add_parser("users", help="manage API users")
+    usub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    add = usub.add_parser("add", help="create a bearer token for a user and print it")
+    add.add_argument("name", metavar="NAME", help="the user name")
+    add.add_argument("--db", default=None, metavar="URL", help=db_help)
+    add.set_defaults(handler=_cmd_users_add)
+
+    serve = sub.add_parser("serve", help="serve the sessions HTTP API")
+    serve.add_argument("--db", default=None, metavar="URL", help=db_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any)")
+    serve.add_argument(
+        "--no-enforce",
+        action="store_true",
+        help="do not run this host's cancellation enforcer in the server "
+        "(run `surefetch enforce` instead)",
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
+    enforce = sub.add_parser(
+        "enforce",
+        help="stop the processes of cancelled sessions on this host",
+        description="Runs this host's cancellation enforcer in the foreground: the process "
+        "of each session whose cancellation was requested gets SIGTERM, then SIGKILL after "
+        "--grace, and the session is marked cancelled. Supervised jobs are left to their "
+        "supervisor. SIGTERM (exit 0) or SIGINT (exit 130) stops it.",
+    )
+    enforce.add_argument("--db", default=None, metavar="URL", help=db_help)
+    enforce.add_argument(
+        "--host-id", default=None, metavar="ID", help="default $SUREFETCH_HOST_ID, else hostname"
+    )
+    enforce.add_argument(
+        "--interval", type=seconds, default=0.2, metavar="S", help="time between polls (0.2)"
+    )
+    enforce.add_argument(
+        "--grace", type=float, default=5.0, metavar="S", help="time from SIGTERM to SIGKILL (5)"
+    )
+    enforce.set_defaults(handler=_cmd_enforce)
+
+
+def _open_store(url: str | None) -> Any:
+    from surefetch.store import SessionStore
+
+    return SessionStore(url)
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    import getpass
+
+    from surefetch.errors import NotOwner, SessionNotFound
+
+    user: str = args.user if args.user is not None else getpass.getuser()
+    try:
+        store = _open_store(args.db)
+    except ValueError as exc:
+        return fail(f"{exc}", EXIT_USAGE)
+    except SurefetchError as exc:
+        return fail(str(exc))
+    try:
+        if args.action == "list":
+            found = store.list(user, status=args.status, limit=history_limit(args))
+            if args.json:
+                print(json.dumps({"sessions": [redacted(s.to_dict()) for s in found]}))
+            else:
+                _print_session_table(found)
+            return EXIT_OK
+        if args.action == "show":
+            session = store.get(args.id, user)
+            if args.json:
+                print(json.dumps(redacted(session.to_dict())))
+            else:
+                for key, value in redacted(session.to_dict()).items():
+                    shown = json.dumps(value) if key == "metadata" else value
+                    print(f"{key + ':':21}{'' if shown is None else shown}")
+            return EXIT_OK
+        changed = store.request_cancel(args.id, user)
+        session = store.get(args.id, user)
+        if args.json:
+            shown = redacted(session.to_dict())
+            print(json.dumps({"id": session.id, "changed": changed, "session": shown}))
+        else:
+            print(_cancel_message(session, changed, store))
+        return EXIT_OK
+    except SessionNotFound:
+        return fail(
+            f"no session {args.id} for user {user}; see your sessions with "
+            "`surefetch sessions list` (or pass --user/--db)"
+        )
+    except NotOwner:
+        return fail(
+            f"session {args.id} belongs to another user, not {user}; you can only see and "
+            "cancel your own sessions"
+        )
+    except (TypeError, ValueError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return fail(str(exc))
+    finally:
+        store.close()
+
+
+def _print_session_table(found: Sequence[Any]) -> None:
+    if not found:
+        print("no sessions", file=sys.stderr)
+        return
+    print(f"{'ID':32}  {'STATUS':9}  {'UI':12}  {'CANCEL':9}  {'CREATED':20}  TITLE")
+    for s in found:
+        created = s.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        title = redact_urls(s.title).replace("\n", " ")
+        print(
+            f"{s.id:32}  {s.status:9}  {s.ui_status:12}  {s.cancellation_status:9}  "
+            f"{created:20}  {title}"
+        )
+
+
+def _cancel_message(session: Any, changed: bool, store: Any) -> str:
+    """What a cancellation request will do: who stops the session's process, if any."""
+    from surefetch.store import JobQueue
+
+    requested = f"cancellation of session {session.id} requested"
+    job = JobQueue(store).get(session.id) if changed else None
+    if job is not None and job.host is not None:
+        return f"{requested}; it is a job: the supervisor on host {job.host} stops it"
+    if job is not None:
+        return (
+            f"{requested}; it is a queued job: it will not start, a supervisor marks it cancelled"
+        )
+    if changed and session.pid is not None:
+        return (
+            f"{requested}; the enforcer on host {session.host} (`surefetch enforce` or "
+            f"`surefetch serve`) stops pid {session.pid}"
+        )
+    if changed:
+        return (
+            f"{requested}; it has no process and will not start (a process that attaches to "
+            "it is refused, and the session marked cancelled)"
+        )
+    if session.cancellation_status == "requested":
+        return (
+            f"cancellation of session {session.id} was already requested by {session.cancelled_by}"
+        )
+    if session.status == "cancelled":
+        return f"session {session.id} is already cancelled"
+    return f"session {session.id} already finished ({session.status}); nothing to cancel"
+
+
+def _cmd_users_add(args: argparse.Namespace) -> int:
+    try:
+        store = _open_store(args.db)
+    except ValueError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return fail(str(exc))
+    try:
+        token = store.add_user(args.name)
+    except (TypeError, ValueError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return fail(str(exc))
+    finally:
+        store.close()
+    print(token)
+    print(
+        f"token for user {args.name} created; it is shown only this once: send it as "
+        "`Authorization: Bearer TOKEN`",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        from surefetch.server import serve
+    except ImportError as exc:
+        return fail(
+            f"the HTTP API needs fastapi and uvicorn ({exc}): pip install 'surefetch[server]'"
+        )
+    if not 0 <= args.port <= 65535:
+        return fail(f"--port must be between 0 and 65535, not {args.port}", EXIT_USAGE)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        sock = socket.create_server((args.host, args.port), family=family)
+    except OSError as exc:
+        return fail(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
+            "pick another --port or --host"
+        )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    enforcing = "" if args.no_enforce else "; this host's cancellation enforcer runs in it"
+    print(
+        f"serving the sessions API on http://{shown}:{port} (Ctrl+C stops){enforcing}",
+        file=sys.stderr,
+    )
+    sys.stderr.flush()
+    try:
+        serve(args.db, host, port, sock=sock, enforce=not args.no_enforce)
+    except ValueError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return fail(str(exc))
+    finally:
+        sock.close()
+    return EXIT_OK
+
+
+def _cmd_enforce(args: argparse.Namespace) -> int:
+    import logging
+
+    from surefetch.store import CancellationEnforcer
+
+    try:
+        store = _open_store(args.db)
+    except ValueError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except SurefetchError as exc:
+        return fail(str(exc))
+    try:
+        enforcer = CancellationEnforcer(
+            store, host=args.host_id, interval=args.interval, grace=args.grace
+        )
+    except ValueError as exc:
+        store.close()
+        return fail(str(exc), EXIT_USAGE)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("surefetch enforce: %(message)s"))
+    logger = logging.getLogger("surefetch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    code = EXIT_OK
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal code
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_OK
+        enforcer.stop()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    print(
+        f"surefetch enforce: stopping the cancelled sessions of host {enforcer.host} "
+        f"({store.db.describe()}); SIGTERM or Ctrl+C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        enforcer.run()
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
+        store.close()
+    return code
