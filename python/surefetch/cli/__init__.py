@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any, NoReturn, cast
+from typing import Any, Callable, NoReturn, cast
 
 from surefetch.cli import _cache, _demo, _get, _sessions, _supervisor, _sync
 from surefetch.cli._common import (
@@ -108,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command `argv` (default: ``sys.argv[1:]``) and returns its exit code.
+
+    Every handler runs in `run_reporting_errors`: the one error path (see `_common`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
     if (args.verbose or getattr(args, "verbose_here", False)) and not quiet:
         log_to_stderr()
-    handler = args.handler
-    code: int = handler(args)
-    return code
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return run_reporting_errors(
+        lambda: handler(args), keeps_parts=getattr(args, "keeps_parts", False)
+    )

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from surefetch.cli._common import (
     EXIT_INTEGRITY,
     EXIT_OK,
+    CommandError,
     add_network_options,
-    fail,
     non_negative_int,
     print_json,
-    run_reporting_errors,
     seconds,
 )
 from surefetch.cli._progress import progress_bar
@@ -95,7 +96,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     fetch.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     fetch.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    fetch.set_defaults(handler=_run_fetch)
+    fetch.set_defaults(handler=_run_fetch, keeps_parts=True)
 
     cache = sub.add_parser("cache", help="list, verify, shrink and clean the cache")
     csub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -132,11 +133,21 @@ def _open_cache(args: argparse.Namespace, lock_timeout: float = 300.0) -> Any:
     return Cache(args.cache, lock_timeout=lock_timeout, offline=offline)
 
 
-def _cache_os_error(cache: Any, exc: OSError) -> int:
-    return fail(
-        f"cannot use the cache at {cache.root}: {exc.strerror or exc}; "
-        "pass --cache DIR or set SUREFETCH_CACHE to a directory you can write"
-    )
+@contextmanager
+def _cache_errors(cache: Any) -> Iterator[None]:
+    """Turns an OSError on the cache's files that surefetch did not explain already into a
+    StorageError that names the cache and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, SurefetchError):
+            raise
+        raise StorageError(
+            exc.errno or 0,
+            f"cannot use the cache at {cache.root}: {exc.strerror or exc}; "
+            "pass --cache DIR or set SUREFETCH_CACHE to a directory you can write",
+            str(cache.root),
+        ) from exc
 
 
 def _name_from_url(url: str) -> str:
@@ -153,43 +164,35 @@ def _run_fetch(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"surefetch: waiting for {holder}", file=sys.stderr, flush=True)
 
-    def action() -> int:
-        try:
-            with progress_bar(show_bar, _name_from_url(args.url)) as progress:
-                entry = cache.fetch_entry(
-                    args.url,
-                    sha256=args.sha256,
-                    size=args.size,
-                    headers=dict(args.header),
-                    timeout=args.timeout,
-                    read_timeout=args.read_timeout,
-                    connect_timeout=args.connect_timeout,
-                    retries=args.retries,
-                    netrc=not args.no_netrc,
-                    progress=progress,
-                    on_wait=on_wait,
-                )
-        except OSError as exc:
-            if isinstance(exc, SurefetchError):
-                raise
-            return _cache_os_error(cache, exc)
-        if args.output is not None:
-            entry = _install_fetched(entry, args.url, args.output, args.link_mode)
-        if args.json:
-            print_json(
-                {
-                    "path": str(entry.path),
-                    "size": entry.size,
-                    "sha256": entry.sha256,
-                    "xxh3_128": entry.xxh3_128,
-                    "bytes_transferred": entry.bytes_transferred,
-                }
-            )
-        elif not args.quiet:
-            print(entry.path)
-        return EXIT_OK
-
-    return run_reporting_errors(action)
+    with _cache_errors(cache), progress_bar(show_bar, _name_from_url(args.url)) as progress:
+        entry = cache.fetch_entry(
+            args.url,
+            sha256=args.sha256,
+            size=args.size,
+            headers=dict(args.header),
+            timeout=args.timeout,
+            read_timeout=args.read_timeout,
+            connect_timeout=args.connect_timeout,
+            retries=args.retries,
+            netrc=not args.no_netrc,
+            progress=progress,
+            on_wait=on_wait,
+        )
+    if args.output is not None:
+        entry = _install_fetched(entry, args.url, args.output, args.link_mode)
+    if args.json:
+        print_json(
+            {
+                "path": str(entry.path),
+                "size": entry.size,
+                "sha256": entry.sha256,
+                "xxh3_128": entry.xxh3_128,
+                "bytes_transferred": entry.bytes_transferred,
+            }
+        )
+    elif not args.quiet:
+        print(entry.path)
+    return EXIT_OK
 
 
 def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
@@ -221,16 +224,8 @@ def _run_cache(
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         cache = _open_cache(args)
-
-        def action() -> int:
-            try:
-                return handler(cache, args)
-            except OSError as exc:
-                if isinstance(exc, SurefetchError):
-                    raise
-                return _cache_os_error(cache, exc)
-
-        return run_reporting_errors(action)
+        with _cache_errors(cache):
+            return handler(cache, args)
 
     return run
 
@@ -276,7 +271,7 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
     else:
         print(f"checked {report.checked} blobs, {len(bad)} did not match")
     if bad:
-        return fail(
+        raise CommandError(
             f"{len(bad)} blob(s) did not match their digest and were moved to "
             f"{cache.root / 'quarantine'}; fetch them again",
             EXIT_INTEGRITY,

@@ -1,8 +1,15 @@
-"""What every command shares: exit codes, the one error line, SIGTERM, option types,
+"""What every command shares: exit codes, the one error path, SIGTERM, option types,
 the shared options and JSON output.
 
 Exit codes (DESIGN.md): 0 success · 1 other error · 2 usage · 3 integrity ·
 4 HTTP or network error after retries · 5 timeout · 130 SIGINT · 143 SIGTERM.
+
+The one error path: a handler returns its exit code on success and raises on failure,
+and `run_reporting_errors` (which `main` runs every handler in) turns what it raised
+into one stderr line (`error_line`, URL passwords redacted) and the exit code of
+`exit_code_for`. A failure that is the command's own rather than the library's (a
+usage mistake found after parsing, `verify` finding differences, a supervisor's
+refusal) is a `CommandError` carrying its message and exit code.
 """
 
 from __future__ import annotations
@@ -50,16 +57,25 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def log_to_stderr() -> None:
-    """The `surefetch` logger's INFO records on stderr, one line each (the library
-    itself installs no handler)."""
+def log_to_stderr(prefix: str = "surefetch") -> None:
+    """The `surefetch` logger's INFO records on stderr, one line each after `prefix`
+    (the library itself installs no handler)."""
     import logging
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("surefetch: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
     logger = logging.getLogger("surefetch")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+class CommandError(Exception):
+    """A command failed in a way of its own: `message` is its stderr line, `exit_code`
+    its exit code (DESIGN.md's codes)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Terminated(BaseException):
@@ -81,6 +97,8 @@ def _sigterm_raises() -> Iterator[None]:
 
 def exit_code_for(exc: BaseException) -> int:
     """The documented exit code for an exception (DESIGN.md)."""
+    if isinstance(exc, CommandError):
+        return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_SIGINT
     if isinstance(exc, Terminated):
@@ -98,31 +116,44 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-def error_line(exc: BaseException) -> str:
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted; the part file is kept: run the same command again to continue"
-    if isinstance(exc, Terminated):
-        return "terminated; the part file is kept: run the same command again to continue"
+PARTS_KEPT = "the part file is kept: run the same command again to continue"
+"""What an interrupted download leaves, said after "interrupted" or "terminated"."""
+
+
+def error_line(exc: BaseException, *, keeps_parts: bool = True) -> str:
+    """What happened, in one line (without the ``surefetch: error:`` prefix); a signal's
+    line tells a command that downloads (`keeps_parts`) how to continue."""
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        return f"{what}; {PARTS_KEPT}" if keeps_parts else what
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> int:
+def _fail(message: str, code: int) -> int:
     """Prints the one stderr line of a failed command (never a URL's password) and
     returns its exit code."""
     print(f"surefetch: error: {redact_urls(message)}", file=sys.stderr)
     return code
 
 
-def run_reporting_errors(action: Callable[[], int]) -> int:
-    """Runs `action`, turning the exceptions surefetch documents into one stderr line
-    and an exit code."""
+def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True) -> int:
+    """Runs `action` with SIGTERM raising `Terminated`, and returns its exit code; turns
+    the exceptions surefetch documents (and `CommandError`, SIGINT, SIGTERM) into one
+    stderr line and the exit code of `exit_code_for`. Anything else is a bug: it
+    propagates, with its traceback.
+
+    Args:
+        action: the command; returns its exit code.
+        keeps_parts: whether the command downloads, so that an interrupted one says that
+            its part file is kept.
+    """
     try:
         with _sigterm_raises():
             return action()
-    except (SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
-        return fail(error_line(exc), exit_code_for(exc))
+    except (CommandError, SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
+        return _fail(error_line(exc, keeps_parts=keeps_parts), exit_code_for(exc))
 
 
 def print_json(obj: Any) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from surefetch.cli._common import run_reporting_errors
-
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
@@ -13,7 +11,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="download sample artifacts from a local server, with verification (no internet)",
     )
     demo.add_argument("--dir", metavar="DIR", help="keep the downloads here (default: a temp dir)")
-    demo.set_defaults(handler=_run_demo)
+    demo.set_defaults(handler=_run_demo, keeps_parts=True)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -21,4 +19,4 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from surefetch.demo import run_demo
 
-    return run_reporting_errors(lambda: run_demo(Path(args.dir) if args.dir else None))
+    return run_demo(Path(args.dir) if args.dir else None)

@@ -11,14 +11,13 @@ from typing import Any, Callable
 from surefetch.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
+    CommandError,
     add_network_options,
     error_line,
     exit_code_for,
-    fail,
     non_negative_int,
     positive_int,
     print_json,
-    run_reporting_errors,
     seconds,
 )
 from surefetch.cli._progress import batch_progress_bar, progress_bar
@@ -84,7 +83,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     get.add_argument(
         "--json", action="store_true", help="print each result as one JSON object, one a line"
     )
-    get.set_defaults(handler=_run_get)
+    get.set_defaults(handler=_run_get, keeps_parts=True)
 
 
 def _run_get(args: argparse.Namespace) -> int:
@@ -95,37 +94,34 @@ def _run_get(args: argparse.Namespace) -> int:
 
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
-    def action() -> int:
-        with progress_bar(show_bar, _shown_name(args.url[0], args.output)) as progress:
-            result = download(
-                args.url[0],
-                args.output,
-                sha256=args.sha256,
-                xxh3_128=args.xxh3,
-                size=args.size,
-                connections=args.connections,
-                resume=not args.no_resume,
-                durable=not args.no_fsync,
-                timeout=args.timeout,
-                read_timeout=args.read_timeout,
-                connect_timeout=args.connect_timeout,
-                retries=args.retries,
-                speed_limit=args.speed_limit,
-                speed_time=args.speed_time,
-                headers=dict(args.header),
-                progress=progress,
-                compute_sha256=not args.no_sha256,
-                executable=args.executable,
-                content_disposition=args.content_disposition,
-                netrc=not args.no_netrc,
-            )
-        if args.json:
-            print_json(result.to_dict())
-        elif not args.quiet:
-            print(result.path)
-        return EXIT_OK
-
-    return run_reporting_errors(action)
+    with progress_bar(show_bar, _shown_name(args.url[0], args.output)) as progress:
+        result = download(
+            args.url[0],
+            args.output,
+            sha256=args.sha256,
+            xxh3_128=args.xxh3,
+            size=args.size,
+            connections=args.connections,
+            resume=not args.no_resume,
+            durable=not args.no_fsync,
+            timeout=args.timeout,
+            read_timeout=args.read_timeout,
+            connect_timeout=args.connect_timeout,
+            retries=args.retries,
+            speed_limit=args.speed_limit,
+            speed_time=args.speed_time,
+            headers=dict(args.header),
+            progress=progress,
+            compute_sha256=not args.no_sha256,
+            executable=args.executable,
+            content_disposition=args.content_disposition,
+            netrc=not args.no_netrc,
+        )
+    if args.json:
+        print_json(result.to_dict())
+    elif not args.quiet:
+        print(result.path)
+    return EXIT_OK
 
 
 def _run_get_many(args: argparse.Namespace) -> int:
@@ -133,63 +129,58 @@ def _run_get_many(args: argparse.Namespace) -> int:
 
     for flag, value in (("--sha256", args.sha256), ("--xxh3", args.xxh3), ("--size", args.size)):
         if value is not None:
-            return fail(
+            raise CommandError(
                 f"{flag} names one file: with several URLs give it per item in -i FILE", EXIT_USAGE
             )
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
-    def action() -> int:
-        items: list[str | DownloadItem] = list(args.url)
-        if args.input_file is not None:
-            items += _read_items(args.input_file, parse_items)
-        if not items:
-            return fail("no URL given: name some, or -i FILE", EXIT_USAGE)
-        worst = EXIT_OK
+    items: list[str | DownloadItem] = list(args.url)
+    if args.input_file is not None:
+        items += _read_items(args.input_file, parse_items)
+    if not items:
+        raise CommandError("no URL given: name some, or -i FILE", EXIT_USAGE)
+    worst = EXIT_OK
 
-        def report(index: int, result: DownloadResult | Exception) -> None:
-            nonlocal worst
-            item = items[index]
-            url = redact_url(item if isinstance(item, str) else item.url)
-            if isinstance(result, DownloadResult):
-                if args.json:
-                    print_json({"url": url, **result.to_dict()})
-                elif not args.quiet:
-                    print(result.path, flush=True)
-                return
-            code = exit_code_for(result)
-            worst = max(worst, code)
+    def report(index: int, result: DownloadResult | Exception) -> None:
+        nonlocal worst
+        item = items[index]
+        url = redact_url(item if isinstance(item, str) else item.url)
+        if isinstance(result, DownloadResult):
             if args.json:
-                print_json(
-                    {"url": url, "error": redact_urls(error_line(result)), "exit_code": code}
-                )
-            else:
-                print(f"surefetch: {url}: {redact_urls(error_line(result))}", file=sys.stderr)
+                print_json({"url": url, **result.to_dict()})
+            elif not args.quiet:
+                print(result.path, flush=True)
+            return
+        code = exit_code_for(result)
+        worst = max(worst, code)
+        if args.json:
+            print_json({"url": url, "error": redact_urls(error_line(result)), "exit_code": code})
+        else:
+            print(f"surefetch: {url}: {redact_urls(error_line(result))}", file=sys.stderr)
 
-        with batch_progress_bar(show_bar) as progress:
-            download_many(
-                items,
-                args.output or ".",
-                jobs=args.jobs,
-                durable=not args.no_fsync,
-                progress=progress,
-                on_result=report,
-                connections=args.connections,
-                resume=not args.no_resume,
-                timeout=args.timeout,
-                read_timeout=args.read_timeout,
-                connect_timeout=args.connect_timeout,
-                retries=args.retries,
-                speed_limit=args.speed_limit,
-                speed_time=args.speed_time,
-                headers=dict(args.header),
-                compute_sha256=not args.no_sha256,
-                executable=args.executable,
-                content_disposition=args.content_disposition,
-                netrc=not args.no_netrc,
-            )
-        return worst
-
-    return run_reporting_errors(action)
+    with batch_progress_bar(show_bar) as progress:
+        download_many(
+            items,
+            args.output or ".",
+            jobs=args.jobs,
+            durable=not args.no_fsync,
+            progress=progress,
+            on_result=report,
+            connections=args.connections,
+            resume=not args.no_resume,
+            timeout=args.timeout,
+            read_timeout=args.read_timeout,
+            connect_timeout=args.connect_timeout,
+            retries=args.retries,
+            speed_limit=args.speed_limit,
+            speed_time=args.speed_time,
+            headers=dict(args.header),
+            compute_sha256=not args.no_sha256,
+            executable=args.executable,
+            content_disposition=args.content_disposition,
+            netrc=not args.no_netrc,
+        )
+    return worst
 
 
 def _read_items(source: str, parse: Callable[[Iterable[str], str], list[Any]]) -> list[Any]:

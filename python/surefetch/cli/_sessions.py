@@ -7,7 +7,8 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -15,13 +16,14 @@ from surefetch.cli._common import (
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_USAGE,
+    CommandError,
     add_history_limits,
-    fail,
     history_limit,
+    log_to_stderr,
     redacted,
     seconds,
 )
-from surefetch.errors import SurefetchError, redact_urls
+from surefetch.errors import redact_urls
 
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
@@ -107,15 +109,8 @@ def _open_store(url: str | None) -> Any:
 def _cmd_sessions(args: argparse.Namespace) -> int:
     import getpass
 
-    from surefetch.errors import NotOwner, SessionNotFound
-
     user: str = args.user if args.user is not None else getpass.getuser()
-    try:
-        store = _open_store(args.db)
-    except ValueError as exc:
-        return fail(f"{exc}", EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
+    store = _open_store(args.db)
     try:
         if args.action == "list":
             found = store.list(user, status=args.status, limit=history_limit(args))
@@ -124,39 +119,46 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             else:
                 _print_session_table(found)
             return EXIT_OK
-        if args.action == "show":
+        with _seen_by(user, args.id):
+            if args.action == "show":
+                session = store.get(args.id, user)
+                if args.json:
+                    print(json.dumps(redacted(session.to_dict())))
+                else:
+                    for key, value in redacted(session.to_dict()).items():
+                        shown = json.dumps(value) if key == "metadata" else value
+                        print(f"{key + ':':21}{'' if shown is None else shown}")
+                return EXIT_OK
+            changed = store.request_cancel(args.id, user)
             session = store.get(args.id, user)
-            if args.json:
-                print(json.dumps(redacted(session.to_dict())))
-            else:
-                for key, value in redacted(session.to_dict()).items():
-                    shown = json.dumps(value) if key == "metadata" else value
-                    print(f"{key + ':':21}{'' if shown is None else shown}")
-            return EXIT_OK
-        changed = store.request_cancel(args.id, user)
-        session = store.get(args.id, user)
         if args.json:
             shown = redacted(session.to_dict())
             print(json.dumps({"id": session.id, "changed": changed, "session": shown}))
         else:
             print(_cancel_message(session, changed, store))
         return EXIT_OK
-    except SessionNotFound:
-        return fail(
-            f"no session {args.id} for user {user}; see your sessions with "
-            "`surefetch sessions list` (or pass --user/--db)"
-        )
-    except NotOwner:
-        return fail(
-            f"session {args.id} belongs to another user, not {user}; you can only see and "
-            "cancel your own sessions"
-        )
-    except (TypeError, ValueError) as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
     finally:
         store.close()
+
+
+@contextmanager
+def _seen_by(user: str, session_id: str) -> Iterator[None]:
+    """A session that is missing or someone else's, said from `user`'s side: the store's
+    message knows neither who asked nor which options would find the session."""
+    from surefetch.errors import NotOwner, SessionNotFound
+
+    try:
+        yield
+    except SessionNotFound as exc:
+        raise SessionNotFound(
+            f"no session {session_id} for user {user}; see your sessions with "
+            "`surefetch sessions list` (or pass --user/--db)"
+        ) from exc
+    except NotOwner as exc:
+        raise NotOwner(
+            f"session {session_id} belongs to another user, not {user}; you can only see and "
+            "cancel your own sessions"
+        ) from exc
 
 
 def _print_session_table(found: Sequence[Any]) -> None:
@@ -205,18 +207,9 @@ def _cancel_message(session: Any, changed: bool, store: Any) -> str:
 
 
 def _cmd_users_add(args: argparse.Namespace) -> int:
-    try:
-        store = _open_store(args.db)
-    except ValueError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
+    store = _open_store(args.db)
     try:
         token = store.add_user(args.name)
-    except (TypeError, ValueError) as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
     finally:
         store.close()
     print(token)
@@ -234,19 +227,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from surefetch.server import serve
     except ImportError as exc:
-        return fail(
+        raise CommandError(
             f"the HTTP API needs fastapi and uvicorn ({exc}): pip install 'surefetch[server]'"
-        )
+        ) from exc
     if not 0 <= args.port <= 65535:
-        return fail(f"--port must be between 0 and 65535, not {args.port}", EXIT_USAGE)
+        raise CommandError(f"--port must be between 0 and 65535, not {args.port}", EXIT_USAGE)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
         sock = socket.create_server((args.host, args.port), family=family)
     except OSError as exc:
-        return fail(
+        raise CommandError(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
             "pick another --port or --host"
-        )
+        ) from exc
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     enforcing = "" if args.no_enforce else "; this host's cancellation enforcer runs in it"
@@ -255,58 +248,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     sys.stderr.flush()
+    # uvicorn stops gracefully on SIGTERM and then raises it again, once its own handler
+    # is gone: let that end the process by the signal, as a service manager expects of a
+    # clean stop (not through Terminated and exit 143).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         serve(args.db, host, port, sock=sock, enforce=not args.no_enforce)
-    except ValueError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
     finally:
         sock.close()
     return EXIT_OK
 
 
 def _cmd_enforce(args: argparse.Namespace) -> int:
-    import logging
-
     from surefetch.store import CancellationEnforcer
 
-    try:
-        store = _open_store(args.db)
-    except ValueError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
+    store = _open_store(args.db)
     try:
         enforcer = CancellationEnforcer(
             store, host=args.host_id, interval=args.interval, grace=args.grace
         )
-    except ValueError as exc:
-        store.close()
-        return fail(str(exc), EXIT_USAGE)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("surefetch enforce: %(message)s"))
-    logger = logging.getLogger("surefetch")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    code = EXIT_OK
+        log_to_stderr("surefetch enforce")
+        code = EXIT_OK
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal code
-        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_OK
-        enforcer.stop()
+        def stop(signum: int, frame: FrameType | None) -> None:
+            nonlocal code
+            code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_OK
+            enforcer.stop()
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    print(
-        f"surefetch enforce: stopping the cancelled sessions of host {enforcer.host} "
-        f"({store.db.describe()}); SIGTERM or Ctrl+C stops",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        enforcer.run()
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        print(
+            f"surefetch enforce: stopping the cancelled sessions of host {enforcer.host} "
+            f"({store.db.describe()}); SIGTERM or Ctrl+C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            enforcer.run()
+        finally:
+            for sig, handler_before in previous.items():
+                signal.signal(sig, handler_before)
+        return code
     finally:
-        for sig, handler_before in previous.items():
-            signal.signal(sig, handler_before)
         store.close()
-    return code

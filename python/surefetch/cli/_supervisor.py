@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from surefetch.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
+    CommandError,
     add_history_limits,
-    fail,
     history_limit,
+    log_to_stderr,
     positive_int,
     print_json,
     redacted,
     seconds,
 )
-from surefetch.errors import SurefetchError
 
 
 def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
@@ -109,47 +108,34 @@ def _add_ctl_options(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _cmd_supervise(args: argparse.Namespace) -> int:
-    import logging
     import shlex
 
     from surefetch.supervisor import Backoff, Supervisor, SupervisorConfig
 
-    try:
-        config = SupervisorConfig(
-            socket=args.socket,
-            workers=args.workers,
-            jobs_per_worker=args.jobs_per_worker,
-            db=args.db,
-            host=args.host_id,
-            backoff=Backoff(
-                initial=args.backoff_initial, cap=args.backoff_cap, jitter=args.backoff_jitter
-            ),
-            stable_after=args.stable_after,
-            degraded_after=args.degraded_after,
-            degraded_window=args.degraded_window,
-            start_timeout=args.start_timeout,
-            heartbeat_interval=args.heartbeat_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            cancel_grace=args.cancel_grace,
-            stop_grace=args.stop_grace,
-            claim_ttl=args.claim_ttl,
-            poll_interval=args.poll_interval,
-            max_job_crashes=args.max_job_crashes,
-            worker_command=tuple(shlex.split(args.worker_command)) if args.worker_command else None,
-        )
-    except ValueError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("surefetch supervise: %(message)s"))
-    logger = logging.getLogger("surefetch")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        return Supervisor(config).run()
-    except ValueError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    except SurefetchError as exc:
-        return fail(str(exc))
+    config = SupervisorConfig(
+        socket=args.socket,
+        workers=args.workers,
+        jobs_per_worker=args.jobs_per_worker,
+        db=args.db,
+        host=args.host_id,
+        backoff=Backoff(
+            initial=args.backoff_initial, cap=args.backoff_cap, jitter=args.backoff_jitter
+        ),
+        stable_after=args.stable_after,
+        degraded_after=args.degraded_after,
+        degraded_window=args.degraded_window,
+        start_timeout=args.start_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        cancel_grace=args.cancel_grace,
+        stop_grace=args.stop_grace,
+        claim_ttl=args.claim_ttl,
+        poll_interval=args.poll_interval,
+        max_job_crashes=args.max_job_crashes,
+        worker_command=tuple(shlex.split(args.worker_command)) if args.worker_command else None,
+    )
+    log_to_stderr("surefetch supervise")
+    return Supervisor(config).run()
 
 
 def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,15 +164,13 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
 
     path = getattr(args, "socket", None) or os.environ.get("SUREFETCH_SOCKET")
     if not path:
-        return fail("ctl needs --socket PATH (or $SUREFETCH_SOCKET)", EXIT_USAGE)
+        raise CommandError("ctl needs --socket PATH (or $SUREFETCH_SOCKET)", EXIT_USAGE)
     as_json = bool(getattr(args, "json", False))
     timeout = 600.0 if args.ctl_command == "shutdown" else 30.0
-    try:
-        reply = request(path, _ctl_request(args), timeout=timeout)
-    except SurefetchError as exc:
-        return fail(str(exc))
+    reply = request(path, _ctl_request(args), timeout=timeout)
     if not reply.get("ok"):
-        return fail(str(reply.get("error", "the supervisor refused")), int(reply.get("exit", 1)))
+        error = str(reply.get("error", "the supervisor refused"))
+        raise CommandError(error, int(reply.get("exit", 1)))
     reply.pop("ok", None)
     if args.ctl_command == "jobs" and args.all and isinstance(reply.get("jobs"), list):
         reply["jobs"].reverse()  # every job comes in submission order: newest first

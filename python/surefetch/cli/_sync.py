@@ -12,11 +12,10 @@ from surefetch.cli._common import (
     EXIT_ERROR,
     EXIT_INTEGRITY,
     EXIT_OK,
+    CommandError,
     add_verbose,
-    fail,
     positive_int,
     print_json,
-    run_reporting_errors,
     seconds,
 )
 from surefetch.cli._progress import named_bar
@@ -64,7 +63,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sync.add_argument("--cache", metavar="DIR", help="cache directory (default: $SUREFETCH_CACHE)")
     sync.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sync.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    sync.set_defaults(handler=_run_sync)
+    sync.set_defaults(handler=_run_sync, keeps_parts=True)
 
     verify = sub.add_parser(
         "verify",
@@ -84,34 +83,31 @@ def _run_sync(args: argparse.Namespace) -> int:
 
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
-    def action() -> int:
-        with _sync_bar(show_bar) as (progress, artifact_progress):
-            result = sync(
-                manifest=args.manifest,
-                lock=args.lock,
-                dest=args.dest,
-                jobs=args.jobs,
-                timeout_per_item=args.timeout_per_item,
-                locked=args.locked,
-                frozen=args.frozen,
-                upgrade=args.upgrade,
-                cache=args.cache,
-                link_mode=args.link_mode,
-                progress=progress,
-                artifact_progress=artifact_progress,
-            )
-        if args.json:
-            print_json(result.to_dict())
-        elif not args.quiet:
-            lock_note = "lockfile updated" if result.lockfile_changed else "lockfile unchanged"
-            print(
-                f"{len(result.installed)} installed, {len(result.unchanged)} unchanged, "
-                f"{len(result.removed)} removed from the lockfile; {lock_note}; "
-                f"{result.bytes_transferred} bytes transferred in {result.elapsed:.2f} s"
-            )
-        return EXIT_OK
-
-    return run_reporting_errors(action)
+    with _sync_bar(show_bar) as (progress, artifact_progress):
+        result = sync(
+            manifest=args.manifest,
+            lock=args.lock,
+            dest=args.dest,
+            jobs=args.jobs,
+            timeout_per_item=args.timeout_per_item,
+            locked=args.locked,
+            frozen=args.frozen,
+            upgrade=args.upgrade,
+            cache=args.cache,
+            link_mode=args.link_mode,
+            progress=progress,
+            artifact_progress=artifact_progress,
+        )
+    if args.json:
+        print_json(result.to_dict())
+    elif not args.quiet:
+        lock_note = "lockfile updated" if result.lockfile_changed else "lockfile unchanged"
+        print(
+            f"{len(result.installed)} installed, {len(result.unchanged)} unchanged, "
+            f"{len(result.removed)} removed from the lockfile; {lock_note}; "
+            f"{result.bytes_transferred} bytes transferred in {result.elapsed:.2f} s"
+        )
+    return EXIT_OK
 
 
 @contextmanager
@@ -164,39 +160,36 @@ def _sync_bar(
 def _run_verify(args: argparse.Namespace) -> int:
     from surefetch.lockfile import verify
 
-    def action() -> int:
-        found = verify(lock=args.lock, dest=args.dest)
-        code = EXIT_OK
-        if found:
-            code = EXIT_INTEGRITY if any(d.integrity for d in found) else EXIT_ERROR
-        if args.json:
-            print_json(
-                {
-                    "ok": not found,
-                    "differences": [
-                        {
-                            "name": d.name,
-                            "path": str(d.path),
-                            "kind": d.kind,
-                            "expected": d.expected,
-                            "actual": d.actual,
-                        }
-                        for d in found
-                    ],
-                }
-            )
-        else:
-            for difference in found:
-                print(difference)
-        if found:
-            what = "do not match their digests" if code == EXIT_INTEGRITY else "are missing"
-            fail(
-                f"{len(found)} difference(s) with {args.lock}: files {what}; "
-                "run `surefetch sync --frozen` to restore them",
-                code,
-            )
-        elif not (args.quiet or args.json):
-            print(f"every file of {args.lock} matches in {args.dest}")
-        return code
-
-    return run_reporting_errors(action)
+    found = verify(lock=args.lock, dest=args.dest)
+    code = EXIT_OK
+    if found:
+        code = EXIT_INTEGRITY if any(d.integrity for d in found) else EXIT_ERROR
+    if args.json:
+        print_json(
+            {
+                "ok": not found,
+                "differences": [
+                    {
+                        "name": d.name,
+                        "path": str(d.path),
+                        "kind": d.kind,
+                        "expected": d.expected,
+                        "actual": d.actual,
+                    }
+                    for d in found
+                ],
+            }
+        )
+    else:
+        for difference in found:
+            print(difference)
+    if found:
+        what = "do not match their digests" if code == EXIT_INTEGRITY else "are missing"
+        raise CommandError(
+            f"{len(found)} difference(s) with {args.lock}: files {what}; "
+            "run `surefetch sync --frozen` to restore them",
+            code,
+        )
+    if not (args.quiet or args.json):
+        print(f"every file of {args.lock} matches in {args.dest}")
+    return EXIT_OK
