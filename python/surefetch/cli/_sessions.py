@@ -9,7 +9,6 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import FrameType
 from typing import Any
 
 from surefetch.cli._common import (
@@ -268,25 +267,27 @@ def _cmd_enforce(args: argparse.Namespace) -> int:
             store, host=args.host_id, interval=args.interval, grace=args.grace
         )
         log_to_stderr("surefetch enforce")
-        code = EXIT_OK
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            nonlocal code
-            code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_OK
-            enforcer.stop()
-
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        print(
-            f"surefetch enforce: stopping the cancelled sessions of host {enforcer.host} "
-            f"({store.db.describe()}); SIGTERM or Ctrl+C stops",
-            file=sys.stderr,
-            flush=True,
-        )
+        # The enforcer runs in a thread while this one waits for SIGTERM or SIGINT, blocked
+        # in both so that sigwait receives them: stopping it takes locks, which a signal
+        # handler must not do (it would deadlock if it interrupted their holder).
+        stops = {signal.SIGTERM, signal.SIGINT}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
-            enforcer.run()
+            enforcer.start()  # its thread inherits the mask
+            try:
+                print(
+                    f"surefetch enforce: stopping the cancelled sessions of host "
+                    f"{enforcer.host} ({store.db.describe()}); SIGTERM or Ctrl+C stops",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                signum = signal.sigwait(stops)
+            finally:
+                enforcer.stop(timeout=None)  # after the round under way
+            while (again := signal.sigtimedwait(stops, 0)) is not None:  # sent while stopping
+                signum = again.si_signo
         finally:
-            for sig, handler_before in previous.items():
-                signal.signal(sig, handler_before)
-        return code
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return EXIT_SIGINT if signum == signal.SIGINT else EXIT_OK
     finally:
         store.close()
