@@ -66,6 +66,19 @@ class DownloadResult:
     etag: str | None = None
     last_modified: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` form (DESIGN.md): path, size, digests, ``resumed_from``,
+        ``bytes_transferred`` and ``elapsed_s`` (seconds, rounded to the microsecond)."""
+        return {
+            "path": str(self.path),
+            "size": self.size,
+            "sha256": self.sha256,
+            "xxh3_128": self.xxh3_128,
+            "resumed_from": self.resumed_from,
+            "bytes_transferred": self.bytes_transferred,
+            "elapsed_s": round(self.elapsed, 6),
+        }
+
 
 PART_DIR = ".surefetch"
 """The directory beside a destination where surefetch keeps part files (a reserved name)."""

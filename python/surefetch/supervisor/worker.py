@@ -259,16 +259,8 @@ def _perform(job: Job, token: CancelToken) -> dict[str, Any]:
     if job.kind == "get":
         from surefetch.download import download
 
-        r = download(spec["url"], spec["dest"], sha256=spec.get("sha256"), cancel=token)
-        return {
-            "path": str(r.path),
-            "size": r.size,
-            "sha256": r.sha256,
-            "xxh3_128": r.xxh3_128,
-            "resumed_from": r.resumed_from,
-            "bytes_transferred": r.bytes_transferred,
-            "elapsed_s": round(r.elapsed, 6),
-        }
+        result = download(spec["url"], spec["dest"], sha256=spec.get("sha256"), cancel=token)
+        return result.to_dict()
     from surefetch.transaction import sync
 
     return sync(spec["manifest"], spec["lock"], spec["dest"], cancel=token).to_dict()

@@ -1,0 +1,123 @@
+"""The `surefetch` command line: a thin face over the library.
+
+One module per command group, each registering its parsers and handlers: `_get`
+(get), `_cache` (fetch, cache), `_demo`, `_sync` (sync, verify), `_sessions`
+(sessions, users, serve, enforce), `_supervisor` (supervise, ctl); `_common` holds
+the exit codes, the error line, signals and the shared options, `_progress` the bars.
+
+Exit codes (DESIGN.md): 0 success · 1 other error · 2 usage · 3 integrity ·
+4 HTTP or network error after retries · 5 timeout · 130 SIGINT · 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, Callable, NoReturn, cast
+
+from surefetch.cli import _cache, _demo, _get, _sessions, _supervisor, _sync
+from surefetch.cli._common import (
+    EXIT_ERROR,
+    EXIT_INTEGRITY,
+    EXIT_NETWORK,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    VERBOSE_HELP,
+    Terminated,
+    exit_code_for,
+    log_to_stderr,
+    run_reporting_errors,
+)
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTEGRITY",
+    "EXIT_NETWORK",
+    "EXIT_OK",
+    "EXIT_SIGINT",
+    "EXIT_SIGTERM",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "Terminated",
+    "build_parser",
+    "exit_code_for",
+    "main",
+    "run_reporting_errors",
+    "version_line",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line that says where to look, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: prints `version_line` and exits 0 (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        print(version_line())
+        parser.exit(EXIT_OK)
+
+
+def version_line() -> str:
+    """``surefetch X.Y.Z``; with the native core's version too when it differs from the
+    installed package's (a stale build: both come from Cargo.toml)."""
+    from importlib import metadata
+
+    from surefetch import __version__ as core
+
+    try:
+        package = metadata.version("surefetch")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        package = core
+    if package == core:
+        return f"surefetch {package}"
+    return f"surefetch {package} (its native core is {core}: reinstall surefetch)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="surefetch", description="Downloads that cannot corrupt anything.")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("-V", "--version", action=_VersionAction, help="print the version and exit")
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
+    _get.add_commands(sub)
+    _cache.add_commands(sub)
+    _demo.add_commands(sub)
+    _sync.add_commands(sub)
+    _sessions.add_commands(sub)
+    _supervisor.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command `argv` (default: ``sys.argv[1:]``) and returns its exit code.
+
+    Every handler runs in `run_reporting_errors`: the one error path (see `_common`).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    if (args.verbose or getattr(args, "verbose_here", False)) and not quiet:
+        log_to_stderr()
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return run_reporting_errors(
+        lambda: handler(args), keeps_parts=getattr(args, "keeps_parts", False)
+    )

@@ -1,0 +1,245 @@
+"""What every command shares: exit codes, the one error path, SIGTERM, option types,
+the shared options and JSON output.
+
+Exit codes (DESIGN.md): 0 success · 1 other error · 2 usage · 3 integrity ·
+4 HTTP or network error after retries · 5 timeout · 130 SIGINT · 143 SIGTERM.
+
+The one error path: a handler returns its exit code on success and raises on failure,
+and `run_reporting_errors` (which `main` runs every handler in) turns what it raised
+into one stderr line (`error_line`, URL passwords redacted) and the exit code of
+`exit_code_for`. A failure that is the command's own rather than the library's (a
+usage mistake found after parsing, `verify` finding differences, a supervisor's
+refusal) is a `CommandError` carrying its message and exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any, Callable, NoReturn
+
+from surefetch.errors import (
+    DownloadTimeout,
+    HTTPError,
+    IntegrityError,
+    LockfileError,
+    ManifestError,
+    NetworkError,
+    SurefetchError,
+    redact_url,
+    redact_urls,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTEGRITY = 3
+EXIT_NETWORK = 4
+EXIT_TIMEOUT = 5
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+VERBOSE_HELP = (
+    "say what surefetch decides on stderr: retries and why, resume offsets, fall-backs, "
+    "connections, lock waits"
+)
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", dest="verbose_here", action="store_true", help=VERBOSE_HELP
+    )
+
+
+def log_to_stderr(prefix: str = "surefetch") -> None:
+    """The `surefetch` logger's INFO records on stderr, one line each after `prefix`
+    (the library itself installs no handler)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
+    logger = logging.getLogger("surefetch")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+class CommandError(Exception):
+    """A command failed in a way of its own: `message` is its stderr line, `exit_code`
+    its exit code (DESIGN.md's codes)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised from the signal handler like KeyboardInterrupt for SIGINT."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception (DESIGN.md)."""
+    if isinstance(exc, CommandError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(exc, Terminated):
+        return EXIT_SIGTERM
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY
+    if isinstance(exc, (HTTPError, NetworkError)):
+        return EXIT_NETWORK
+    if isinstance(exc, DownloadTimeout):
+        return EXIT_TIMEOUT
+    if isinstance(exc, (LockfileError, ManifestError)):
+        return EXIT_USAGE
+    if isinstance(exc, ValueError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+PARTS_KEPT = "the part file is kept: run the same command again to continue"
+"""What an interrupted download leaves, said after "interrupted" or "terminated"."""
+
+
+def error_line(exc: BaseException, *, keeps_parts: bool = True) -> str:
+    """What happened, in one line (without the ``surefetch: error:`` prefix); a signal's
+    line tells a command that downloads (`keeps_parts`) how to continue."""
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        return f"{what}; {PARTS_KEPT}" if keeps_parts else what
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _fail(message: str, code: int) -> int:
+    """Prints the one stderr line of a failed command (never a URL's password) and
+    returns its exit code."""
+    print(f"surefetch: error: {redact_urls(message)}", file=sys.stderr)
+    return code
+
+
+def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True) -> int:
+    """Runs `action` with SIGTERM raising `Terminated`, and returns its exit code; turns
+    the exceptions surefetch documents (and `CommandError`, SIGINT, SIGTERM) into one
+    stderr line and the exit code of `exit_code_for`. Anything else is a bug: it
+    propagates, with its traceback.
+
+    Args:
+        action: the command; returns its exit code.
+        keeps_parts: whether the command downloads, so that an interrupted one says that
+            its part file is kept.
+    """
+    try:
+        with _sigterm_raises():
+            return action()
+    except (CommandError, SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
+        return _fail(error_line(exc, keeps_parts=keeps_parts), exit_code_for(exc))
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', not {text!r}")
+    return name.strip(), value.strip()
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command that downloads shares: timeouts, retries, headers."""
+    parser.add_argument(
+        "--read-timeout", metavar="S", type=seconds, default=30.0, help="idle read limit"
+    )
+    parser.add_argument(
+        "--connect-timeout", metavar="S", type=seconds, default=30.0, help="connect limit"
+    )
+    parser.add_argument("--retries", metavar="N", type=non_negative_int, default=3)
+    parser.add_argument(
+        "-H",
+        "--header",
+        metavar="'NAME: VALUE'",
+        type=_header,
+        action="append",
+        default=[],
+        help="extra request header (repeatable)",
+    )
+    add_verbose(parser)
+    parser.add_argument(
+        "--no-netrc",
+        action="store_true",
+        help="do not use the host's credentials from ~/.netrc ($NETRC)",
+    )
+
+
+def add_history_limits(parser: argparse.ArgumentParser, what: str) -> None:
+    from surefetch.store.sessions import HISTORY_LIMIT
+
+    parser.add_argument(
+        "--limit",
+        metavar="N",
+        type=non_negative_int,
+        default=HISTORY_LIMIT,
+        help=f"the newest N {what} (default {HISTORY_LIMIT})",
+    )
+    parser.add_argument("--all", action="store_true", help=f"every one of your {what}")
+
+
+def history_limit(args: argparse.Namespace) -> int | None:
+    return None if args.all else int(args.limit)
+
+
+def redacted(record: dict[str, Any]) -> dict[str, Any]:
+    """A session or job as printed: the URLs in its title, metadata, spec and error
+    without their passwords (the store keeps them: a job needs them to run)."""
+    shown = dict(record)
+    for key in ("title", "error"):
+        if isinstance(shown.get(key), str):
+            shown[key] = redact_urls(shown[key])
+    for key in ("metadata", "spec"):
+        inner = shown.get(key)
+        if isinstance(inner, dict) and isinstance(inner.get("url"), str):
+            shown[key] = {**inner, "url": redact_url(inner["url"])}
+    return shown

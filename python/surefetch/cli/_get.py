@@ -1,0 +1,203 @@
+"""`surefetch get`: one URL to a file, or several into a directory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from surefetch.cli._common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    add_network_options,
+    error_line,
+    exit_code_for,
+    non_negative_int,
+    positive_int,
+    print_json,
+    seconds,
+)
+from surefetch.cli._progress import batch_progress_bar, progress_bar
+from surefetch.errors import redact_url, redact_urls
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    get = sub.add_parser(
+        "get",
+        help="download URLs, verified, to files",
+        description="Download URL to a file: nothing appears at the destination unless it "
+        "arrived whole and verified; an interrupted download keeps its part file. With "
+        "several URLs (or -i), each goes into the -o directory, --jobs at a time; the exit "
+        "code is the worst of the items'.",
+    )
+    get.add_argument("url", metavar="URL", nargs="*")
+    get.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="file to write, or directory to write into (a PATH ending in / is a directory, "
+        "created if missing; with several URLs always a directory); default: the current "
+        "directory",
+    )
+    get.add_argument(
+        "-i",
+        "--input-file",
+        metavar="FILE",
+        help="more URLs, one a line: URL [out=NAME] [sha256=HEX] [size=N] (- for stdin)",
+    )
+    get.add_argument(
+        "-j", "--jobs", metavar="N", type=positive_int, default=8, help="downloads at once"
+    )
+    get.add_argument("--sha256", metavar="HEX", help="expected SHA-256")
+    get.add_argument("--xxh3", metavar="HEX", help="expected XXH3-128 (as xxhsum -H2 prints)")
+    get.add_argument("--size", metavar="N", type=non_negative_int, help="expected size in bytes")
+    get.add_argument(
+        "-c", "--connections", metavar="N", type=positive_int, help="parallel connections"
+    )
+    get.add_argument("--no-resume", action="store_true", help="discard any part file")
+    get.add_argument("--no-fsync", action="store_true", help="skip fsync (rebuildable caches)")
+    get.add_argument("--no-sha256", action="store_true", help="compute only XXH3-128")
+    get.add_argument("--timeout", metavar="S", type=seconds, help="overall time limit")
+    get.add_argument(
+        "--speed-limit",
+        metavar="BYTES_PER_S",
+        type=non_negative_int,
+        default=1024,
+        help="slower than this for --speed-time is a stall, retried (0: off; default 1024)",
+    )
+    get.add_argument(
+        "--speed-time", metavar="S", type=seconds, default=30.0, help="low-speed window"
+    )
+    add_network_options(get)
+    get.add_argument("--executable", action="store_true", help="make the file executable")
+    get.add_argument(
+        "--content-disposition",
+        action="store_true",
+        help="name the file after the server's Content-Disposition filename (reduced to a "
+        "bare name) instead of the URL, unless -o names a file",
+    )
+    get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    get.add_argument(
+        "--json", action="store_true", help="print each result as one JSON object, one a line"
+    )
+    get.set_defaults(handler=_run_get, keeps_parts=True)
+
+
+def _run_get(args: argparse.Namespace) -> int:
+    from surefetch.download import download
+
+    if args.input_file is not None or len(args.url) != 1:
+        return _run_get_many(args)
+
+    show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    with progress_bar(show_bar, _shown_name(args.url[0], args.output)) as progress:
+        result = download(
+            args.url[0],
+            args.output,
+            sha256=args.sha256,
+            xxh3_128=args.xxh3,
+            size=args.size,
+            connections=args.connections,
+            resume=not args.no_resume,
+            durable=not args.no_fsync,
+            timeout=args.timeout,
+            read_timeout=args.read_timeout,
+            connect_timeout=args.connect_timeout,
+            retries=args.retries,
+            speed_limit=args.speed_limit,
+            speed_time=args.speed_time,
+            headers=dict(args.header),
+            progress=progress,
+            compute_sha256=not args.no_sha256,
+            executable=args.executable,
+            content_disposition=args.content_disposition,
+            netrc=not args.no_netrc,
+        )
+    if args.json:
+        print_json(result.to_dict())
+    elif not args.quiet:
+        print(result.path)
+    return EXIT_OK
+
+
+def _run_get_many(args: argparse.Namespace) -> int:
+    from surefetch.download import DownloadItem, DownloadResult, download_many, parse_items
+
+    for flag, value in (("--sha256", args.sha256), ("--xxh3", args.xxh3), ("--size", args.size)):
+        if value is not None:
+            raise CommandError(
+                f"{flag} names one file: with several URLs give it per item in -i FILE", EXIT_USAGE
+            )
+    show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
+
+    items: list[str | DownloadItem] = list(args.url)
+    if args.input_file is not None:
+        items += _read_items(args.input_file, parse_items)
+    if not items:
+        raise CommandError("no URL given: name some, or -i FILE", EXIT_USAGE)
+    worst = EXIT_OK
+
+    def report(index: int, result: DownloadResult | Exception) -> None:
+        nonlocal worst
+        item = items[index]
+        url = redact_url(item if isinstance(item, str) else item.url)
+        if isinstance(result, DownloadResult):
+            if args.json:
+                print_json({"url": url, **result.to_dict()})
+            elif not args.quiet:
+                print(result.path, flush=True)
+            return
+        code = exit_code_for(result)
+        worst = max(worst, code)
+        if args.json:
+            print_json({"url": url, "error": redact_urls(error_line(result)), "exit_code": code})
+        else:
+            print(f"surefetch: {url}: {redact_urls(error_line(result))}", file=sys.stderr)
+
+    with batch_progress_bar(show_bar) as progress:
+        download_many(
+            items,
+            args.output or ".",
+            jobs=args.jobs,
+            durable=not args.no_fsync,
+            progress=progress,
+            on_result=report,
+            connections=args.connections,
+            resume=not args.no_resume,
+            timeout=args.timeout,
+            read_timeout=args.read_timeout,
+            connect_timeout=args.connect_timeout,
+            retries=args.retries,
+            speed_limit=args.speed_limit,
+            speed_time=args.speed_time,
+            headers=dict(args.header),
+            compute_sha256=not args.no_sha256,
+            executable=args.executable,
+            content_disposition=args.content_disposition,
+            netrc=not args.no_netrc,
+        )
+    return worst
+
+
+def _read_items(source: str, parse: Callable[[Iterable[str], str], list[Any]]) -> list[Any]:
+    if source == "-":
+        return parse(sys.stdin, "-i -")
+    try:
+        with open(source, encoding="utf-8") as lines:
+            return parse(lines, source)
+    except OSError as exc:
+        raise ValueError(f"cannot read {source}: {exc.strerror}") from exc
+
+
+def _shown_name(url: str, output: str | None) -> str:
+    """The name of the file `get` writes: -o's, or the URL's (the server's, with
+    --content-disposition, is known only once it answers)."""
+    from surefetch.download import name_from_url
+
+    if output and not output.endswith(("/", os.sep)) and not os.path.isdir(output):
+        return os.path.basename(output)
+    return name_from_url(url)
