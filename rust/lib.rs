@@ -12,6 +12,7 @@ pub mod hash;
 pub mod http;
 pub mod panics;
 pub mod part;
+pub mod proxy;
 pub mod ranges;
 pub mod retry;
 pub mod sink;
