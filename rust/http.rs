@@ -1,8 +1,9 @@
-//! HTTP: one shared client per connect timeout, safe defaults, and redirects
-//! followed by hand so that every hop is checked (scheme, downgrade, credentials).
+//! HTTP: one shared client per connect timeout and proxy setting, safe
+//! defaults, and redirects followed by hand so that every hop is checked
+//! (scheme, downgrade, credentials).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -10,6 +11,7 @@ use reqwest::{Client, Response, StatusCode, Url};
 
 use crate::error::{Error, Result, TimeoutKind};
 use crate::guard::Guard;
+use crate::proxy::Proxies;
 use crate::retry::parse_retry_after;
 
 pub const MAX_REDIRECTS: usize = 10;
@@ -21,45 +23,59 @@ const CREDENTIAL_HEADERS: [HeaderName; 3] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// The shared HTTP clients, by connect timeout.
-static CLIENTS: Mutex<Option<HashMap<Duration, Client>>> = Mutex::new(None);
+/// The shared HTTP clients, by connect timeout and proxy settings.
+type Clients = HashMap<(Duration, Arc<Proxies>), Client>;
+static CLIENTS: Mutex<Option<Clients>> = Mutex::new(None);
 
 /// Drops every shared client (their connections belong to a runtime that is gone).
 pub fn forget_clients() {
     *CLIENTS.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
-/// The shared HTTP client (one per connect timeout, so connections are reused
-/// across calls) and the connect timeout it was built with.
+/// The shared HTTP client (one per connect timeout and proxy setting, so
+/// connections are reused across calls) and what it was built with.
 #[derive(Clone)]
 pub struct Http {
     client: Client,
     connect_timeout: Duration,
+    proxies: Arc<Proxies>,
 }
 
 impl Http {
+    /// The client for `connect_timeout` and the proxy settings the environment
+    /// has now (see `proxy`: curl's rules, read at every call).
     pub fn shared(connect_timeout: Duration) -> Result<Self> {
+        let proxies = Arc::new(Proxies::from_env()?);
         let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
         let clients = clients.get_or_insert_with(Default::default);
-        let client = match clients.get(&connect_timeout) {
+        let key = (connect_timeout, Arc::clone(&proxies));
+        let client = match clients.get(&key) {
             Some(client) => client.clone(),
             None => {
-                let client = Client::builder()
+                // reqwest's own reading of the environment is off (`no_proxy()`).
+                let mut builder = Client::builder()
                     .redirect(reqwest::redirect::Policy::none())
                     .connect_timeout(connect_timeout)
                     .tcp_nodelay(true)
                     .user_agent(USER_AGENT)
-                    .build()
-                    .map_err(|e| {
-                        Error::network(format!("could not set up HTTP: {}", describe(&e)), false)
-                    })?;
-                clients.insert(connect_timeout, client.clone());
+                    .no_proxy();
+                if !proxies.is_empty() {
+                    let rules = Arc::clone(&proxies);
+                    builder = builder.proxy(reqwest::Proxy::custom(move |url| {
+                        rules.for_url(url).map(|proxy| proxy.url.clone())
+                    }));
+                }
+                let client = builder.build().map_err(|e| {
+                    Error::network(format!("could not set up HTTP: {}", describe(&e)), false)
+                })?;
+                clients.insert(key, client.clone());
                 client
             }
         };
         Ok(Self {
             client,
             connect_timeout,
+            proxies,
         })
     }
 
@@ -131,6 +147,33 @@ impl Http {
             };
         }
         let shown = redact(url);
+        let proxy = self.proxies.for_url(url);
+        let message = match proxy {
+            Some(proxy) if e.is_connect() && reached_nothing(e) => format!(
+                "could not connect to the proxy {} (from {}) for {shown}: {}: check the proxy, or unset {} (or list the host in NO_PROXY) to connect directly",
+                proxy.shown(),
+                proxy.from,
+                root_cause(e),
+                proxy.from
+            ),
+            Some(proxy) if e.is_connect() => format!(
+                "the proxy {} (from {}) did not open a connection to {shown}: {}: check the proxy, its credentials and its logs",
+                proxy.shown(),
+                proxy.from,
+                describe(e)
+            ),
+            Some(proxy) => format!(
+                "request to {shown} through the proxy {} (from {}) failed: {}",
+                proxy.shown(),
+                proxy.from,
+                describe(e)
+            ),
+            None => String::new(),
+        };
+        if let Some(proxy) = proxy {
+            let message = hide_password(hide_password(message, url), &proxy.url);
+            return Error::network(message, true);
+        }
         let message = if e.is_connect() {
             format!(
                 "could not connect to {shown}: {}: check the URL and that the server is up",
@@ -302,6 +345,17 @@ fn percent_decode(text: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a connect error failed before reaching anyone: its root cause is an
+/// I/O error (refused, unreachable, reset, name not resolved), not a protocol
+/// error from a proxy that answered (a refused tunnel).
+fn reached_nothing(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.is::<std::io::Error>() || cause.to_string().contains("dns error")
 }
 
 /// The innermost cause, which names what actually went wrong ("Connection refused").
