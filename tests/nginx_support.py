@@ -118,7 +118,15 @@ http {{
     def log(self, name: str) -> list[tuple[int, int, str]]:
         """(connection serial, status, Range header) of each request for `name`."""
         entries = []
-        # nginx writes its log line after the response: wait until it is there.
+        # nginx writes a request's line after its response (a client may have dropped a
+        # connection before nginx finished it): wait until the log stops growing.
+        lines, deadline = -1, time.monotonic() + 3
+        while time.monotonic() < deadline:
+            now = len(self.access_log.read_text().splitlines())
+            if now == lines:
+                break
+            lines = now
+            time.sleep(0.1)
         for line in self.access_log.read_text().splitlines():
             serial, status, rest = line.split(" ", 2)
             rng, uri = rest.rsplit(" ", 1)
