@@ -293,8 +293,12 @@ class Resolver:
             target = Path(self.root, item.target)
             return installed_matches(target, item.pin, item.executable, self.token)
 
-        with ThreadPoolExecutor(max_workers=min(jobs, len(pinned))) as pool:
-            found = dict(zip((i.index for i in pinned), pool.map(check, pinned)))
+        try:
+            with ThreadPoolExecutor(max_workers=min(jobs, len(pinned))) as pool:
+                checked = list(pool.map(check, pinned))
+        except RuntimeError:  # no thread could start (EAGAIN): check them one by one
+            checked = [check(item) for item in pinned]
+        found = dict(zip((i.index for i in pinned), checked))
         return [found.get(item.index, False) for item in items]
 
     def _stage(self, item: Item, found: CacheEntry) -> Outcome:
