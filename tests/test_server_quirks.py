@@ -201,9 +201,9 @@ def test_nginx_gets_parallel_connections(tmp_path: Path) -> None:
     # nginx logs in order of completion; the first request asked bytes=0-, never a huge end.
     assert [rng for _, _, rng in log].count("bytes=0-") == 1, log
     assert all(status == 206 for _, status, _ in log), log
-    # Eight connections (the first one reconnects once: it drops the rest of its
-    # bytes=0- answer after its first unit).
-    assert 8 <= len({serial for serial, _, _ in log}) <= 9, log
+    # Eight connections at least (the first one reconnects: it drops the rest of its
+    # bytes=0- answer after its first unit; a pooled connection may be replaced).
+    assert len({serial for serial, _, _ in log}) >= 8, log
 
 
 # --- secrets --------------------------------------------------------------------------------
