@@ -9,7 +9,7 @@
 //! a few files), renames each into place, then fsyncs each directory once. While it works, more items stage
 //! and form the next group. A file is never renamed before its data is durable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
@@ -22,7 +22,7 @@ use std::sync::mpsc::Sender;
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::cancel::CancelToken;
-use crate::download::{download_into, download_staged, Options, Outcome, Progress, Staged};
+use crate::download::{download_staged, Options, Outcome, Progress, Staged};
 use crate::error::{Error, Result};
 
 /// One download of a batch.
@@ -107,6 +107,7 @@ pub async fn download_batch(
         staged_rx,
         results.clone(),
         Arc::clone(&progress),
+        durable,
     ));
     let mut workers = tokio::task::JoinSet::new();
     for (index, item) in items.into_iter().enumerate() {
@@ -122,16 +123,13 @@ pub async fn download_batch(
             };
             let Item { url, dest, options } = item;
             let options = Options { durable, ..options };
-            if durable {
-                match download_staged(&url, &dest, &options, cancel, item_progress).await {
-                    Ok((outcome, staged)) => {
-                        let _ = staged_tx.send((index, outcome, staged));
-                    }
-                    Err(error) => finish(&results, &batch, index, Err(error)),
+            // Staged, whether durable or not: the committer is where two items that
+            // would land on one file (names from servers) are told apart.
+            match download_staged(&url, &dest, &options, cancel, item_progress).await {
+                Ok((outcome, staged)) => {
+                    let _ = staged_tx.send((index, outcome, staged));
                 }
-            } else {
-                let result = download_into(&url, &dest, &options, cancel, item_progress).await;
-                finish(&results, &batch, index, result);
+                Err(error) => finish(&results, &batch, index, Err(error)),
             }
         });
     }
@@ -161,7 +159,9 @@ async fn commit_groups(
     mut staged: mpsc::UnboundedReceiver<(usize, Outcome, Staged)>,
     results: Sender<ItemResult>,
     progress: Arc<BatchProgress>,
+    durable: bool,
 ) {
+    let mut installed = HashSet::new();
     while let Some(first) = staged.recv().await {
         let mut group = vec![first];
         // Like a database's commit_delay: a moment for the items finishing
@@ -177,25 +177,47 @@ async fn commit_groups(
                 () = &mut gather => break,
             }
         }
-        let committed = tokio::task::spawn_blocking(move || commit(group))
-            .await
-            .unwrap_or_default();
+        let (committed, kept) = tokio::task::spawn_blocking(move || {
+            let committed = commit(group, durable, &mut installed);
+            (committed, installed)
+        })
+        .await
+        .unwrap_or_default();
+        installed = kept;
         for (index, result) in committed {
             finish(&results, &progress, index, result);
         }
     }
 }
 
-/// Makes a group durable, renames each file into place, fsyncs each directory
-/// once; returns each item's result.
-fn commit(group: Vec<(usize, Outcome, Staged)>) -> Vec<ItemResult> {
+/// Makes a group durable (when asked), renames each file into place unless an
+/// earlier item of the batch took that path, fsyncs each directory once; returns
+/// each item's result.
+fn commit(
+    group: Vec<(usize, Outcome, Staged)>,
+    durable: bool,
+    installed: &mut HashSet<PathBuf>,
+) -> Vec<ItemResult> {
     let parts: Vec<&Path> = group.iter().map(|(_, _, s)| s.part.as_path()).collect();
-    let synced = sync_files(&parts);
+    let synced = if durable {
+        sync_files(&parts)
+    } else {
+        parts.iter().map(|_| Ok(())).collect()
+    };
     let mut results = Vec::with_capacity(group.len());
     let mut renamed: Vec<(usize, Outcome, PathBuf)> = Vec::new();
     let mut part_dirs = BTreeSet::new();
     for ((index, outcome, staged), synced) in group.into_iter().zip(synced) {
         part_dirs.insert(staged.part_dir.clone());
+        let taken = !installed.insert(staged.destination.clone());
+        let synced = synced.and_then(|()| match taken {
+            false => Ok(()),
+            true => Err(Error::InvalidArgument(format!(
+                "another item of this batch was already installed at {} (a name the server gave, \
+                 with --content-disposition): give this one out=NAME; its download was discarded",
+                staged.destination.display()
+            ))),
+        });
         let done = synced.and_then(|()| {
             std::fs::rename(&staged.part, &staged.destination)
                 .map_err(|e| Error::storage("renaming into", &staged.destination, e))
@@ -216,7 +238,10 @@ fn commit(group: Vec<(usize, Outcome, Staged)>) -> Vec<ItemResult> {
         by_dir.entry(dir).or_default().push((index, outcome));
     }
     for (dir, items) in by_dir {
-        let synced = File::open(&dir).and_then(|d| d.sync_all());
+        let synced = match durable {
+            true => File::open(&dir).and_then(|d| d.sync_all()),
+            false => Ok(()),
+        };
         for (index, outcome) in items {
             let result = match &synced {
                 Ok(()) => Ok(outcome),

@@ -115,10 +115,12 @@ impl Http {
                 continue;
             }
             // 416 answers a range request: the caller reads its Content-Range; 304
-            // answers a conditional request.
+            // answers a conditional request, and only a conditional one.
+            let conditional = headers.contains_key(header::IF_NONE_MATCH)
+                || headers.contains_key(header::IF_MODIFIED_SINCE);
             if !status.is_success()
                 && status != StatusCode::RANGE_NOT_SATISFIABLE
-                && status != StatusCode::NOT_MODIFIED
+                && !(status == StatusCode::NOT_MODIFIED && conditional)
             {
                 return Err(status_error(&response, &url));
             }

@@ -303,3 +303,57 @@ def test_verbose_tells_the_decisions_and_quiet_tells_nothing(
     assert "s3cret" not in told.stderr
     quiet = run_cli(["get", cut + "&_=2", "-o", "b.bin", "--connections", "1"], tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+# --- found by trying it as a user -----------------------------------------------------------
+
+
+def test_a_304_nobody_asked_for_is_an_error(server: FaultServer, tmp_path: Path) -> None:
+    url = server.add("v.bin", V1) + "?status=304"
+    (tmp_path / "y").write_bytes(b"existing")
+    with pytest.raises(sf.HTTPError) as refused:
+        sf.download(url, tmp_path / "y")
+    assert refused.value.status == 304
+    assert (tmp_path / "y").read_bytes() == b"existing"
+    other = server.add("w.bin", V2) + "?status=304"
+    done = run_cli(["get", url, other, "-o", "many/"], tmp_path)
+    assert done.returncode == 4 and "internal error" not in done.stderr
+    assert not any((tmp_path / "many").iterdir())
+
+
+def test_a_body_without_length_cut_short_of_the_known_size_is_never_installed(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    # The first answer states the size (3 MiB, under the file's ETag) and cannot be
+    # used; every plain answer has no length and is cut at 2,000,000 bytes.
+    url = server.add("v.bin", V1) + "?ok_with_range=1&no_length=1&cut=2000000"
+    done = run_cli(["get", url, "-o", "v.bin", "--retries", "1"], tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert "without a Content-Length" in done.stderr and "cut" in done.stderr
+    assert not (tmp_path / "v.bin").exists()
+    # Cut once only: the retry gets it whole.
+    fine = sf.download(url + "&times=1", tmp_path / "w.bin")
+    assert fine.size == SMALL and (tmp_path / "w.bin").read_bytes() == V1
+
+
+def test_a_206_without_length_cut_short_is_retried_and_resumed(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    url = server.add("v.bin", V1) + f"?no_length=1&cut={1 << 20}&times=1"
+    result = sf.download(url, tmp_path / "v.bin")
+    assert (tmp_path / "v.bin").read_bytes() == V1
+    assert result.bytes_transferred < SMALL + (64 << 10)  # resumed, not started over
+
+
+def test_server_names_that_collide_in_a_batch_never_overwrite(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    one, two = server.add("one", V1), server.add("two", V2)
+    items = [f"{one}?filename=same.bin", f"{two}?filename=same.bin"]
+    results = sf.download_many(items, tmp_path / "d", content_disposition=True)
+    kinds = sorted(type(r).__name__ for r in results)
+    assert kinds == ["DownloadResult", "ValueError"], results
+    (won,) = [r for r in results if isinstance(r, sf.DownloadResult)]
+    assert won.path == tmp_path / "d" / "same.bin"
+    assert won.path.read_bytes() == (V1 if won.sha256 == hashlib.sha256(V1).hexdigest() else V2)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["same.bin"]

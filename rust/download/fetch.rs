@@ -18,6 +18,7 @@ use crate::hash::{Sha256Hasher, Xxh3Hasher};
 use crate::http;
 use crate::part::{file_mode, PartFile, Sidecar};
 use crate::ranges::RangeSet;
+use crate::response::Comparison;
 use crate::schedule::{self, split, unit_size, Plan, Ramp, Stretch, Transfer};
 use crate::sink::{self, Checkpoint, RangeStream, Sink, SinkOutput};
 use crate::speed::SpeedMeter;
@@ -133,6 +134,9 @@ impl Job<'_> {
             xxh3_128,
             sha256,
         } = sink.finish().await?;
+        if size.is_none() {
+            self.check_unannounced_end(transfer, len)?;
+        }
         self.verify(len, sha256.as_deref(), &xxh3_128, size)?;
         self.persist(part)?;
         self.paths.remove_sidecar();
@@ -175,6 +179,25 @@ impl Job<'_> {
         self.verify(len, sha256.as_deref(), &xxh3_128, Some(unit.end))?;
         self.persist(part)?;
         Ok((len, sha256, xxh3_128))
+    }
+
+    /// A body without a length ends where the connection closes: under the validator
+    /// of a version whose size is known, ending short of it is a cut, not the file.
+    fn check_unannounced_end(&self, transfer: &Transfer, len: u64) -> Result<()> {
+        let Some(known) = self.known() else {
+            return Ok(());
+        };
+        if len == known.total || known.validator.compare(&transfer.validator) != Comparison::Same {
+            return Ok(());
+        }
+        Err(Error::network(
+            format!(
+                "{} sent {len} bytes without a Content-Length, but the file it tagged the same \
+                 has {} bytes: the connection was cut",
+                self.shown_url, known.total
+            ),
+            true,
+        ))
     }
 
     /// Makes the verified part durable (when asked), gives it its mode and
@@ -325,7 +348,9 @@ impl Job<'_> {
             holds_until,
         } = body;
         let url = response.url().clone();
-        let announced = response.content_length().is_some();
+        // A 206's Content-Range states what its body holds, with or without a length.
+        let announced =
+            response.content_length().is_some() || response.status() == StatusCode::PARTIAL_CONTENT;
         let mut skip = unit.start.saturating_sub(start);
         let mut meter = SpeedMeter::new(
             self.options.speed_limit,

@@ -9,7 +9,8 @@ use reqwest::StatusCode;
 use super::{ranges_refused, validator_of_sidecar, Body, Job, Kept, Mode, Start, UNIT_MAX_SKIP};
 use crate::error::{Error, Result};
 use crate::http;
-use crate::response::{judge, Asked, Comparison, Seen, Unusable, Validator, Verdict};
+use crate::http::ContentRange;
+use crate::response::{judge, Asked, Comparison, Known, Seen, Unusable, Validator, Verdict};
 use crate::schedule::{Target, Transfer};
 
 impl Job<'_> {
@@ -114,6 +115,25 @@ impl Job<'_> {
 
     /// A fresh start. With several connections possible, asks for `bytes=0-`, so
     /// that a `206` tells the size and that ranges work; otherwise a plain GET.
+    /// Remembers the size an answer states under a validator (even an answer that
+    /// cannot be used), so that a later body of that version that ends short of it
+    /// is known to be cut.
+    fn learn(&self, seen: &Seen) {
+        let total = match seen.content_range {
+            Some(Some(ContentRange::Bytes { total, .. })) => total,
+            Some(Some(ContentRange::Unsatisfied { total })) => Some(total),
+            _ => None,
+        };
+        if let Some(total) = total.filter(|_| seen.validator.if_range().is_some()) {
+            if self.known().is_none() {
+                self.set_known(Some(Known {
+                    validator: seen.validator.clone(),
+                    total,
+                }));
+            }
+        }
+    }
+
     /// `headers` with the caller's revalidation validators (a fresh start only).
     fn conditional(&self, mut headers: HeaderMap) -> HeaderMap {
         let validators = [
@@ -152,7 +172,9 @@ impl Job<'_> {
             url: opened.url,
             headers: opened.headers,
         };
-        match judge(&asked, None, &Seen::of(&opened.response)) {
+        let seen = Seen::of(&opened.response);
+        self.learn(&seen);
+        match judge(&asked, None, &seen) {
             Verdict::Part {
                 body,
                 total: Some(total),
