@@ -12,6 +12,8 @@ Exit codes (DESIGN.md): 0 success · 1 other error · 2 usage · 3 integrity ·
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Callable, NoReturn, cast
 
@@ -118,6 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.verbose or getattr(args, "verbose_here", False)) and not quiet:
         log_to_stderr()
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return run_reporting_errors(
-        lambda: handler(args), keeps_parts=getattr(args, "keeps_parts", False)
-    )
+    try:
+        return run_reporting_errors(
+            lambda: handler(args), keeps_parts=getattr(args, "keeps_parts", False)
+        )
+    except BrokenPipeError:
+        # The reader went away (`surefetch get ... --json | head -1`): stop quietly, and
+        # keep Python from complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR

@@ -269,7 +269,8 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
     if args.json:
         print_json({"checked": report.checked, "quarantined": bad})
     else:
-        print(f"checked {report.checked} blobs, {len(bad)} did not match")
+        blobs = "blob" if report.checked == 1 else "blobs"
+        print(f"checked {report.checked} {blobs}, {len(bad)} did not match")
     if bad:
         raise CommandError(
             f"{len(bad)} blob(s) did not match their digest and were moved to "
