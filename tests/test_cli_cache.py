@@ -129,7 +129,7 @@ def test_cache_verify_exits_3_on_a_corrupted_blob(
     blob_path(root, SHA).write_bytes(DATA[:-1] + b"\0")
     bad = run_cli(["cache", "verify", "--cache", str(root)])
     assert bad.returncode == 3, bad.stderr
-    assert bad.stdout == "checked 1 blobs, 1 did not match\n"
+    assert bad.stdout == "checked 1 blob, 1 did not match\n"
     assert "1 blob(s) did not match their digest" in bad.stderr
     assert len(bad.stderr.splitlines()) == 1
     assert len(list((root / "quarantine").iterdir())) == 1
