@@ -11,6 +11,7 @@ use reqwest::{Client, Response, StatusCode, Url};
 
 use crate::error::{Error, Result, TimeoutKind};
 use crate::guard::Guard;
+use crate::journal;
 use crate::proxy::Proxies;
 use crate::retry::parse_retry_after;
 
@@ -106,6 +107,15 @@ impl Http {
                         )
                     })?;
                 let next = redirect_target(&url, location)?;
+                journal::note(
+                    journal::Level::Info,
+                    format!(
+                        "{} redirected ({}) to {}",
+                        redact(&url),
+                        status.as_u16(),
+                        redact(&next)
+                    ),
+                );
                 if !same_origin(&url, &next) {
                     for name in &CREDENTIAL_HEADERS {
                         headers.remove(name);

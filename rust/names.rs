@@ -33,8 +33,18 @@ pub fn bare_name(raw: &str) -> String {
     name[..cut].trim_end().to_owned()
 }
 
+/// Characters a name never keeps: C0 and C1 controls, DEL, and the invisible
+/// format characters that reorder or hide text (bidi overrides and isolates, zero
+/// widths, the BOM), with which `%E2%80%AEtxt.exe` would display as `exe.txt`.
 fn is_control(c: char) -> bool {
-    c < ' ' || c == '\u{7f}'
+    matches!(c,
+        '\u{0}'..='\u{1f}'
+        | '\u{7f}'..='\u{9f}'
+        | '\u{61c}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2069}'
+        | '\u{feff}')
 }
 
 /// The largest `n <= limit` at which `bytes` can be cut without splitting a
@@ -202,6 +212,9 @@ mod tests {
             ("tab\there", "tabhere"),
             ("del\u{7f}ete", "delete"),
             ("\u{1b}[31mred", "[31mred"),
+            ("c1\u{85}\u{9b}x", "c1x"),
+            ("\u{202e}txt.exe", "txt.exe"),
+            ("a\u{200b}b\u{2066}c\u{feff}", "abc"),
             ("ünïcödé.txt", "ünïcödé.txt"),
             ("日本語.bin", "日本語.bin"),
             (".surefetch", ".surefetch"),

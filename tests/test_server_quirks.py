@@ -303,6 +303,9 @@ def test_verbose_tells_the_decisions_and_quiet_tells_nothing(
     assert "s3cret" not in told.stderr
     quiet = run_cli(["get", cut + "&_=2", "-o", "b.bin", "--connections", "1"], tmp_path)
     assert quiet.returncode == 0 and quiet.stderr == ""
+    moved = run_cli(["get", f"{url}?redirect=1", "-o", "c.bin", "-v"], tmp_path)
+    assert moved.returncode == 0, moved.stderr
+    assert "redirected (302) to" in moved.stderr and "s3cret" not in moved.stderr
 
 
 # --- found by trying it as a user -----------------------------------------------------------

@@ -649,7 +649,8 @@ class Cache:
                 return entry
             raise NetworkError(
                 f"offline (--offline or SUREFETCH_OFFLINE): {redact_url(url)} was never "
-                f"fetched into the cache at {self._root}; fetch it once online, or drop --offline"
+                f"fetched into the cache at {self._root}; fetch it once online (without "
+                "--offline or SUREFETCH_OFFLINE)"
             )
         raise NetworkError(
             f"offline (--offline or SUREFETCH_OFFLINE): the cache at {self._root} has no blob "
