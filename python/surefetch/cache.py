@@ -565,6 +565,8 @@ class Cache:
         remaining = _remaining(deadline, url)
         tmp = self._dir("tmp") / key
         cached, etag, modified = (None, None, None) if expected else self._indexed(url)
+        if etag is None and modified is None:
+            cached = None  # nothing to revalidate it with: download again
         if cached is not None:
             _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
         result = download(
@@ -598,8 +600,8 @@ class Cache:
         return self._checked("urls", key[:2]) / f"{key}.json"
 
     def _indexed(self, url: str) -> tuple[CacheEntry | None, str | None, str | None]:
-        """The blob this URL gave last time (checked as any lookup), and the conditional
-        request to revalidate it: the strong ETag, else the Last-Modified date."""
+        """The blob this URL gave last time (checked as any lookup), and what revalidates
+        it: its strong ETag, else its Last-Modified date (both None when it had neither)."""
         path = self._index_path(url)
         record = _read_json(path) if _trusted_path(path) else {}
         digest = record.get("sha256")
@@ -613,7 +615,7 @@ class Cache:
             return entry, etag, None
         if isinstance(modified, str):
             return entry, None, modified
-        return None, None, None  # nothing to revalidate with: download again
+        return entry, None, None
 
     def _write_index(
         self, url: str, digest: str, etag: str | None, last_modified: str | None
@@ -642,8 +644,6 @@ class Cache:
         """What the cache holds for `url` without any network access, or NetworkError."""
         if expected is None:
             entry, _, _ = self._indexed(url)
-            if entry is None:
-                entry = self._offline_any(url)
             if entry is not None:
                 _check_size(entry, size)
                 return entry
@@ -656,15 +656,6 @@ class Cache:
             f"offline (--offline or SUREFETCH_OFFLINE): the cache at {self._root} has no blob "
             f"with sha256 {expected} for {redact_url(url)}; fetch it once online"
         )
-
-    def _offline_any(self, url: str) -> CacheEntry | None:
-        """A blob recorded for `url` even without validators to revalidate it by."""
-        path = self._index_path(url)
-        record = _read_json(path) if _trusted_path(path) else {}
-        digest = record.get("sha256")
-        if isinstance(digest, str) and _SHA256.fullmatch(digest):
-            return self._lookup(digest, touch=True)
-        return None
 
     @contextlib.contextmanager
     def _storage(self) -> Iterator[None]:
