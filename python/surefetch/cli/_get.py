@@ -101,21 +101,9 @@ def _run_get(args: argparse.Namespace) -> int:
             sha256=args.sha256,
             xxh3_128=args.xxh3,
             size=args.size,
-            connections=args.connections,
-            resume=not args.no_resume,
             durable=not args.no_fsync,
-            timeout=args.timeout,
-            read_timeout=args.read_timeout,
-            connect_timeout=args.connect_timeout,
-            retries=args.retries,
-            speed_limit=args.speed_limit,
-            speed_time=args.speed_time,
-            headers=dict(args.header),
             progress=progress,
-            compute_sha256=not args.no_sha256,
-            executable=args.executable,
-            content_disposition=args.content_disposition,
-            netrc=not args.no_netrc,
+            **_transfer_options(args),
         )
     if args.json:
         print_json(result.to_dict())
@@ -166,21 +154,28 @@ def _run_get_many(args: argparse.Namespace) -> int:
             durable=not args.no_fsync,
             progress=progress,
             on_result=report,
-            connections=args.connections,
-            resume=not args.no_resume,
-            timeout=args.timeout,
-            read_timeout=args.read_timeout,
-            connect_timeout=args.connect_timeout,
-            retries=args.retries,
-            speed_limit=args.speed_limit,
-            speed_time=args.speed_time,
-            headers=dict(args.header),
-            compute_sha256=not args.no_sha256,
-            executable=args.executable,
-            content_disposition=args.content_disposition,
-            netrc=not args.no_netrc,
+            **_transfer_options(args),
         )
     return worst
+
+
+def _transfer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `get` that every item takes alike, as `download`'s keywords."""
+    return {
+        "connections": args.connections,
+        "resume": not args.no_resume,
+        "timeout": args.timeout,
+        "read_timeout": args.read_timeout,
+        "connect_timeout": args.connect_timeout,
+        "retries": args.retries,
+        "speed_limit": args.speed_limit,
+        "speed_time": args.speed_time,
+        "headers": dict(args.header),
+        "compute_sha256": not args.no_sha256,
+        "executable": args.executable,
+        "content_disposition": args.content_disposition,
+        "netrc": not args.no_netrc,
+    }
 
 
 def _read_items(source: str, parse: Callable[[Iterable[str], str], list[Any]]) -> list[Any]:
