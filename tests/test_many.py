@@ -265,3 +265,19 @@ def test_killing_a_batch_sync_anywhere_leaves_a_consistent_cache_and_lockfile(
     assert done.returncode == 0, done.stderr
     for i, data in enumerate(datas):
         assert (tmp_path / "dest" / f"a{i}").read_bytes() == data
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(urls: list[str], tmp_path: Path) -> None:
+    # `surefetch get ... --json | head -1`: the first line is read, then the pipe closes.
+    child = subprocess.Popen(
+        [SUREFETCH, "get", *urls[:30], "-o", str(tmp_path / "out"), "--json", "--jobs", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=restore_default_signals,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    assert json.loads(child.stdout.readline())["path"]
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(30) in (0, 1)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -197,3 +197,13 @@ def test_fuzzed_from_the_openapi_document(api: Api) -> None:
                 )
             _fuzz(strategy, api, positive, statuses)
     assert any(200 <= s < 300 for s in statuses) and 422 in statuses and 404 in statuses
+
+
+def test_long_histories_are_limited_unless_all_is_asked(api: Api) -> None:
+    ids = [api.store.create("alice", f"s{i}").id for i in range(103)]
+    with api.client(api.alice) as c:
+        default = c.get("/sessions").json()["sessions"]
+        assert [s["id"] for s in default] == ids[::-1][:100]
+        assert len(c.get("/sessions", params={"all": "true"}).json()["sessions"]) == 103
+        two = c.get("/sessions", params={"limit": 2}).json()["sessions"]
+        assert [s["id"] for s in two] == ids[::-1][:2]
