@@ -21,7 +21,6 @@ use crate::journal;
 use crate::names;
 use crate::panics::{self, Caught};
 use crate::part;
-use crate::retry::Backoff;
 
 pyo3::import_exception!(surefetch.errors, SurefetchError);
 pyo3::import_exception!(surefetch.errors, ChecksumMismatch);
@@ -338,66 +337,21 @@ fn seconds(value: Option<f64>, name: &str) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
-/// Downloads `url` to the file `dest`; see `surefetch.download` for the arguments.
+/// Downloads `url` to the file `dest`; `options` holds `download`'s keyword
+/// arguments (`options_from_dict`: those given, the rest keep `Options::default()`).
 #[pyfunction]
-#[pyo3(signature = (
-    url, dest, *, sha256=None, xxh3_128=None, size=None, compute_sha256=true, durable=true,
-    executable=false, timeout=None, connect_timeout=30.0, read_timeout=None, retries=3,
-    backoff_base=0.25, backoff_cap=10.0, headers=None, connections=None, resume=true,
-    speed_limit=1024, speed_time=30.0, content_disposition=false, if_none_match=None,
-    if_modified_since=None, cancel=None, progress=None
-))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (url, dest, options=None, *, cancel=None, progress=None))]
 fn download<'py>(
     py: Python<'py>,
     url: String,
     dest: PathBuf,
-    sha256: Option<String>,
-    xxh3_128: Option<String>,
-    size: Option<u64>,
-    compute_sha256: bool,
-    durable: bool,
-    executable: bool,
-    timeout: Option<f64>,
-    connect_timeout: f64,
-    read_timeout: Option<f64>,
-    retries: u32,
-    backoff_base: f64,
-    backoff_cap: f64,
-    headers: Option<Vec<(String, String)>>,
-    connections: Option<u32>,
-    resume: bool,
-    speed_limit: u64,
-    speed_time: f64,
-    content_disposition: bool,
-    if_none_match: Option<String>,
-    if_modified_since: Option<String>,
+    options: Option<Bound<'py, PyDict>>,
     cancel: Option<PyRef<'py, CancelToken>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let options = Options {
-        sha256,
-        xxh3_128,
-        size,
-        compute_sha256,
-        durable,
-        executable,
-        timeout: seconds(timeout, "timeout")?,
-        connect_timeout: seconds(Some(connect_timeout), "connect_timeout")?.unwrap_or_default(),
-        read_timeout: seconds(read_timeout, "read_timeout")?,
-        retries,
-        backoff: Backoff {
-            base: seconds(Some(backoff_base), "backoff_base")?.unwrap_or_default(),
-            cap: seconds(Some(backoff_cap), "backoff_cap")?.unwrap_or_default(),
-        },
-        headers: headers.unwrap_or_default(),
-        connections,
-        resume,
-        speed_limit,
-        speed_time: seconds(Some(speed_time), "speed_time")?.unwrap_or_default(),
-        content_disposition,
-        if_none_match,
-        if_modified_since,
+    let options = match &options {
+        Some(given) => options_from_dict(given)?,
+        None => Options::default(),
     };
     // A child token: cancelling because of Ctrl+C must not cancel the caller's token.
     let token = match &cancel {
@@ -416,8 +370,28 @@ fn download<'py>(
     outcome_dict(py, outcome)
 }
 
-/// The options of one item of `download_many`: the keyword arguments of
-/// `download` (those given; the rest keep their defaults).
+/// The engine's own defaults of the transfer options (`TransferOptions` in
+/// Python must agree; a test compares them).
+#[pyfunction]
+fn default_options(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let defaults = Options::default();
+    let secs = |d: Duration| d.as_secs_f64();
+    let dict = PyDict::new(py);
+    dict.set_item("connections", defaults.connections)?;
+    dict.set_item("resume", defaults.resume)?;
+    dict.set_item("timeout", defaults.timeout.map(secs))?;
+    dict.set_item("read_timeout", defaults.read_timeout.map(secs))?;
+    dict.set_item("connect_timeout", secs(defaults.connect_timeout))?;
+    dict.set_item("retries", defaults.retries)?;
+    dict.set_item("speed_limit", defaults.speed_limit)?;
+    dict.set_item("speed_time", secs(defaults.speed_time))?;
+    dict.set_item("durable", defaults.durable)?;
+    dict.set_item("compute_sha256", defaults.compute_sha256)?;
+    Ok(dict)
+}
+
+/// The options of a download, single or in a batch: the keyword arguments of
+/// `download` (those given; the rest keep `Options::default()`).
 fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
     let mut options = Options::default();
     for (key, value) in item.iter() {
@@ -448,6 +422,9 @@ fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
                     seconds(Some(value.extract()?), "speed_time")?.unwrap_or_default()
             }
             "content_disposition" => options.content_disposition = value.extract()?,
+            "durable" => options.durable = value.extract()?,
+            "if_none_match" => options.if_none_match = value.extract()?,
+            "if_modified_since" => options.if_modified_since = value.extract()?,
             other => {
                 return Err(PyValueError::new_err(format!(
                     "unknown download option {other:?}"
@@ -601,6 +578,9 @@ fn sync_filesystem(py: Python<'_>, path: PathBuf) -> PyResult<()> {
     synced.map_err(|source| plain_os_error(Error::storage("syncing", path, source)))
 }
 
+/// Files up to this size (bytes) are hashed on the calling thread.
+const HASH_INLINE_MAX: u64 = 4 << 20;
+
 /// Size and digests of a file: `(size, xxh3_128, sha256 or None)`.
 #[pyfunction]
 #[pyo3(signature = (path, *, sha256=true, cancel=None))]
@@ -614,6 +594,14 @@ fn hash_file(
         Some(parent) => parent.inner.child(),
         None => cancel::CancelToken::new(),
     };
+    // A small file is hashed in a few milliseconds: on this thread, without the
+    // GIL, rather than on a thread of its own that Ctrl+C could interrupt.
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() <= HASH_INLINE_MAX) {
+        let hashed =
+            py.detach(|| panics::catch("hashing", || hash::hash_file(&path, sha256, &token)));
+        let digests = hashed.map_err(plain_os_error)?;
+        return Ok((digests.size, digests.xxh3_128, digests.sha256));
+    }
     let task_token = token.clone();
     let work = async move {
         // A thread of its own rather than tokio's blocking pool, which panics
@@ -695,6 +683,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CancelToken>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(download_many, m)?)?;
+    m.add_function(wrap_pyfunction!(default_options, m)?)?;
     m.add_function(wrap_pyfunction!(sync_filesystem, m)?)?;
     m.add_function(wrap_pyfunction!(hash_file, m)?)?;
     m.add_function(wrap_pyfunction!(bare_name, m)?)?;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import json
 import os
 import stat
@@ -18,6 +19,7 @@ import xxhash
 
 import surefetch as sf
 from surefetch.testing import FaultServer, gzipped
+from surefetch.transfer import TransferOptions
 
 from support import leftovers, part_dir, payload
 
@@ -469,3 +471,67 @@ def test_large_files_take_the_direct_write_path(server: FaultServer, tmp_path: P
     assert done > 1 << 20
     part = (tmp_path / ".surefetch" / "cancelled.bin.part").read_bytes()
     assert part[:done] == data[:done]
+
+
+# --- the transfer options: one value, its defaults agreeing with the engine's ----------------
+
+
+def test_transfer_options_defaults_are_the_engines():
+    """`TransferOptions` (and so `download`'s keyword defaults) and the engine's own
+    defaults are one set: a default changed on one side only fails here."""
+    from surefetch import _core
+
+    engine = _core.default_options()
+    ours = TransferOptions()
+    for name in ("connections", "resume", "timeout", "read_timeout", "connect_timeout"):
+        assert getattr(ours, name) == engine[name], name
+    for name in ("retries", "speed_limit", "speed_time"):
+        assert getattr(ours, name) == engine[name], name
+    signature = inspect.signature(sf.download)
+    for name in engine:
+        if name in signature.parameters and hasattr(ours, name):
+            assert signature.parameters[name].default == getattr(ours, name), name
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("connections", 0, "connections must be at least 1"),
+        ("retries", -1, "retries must be 0 or more"),
+        ("timeout", 0, "timeout must be a positive number of seconds"),
+        ("read_timeout", -1.0, "read_timeout must be a positive number of seconds"),
+        ("connect_timeout", 0, "connect_timeout must be a positive number of seconds"),
+        ("speed_time", 0, "speed_time must be a positive number of seconds"),
+        ("speed_limit", -1, "speed_limit must be 0 or more"),
+    ],
+)
+def test_transfer_options_are_checked_once_wherever_they_enter(tmp_path, field, value, says):
+    """The same check, the same message, from every entry point; nothing is requested."""
+    with pytest.raises(ValueError, match=says):
+        TransferOptions(**{field: value})
+    with pytest.raises(ValueError, match=says):
+        sf.download("http://127.0.0.1:9/x", tmp_path / "x", **{field: value})
+    with pytest.raises(ValueError, match=says):
+        sf.download_many(["http://127.0.0.1:9/x"], tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=says):
+        sf.Cache(tmp_path / "cache").fetch("http://127.0.0.1:9/x", **{field: value})
+    assert not (tmp_path / "x").exists()
+
+
+def test_transfer_options_value_and_keywords_combine(server, tmp_path):
+    """A `TransferOptions` value is honoured by every entry point, and a keyword that
+    differs from its default overrides its field; an unknown keyword is a TypeError,
+    never silently dropped."""
+    url = server.add("h.bin", b"h" * 100)
+    opts = TransferOptions(headers={"X-Token": "abc"}, retries=0)
+    sf.download(url, tmp_path / "h.bin", options=opts)
+    sf.download_many([url], tmp_path / "many", options=opts)
+    sf.Cache(tmp_path / "cache").fetch(url, options=opts)
+    sf.download(url, tmp_path / "other.bin", options=opts, headers={"X-Token": "mine"})
+    sent = [r.headers.get("x-token") for r in server.requests if r.name == "h.bin"]
+    assert sent == ["abc", "abc", "abc", "mine"]
+    with pytest.raises(TypeError):
+        sf.download_many([url], tmp_path / "t", retires=2)
+    with pytest.raises(TypeError):
+        sf.Cache(tmp_path / "cache").fetch(url, retires=2)
+    assert not (tmp_path / "t" / "h.bin").exists()

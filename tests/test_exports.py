@@ -45,6 +45,7 @@ TOP_LEVEL = [
     "SizeMismatch",
     "StorageError",
     "SurefetchError",
+    "TransferOptions",
     "UnsafeDestination",
     "__version__",
     "adownload",

@@ -6,7 +6,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from surefetch._core import CancelToken, __version__
-from surefetch.download import DownloadItem, DownloadResult, adownload, download, download_many
+from surefetch.download import (
+    DownloadItem,
+    DownloadResult,
+    TransferOptions,
+    adownload,
+    download,
+    download_many,
+)
 from surefetch.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -78,6 +85,7 @@ __all__ = [
     "SizeMismatch",
     "StorageError",
     "SurefetchError",
+    "TransferOptions",
     "UnsafeDestination",
     "__version__",
     "adownload",

@@ -54,7 +54,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -66,6 +66,7 @@ from surefetch.download import (
     DownloadItem,
     DownloadResult,
     ProgressCallback,
+    TransferOptions,
     download,
     download_many,
     hash_file,
@@ -231,32 +232,22 @@ class Cache:
         *,
         sha256: str | None = None,
         size: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        read_timeout: float | None = 30.0,
-        connect_timeout: float = 30.0,
-        retries: int = 3,
-        connections: int | None = None,
-        netrc: bool = True,
+        options: TransferOptions | None = None,
         cancel: CancelToken | None = None,
         progress: ProgressCallback | None = None,
         on_wait: Callable[[str], None] | None = None,
+        **changes: Any,
     ) -> Path:
         """`fetch_entry` that returns only the blob's path (takes the same arguments)."""
         return self.fetch_entry(
             url,
             sha256=sha256,
             size=size,
-            headers=headers,
-            timeout=timeout,
-            read_timeout=read_timeout,
-            connect_timeout=connect_timeout,
-            retries=retries,
-            connections=connections,
-            netrc=netrc,
+            options=options,
             cancel=cancel,
             progress=progress,
             on_wait=on_wait,
+            **changes,
         ).path
 
     def fetch_entry(
@@ -265,16 +256,11 @@ class Cache:
         *,
         sha256: str | None = None,
         size: int | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        read_timeout: float | None = 30.0,
-        connect_timeout: float = 30.0,
-        retries: int = 3,
-        connections: int | None = None,
-        netrc: bool = True,
+        options: TransferOptions | None = None,
         cancel: CancelToken | None = None,
         progress: ProgressCallback | None = None,
         on_wait: Callable[[str], None] | None = None,
+        **changes: Any,
     ) -> CacheEntry:
         """The blob of `url`, from the cache when it is there, else downloaded into it.
 
@@ -289,12 +275,10 @@ class Cache:
             url: an http or https URL.
             sha256: expected SHA-256 (hex); a download that differs raises.
             size: expected size in bytes.
-            headers: extra request headers.
-            timeout: overall limit in seconds, lock wait included (None: no limit).
-            read_timeout: how long the server may stay silent, in seconds.
-            connect_timeout: how long connecting may take, in seconds.
-            retries: further attempts after a transient failure.
-            connections: parallel ranged connections (None: automatic).
+            options: how the download behaves (`TransferOptions`); its ``timeout`` is
+                the overall limit in seconds, lock wait included.
+            changes: fields of `TransferOptions` (``retries=5``, ``headers=...``,
+                ``timeout=60``) that override `options`.
             cancel: a token whose cancellation stops the call, also while waiting.
             progress: called with (bytes done, total or None) during a download.
             on_wait: called once with a description of the holder
@@ -314,10 +298,11 @@ class Cache:
             Cancelled: `cancel` was cancelled.
             StorageError: the cache directory could not be written.
             ValueError: an invalid argument (URL, digest, number).
+            TypeError: a keyword that is not a `TransferOptions` field.
         """
+        transfer = TransferOptions.of(options, **changes)
+        timeout = transfer.timeout
         deadline = time.monotonic() + timeout if timeout is not None else None
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
         expected = _check_sha256(sha256) if sha256 is not None else None
         key = f"sha256-{expected}" if expected else f"url-{_url_key(url)}"
         with self._storage():
@@ -340,13 +325,8 @@ class Cache:
                     deadline,
                     cancel,
                     on_wait,
+                    transfer,
                     size=size,
-                    connections=connections,
-                    read_timeout=read_timeout,
-                    connect_timeout=connect_timeout,
-                    retries=retries,
-                    headers=headers,
-                    netrc=netrc,
                     progress=progress,
                 )
 
@@ -355,13 +335,13 @@ class Cache:
         requests: Sequence[FetchRequest],
         *,
         jobs: int = 8,
-        timeout: float | None = None,
         cancel: CancelToken | None = None,
         on_result: Callable[[int, CacheEntry | Exception], Any] | None = None,
         on_wait: Callable[[str], None] | None = None,
         progress: BatchProgressCallback | None = None,
         item_progress: Callable[[int, int, int | None], Any] | None = None,
-        **options: Any,
+        options: TransferOptions | None = None,
+        **changes: Any,
     ) -> list[CacheEntry | Exception]:
         """`fetch_entry` for many artifacts at once: what is cached is returned at once;
         the rest is downloaded in one `download_many` call (one runtime, `jobs` at a time,
@@ -371,21 +351,24 @@ class Cache:
         Args:
             requests: what to fetch.
             jobs: downloads in flight at once.
-            timeout: seconds allowed to each download (None: no limit).
             cancel: a token whose cancellation stops every download (parts kept).
             on_result: called with (index, entry or exception) as each is final.
             on_wait: see `fetch_entry`.
             progress, item_progress: the batch's progress and each request's (by its
                 index), as `download_many` reports them.
-            options: keyword arguments of `download` (retries, timeouts, headers...).
+            options: how each download behaves (`TransferOptions`; its ``timeout`` is
+                the seconds allowed to each download).
+            changes: fields of `TransferOptions` that override `options`.
 
         Returns:
             For each request, in order, its `CacheEntry` or the exception it raised.
 
         Raises:
             StorageError: the cache directory cannot be used.
+            TypeError: a keyword that is not a `TransferOptions` field.
             KeyboardInterrupt: Ctrl+C; every download is cancelled first.
         """
+        transfer = TransferOptions.of(options, **changes)
         results: list[CacheEntry | Exception | None] = [None] * len(requests)
         # Within one batch each directory is checked once, not once per blob.
         self._checked_dirs = set()
@@ -394,13 +377,12 @@ class Cache:
                 requests,
                 results,
                 jobs,
-                timeout,
                 cancel,
                 on_result,
                 on_wait,
                 progress,
                 item_progress,
-                options,
+                transfer,
             )
         finally:
             self._checked_dirs = None
@@ -410,13 +392,12 @@ class Cache:
         requests: Sequence[FetchRequest],
         results: list[CacheEntry | Exception | None],
         jobs: int,
-        timeout: float | None,
         cancel: CancelToken | None,
         on_result: Callable[[int, CacheEntry | Exception], Any] | None,
         on_wait: Callable[[str], None] | None,
         progress: BatchProgressCallback | None,
         item_progress: Callable[[int, int, int | None], Any] | None,
-        options: dict[str, Any],
+        transfer: TransferOptions,
     ) -> list[CacheEntry | Exception]:
         def settle(index: int, result: CacheEntry | Exception) -> None:
             results[index] = result
@@ -460,7 +441,7 @@ class Cache:
                         report(batch[position][0], done, total)
 
                 self._download_batch(
-                    requests, batch, jobs, timeout, cancel, settle, progress, per_request, options
+                    requests, batch, jobs, cancel, settle, progress, per_request, transfer
                 )
         for index in waiting:
             request = requests[index]
@@ -469,10 +450,9 @@ class Cache:
                     request.url,
                     sha256=request.sha256,
                     size=request.size,
-                    timeout=timeout,
+                    options=transfer,
                     cancel=cancel,
                     on_wait=on_wait,
-                    **options,
                 )
             except SurefetchError as exc:
                 entry = exc
@@ -484,12 +464,11 @@ class Cache:
         requests: Sequence[FetchRequest],
         batch: list[tuple[int, str, str | None]],
         jobs: int,
-        timeout: float | None,
         cancel: CancelToken | None,
         settle: Callable[[int, CacheEntry | Exception], None],
         progress: BatchProgressCallback | None,
         item_progress: Callable[[int, int, int | None], Any] | None,
-        options: dict[str, Any],
+        transfer: TransferOptions,
     ) -> None:
         """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
         place and syncs the blob directories once for all."""
@@ -529,8 +508,7 @@ class Cache:
             on_result=one,
             progress=progress,
             item_progress=item_progress,
-            timeout=timeout,
-            **options,
+            options=transfer,
         )
         if placed:
             # The blobs' data was durable before their renames; one syncfs makes the
@@ -555,6 +533,7 @@ class Cache:
         deadline: float | None,
         cancel: CancelToken | None,
         on_wait: Callable[[str], None] | None,
+        transfer: TransferOptions,
         **options: Any,
     ) -> CacheEntry:
         """Downloads into tmp/ (resuming a part left there) and moves the blob into place.
@@ -573,7 +552,7 @@ class Cache:
             url,
             tmp,
             sha256=expected,
-            timeout=remaining,
+            options=TransferOptions.of(transfer, timeout=remaining),
             cancel=cancel,
             if_none_match=etag,
             if_modified_since=modified,

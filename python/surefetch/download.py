@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from surefetch import _core
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
-from surefetch.credentials import netrc_headers
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
+from surefetch.transfer import DEFAULT, TransferOptions
 
 if TYPE_CHECKING:
     import asyncio
@@ -28,6 +28,7 @@ __all__ = [
     "DownloadItem",
     "DownloadResult",
     "ProgressCallback",
+    "TransferOptions",
     "adownload",
     "download",
     "download_many",
@@ -142,18 +143,6 @@ def _not_reserved(path: Path) -> Path:
     return path
 
 
-def _check(
-    connections: int | None, retries: int, timeout: float | None, read_timeout: float | None
-) -> None:
-    if connections is not None and connections < 1:
-        raise ValueError(f"connections must be at least 1, not {connections}")
-    if retries < 0:
-        raise ValueError(f"retries must be 0 or more, not {retries}")
-    for name, value in (("timeout", timeout), ("read_timeout", read_timeout)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be a positive number of seconds, not {value}")
-
-
 def download(
     url: str,
     dest: StrPath | None = None,
@@ -161,24 +150,25 @@ def download(
     sha256: str | None = None,
     xxh3_128: str | None = None,
     size: int | None = None,
-    connections: int | None = None,
-    resume: bool = True,
+    connections: int | None = DEFAULT.connections,
+    resume: bool = DEFAULT.resume,
     durable: bool = True,
-    timeout: float | None = None,
-    read_timeout: float | None = 30.0,
-    connect_timeout: float = 30.0,
-    retries: int = 3,
-    speed_limit: int = 1024,
-    speed_time: float = 30.0,
+    timeout: float | None = DEFAULT.timeout,
+    read_timeout: float | None = DEFAULT.read_timeout,
+    connect_timeout: float = DEFAULT.connect_timeout,
+    retries: int = DEFAULT.retries,
+    speed_limit: int = DEFAULT.speed_limit,
+    speed_time: float = DEFAULT.speed_time,
     headers: Mapping[str, str] | None = None,
     cancel: CancelToken | None = None,
     progress: ProgressCallback | None = None,
     compute_sha256: bool = True,
     executable: bool = False,
     content_disposition: bool = False,
-    netrc: bool = True,
+    netrc: bool = DEFAULT.netrc,
     if_none_match: str | None = None,
     if_modified_since: str | None = None,
+    options: TransferOptions | None = None,
 ) -> DownloadResult:
     """Download `url` to `dest`, verified, atomically.
 
@@ -195,27 +185,16 @@ def download(
         sha256: expected SHA-256 (hex); a mismatch raises `ChecksumMismatch`.
         xxh3_128: expected XXH3-128 (hex, canonical form as `xxhsum -H2` prints).
         size: expected size in bytes; a body that differs raises `SizeMismatch`.
-        connections: parallel ranged connections (None: automatic: one for files
-            under 16 MiB or servers without ranges; above, one to eight, added
-            while they raise the rate).
-        resume: continue a part file left by an interrupted transfer (Range with
-            If-Range, so a file that changed on the server starts over); False
-            discards any part file.
+        connections, resume, timeout, read_timeout, connect_timeout, retries,
+            speed_limit, speed_time, headers, netrc: how the transfer behaves, as the
+            fields of `TransferOptions` say (parallel ranged connections, resume
+            with Range and If-Range, seconds, attempts, bytes per second, extra
+            request headers, ``~/.netrc`` credentials).
+        options: a `TransferOptions` holding those instead; a keyword set to other
+            than its default overrides its field.
         durable: fsync the file and its directory (turn off for rebuildable caches).
-        timeout: overall limit in seconds (None: no limit).
-        read_timeout: how long the server may stay silent, in seconds.
-        connect_timeout: how long connecting may take, in seconds.
-        retries: further attempts after a transient failure (connect error, cut
-            body, 5xx, 408, 429 honouring Retry-After), with exponential backoff.
-        speed_limit: low-speed limit in bytes per second (0: off), with
-            `speed_time` in seconds: a response slower than that over that long
-            is a stall, retried and resumed (curl's ``--speed-limit``/``--speed-time``).
         if_none_match, if_modified_since: revalidate a copy the caller holds (RFC 9110
             §13.1): a ``304`` returns a result with ``not_modified`` and writes nothing.
-        netrc: use the credentials of `url`'s host in ``~/.netrc`` (``$NETRC``) when the
-            URL has no user and `headers` no ``Authorization``.
-        headers: extra request headers (credentials are dropped on a redirect to
-            another host).
         cancel: a token whose cancellation stops the transfer within milliseconds.
         progress: called with (bytes done, total or None) at most ~10 times a second.
         compute_sha256: compute SHA-256 when no `sha256` is expected.
@@ -243,38 +222,48 @@ def download(
         ValueError: an invalid argument (URL scheme, digest, number).
         KeyboardInterrupt: Ctrl+C, raised within 100 ms; the transfer is cancelled.
     """
-    _check(connections, retries, timeout, read_timeout)
-    if speed_limit < 0 or not speed_time > 0:
-        raise ValueError(
-            f"speed_limit must be 0 or more and speed_time positive, "
-            f"not {speed_limit} and {speed_time}"
-        )
+    given = {
+        "connections": connections,
+        "resume": resume,
+        "timeout": timeout,
+        "read_timeout": read_timeout,
+        "connect_timeout": connect_timeout,
+        "retries": retries,
+        "speed_limit": speed_limit,
+        "speed_time": speed_time,
+        "headers": headers or {},
+        "netrc": netrc,
+    }
+    transfer = _merge(options, given)
     path, in_directory = _destination(url, dest)
     raw = _core.download(
         url,
         path,
-        sha256=sha256,
-        xxh3_128=xxh3_128,
-        size=size,
-        compute_sha256=compute_sha256,
-        durable=durable,
-        executable=executable,
-        timeout=timeout,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        retries=retries,
-        speed_limit=speed_limit,
-        speed_time=speed_time,
-        headers=list((netrc_headers(url, headers) if netrc else dict(headers or {})).items()),
-        connections=connections,
-        resume=resume,
-        content_disposition=content_disposition and in_directory,
-        if_none_match=if_none_match,
-        if_modified_since=if_modified_since,
+        {
+            **transfer.engine_options(url),
+            "sha256": sha256,
+            "xxh3_128": xxh3_128,
+            "size": size,
+            "compute_sha256": compute_sha256,
+            "durable": durable,
+            "executable": executable,
+            "content_disposition": content_disposition and in_directory,
+            "if_none_match": if_none_match,
+            "if_modified_since": if_modified_since,
+        },
         cancel=cancel,
         progress=progress,
     )
     return _result(raw)
+
+
+def _merge(options: TransferOptions | None, given: dict[str, Any]) -> TransferOptions:
+    """`options` overridden by the keywords that differ from the defaults (so that a
+    keyword left alone does not undo a field of `options`), checked."""
+    if options is None:
+        return TransferOptions(**given)
+    changed = {k: v for k, v in given.items() if v != getattr(DEFAULT, k)}
+    return TransferOptions.of(options, **changed)
 
 
 def _result(raw: dict[str, Any]) -> DownloadResult:
@@ -419,7 +408,11 @@ def download_many(
     progress: BatchProgressCallback | None = None,
     on_result: Callable[[int, DownloadResult | Exception], Any] | None = None,
     item_progress: Callable[[int, int, int | None], Any] | None = None,
-    **options: Any,
+    options: TransferOptions | None = None,
+    compute_sha256: bool = True,
+    executable: bool = False,
+    content_disposition: bool = False,
+    **changes: Any,
 ) -> list[DownloadResult | Exception]:
     """Download many URLs into the directory `dest`, at most `jobs` at a time, in one
     call on one runtime (connections reused per host), each verified and atomic.
@@ -437,8 +430,10 @@ def download_many(
         on_result: called with (index, result or exception) as each item is final.
         item_progress: called with (index, bytes done, total or None) for each item whose
             bytes moved, about ten times a second.
-        options: keyword arguments of `download` (not `sha256`, `xxh3_128` or `size`,
-            which are per item).
+        options: how each transfer behaves (`TransferOptions`; default: its defaults).
+        compute_sha256, executable, content_disposition: as for `download`.
+        changes: fields of `TransferOptions` (``retries=5``, ``headers=...``) that
+            override `options`.
 
     Returns:
         For each item, in order, its `DownloadResult` or the exception it raised (a
@@ -446,20 +441,16 @@ def download_many(
 
     Raises:
         ValueError: a bad argument, or two items that would write the same file.
+        TypeError: a keyword that is neither an argument nor a `TransferOptions` field.
         StorageError: the destination directory cannot be created.
         KeyboardInterrupt: Ctrl+C; every transfer is cancelled first.
     """
     for name in ("sha256", "xxh3_128", "size", "progress"):
-        if name in options:
+        if name in changes:
             raise ValueError(f"{name} is given per item (DownloadItem), not for all")
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
-    _check(
-        options.get("connections"),
-        options.get("retries", 3),
-        options.get("timeout"),
-        options.get("read_timeout", 30.0),
-    )
+    transfer = TransferOptions.of(options, **changes)
     directory = Path.cwd() if dest is None else Path(os.fspath(dest))
     _make_directory(directory)
     batch = [DownloadItem(i) if isinstance(i, str) else i for i in items]
@@ -476,14 +467,14 @@ def download_many(
                 "give one of them out=NAME"
             )
         seen[path] = item.url
-        per_item: dict[str, Any] = {
-            k: v for k, v in options.items() if k not in ("headers", "netrc")
+        per_item = {
+            **transfer.engine_options(item.url),
+            "sha256": item.sha256,
+            "size": item.size,
+            "compute_sha256": compute_sha256,
+            "executable": executable,
+            "content_disposition": content_disposition,
         }
-        headers = options.get("headers")
-        if options.get("netrc", True):
-            headers = netrc_headers(item.url, headers)
-        per_item["headers"] = list((headers or {}).items())
-        per_item.update(sha256=item.sha256, size=item.size)
         raw_items.append((item.url, path, per_item))
     results: list[DownloadResult | Exception | None] = [None] * len(batch)
 

@@ -52,6 +52,7 @@ from surefetch.download import (
     CancelToken,
     DownloadResult,
     ProgressCallback,
+    TransferOptions,
     download,
     fit_name,
     name_from_url,
@@ -72,52 +73,32 @@ class SurefetchDownloader:
         progressbar: True for a tqdm bar on stderr (as pooch draws it), or a
             progress bar object of your own (``total``, ``update(n)``, ``reset()``,
             ``close()``, as pooch accepts); False for none.
-        headers: extra request headers (credentials are dropped on a redirect to
-            another host).
-        connections: parallel ranged connections (None: automatic).
-        timeout: overall limit of one download, in seconds (None: no limit).
-        read_timeout: how long the server may stay silent, in seconds.
-        connect_timeout: how long connecting may take, in seconds.
-        retries: further attempts after a transient failure; a cut body resumes.
-        speed_limit: low-speed limit in bytes per second (0: off), over `speed_time`.
-        speed_time: seconds below `speed_limit` that count as a stall.
+        options: how each download behaves (`surefetch.TransferOptions`: connections,
+            timeouts in seconds, retries (a cut body resumes), the low-speed limit,
+            headers, netrc).
         durable: fsync the downloaded file (before pooch moves it into place).
         cancel: a token whose cancellation stops a download within milliseconds.
+        changes: fields of `TransferOptions` (``retries=5``, ``headers=...``) that
+            override `options`.
 
     Raises:
-        ValueError: an invalid option (checked at the first download).
+        ValueError: an invalid option.
+        TypeError: a keyword that is not a `TransferOptions` field.
     """
 
     def __init__(
         self,
         *,
         progressbar: Any = False,
-        headers: Mapping[str, str] | None = None,
-        connections: int | None = None,
-        timeout: float | None = None,
-        read_timeout: float | None = 30.0,
-        connect_timeout: float = 30.0,
-        retries: int = 3,
-        speed_limit: int = 1024,
-        speed_time: float = 30.0,
+        options: TransferOptions | None = None,
         durable: bool = True,
         cancel: CancelToken | None = None,
+        **changes: Any,
     ) -> None:
         self.progressbar = progressbar
-        self.headers = dict(headers or {})
+        self.options = TransferOptions.of(options, **changes)
+        self.durable = durable
         self.cancel = cancel
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self._options: dict[str, Any] = {
-            "connections": connections,
-            "timeout": timeout,
-            "read_timeout": read_timeout,
-            "connect_timeout": connect_timeout,
-            "retries": retries,
-            "speed_limit": speed_limit,
-            "speed_time": speed_time,
-            "durable": durable,
-        }
 
     def __repr__(self) -> str:
         return f"surefetch.pooch.SurefetchDownloader(progressbar={self.progressbar!r})"
@@ -181,9 +162,9 @@ class SurefetchDownloader:
             dest,
             sha256=expected.get("sha256"),
             xxh3_128=expected.get("xxh3_128"),
-            **self._options,
+            options=self.options,
+            durable=self.durable,
             compute_sha256="sha256" in expected,  # pooch hashes the file itself
-            headers=self.headers,
             cancel=self.cancel,
             progress=progress.callback,
         )
@@ -223,8 +204,8 @@ class SurefetchDownloader:
 
         response = requests.head(
             url,
-            headers=self.headers,
-            timeout=(self.connect_timeout, self.read_timeout),
+            headers=dict(self.options.headers),
+            timeout=(self.options.connect_timeout, self.options.read_timeout),
             allow_redirects=True,
         )
         return response.status_code == 200

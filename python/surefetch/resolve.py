@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from surefetch._fs import LinkMode, place, storage_error
-from surefetch.download import CancelToken, hash_file, sync_filesystem
+from surefetch.download import CancelToken, TransferOptions, hash_file, sync_filesystem
 from surefetch.errors import (
     Cancelled,
     ChecksumMismatch,
@@ -195,7 +195,7 @@ class Resolver:
         staging: Path,
         cache: LazyCache,
         token: CancelToken,
-        timeout: float | None,
+        transfer: TransferOptions,
         lock_path: Path,
         link_mode: LinkMode,
         artifact_progress: Callable[[str, int, int | None], Any] | None = None,
@@ -204,7 +204,7 @@ class Resolver:
         self.staging = staging
         self.cache = cache
         self.token = token
-        self.timeout = timeout
+        self.transfer = transfer
         self.lock_path = lock_path
         self.link_mode = link_mode
         self.artifact_progress = artifact_progress
@@ -259,7 +259,7 @@ class Resolver:
         found = self.cache.get().fetch_many(
             requests,
             jobs=jobs,
-            timeout=self.timeout,
+            options=self.transfer,
             cancel=self.token,
             on_result=fetched,
             item_progress=per_item,
@@ -323,9 +323,10 @@ class Resolver:
         return Outcome(item, entry, staged, found.bytes_transferred)
 
     def _failure(self, item: Item, exc: Exception) -> SurefetchError:
-        if isinstance(exc, DownloadTimeout) and exc.kind == "overall" and self.timeout:
+        limit = self.transfer.timeout
+        if isinstance(exc, DownloadTimeout) and exc.kind == "overall" and limit:
             return DownloadTimeout(
-                f"{item.name}: did not finish within --timeout-per-item {self.timeout:g} s "
+                f"{item.name}: did not finish within --timeout-per-item {limit:g} s "
                 "(its part file is kept for the next sync); raise the limit or check the server",
                 "overall",
             )

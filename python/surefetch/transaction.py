@@ -68,7 +68,7 @@ from surefetch._fs import (
     storage_error,
     try_flock,
 )
-from surefetch.download import CancelToken, hash_file, part_dir
+from surefetch.download import CancelToken, TransferOptions, hash_file, part_dir
 from surefetch.errors import (
     Cancelled,
     LockfileError,
@@ -306,6 +306,7 @@ def sync(
     progress: SyncProgress | None = None,
     link_mode: LinkMode = "auto",
     artifact_progress: Callable[[str, int, int | None], Any] | None = None,
+    options: TransferOptions | None = None,
 ) -> SyncResult:
     """Brings `dest` to exactly what the manifest (through the lockfile) pins: all or nothing.
 
@@ -329,6 +330,8 @@ def sync(
             blob).
         artifact_progress: called with (artifact name, bytes done, total or None) while
             artifacts download (about ten times a second, on the calling thread).
+        options: how each download behaves (`TransferOptions`: retries, timeouts,
+            headers, netrc...); `timeout_per_item`, when given, sets its ``timeout``.
 
     Returns:
         A `SyncResult`.
@@ -391,7 +394,9 @@ def sync(
                     staging,
                     LazyCache(cache),
                     token,
-                    timeout_per_item,
+                    TransferOptions.of(options, timeout=timeout_per_item)
+                    if timeout_per_item is not None
+                    else TransferOptions.of(options),
                     lock_path,
                     link_mode,
                     artifact_progress,

@@ -17,6 +17,7 @@ from surefetch.cli._common import (
     non_negative_int,
     print_json,
     seconds,
+    transfer_options,
 )
 from surefetch.cli._progress import progress_bar
 from surefetch.errors import StorageError, SurefetchError
@@ -169,12 +170,7 @@ def _run_fetch(args: argparse.Namespace) -> int:
             args.url,
             sha256=args.sha256,
             size=args.size,
-            headers=dict(args.header),
-            timeout=args.timeout,
-            read_timeout=args.read_timeout,
-            connect_timeout=args.connect_timeout,
-            retries=args.retries,
-            netrc=not args.no_netrc,
+            options=transfer_options(args),
             progress=progress,
             on_wait=on_wait,
         )

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from surefetch.errors import (
     DownloadTimeout,
@@ -34,6 +34,9 @@ from surefetch.errors import (
     redact_url,
     redact_urls,
 )
+
+if TYPE_CHECKING:
+    from surefetch.transfer import TransferOptions
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -214,21 +217,48 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_history_limits(parser: argparse.ArgumentParser, what: str) -> None:
-    from surefetch.store.sessions import HISTORY_LIMIT
+def transfer_options(args: argparse.Namespace) -> TransferOptions:
+    """The `TransferOptions` a command's flags set (`add_network_options`, and those of
+    ``--connections``, ``--no-resume``, ``--timeout``, ``--speed-limit``/``--speed-time``
+    where the command has them); the rest keep their defaults."""
+    from surefetch.transfer import TransferOptions
 
+    fields: dict[str, Any] = {
+        "read_timeout": args.read_timeout,
+        "connect_timeout": args.connect_timeout,
+        "retries": args.retries,
+        "headers": dict(args.header),
+        "netrc": not args.no_netrc,
+    }
+    for name in ("connections", "timeout", "speed_limit", "speed_time"):
+        if hasattr(args, name):
+            fields[name] = getattr(args, name)
+    if hasattr(args, "no_resume"):
+        fields["resume"] = not args.no_resume
+    return TransferOptions(**fields)
+
+
+def add_history_limits(parser: argparse.ArgumentParser, what: str) -> None:
+    # The store's default is read when the command runs (`history_limit`): importing the
+    # store here would cost every command its start-up.
     parser.add_argument(
         "--limit",
         metavar="N",
         type=non_negative_int,
-        default=HISTORY_LIMIT,
-        help=f"the newest N {what} (default {HISTORY_LIMIT})",
+        help=f"the newest N {what} (default: as many as the HTTP API shows, 100)",
     )
     parser.add_argument("--all", action="store_true", help=f"every one of your {what}")
 
 
 def history_limit(args: argparse.Namespace) -> int | None:
-    return None if args.all else int(args.limit)
+    """How many of the newest records to show: None for ``--all``."""
+    if args.all:
+        return None
+    if args.limit is not None:
+        return int(args.limit)
+    from surefetch.store.sessions import HISTORY_LIMIT
+
+    return HISTORY_LIMIT
 
 
 def redacted(record: dict[str, Any]) -> dict[str, Any]:

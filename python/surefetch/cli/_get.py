@@ -19,6 +19,7 @@ from surefetch.cli._common import (
     positive_int,
     print_json,
     seconds,
+    transfer_options,
 )
 from surefetch.cli._progress import batch_progress_bar, progress_bar
 from surefetch.errors import redact_url, redact_urls
@@ -103,7 +104,8 @@ def _run_get(args: argparse.Namespace) -> int:
             size=args.size,
             durable=not args.no_fsync,
             progress=progress,
-            **_transfer_options(args),
+            options=transfer_options(args),
+            **_file_options(args),
         )
     if args.json:
         print_json(result.to_dict())
@@ -154,27 +156,18 @@ def _run_get_many(args: argparse.Namespace) -> int:
             durable=not args.no_fsync,
             progress=progress,
             on_result=report,
-            **_transfer_options(args),
+            options=transfer_options(args),
+            **_file_options(args),
         )
     return worst
 
 
-def _transfer_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options of `get` that every item takes alike, as `download`'s keywords."""
+def _file_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What `get` does with each file besides transferring it, as `download`'s keywords."""
     return {
-        "connections": args.connections,
-        "resume": not args.no_resume,
-        "timeout": args.timeout,
-        "read_timeout": args.read_timeout,
-        "connect_timeout": args.connect_timeout,
-        "retries": args.retries,
-        "speed_limit": args.speed_limit,
-        "speed_time": args.speed_time,
-        "headers": dict(args.header),
         "compute_sha256": not args.no_sha256,
         "executable": args.executable,
         "content_disposition": args.content_disposition,
-        "netrc": not args.no_netrc,
     }
 
 

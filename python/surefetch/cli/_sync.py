@@ -13,10 +13,11 @@ from surefetch.cli._common import (
     EXIT_INTEGRITY,
     EXIT_OK,
     CommandError,
-    add_verbose,
+    add_network_options,
     positive_int,
     print_json,
     seconds,
+    transfer_options,
 )
 from surefetch.cli._progress import named_bar
 
@@ -39,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sync.add_argument(
         "--timeout-per-item", metavar="S", type=seconds, help="time limit for each artifact"
     )
-    add_verbose(sync)
+    add_network_options(sync)
     sync.add_argument(
         "--link-mode",
         choices=("auto", "reflink", "hardlink", "copy"),
@@ -97,6 +98,7 @@ def _run_sync(args: argparse.Namespace) -> int:
             link_mode=args.link_mode,
             progress=progress,
             artifact_progress=artifact_progress,
+            options=transfer_options(args),
         )
     if args.json:
         print_json(result.to_dict())
