@@ -120,30 +120,52 @@ pub fn connection_plan(
     }
 }
 
-/// New connections are given this long before their effect is measured.
-const RAMP_WARMUP: Duration = Duration::from_millis(300);
-/// The rate is measured over this long.
-const RAMP_WINDOW: Duration = Duration::from_millis(500);
-/// Doubling the connections must raise the rate by this factor to be kept.
+/// The first connection is given this long before its rate is measured, and
+/// measured over `FIRST_WINDOW`: short, because every moment spent on one
+/// connection is lost when the server limits each connection.
+const FIRST_WARMUP: Duration = Duration::from_millis(50);
+const FIRST_WINDOW: Duration = Duration::from_millis(150);
+/// Connections that join are given this long (to connect and start) before
+/// their effect is measured, over `RAMP_WINDOW`.
+const RAMP_WARMUP: Duration = Duration::from_millis(250);
+const RAMP_WINDOW: Duration = Duration::from_millis(400);
+/// More connections must raise the rate by this factor to be kept.
 const RAMP_GAIN: f64 = 1.2;
+/// One connection this fast (bytes/s) is past what a network path usually
+/// limits a connection to: more connections rarely help and cost CPU (on
+/// loopback eight are slower than one), so they are added one doubling at a
+/// time. Below it, the cap is tried at once.
+const CAREFUL_ABOVE: f64 = 256e6;
 
-/// Decides how many connections an adaptive transfer runs: one, then twice as
-/// many while each doubling raises the measured rate by `RAMP_GAIN` (a server
-/// that limits each connection), back to the last count that helped otherwise
-/// (the network, the disk or the CPU is the limit), never above the cap.
+/// Decides how many connections an adaptive transfer runs. It measures one
+/// connection; below `CAREFUL_ABOVE` it tries the cap at once and keeps as many
+/// connections as the rate they reach needs (a server that limits each
+/// connection: all of them; a full link: about as many as filled it), or goes
+/// back to one when they did not raise the rate by `RAMP_GAIN`. Above it, it
+/// doubles while each doubling raises the rate by `RAMP_GAIN`, and goes back to
+/// the last count that helped otherwise. Never above the cap.
 #[derive(Debug)]
 pub struct Ramp {
     cap: u32,
     active: u32,
-    /// The rate (bytes/s) measured with `active / 2` connections.
+    /// The rate (bytes/s) of one connection, once measured.
+    single: Option<f64>,
+    /// The rate measured with `active / 2` connections (doubling only).
     previous: Option<f64>,
     phase: Phase,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Phase {
-    WarmingUp { until: Instant },
-    Measuring { since: Instant, bytes: u64 },
+    WarmingUp {
+        until: Instant,
+        window: Duration,
+    },
+    Measuring {
+        since: Instant,
+        bytes: u64,
+        window: Duration,
+    },
     Settled,
 }
 
@@ -152,12 +174,14 @@ impl Ramp {
         Self {
             cap: cap.max(1),
             active: 1,
+            single: None,
             previous: None,
             phase: if cap <= 1 {
                 Phase::Settled
             } else {
                 Phase::WarmingUp {
-                    until: now + RAMP_WARMUP,
+                    until: now + FIRST_WARMUP,
+                    window: FIRST_WINDOW,
                 }
             },
         }
@@ -171,16 +195,21 @@ impl Ramp {
     pub fn tick(&mut self, now: Instant, bytes: u64) -> u32 {
         match self.phase {
             Phase::Settled => {}
-            Phase::WarmingUp { until } if now >= until => {
-                self.phase = Phase::Measuring { since: now, bytes };
+            Phase::WarmingUp { until, window } if now >= until => {
+                self.phase = Phase::Measuring {
+                    since: now,
+                    bytes,
+                    window,
+                };
             }
             Phase::WarmingUp { .. } => {}
             Phase::Measuring {
                 since,
                 bytes: at_start,
+                window,
             } => {
                 let elapsed = now.saturating_duration_since(since);
-                if elapsed >= RAMP_WINDOW {
+                if elapsed >= window {
                     let rate = bytes.saturating_sub(at_start) as f64 / elapsed.as_secs_f64();
                     self.measured(rate, now);
                 }
@@ -190,21 +219,47 @@ impl Ramp {
     }
 
     fn measured(&mut self, rate: f64, now: Instant) {
-        let helped = self
-            .previous
-            .is_none_or(|before| rate >= before * RAMP_GAIN);
-        if !helped {
-            self.active = (self.active / 2).max(1);
-            self.phase = Phase::Settled;
+        let Some(single) = self.single else {
+            self.single = Some(rate);
+            self.previous = Some(rate);
+            let next = if rate >= CAREFUL_ABOVE { 2 } else { self.cap };
+            self.grow_to(next, now);
+            return;
+        };
+        let before = self.previous.unwrap_or(single);
+        if rate < before * RAMP_GAIN {
+            self.settle(if self.doubling(single) {
+                self.active / 2
+            } else {
+                1
+            });
+        } else if !self.doubling(single) {
+            // As many as the rate reached needs, at the rate one connection had.
+            let needed = (rate / single.max(1.0)).ceil() as u32;
+            self.settle(needed.clamp(2, self.active));
         } else if self.active >= self.cap {
-            self.phase = Phase::Settled;
+            self.settle(self.active);
         } else {
             self.previous = Some(rate);
-            self.active = (self.active * 2).min(self.cap);
-            self.phase = Phase::WarmingUp {
-                until: now + RAMP_WARMUP,
-            };
+            self.grow_to(self.active * 2, now);
         }
+    }
+
+    fn doubling(&self, single: f64) -> bool {
+        single >= CAREFUL_ABOVE
+    }
+
+    fn grow_to(&mut self, count: u32, now: Instant) {
+        self.active = count.clamp(1, self.cap);
+        self.phase = Phase::WarmingUp {
+            until: now + RAMP_WARMUP,
+            window: RAMP_WINDOW,
+        };
+    }
+
+    fn settle(&mut self, count: u32) {
+        self.active = count.max(1);
+        self.phase = Phase::Settled;
     }
 }
 
@@ -334,18 +389,33 @@ mod tests {
     }
 
     #[test]
-    fn a_per_connection_limit_ramps_up_to_the_cap() {
-        assert_eq!(ramp_against(8, |n| 5e6 * f64::from(n)), [1, 2, 4, 8]);
-        // Helps up to four, then the link is full: back to four.
+    fn a_per_connection_limit_gets_every_connection_at_once() {
+        assert_eq!(ramp_against(8, |n| 5e6 * f64::from(n)), [1, 8]);
+        assert_eq!(ramp_against(4, |n| 5e6 * f64::from(n)), [1, 4]);
+        // A link that four connections fill: as many as it needs, not the cap.
+        assert_eq!(ramp_against(8, |n| 5e6 * f64::from(n.min(4))), [1, 8, 4]);
+        assert_eq!(ramp_against(8, |n| 5e6 * f64::from(n.min(3))), [1, 8, 3]);
+    }
+
+    #[test]
+    fn a_fast_connection_is_joined_one_doubling_at_a_time() {
+        assert_eq!(ramp_against(8, |n| 300e6 * f64::from(n)), [1, 2, 4, 8]);
         assert_eq!(
-            ramp_against(8, |n| 5e6 * f64::from(n.min(4))),
+            ramp_against(8, |n| 300e6 * f64::from(n.min(4))),
             [1, 2, 4, 8, 4]
         );
     }
 
     #[test]
     fn connections_that_do_not_help_are_given_up() {
+        // Loopback: one connection is as fast as it gets.
         assert_eq!(ramp_against(8, |_| 1e9), [1, 2, 1]);
+        // A slow link one connection fills.
+        assert_eq!(ramp_against(8, |_| 12e6), [1, 8, 1]);
+        assert_eq!(
+            ramp_against(8, |n| 12e6 * if n > 1 { 1.1 } else { 1.0 }),
+            [1, 8, 1]
+        );
         assert_eq!(ramp_against(1, |n| 5e6 * f64::from(n)), [1]);
     }
 
