@@ -26,6 +26,7 @@ __all__ = ["HTTPServer"]
 _SLICE: Final = 1 << 20
 _THROTTLE_SLICE: Final = 16 << 10
 _TRICKLE_TICK_S: Final = 0.1
+_POLL_S: Final = 0.05
 
 
 class HTTPServer(ThreadingHTTPServer):
@@ -51,6 +52,18 @@ class HTTPServer(ThreadingHTTPServer):
         host, port = self.socket.getsockname()[:2]
         self.server_name = str(host)
         self.server_port = int(port)
+        # accept() waits at most this long: a connection reset between select() and
+        # accept() would otherwise block the serving thread, and stop() with it.
+        self.socket.settimeout(_POLL_S)
+
+    def serve_until_stopped(self) -> None:
+        """Serve until ``state.stopping`` is set, noticing it within about `_POLL_S`.
+
+        Unlike `serve_forever`, it needs no `shutdown` (which waits without a
+        bound) to end: `FaultServer.stop` sets the event and joins with a bound.
+        """
+        while not self.state.stopping.is_set():
+            self.handle_request()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]

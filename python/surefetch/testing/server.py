@@ -56,8 +56,7 @@ class FaultServer:
                 raise RuntimeError("this FaultServer was stopped; create a new one")
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._httpd.serve_forever,
-                    kwargs={"poll_interval": 0.05},
+                    target=self._httpd.serve_until_stopped,
                     name=f"FaultServer:{self.port}",
                     daemon=True,
                 )
@@ -65,21 +64,24 @@ class FaultServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving: end stalls, close every connection, free the port. Idempotent."""
+        """Stop serving: end stalls, close every connection, free the port. Idempotent.
+
+        Returns within about a second: threads still running then (daemon
+        threads, their connections shut down) are left to end by themselves.
+        """
         with self._lock:
             if self._state.stopping.is_set():
                 return
             self._state.stopping.set()
             thread = self._thread
+        deadline = time.monotonic() + _STOP_JOIN_S
         if thread is not None:
-            self._httpd.shutdown()
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
         connections, handlers = self._state.open_connections()
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
         self._httpd.server_close()
-        deadline = time.monotonic() + _STOP_JOIN_S
         for handler in handlers:
             handler.join(max(0.0, deadline - time.monotonic()))
 
