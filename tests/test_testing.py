@@ -6,7 +6,9 @@ import email.utils
 import gzip
 import http.client
 import json
+import selectors
 import socket
+import socketserver
 import threading
 import time
 import urllib.error
@@ -936,6 +938,30 @@ def test_stop_closes_idle_keep_alive_connections() -> None:
     conn.close()
     with pytest.raises(RuntimeError):
         srv.start()
+
+
+class _AlwaysReadable(selectors.DefaultSelector):
+    """Reports every registered socket readable: what select() says of a listening
+    socket whose pending connection is reset before accept() takes it."""
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        time.sleep(0.01)
+        return [(key, selectors.EVENT_READ) for key in self.get_map().values()]
+
+
+def test_stop_is_bounded_when_accept_finds_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    # socketserver's serving loops wait with this selector class, then accept().
+    monkeypatch.setattr(socketserver, "_ServerSelector", _AlwaysReadable)
+    srv = FaultServer().start()
+    srv.add("f", b"x")
+    assert fetch(srv.url_for("f")).body == b"x"  # a real connection is still accepted
+    time.sleep(0.1)  # the serving thread is waiting in accept() by now
+    stopper = threading.Thread(target=srv.stop, daemon=True)
+    started = time.monotonic()
+    stopper.start()
+    stopper.join(3)
+    assert not stopper.is_alive(), "stop() hangs while the serving thread waits in accept()"
+    assert time.monotonic() - started < 1.5
 
 
 def test_throughput_of_a_large_body() -> None:
