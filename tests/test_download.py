@@ -476,7 +476,7 @@ def test_large_files_take_the_direct_write_path(server: FaultServer, tmp_path: P
 # --- the transfer options: one value, its defaults agreeing with the engine's ----------------
 
 
-def test_transfer_options_defaults_are_the_engines():
+def test_transfer_options_defaults_are_the_engines() -> None:
     """`TransferOptions` (and so `download`'s keyword defaults) and the engine's own
     defaults are one set: a default changed on one side only fails here."""
     from surefetch import _core
@@ -505,7 +505,9 @@ def test_transfer_options_defaults_are_the_engines():
         ("speed_limit", -1, "speed_limit must be 0 or more"),
     ],
 )
-def test_transfer_options_are_checked_once_wherever_they_enter(tmp_path, field, value, says):
+def test_transfer_options_are_checked_once_wherever_they_enter(
+    tmp_path: Path, field: str, value: float, says: str
+) -> None:
     """The same check, the same message, from every entry point; nothing is requested."""
     with pytest.raises(ValueError, match=says):
         TransferOptions(**{field: value})
@@ -518,7 +520,7 @@ def test_transfer_options_are_checked_once_wherever_they_enter(tmp_path, field, 
     assert not (tmp_path / "x").exists()
 
 
-def test_transfer_options_value_and_keywords_combine(server, tmp_path):
+def test_transfer_options_value_and_keywords_combine(server: FaultServer, tmp_path: Path) -> None:
     """A `TransferOptions` value is honoured by every entry point, and a keyword that
     differs from its default overrides its field; an unknown keyword is a TypeError,
     never silently dropped."""
