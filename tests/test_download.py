@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -509,14 +510,15 @@ def test_transfer_options_are_checked_once_wherever_they_enter(
     tmp_path: Path, field: str, value: float, says: str
 ) -> None:
     """The same check, the same message, from every entry point; nothing is requested."""
+    bad: dict[str, Any] = {field: value}
     with pytest.raises(ValueError, match=says):
-        TransferOptions(**{field: value})
+        TransferOptions(**bad)
     with pytest.raises(ValueError, match=says):
-        sf.download("http://127.0.0.1:9/x", tmp_path / "x", **{field: value})
+        sf.download("http://127.0.0.1:9/x", tmp_path / "x", **bad)
     with pytest.raises(ValueError, match=says):
-        sf.download_many(["http://127.0.0.1:9/x"], tmp_path, **{field: value})
+        sf.download_many(["http://127.0.0.1:9/x"], tmp_path, **bad)
     with pytest.raises(ValueError, match=says):
-        sf.Cache(tmp_path / "cache").fetch("http://127.0.0.1:9/x", **{field: value})
+        sf.Cache(tmp_path / "cache").fetch("http://127.0.0.1:9/x", **bad)
     assert not (tmp_path / "x").exists()
 
 
