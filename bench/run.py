@@ -58,6 +58,7 @@ SPAWN = BENCH / "spawn.py"
 SUREFETCH = Path(os.environ.get("SUREFETCH_BENCH_BIN") or Path(sys.executable).parent / "surefetch")
 
 MIB = 1 << 20
+LIMITED_RATE = 5 * MIB  # bytes/s per connection under nginx's /limited/ (bench/defaults.py)
 FULL_SIZE, FULL_RUNS, FULL_CANCEL_RUNS = 1 << 30, 5, 30
 QUICK_SIZE, QUICK_RUNS, QUICK_CANCEL_RUNS = 128 * MIB, 3, 10
 CANCEL_AFTER_S = 0.2
@@ -439,6 +440,8 @@ http {{
         # cancel latency: a transfer under way at 1 MB/s, and one that has stalled
         location /throttled/ {{ alias {root}/; limit_rate 1m; }}
         location /stalled/ {{ alias {root}/; limit_rate_after 64k; limit_rate 1; }}
+        # bench/defaults.py: every connection limited from its first byte
+        location /limited/ {{ alias {root}/; limit_rate {LIMITED_RATE}; sendfile_max_chunk 64k; }}
     }}
 }}
 """
