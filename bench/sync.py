@@ -41,6 +41,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,11 +56,22 @@ FILE_SIZE = 4096
 FULL_RUNS, QUICK_RUNS = 5, 2
 COLD_FAIL_BELOW_X = 0.1
 WARM_TARGET_MS, COLD_TARGET_X = 500.0, 3.0
-ROWS = ("sync-cold", "sync-warm", "requests", "pooch", "get-many", "curl", "aria2c")
+COLD_CURL_TARGET_X, COLD_CURL_FAIL_ABOVE_X, RSS_TARGET_MIB = 3.0, 40.0, 128.0
+ROWS = (
+    "sync-cold",
+    "sync-warm",
+    "requests",
+    "requests-8-threads",
+    "pooch",
+    "get-many",
+    "curl",
+    "aria2c",
+)
 WHAT = {
     "sync-cold": "`surefetch sync --jobs 8`, empty cache and destination, no lockfile",
     "sync-warm": "`surefetch sync --jobs 8` again: all present and pinned",
     "requests": "one `requests.Session`, sequential, SHA-256 checked, files written",
+    "requests-8-threads": "8 threads, a `requests.Session` each, SHA-256 checked, files written",
     "pooch": "`pooch.retrieve(url, known_hash=sha256)`, sequential",
     "get-many": "`surefetch get -i LIST --jobs 8`, SHA-256 per item, group commit",
     "curl": "`curl -Z --parallel-max 8`, no digest, no fsync",
@@ -93,6 +105,31 @@ def peer_requests(listing: str, out: str) -> int:
     return 0
 
 
+def peer_requests_threads(listing: str, out: str) -> int:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    local = threading.local()
+
+    def one(row: tuple[str, str, str]) -> bool:
+        url, sha, name = row
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        resp = local.session.get(url, timeout=60)
+        resp.raise_for_status()
+        data = resp.content
+        if hashlib.sha256(data).hexdigest() != sha:
+            print(f"sha256 mismatch for {url}", file=sys.stderr)
+            return False
+        Path(out, name).write_bytes(data)
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        return 0 if all(pool.map(one, _read_list(listing))) else 3
+
+
 def peer_pooch(listing: str, out: str) -> int:
     import pooch  # type: ignore[import-untyped]
 
@@ -109,6 +146,11 @@ def peer_pooch(listing: str, out: str) -> int:
 class Row:
     name: str
     seconds: dict[int, float] = field(default_factory=dict)  # round -> wall time
+    peak_rss_kib: int = 0
+
+    def add(self, r: int, seconds: float, rss_kib: int) -> None:
+        self.seconds[r] = seconds
+        self.peak_rss_kib = max(self.peak_rss_kib, rss_kib)
 
     def median(self) -> float | None:
         return statistics.median(self.seconds.values()) if self.seconds else None
@@ -173,17 +215,21 @@ def _peer_argv(what: str, setup: Setup, out: Path) -> list[str]:
     return [sys.executable, __file__, "--peer", what, str(setup.listing), str(out)]
 
 
-def timed(argv: Sequence[str], what: str) -> float:
-    """Wall seconds of one process; a failure is a SetupError naming the row."""
-    from run import SetupError
+def timed(argv: Sequence[str], what: str) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one process, measured by bench/spawn.py (so that
+    the RSS is the tool's own, not this harness's); a failure is a SetupError naming the
+    row."""
+    from run import SPAWN, SetupError
 
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        raise SetupError(f"{what} exited {done.returncode}: {lines[-1] if lines else ''}")
-    return elapsed
+    helper = [sys.executable, "-I", "-S", str(SPAWN), *argv]
+    with tempfile.TemporaryFile() as errors:
+        done = subprocess.run(helper, stdout=subprocess.PIPE, stderr=errors, timeout=900)
+        seconds, rss_kib, status = done.stdout.decode().split()
+        if done.returncode != 0 or int(status) != 0:
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            raise SetupError(f"{what} exited {status}: {lines[-1] if lines else ''}")
+    return float(seconds), int(rss_kib)
 
 
 def _fresh(path: Path) -> Path:
@@ -227,18 +273,18 @@ def run_round(rows: dict[str, Row], r: int | None, setup: Setup) -> None:
         if what == "sync":
             run_dir = _fresh(WORK / "run-sync")
             argv = _sync_argv(run_dir, setup.manifest)
-            cold = timed(argv, "surefetch sync (cold)")
-            warm = timed(argv, "surefetch sync (warm)")
+            cold, cold_rss = timed(argv, "surefetch sync (cold)")
+            warm, warm_rss = timed(argv, "surefetch sync (warm)")
             check_installed(run_dir / "dest", setup)
             if r is not None:
-                rows["sync-cold"].seconds[r] = cold
-                rows["sync-warm"].seconds[r] = warm
+                rows["sync-cold"].add(r, cold, cold_rss)
+                rows["sync-warm"].add(r, warm, warm_rss)
             continue
         out = _fresh(WORK / f"run-{what}")
-        seconds = timed(_peer_argv(what, setup, out), what)
+        seconds, rss = timed(_peer_argv(what, setup, out), what)
         check_installed(out, setup)
         if r is not None:
-            rows[what].seconds[r] = seconds
+            rows[what].add(r, seconds, rss)
 
 
 def speedup(row: Row, ref: Row) -> float | None:
@@ -252,28 +298,41 @@ def speedup(row: Row, ref: Row) -> float | None:
 def report(rows: dict[str, Row], count: int, runs: int, nginx: str) -> tuple[str, list[str], bool]:
     from run import TIMES, Gate, markdown_table
 
-    ref = rows["requests"]
+    ref, curl = rows["requests"], rows["curl"]
     body = []
     for name in ROWS:
         row = rows[name]
         values = row.seconds.values()
         x = speedup(row, ref)
+        vs_curl = speedup(curl, row)
         body.append(
             [
                 name,
                 f"{row.median():.3f}" if row.median() is not None else "—",
                 f"{min(values):.3f}\u2013{max(values):.3f}" if values else "—",
                 f"{x:.2f}" if x is not None else "—",
+                f"{vs_curl:.1f}" if vs_curl is not None else "—",
+                f"{row.peak_rss_kib / 1024:.0f}" if row.peak_rss_kib else "—",
                 WHAT[name],
             ]
         )
     title = (
         f"{count} files of {FILE_SIZE // 1024} KiB from {nginx} on 127.0.0.1; median of {runs} "
         f"interleaved rounds (after one uncounted round); whole processes, start-up included; "
-        f"{TIMES} requests = requests loop time / row time, median of per-round ratios."
+        f"{TIMES} requests = requests loop time / row time, {TIMES} curl = row time / curl -Z "
+        "time, both medians of per-round ratios; peak RSS from wait4."
     )
     table = markdown_table(
-        ["row", "median s", "min\u2013max s", f"{TIMES} requests (faster)", "what"], body
+        [
+            "row",
+            "median s",
+            "min\u2013max s",
+            f"{TIMES} requests (faster)",
+            f"{TIMES} curl (slower)",
+            "peak RSS MiB",
+            "what",
+        ],
+        body,
     )
     warm = rows["sync-warm"].median()
     gates = [
@@ -289,6 +348,25 @@ def report(rows: dict[str, Row], count: int, runs: int, nginx: str) -> tuple[str
             # Not reachable on loopback with 2 cores (see RESULTS.md: ~0.3x, start-up and
             # per-file fsyncs against a loop that never syncs); fail only on a regression.
             fail_below=COLD_FAIL_BELOW_X,
+        ),
+    ]
+    cold = rows["sync-cold"]
+    gates += [
+        Gate(
+            "cold sync --jobs 8 / curl -Z --parallel-max 8",
+            speedup(curl, cold),
+            COLD_CURL_TARGET_X,
+            False,
+            TIMES,
+            # curl verifies and syncs nothing and starts in 5 ms; guard the measured level.
+            fail_below=COLD_CURL_FAIL_ABOVE_X,
+        ),
+        Gate(
+            "cold sync peak RSS",
+            cold.peak_rss_kib / 1024 if cold.peak_rss_kib else None,
+            RSS_TARGET_MIB,
+            False,
+            " MiB",
         ),
     ]
     failed = any(g.status == "FAIL" for g in gates)
@@ -321,7 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peer:
         name, listing, out = args.peer
-        return peer_requests(listing, out) if name == "requests" else peer_pooch(listing, out)
+        peers = {
+            "requests": peer_requests,
+            "requests-8-threads": peer_requests_threads,
+            "pooch": peer_pooch,
+        }
+        return peers[name](listing, out)
 
     import datetime
 
