@@ -964,18 +964,16 @@ def test_stop_is_bounded_when_accept_finds_no_connection(monkeypatch: pytest.Mon
     assert time.monotonic() - started < 1.5
 
 
-def test_throughput_of_a_large_body() -> None:
+def test_a_large_body_arrives_whole() -> None:
+    """A 64 MiB body is sent whole (its rate belongs in bench/, not in a unit test)."""
     size = 64 << 20
     with FaultServer() as srv:
         srv.add("big", bytes(size))
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-            started = time.perf_counter()
             sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             buf = bytearray(1 << 20)
             received = 0
             while n := sock.recv_into(buf):
                 received += n
-            elapsed = time.perf_counter() - started
         assert srv.bytes_sent == size
     assert received > size
-    assert size / elapsed > 300e6, f"{size / elapsed / 1e6:.0f} MB/s"
