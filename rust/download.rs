@@ -408,7 +408,8 @@ impl<'a> Job<'a> {
                     journal::note(
                         Level::Info,
                         format!(
-                            "retry {} of {} after: {error}",
+                            "{}: retry {} of {} after: {error}",
+                            self.shown_url,
                             retry + 1,
                             self.options.retries
                         ),

@@ -89,7 +89,7 @@ pub fn fit_name(name: &OsStr, suffix: &str) -> OsString {
 
 /// The file name a `Content-Disposition` header value gives, decoded but not
 /// yet reduced to a bare name: `filename*=UTF-8''...` (RFC 5987) when present
-/// and in UTF-8, else `filename=` (quoted or a token). Raw bytes in the header
+/// and in UTF-8 or ISO-8859-1, else `filename=` (quoted or a token). Raw bytes in the header
 /// are read as UTF-8 when they are, else as ISO-8859-1.
 pub fn content_disposition_filename(value: &[u8]) -> Option<String> {
     let text = match std::str::from_utf8(value) {
@@ -116,19 +116,21 @@ pub fn server_name(value: &[u8]) -> Option<String> {
         .filter(|name| !name.is_empty())
 }
 
-/// RFC 5987 `charset'language'percent-encoded`; only UTF-8 is decoded.
+/// RFC 5987 `charset'language'percent-encoded`, in the two charsets every
+/// recipient must support (§3.2.1): UTF-8 and ISO-8859-1; others give `None`.
 fn decode_ext_value(value: &str) -> Option<String> {
     let mut parts = value.splitn(3, '\'');
-    let charset = parts.next()?;
+    let charset = parts.next()?.trim();
     let _language = parts.next()?;
-    let encoded = parts.next()?;
-    if !charset.trim().eq_ignore_ascii_case("utf-8") {
-        return None;
+    let bytes = percent_decode_str(parts.next()?);
+    if charset.eq_ignore_ascii_case("utf-8") {
+        bytes.decode_utf8().ok().map(|s| s.into_owned())
+    } else if charset.eq_ignore_ascii_case("iso-8859-1") {
+        // Each byte is the code point of the same number (ISO-8859-1 is Unicode's first 256).
+        Some(bytes.map(char::from).collect())
+    } else {
+        None
     }
-    percent_decode_str(encoded)
-        .decode_utf8()
-        .ok()
-        .map(|s| s.into_owned())
 }
 
 /// The `name=value` parameters after the disposition type, values unquoted
@@ -314,9 +316,17 @@ mod tests {
             ),
             (
                 b"attachment; filename=\"fallback.txt\"; filename*=ISO-8859-1''caf%E9.txt",
+                Some("caf\u{e9}.txt"),
+            ),
+            (
+                b"attachment; filename*=iso-8859-1'fr'caf%E9%20cr%E8me.txt",
+                Some("caf\u{e9} cr\u{e8}me.txt"),
+            ),
+            (
+                b"attachment; filename=\"fallback.txt\"; filename*=KOI8-R''%C1.txt",
                 Some("fallback.txt"),
             ),
-            (b"attachment; filename*=ISO-8859-1''caf%E9.txt", None),
+            (b"attachment; filename*=KOI8-R''%C1.txt", None),
             (
                 b"attachment; filename=\"ok.txt\"; filename*=UTF-8''%FF%FE",
                 Some("ok.txt"),

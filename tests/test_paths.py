@@ -402,7 +402,8 @@ CD_CASES = [
     # filename* (RFC 5987) wins over filename; the rest of the value is injected
     # through the fault server's filename="..."
     ("plain.txt\"; filename*=UTF-8''caf%C3%A9%20%E2%82%AC.txt; x=\"", "café €.txt"),
-    ("plain.txt\"; filename*=ISO-8859-1''caf%E9.txt; x=\"", "plain.txt"),
+    ("plain.txt\"; filename*=ISO-8859-1''caf%E9.txt; x=\"", "café.txt"),
+    ("plain.txt\"; filename*=KOI8-R''%C1.txt; x=\"", "plain.txt"),
     ("plain.txt\"; filename*=UTF-8''..%2F..%2Fup.txt; x=\"", "up.txt"),
     # raw UTF-8 in the quoted filename (sent as ISO-8859-1 characters)
     ("caf\u00c3\u00a9.txt", "café.txt"),
