@@ -85,6 +85,13 @@ async fn fetch_verified(
         Err(Error::NotModified) => Ok((0, None, String::new())),
         other => other,
     };
+    let result = match result {
+        Err(Error::Network { message, retryable }) => Err(Error::Network {
+            message: job.with_what_is_kept(message),
+            retryable,
+        }),
+        other => other,
+    };
     match &result {
         Ok(_) => {}
         Err(e) if e.keeps_part() => {}
@@ -419,6 +426,19 @@ impl<'a> Job<'a> {
                 }
                 error => return Err(error),
             }
+        }
+    }
+
+    /// `message` of a failure that keeps the part, saying what the part holds for
+    /// the next call to resume (a message tells the truth about what is on disk).
+    fn with_what_is_kept(&self, message: String) -> String {
+        match self.load_kept() {
+            Ok(Some(kept)) if !kept.ranges.is_empty() => format!(
+                "{message}; the {} bytes received are kept in {}: run the same download again to resume",
+                kept.ranges.len(),
+                self.paths.part.display()
+            ),
+            _ => message,
         }
     }
 
