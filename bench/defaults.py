@@ -60,6 +60,7 @@ from run import (
     find_nginx,
     machine_info,
     markdown_table,
+    precompile_surefetch,
     results_withheld,
     run_rounds,
     write_section,
@@ -178,6 +179,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    precompile_surefetch()
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.monotonic()
     size = args.size or (128 * MIB if args.quick else 1 << 30)

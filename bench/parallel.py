@@ -83,6 +83,7 @@ from run import (
     find_nginx,
     machine_info,
     markdown_table,
+    precompile_surefetch,
     ratio,
     results_withheld,
     run_process,
@@ -765,6 +766,7 @@ def write_results(args: argparse.Namespace, results: Results, report: str, when:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    precompile_surefetch()
     params, parts = _params(args), _parts(args.only)
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.monotonic()

@@ -408,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import datetime
 
-    from run import Nginx, SetupError, find_nginx, make_small_files
+    from run import Nginx, SetupError, find_nginx, make_small_files, precompile_surefetch
+
+    precompile_surefetch()
 
     runs: int = args.runs or (QUICK_RUNS if args.quick else FULL_RUNS)
     if runs < 1 or args.files < 1:
