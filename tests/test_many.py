@@ -188,6 +188,32 @@ def test_cli_get_many_ctrl_c_exits_130_and_keeps_parts(server: FaultServer, tmp_
     assert (tmp_path / ".surefetch" / "s0.bin.part").exists()
 
 
+def test_cli_get_many_json_lists_the_interrupted_items_too(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """--json promises one object per item: a Ctrl+C must not drop the unfinished ones."""
+    fast = server.add("fast.bin", b"f" * 1000)
+    slow = [server.add(f"s{i}.bin", LARGE) + "?throttle=1000000" for i in range(2)]
+    child = subprocess.Popen(
+        [SUREFETCH, "get", fast, *slow, "-o", str(tmp_path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=restore_default_signals,
+    )
+    assert child.stdout is not None
+    first = json.loads(child.stdout.readline())  # the fast one, done while the rest stream
+    child.send_signal(signal.SIGINT)
+    rest, err = child.communicate(timeout=10)
+    assert child.returncode == 130, err
+    assert first["url"] == fast and first["size"] == 1000
+    lines = [json.loads(line) for line in rest.splitlines()]
+    assert sorted(line["url"] for line in lines) == sorted(slow)
+    for line in lines:
+        assert line["exit_code"] == 130 and line["error"].startswith("interrupted")
+    assert (tmp_path / ".surefetch" / "s0.bin.part").exists()
+
+
 def test_a_durable_batch_syncs_in_groups_not_per_file(urls: list[str], tmp_path: Path) -> None:
     script = (
         "import sys; from surefetch.download import download_many; "

@@ -12,6 +12,7 @@ from surefetch.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
+    Terminated,
     add_network_options,
     error_line,
     exit_code_for,
@@ -130,9 +131,11 @@ def _run_get_many(args: argparse.Namespace) -> int:
     if not items:
         raise CommandError("no URL given: name some, or -i FILE", EXIT_USAGE)
     worst = EXIT_OK
+    reported: set[int] = set()
 
     def report(index: int, result: DownloadResult | Exception) -> None:
         nonlocal worst
+        reported.add(index)
         item = items[index]
         url = redact_url(item if isinstance(item, str) else item.url)
         if isinstance(result, DownloadResult):
@@ -148,17 +151,30 @@ def _run_get_many(args: argparse.Namespace) -> int:
         else:
             print(f"surefetch: {url}: {redact_urls(error_line(result))}", file=sys.stderr)
 
-    with batch_progress_bar(show_bar) as progress:
-        download_many(
-            items,
-            args.output or ".",
-            jobs=args.jobs,
-            durable=not args.no_fsync,
-            progress=progress,
-            on_result=report,
-            options=transfer_options(args),
-            **_file_options(args),
-        )
+    try:
+        with batch_progress_bar(show_bar) as progress:
+            download_many(
+                items,
+                args.output or ".",
+                jobs=args.jobs,
+                durable=not args.no_fsync,
+                progress=progress,
+                on_result=report,
+                options=transfer_options(args),
+                **_file_options(args),
+            )
+    except (KeyboardInterrupt, Terminated) as stopped:
+        if args.json:  # every item gets its line, the interrupted ones too
+            for index in sorted(set(range(len(items))) - reported):
+                item = items[index]
+                url = redact_url(item if isinstance(item, str) else item.url)
+                line = {
+                    "url": url,
+                    "error": error_line(stopped),
+                    "exit_code": exit_code_for(stopped),
+                }
+                print_json(line)
+        raise
     return worst
 
 
