@@ -258,7 +258,7 @@ impl fmt::Display for Error {
             Error::InvalidArgument(message) => f.write_str(message),
             Error::Http { status, url, .. } => {
                 let hint = match status {
-                    401 | 403 => "check your credentials (--header / headers=)",
+                    401 | 403 => "check the credentials sent (the URL's user:password, ~/.netrc or $NETRC, --header / headers=)",
                     407 => "the proxy wants credentials: put them in the proxy's URL (http://user:password@host:port)",
                     404 | 410 => "check the URL",
                     408 | 429 | 500..=599 => "the server may be overloaded: retry later",
