@@ -143,6 +143,21 @@ impl PartPaths {
     }
 }
 
+/// The first component of `path` that exists and is not a directory (following
+/// symlinks, as creating the directories does), if any.
+fn blocking_file(path: &Path) -> Option<PathBuf> {
+    let mut at = PathBuf::new();
+    for component in path.components() {
+        at.push(component);
+        match fs::metadata(&at) {
+            Ok(meta) if !meta.is_dir() => return Some(at),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Creates `<parent>/.surefetch` (and `parent` when missing), 0755 minus the
 /// umask, and checks that it is surefetch's own: a real directory, not a
 /// symlink, owned by this user or root. Returns its path.
@@ -152,7 +167,15 @@ pub fn part_dir(parent: &Path) -> Result<PathBuf> {
         .recursive(true)
         .mode(0o755)
         .create(parent)
-        .map_err(|e| Error::storage("creating", parent, e))?;
+        .map_err(|e| match blocking_file(parent) {
+            // `create_dir_all` says "exists" when a component is a file: name that file.
+            Some(file) => Error::storage(
+                "creating the directory",
+                &file,
+                io::Error::from_raw_os_error(libc::ENOTDIR),
+            ),
+            None => Error::storage("creating", parent, e),
+        })?;
     match fs::DirBuilder::new().mode(0o755).create(&dir) {
         Ok(()) => {}
         // Checked below: a directory (ours or not), a file, a symlink...

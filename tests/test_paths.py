@@ -94,6 +94,20 @@ def test_a_file_where_the_directory_should_be(url: str, tmp_path: Path) -> None:
     assert leftovers(tmp_path) == ["taken"]
 
 
+@pytest.mark.parametrize("below", ["taken/out", "taken/sub/out"])
+def test_a_file_where_a_parent_directory_should_be(url: str, tmp_path: Path, below: str) -> None:
+    """The error names the file in the way and says it is not a directory (not the
+    "File exists" that creating the directories reports)."""
+    (tmp_path / "taken").write_bytes(b"mine")
+    with pytest.raises(sf.StorageError, match=r"directory .*taken failed: Not a directory"):
+        sf.download(url, tmp_path / below)
+    done = run_cli(["get", url, "-o", below], cwd=tmp_path)
+    assert done.returncode == 1
+    assert "the directory taken failed: Not a directory" in done.stderr, done.stderr
+    assert (tmp_path / "taken").read_bytes() == b"mine"
+    assert leftovers(tmp_path) == ["taken"]
+
+
 # --- any legal name works ---------------------------------------------------------------
 
 LEGAL_NAMES = {
