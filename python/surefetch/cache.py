@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from surefetch._fs import fsync_dir, try_flock
+from surefetch._fs import fsync_dir, try_flock, write_json_atomic
 from surefetch.download import (
     BatchProgressCallback,
     CancelToken,
@@ -609,15 +609,8 @@ class Cache:
         }
         key = _url_key(url)
         directory = self._dir("urls", key[:2])
-        tmp = directory / f".{key}.{os.getpid()}.{time.time_ns()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, sort_keys=True)
-            os.rename(tmp, directory / f"{key}.json")
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        with contextlib.suppress(OSError):  # best effort
+            write_json_atomic(directory / f"{key}.json", record, durable=False, mode=_FILE_MODE)
 
     def _offline_entry(self, url: str, expected: str | None, size: int | None) -> CacheEntry:
         """What the cache holds for `url` without any network access, or NetworkError."""
@@ -928,22 +921,16 @@ class Cache:
     def _write_meta(self, digest: str, info: dict[str, Any]) -> None:
         """Writes the metadata atomically; a failure only costs a re-hash later (but a
         directory that is not the cache's own is refused, as everywhere)."""
-        tmp: Path | None = None
         try:
-            old = _read_json(self._meta_path(digest))
-            directory = self._dir("meta", digest[:2])
-            name = directory / f".{digest}.{os.getpid()}.{time.time_ns()}.tmp"
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
-            tmp = name
-            with os.fdopen(fd, "w") as f:
-                json.dump({**old, **info, "sha256": digest}, f, sort_keys=True)
-            os.rename(tmp, self._meta_path(digest))
+            path = self._meta_path(digest)
+            old = _read_json(path)
+            self._dir("meta", digest[:2])
+            value = {**old, **info, "sha256": digest}
+            write_json_atomic(path, value, durable=False, mode=_FILE_MODE)
         except StorageError:
             raise
         except OSError:
-            if tmp is not None:  # a full disk must not also keep a half-written temporary
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            pass  # best effort (the temporary is gone: a full disk must not also keep it)
 
     @contextlib.contextmanager
     def _try_locked(self, key: str) -> Iterator[bool]:
