@@ -386,7 +386,7 @@ def test_a_cache_directory_others_can_write_is_refused(
         sf.Cache(root).fetch(url)
     assert info.value.errno == errno.EPERM
     assert "chmod +t" in str(info.value)
-    # The sticky bit (a shared cache, as cache.py documents it) is trusted.
+    # The sticky bit (a shared cache, as surefetch.cache documents it) is trusted.
     os.chmod(directory, 0o1777)
     assert sf.Cache(root).fetch(url).read_bytes() == DATA
     # So is another user's directory that others cannot write.

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Final, Literal
 
@@ -190,6 +192,39 @@ def try_flock(path: Path, mode: int = 0o644) -> int | None:
         if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
             return fd
         os.close(fd)
+
+
+def write_json_atomic(target: Path, value: object, *, durable: bool, mode: int = 0o644) -> None:
+    """Replaces `target` with `value` as JSON (keys sorted), atomically: written to a new
+    temporary beside it (``.<stem>.<pid>.<ns>.tmp``, ``O_EXCL | O_NOFOLLOW``, `mode` minus
+    the umask), then renamed over it. Readers see the old file or the new one, never a
+    part of one.
+
+    Args:
+        durable: fsync the file before the rename and the directory after it. Without
+            it (the cache's metadata and URL index, which can be recomputed), a crash
+            may lose the new content or leave the old one, but nothing partial.
+
+    Raises:
+        OSError: the temporary could not be created, written or renamed (it is removed,
+            `target` unchanged); with `durable`, also a failed fsync of the directory
+            after the rename (`target` then holds the new content).
+    """
+    temp = target.with_name(f".{target.stem}.{os.getpid()}.{time.time_ns()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, sort_keys=True)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if durable:
+        fsync_dir(target.parent)
 
 
 # -- what a failed file operation left, as a StorageError ------------------------------

@@ -1,0 +1,335 @@
+"""Fetching into the cache: one artifact (`Fetcher.entry`), or many through one batch of
+the engine (`Fetcher.many`); each download runs under its artifact's lock, into
+``tmp/``, and its blob is moved into ``blobs/`` only once verified and durable."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surefetch.cache.index import indexed, offline_entry, url_key, write_index
+from surefetch.cache.locks import locked, take_if_free
+from surefetch.cache.store import BlobStore, CacheEntry, check_sha256, check_size
+from surefetch.download import (
+    BatchProgressCallback,
+    CancelToken,
+    DownloadItem,
+    DownloadResult,
+    ProgressCallback,
+    TransferOptions,
+    download,
+    download_many,
+    sync_filesystem,
+)
+from surefetch.errors import DownloadTimeout, SurefetchError, redact_url
+
+__all__ = ["FetchRequest", "Fetcher"]
+
+_log = logging.getLogger("surefetch.cache")
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """One artifact of `Cache.fetch_many`: its URL and, when known, its digest and size."""
+
+    url: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Fetcher:
+    """How one call of `Cache` fetches: into `store`, waiting at most `lock_timeout`
+    seconds for another process's lock, or (`offline`) with no network access at all.
+    `Cache.fetch_entry` and `Cache.fetch_many` document the behaviour."""
+
+    store: BlobStore
+    lock_timeout: float
+    offline: bool
+
+    def entry(
+        self,
+        url: str,
+        *,
+        sha256: str | None,
+        size: int | None,
+        transfer: TransferOptions,
+        cancel: CancelToken | None,
+        progress: ProgressCallback | None,
+        on_wait: Callable[[str], None] | None,
+    ) -> CacheEntry:
+        """See `Cache.fetch_entry`."""
+        timeout = transfer.timeout
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        expected = check_sha256(sha256) if sha256 is not None else None
+        key = f"sha256-{expected}" if expected else f"url-{url_key(url)}"
+        store = self.store
+        with store.storage():
+            hit = store.lookup(expected, touch=True) if expected is not None else None
+            if hit is not None:  # no lock needed to read an immutable blob
+                check_size(hit, size)
+                return hit
+            if self.offline:
+                return offline_entry(store, url, expected, size)
+            with self._locked(key, url, deadline, cancel, on_wait):
+                if expected is not None:  # the process we waited for may have fetched it
+                    hit = store.lookup(expected, touch=True)
+                    if hit is not None:
+                        check_size(hit, size)
+                        return hit
+                return self._download(
+                    url,
+                    key,
+                    expected,
+                    deadline,
+                    cancel,
+                    on_wait,
+                    transfer,
+                    size=size,
+                    progress=progress,
+                )
+
+    def many(
+        self,
+        requests: Sequence[FetchRequest],
+        *,
+        jobs: int,
+        cancel: CancelToken | None,
+        on_result: Callable[[int, CacheEntry | Exception], Any] | None,
+        on_wait: Callable[[str], None] | None,
+        progress: BatchProgressCallback | None,
+        item_progress: Callable[[int, int, int | None], Any] | None,
+        transfer: TransferOptions,
+    ) -> list[CacheEntry | Exception]:
+        """See `Cache.fetch_many`."""
+        results: list[CacheEntry | Exception | None] = [None] * len(requests)
+        with self.store.checks_remembered():
+            return self._many(
+                requests,
+                results,
+                jobs,
+                cancel,
+                on_result,
+                on_wait,
+                progress,
+                item_progress,
+                transfer,
+            )
+
+    def _many(
+        self,
+        requests: Sequence[FetchRequest],
+        results: list[CacheEntry | Exception | None],
+        jobs: int,
+        cancel: CancelToken | None,
+        on_result: Callable[[int, CacheEntry | Exception], Any] | None,
+        on_wait: Callable[[str], None] | None,
+        progress: BatchProgressCallback | None,
+        item_progress: Callable[[int, int, int | None], Any] | None,
+        transfer: TransferOptions,
+    ) -> list[CacheEntry | Exception]:
+        def settle(index: int, result: CacheEntry | Exception) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+
+        store = self.store
+        with store.storage(), contextlib.ExitStack() as held:
+            batch: list[tuple[int, str, str | None]] = []  # (index, key, expected)
+            waiting: list[int] = []
+            for index, request in enumerate(requests):
+                try:
+                    expected = check_sha256(request.sha256) if request.sha256 else None
+                    hit = store.lookup(expected, touch=True) if expected is not None else None
+                    if hit is not None:
+                        check_size(hit, request.size)
+                        settle(index, hit)
+                        continue
+                except SurefetchError as exc:
+                    settle(index, exc)
+                    continue
+                if self.offline:
+                    try:
+                        settle(index, offline_entry(store, request.url, expected, request.size))
+                    except SurefetchError as exc:
+                        settle(index, exc)
+                    continue
+                key = f"sha256-{expected}" if expected else f"url-{url_key(request.url)}"
+                fd = take_if_free(store, key, request.url)
+                if fd is None:  # another process (or an earlier request here) has it
+                    waiting.append(index)
+                    continue
+                held.callback(os.close, fd)
+                batch.append((index, key, expected))
+            if batch:
+                per_request = None
+                if item_progress is not None:
+                    report = item_progress
+
+                    def per_request(position: int, done: int, total: int | None) -> None:
+                        report(batch[position][0], done, total)
+
+                self._download_batch(
+                    requests, batch, jobs, cancel, settle, progress, per_request, transfer
+                )
+        for index in waiting:
+            request = requests[index]
+            try:
+                entry: CacheEntry | Exception = self.entry(
+                    request.url,
+                    sha256=request.sha256,
+                    size=request.size,
+                    transfer=transfer,
+                    cancel=cancel,
+                    progress=None,
+                    on_wait=on_wait,
+                )
+            except SurefetchError as exc:
+                entry = exc
+            settle(index, entry)
+        return [r for r in results if r is not None]
+
+    def _locked(
+        self,
+        key: str,
+        url: str,
+        deadline: float | None,
+        cancel: CancelToken | None,
+        on_wait: Callable[[str], None] | None,
+    ) -> AbstractContextManager[None]:
+        return locked(self.store, key, url, deadline, self.lock_timeout, cancel, on_wait)
+
+    def _download_batch(
+        self,
+        requests: Sequence[FetchRequest],
+        batch: list[tuple[int, str, str | None]],
+        jobs: int,
+        cancel: CancelToken | None,
+        settle: Callable[[int, CacheEntry | Exception], None],
+        progress: BatchProgressCallback | None,
+        item_progress: Callable[[int, int, int | None], Any] | None,
+        transfer: TransferOptions,
+    ) -> None:
+        """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
+        place and syncs the blob directories once for all."""
+        items = [
+            DownloadItem(requests[i].url, out=key, sha256=expected, size=requests[i].size)
+            for i, key, expected in batch
+        ]
+        placed: list[tuple[int, CacheEntry]] = []
+
+        def one(position: int, result: DownloadResult | Exception) -> None:
+            index, _, expected = batch[position]
+            if isinstance(result, Exception):
+                settle(index, result)
+                return
+            assert result.sha256 is not None  # computed whenever none was expected
+            url = redact_url(requests[index].url)
+            info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": url}
+            try:
+                path = self._place(result.path, result.sha256, info, expected is None)
+            except OSError as exc:
+                settle(index, exc)
+                return
+            if expected is None:
+                write_index(
+                    self.store,
+                    requests[index].url,
+                    result.sha256,
+                    result.etag,
+                    result.last_modified,
+                )
+            entry = CacheEntry(
+                path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
+            )
+            placed.append((index, entry))
+
+        download_many(
+            items,
+            self.store.directory("tmp"),
+            jobs=jobs,
+            cancel=cancel,
+            on_result=one,
+            progress=progress,
+            item_progress=item_progress,
+            options=transfer,
+        )
+        if placed:
+            # The blobs' data was durable before their renames; one syncfs makes the
+            # renames (in up to 256 directories) durable too.
+            sync_filesystem(self.store.directory("blobs"))
+        for index, entry in placed:
+            settle(index, entry)
+
+    def _place(self, tmp: Path, digest: str, info: dict[str, Any], by_url: bool) -> Path:
+        """Moves the verified, durable download `tmp` to its blob path, its directory
+        synced later by the caller."""
+        if not by_url:
+            return self.store.install(tmp, digest, info, sync=False)
+        with self._locked(f"sha256-{digest}", info["url"], None, None, None):
+            return self.store.install(tmp, digest, info, sync=False)
+
+    def _download(
+        self,
+        url: str,
+        key: str,
+        expected: str | None,
+        deadline: float | None,
+        cancel: CancelToken | None,
+        on_wait: Callable[[str], None] | None,
+        transfer: TransferOptions,
+        **options: Any,
+    ) -> CacheEntry:
+        """Downloads into tmp/ (resuming a part left there) and moves the blob into place.
+
+        Without a digest, a blob this URL gave before is revalidated (RFC 9110 §13.1:
+        If-None-Match with its strong ETag, else If-Modified-Since): a ``304`` reuses it
+        with no body transferred."""
+        remaining = _remaining(deadline, url)
+        tmp = self.store.directory("tmp") / key
+        cached, etag, modified = (None, None, None) if expected else indexed(self.store, url)
+        if etag is None and modified is None:
+            cached = None  # nothing to revalidate it with: download again
+        if cached is not None:
+            _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
+        result = download(
+            url,
+            tmp,
+            sha256=expected,
+            options=TransferOptions.of(transfer, timeout=remaining),
+            cancel=cancel,
+            if_none_match=etag,
+            if_modified_since=modified,
+            **options,
+        )
+        if result.not_modified and cached is not None:
+            _log.info("%s not modified: the cached copy is used", redact_url(url))
+            return cached
+        assert result.sha256 is not None  # computed whenever none was expected
+        digest = result.sha256
+        info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": redact_url(url)}
+        if expected is not None:
+            path = self.store.install(tmp, digest, info)
+        else:
+            with self._locked(f"sha256-{digest}", url, deadline, cancel, on_wait):
+                path = self.store.install(tmp, digest, info)
+            write_index(self.store, url, digest, result.etag, result.last_modified)
+        return CacheEntry(path, result.size, digest, result.xxh3_128, result.bytes_transferred)
+
+
+def _remaining(deadline: float | None, url: str) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DownloadTimeout(
+            f"the timeout ran out before {redact_url(url)} could start; allow more time"
+        )
+    return left

@@ -1,0 +1,194 @@
+"""Keeping the cache: list its blobs (`ls`), re-hash them (`verify`), evict the least
+recently used (`gc`), and remove what dead downloads left (`clean`); `Cache` documents
+each, and the reports they return are here."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from surefetch.cache.locks import flocked_if_free, locked_if_free
+from surefetch.cache.store import BlobStore, printable, read_json
+from surefetch.download import CancelToken, hash_file
+from surefetch.errors import redact_url
+
+__all__ = [
+    "CachedBlob",
+    "CleanReport",
+    "GcReport",
+    "VerifyReport",
+    "clean",
+    "gc",
+    "ls",
+    "verify",
+]
+
+
+@dataclass(frozen=True)
+class CachedBlob:
+    """One blob as `Cache.ls` lists it (``last_used`` in seconds since the epoch)."""
+
+    path: Path
+    sha256: str
+    size: int
+    last_used: float
+    url: str | None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `Cache.verify` found: how many blobs it checked and which it quarantined."""
+
+    checked: int
+    quarantined: list[Path]
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What `Cache.gc` did: the blobs it evicted, bytes freed, bytes left, blobs kept in use."""
+
+    evicted: list[Path]
+    freed: int
+    remaining: int
+    in_use: int
+
+
+@dataclass(frozen=True)
+class CleanReport:
+    """What `Cache.clean` removed, bytes freed, and how many parts it kept because they live."""
+
+    removed: list[Path]
+    freed: int
+    live: int
+
+
+def ls(store: BlobStore) -> list[CachedBlob]:
+    """See `Cache.ls`."""
+    found = []
+    for path, digest in store.blobs():
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        meta = read_json(store.meta_path(digest))
+        url = printable(redact_url(meta["url"])) if isinstance(meta.get("url"), str) else None
+        found.append(CachedBlob(path, digest, st.st_size, st.st_mtime, url))
+    return sorted(found, key=lambda b: (b.last_used, b.sha256))
+
+
+def verify(store: BlobStore, cancel: CancelToken | None = None) -> VerifyReport:
+    """See `Cache.verify`."""
+    checked = 0
+    quarantined: list[Path] = []
+    for path, digest in store.blobs():
+        try:
+            regular = stat.S_ISREG(path.lstat().st_mode)
+            size, xxh3, sha = hash_file(path, cancel=cancel) if regular else (0, "", "")
+        except FileNotFoundError:
+            continue
+        checked += 1
+        if sha != digest:
+            quarantined.append(store.quarantine(path, digest))
+            continue
+        info = read_json(store.meta_path(digest))
+        if (info.get("size"), info.get("xxh3_128")) != (size, xxh3):
+            store.write_meta(digest, {"size": size, "xxh3_128": xxh3})
+    return VerifyReport(checked, quarantined)
+
+
+def gc(store: BlobStore, max_size: int) -> GcReport:
+    """See `Cache.gc`."""
+    if max_size < 0:
+        raise ValueError(f"max_size must be 0 or more, not {max_size}")
+    blobs = ls(store)
+    total = sum(b.size for b in blobs)
+    evicted: list[Path] = []
+    freed = in_use = 0
+    for blob in blobs:
+        if total <= max_size:
+            break
+        with locked_if_free(store, f"sha256-{blob.sha256}") as held:
+            if not held:
+                in_use += 1
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                blob.path.unlink()
+                evicted.append(blob.path)
+                freed += blob.size
+                total -= blob.size
+            with contextlib.suppress(FileNotFoundError):
+                store.meta_path(blob.sha256).unlink()
+    return GcReport(evicted, freed, total, in_use)
+
+
+def clean(store: BlobStore, older_than: float, *, quarantine: bool) -> CleanReport:
+    """See `Cache.clean`."""
+    if older_than < 0:
+        raise ValueError(f"older_than must be 0 or more seconds, not {older_than}")
+    cutoff = time.time() - older_than
+    removed: list[tuple[Path, int]] = []
+    live = 0
+    parts = store.checked("tmp", ".surefetch")
+    for base, group in _part_groups(parts).items():
+        if _newest_mtime(group) > cutoff:
+            continue
+        with flocked_if_free(parts / f"{base}.lock", unlink=True) as ok:
+            if not ok:
+                live += 1
+                continue
+            removed += _remove(group)
+    tmp = store.checked("tmp")
+    for stray in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if stray.is_file() and _newest_mtime([stray]) <= cutoff:
+            with locked_if_free(store, stray.name) as ok:
+                if ok:
+                    removed += _remove([stray])
+    locks = store.checked("locks")
+    for lock in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
+        if _newest_mtime([lock]) <= cutoff:
+            with flocked_if_free(lock, unlink=True):
+                pass
+    quarantined = store.checked("quarantine")
+    if quarantine and quarantined.is_dir():
+        removed += _remove(sorted(quarantined.iterdir()))
+    with contextlib.suppress(OSError):
+        parts.rmdir()  # only when empty
+    return CleanReport([p for p, _ in removed], sum(n for _, n in removed), live)
+
+
+def _newest_mtime(paths: list[Path]) -> float:
+    newest = 0.0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            newest = max(newest, path.lstat().st_mtime)
+    return newest
+
+
+_PART = re.compile(r"(.+)\.part(?:\.json(?:\.tmp)?)?")
+
+
+def _part_groups(parts: Path) -> dict[str, list[Path]]:
+    """The engine's files in `parts` by download: ``<name>.part``, ``.part.json``, ``.json.tmp``."""
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(parts.iterdir()) if parts.is_dir() else []:
+        match = _PART.fullmatch(path.name)
+        if match:
+            groups.setdefault(match[1], []).append(path)
+    return groups
+
+
+def _remove(paths: list[Path]) -> list[tuple[Path, int]]:
+    """Removes those of `paths` that are files; returns them with their sizes."""
+    gone = []
+    for path in paths:
+        try:
+            size = path.lstat().st_size
+            path.unlink()
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            continue
+        gone.append((path, size))
+    return gone

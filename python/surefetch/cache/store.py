@@ -1,0 +1,346 @@
+"""The blob store: where the cache keeps verified blobs and their metadata, how a blob is
+looked up, installed and quarantined, and the checks of the cache's own directories and
+files (the layout and the trust model are in the package's documentation)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from surefetch._fs import fsync_dir, write_json_atomic
+from surefetch.download import hash_file
+from surefetch.errors import SizeMismatch, StorageError, SurefetchError
+
+__all__ = [
+    "FILE_MODE",
+    "SHA256",
+    "BlobStore",
+    "CacheEntry",
+    "check_sha256",
+    "check_size",
+    "default_cache_root",
+    "printable",
+    "read_json",
+    "trusted_path",
+]
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+FILE_MODE = 0o644
+_DIR_MODE = 0o755
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A verified blob in the cache.
+
+    Attributes:
+        path: the blob inside the cache; copy it out, never modify it.
+        size: its size in bytes.
+        sha256: its SHA-256, lowercase hex.
+        xxh3_128: its XXH3-128, lowercase hex, canonical (as ``xxhsum -H2``).
+        bytes_transferred: body bytes received for this call (0 from the cache).
+    """
+
+    path: Path
+    size: int
+    sha256: str
+    xxh3_128: str
+    bytes_transferred: int
+
+
+def default_cache_root() -> Path:
+    """``$SUREFETCH_CACHE``, else ``$XDG_CACHE_HOME/surefetch``, else ``~/.cache/surefetch``."""
+    explicit = os.environ.get("SUREFETCH_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is to be ignored
+        return Path(xdg) / "surefetch"
+    return Path.home() / ".cache" / "surefetch"
+
+
+class BlobStore:
+    """The files of the cache at `root` (absolute): blobs, metadata, and the cache's own
+    directories, each checked (`_check_dir`) before it is used."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        # Directories already checked by `directory`/`checked` in `checks_remembered`.
+        self._checked_dirs: set[Path] | None = None
+
+    @property
+    def root(self) -> Path:
+        """The cache directory."""
+        return self._root
+
+    @contextlib.contextmanager
+    def checks_remembered(self) -> Iterator[None]:
+        """Within the block (a batch) each directory is checked once, not once per blob."""
+        self._checked_dirs = set()
+        try:
+            yield
+        finally:
+            self._checked_dirs = None
+
+    @contextlib.contextmanager
+    def storage(self) -> Iterator[None]:
+        """Turns a failure of the cache's own file operations into a `StorageError`."""
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(exc, SurefetchError) or exc.errno is None:
+                raise
+            raise StorageError(
+                exc.errno,
+                f"cannot use the cache at {self._root}: {exc.strerror} ({exc.filename}); "
+                "fix its permissions or use another directory (SUREFETCH_CACHE, --cache)",
+            ) from exc
+
+    def directory(self, *parts: str) -> Path:
+        """``root/parts...``, created 0755 minus the umask, level by level, each
+        level checked (`_check_dir`)."""
+        checked = self._checked_dirs
+        whole = self._root.joinpath(*parts)
+        if checked is not None and whole in checked:
+            return whole
+        path = self._root
+        if not path.is_dir():
+            path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        _check_dir(path, os.stat(path), root=True)
+        for part in parts:
+            path = path / part
+            with contextlib.suppress(FileExistsError):
+                path.mkdir(mode=_DIR_MODE)
+            _check_dir(path, os.lstat(path))
+        if checked is not None:
+            checked.add(whole)
+        return path
+
+    def checked(self, *parts: str) -> Path:
+        """``root/parts...``, not created; every level of it that exists is checked
+        (`_check_dir`)."""
+        whole = self._root.joinpath(*parts)
+        checked = self._checked_dirs
+        if checked is not None and whole in checked:
+            return whole
+        path = self._root
+        try:
+            _check_dir(path, os.stat(path), root=True)
+            for part in parts:
+                path = path / part
+                _check_dir(path, os.lstat(path))
+        except FileNotFoundError:
+            return whole
+        if checked is not None:
+            checked.add(whole)
+        return whole
+
+    def blob_path(self, digest: str) -> Path:
+        return self.checked("blobs", "sha256", digest[:2]) / digest
+
+    def meta_path(self, digest: str) -> Path:
+        return self.checked("meta", digest[:2]) / f"{digest}.json"
+
+    def blobs(self) -> Iterator[tuple[Path, str]]:
+        """Every file under ``blobs/`` named as a blob, with its digest, in order."""
+        top = self.checked("blobs", "sha256")
+        if not top.is_dir():
+            return
+        for sub in sorted(top.iterdir()):
+            try:
+                st = sub.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                _check_dir(sub, st)
+                for path in sorted(sub.iterdir()):
+                    if SHA256.fullmatch(path.name) and path.name[:2] == sub.name:
+                        yield path, path.name
+
+    def lookup(self, digest: str, *, touch: bool) -> CacheEntry | None:
+        """The blob with this digest; an untrusted one is re-hashed (and quarantined
+        when it does not match). `touch`: mark it used now (the LRU order of `gc`)."""
+        path = self.blob_path(digest)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        if not _trusted(st):
+            return self._rehash(path, digest)
+        meta = self.meta_path(digest)
+        info = read_json(meta) if trusted_path(meta) else {}
+        xxh3 = info.get("xxh3_128")
+        if info.get("size") != st.st_size or not isinstance(xxh3, str):
+            size, xxh3, _ = hash_file(path, sha256=False)
+            self.write_meta(digest, {"size": size, "xxh3_128": xxh3})
+        if touch:
+            with contextlib.suppress(OSError):  # another user's blob: LRU order is best effort
+                os.utime(path)
+        return CacheEntry(path, st.st_size, digest, xxh3, 0)
+
+    def _rehash(self, path: Path, digest: str) -> CacheEntry | None:
+        """An untrusted file under blobs/: keep it only if its bytes match its name."""
+        try:
+            regular = stat.S_ISREG(path.lstat().st_mode)
+            size, xxh3, sha = hash_file(path) if regular else (0, "", "")
+        except FileNotFoundError:
+            return None
+        if sha != digest:
+            self.quarantine(path, digest)
+            return None
+        return CacheEntry(path, size, digest, xxh3, 0)
+
+    def quarantine(self, path: Path, digest: str) -> Path:
+        """Moves the blob `path`, which does not match `digest`, to ``quarantine/``."""
+        target = self.directory("quarantine") / f"{digest}.{time.time_ns()}"
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            raise StorageError(
+                exc.errno,
+                f"{path} does not match its digest and cannot be moved to quarantine "
+                f"({exc.strerror}); remove it as its owner or as root",
+            ) from exc
+        with contextlib.suppress(FileNotFoundError):
+            self.meta_path(digest).unlink()
+        return target
+
+    def install(self, tmp: Path, digest: str, info: dict[str, Any], *, sync: bool = True) -> Path:
+        """Moves the verified download `tmp` to its blob path (or drops it if one is there);
+        `sync`: fsync the blob's directory (else the caller makes it durable)."""
+        self.write_meta(digest, info)
+        if self.lookup(digest, touch=True) is not None:
+            tmp.unlink()
+            return self.blob_path(digest)
+        blob = self.blob_path(digest)
+        directory = self.directory("blobs", "sha256", digest[:2])
+        os.rename(tmp, blob)
+        if sync:
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                raise StorageError(
+                    exc.errno,
+                    f"the blob {blob} is in the cache, whole and verified, but its durability is "
+                    f"unknown: syncing the directory {directory} failed: {exc.strerror} (os error "
+                    f"{exc.errno}); a crash or power loss could still lose it: check the disk",
+                ) from exc
+        return blob
+
+    def write_meta(self, digest: str, info: dict[str, Any]) -> None:
+        """Writes the metadata atomically; a failure only costs a re-hash later (but a
+        directory that is not the cache's own is refused, as everywhere)."""
+        try:
+            path = self.meta_path(digest)
+            old = read_json(path)
+            self.directory("meta", digest[:2])
+            value = {**old, **info, "sha256": digest}
+            write_json_atomic(path, value, durable=False, mode=FILE_MODE)
+        except StorageError:
+            raise
+        except OSError:
+            pass  # best effort (the temporary is gone: a full disk must not also keep it)
+
+
+# -- small helpers -------------------------------------------------------------
+
+
+def check_sha256(sha256: str) -> str:
+    """`sha256` as the cache names blobs (lowercase hex).
+
+    Raises:
+        ValueError: it is not 64 hex digits.
+    """
+    digest = sha256.strip().lower()
+    if not SHA256.fullmatch(digest):
+        raise ValueError(f"invalid sha256 {sha256!r}: expected 64 hex digits")
+    return digest
+
+
+def check_size(entry: CacheEntry, size: int | None) -> None:
+    """Raises `SizeMismatch` when a cached blob is not of the `size` expected."""
+    if size is not None and entry.size != size:
+        raise SizeMismatch(
+            f"size mismatch: the cached blob with sha256 {entry.sha256} is {entry.size} bytes, "
+            f"not {size}; check the expected size",
+            expected=size,
+            actual=entry.size,
+        )
+
+
+def _trusted(st: os.stat_result) -> bool:
+    """A file nobody but us (or root) can have written: ours, one link, not group/other-writable."""
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+        and st.st_uid in (os.getuid(), 0)
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def trusted_path(path: Path) -> bool:
+    """Whether the file at `path` is one nobody but us (or root) can have written."""
+    try:
+        return _trusted(path.lstat())
+    except FileNotFoundError:
+        return False
+
+
+def _check_dir(path: Path, st: os.stat_result, *, root: bool = False) -> None:
+    """Refuses a directory of the cache's own that is a symlink (`root`, which the
+    user chose, may be one: `st` is then the target's), not a directory, or another
+    user's that group or others can write without the sticky bit."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        code, problem = errno.ELOOP, "is a symbolic link, which the cache never follows"
+    elif not stat.S_ISDIR(mode):
+        code, problem = errno.ENOTDIR, "is not a directory"
+    elif (
+        st.st_uid not in (os.geteuid(), 0)
+        and mode & (stat.S_IWGRP | stat.S_IWOTH)
+        and not mode & stat.S_ISVTX
+    ):
+        code = errno.EPERM
+        problem = (
+            f"belongs to another user (uid {st.st_uid}) and others can write to it without "
+            "the sticky bit, so nothing in it can be trusted"
+        )
+    else:
+        return
+    what = "the cache directory" if root else "a directory of the cache"
+    fix = (
+        "fix its owner or permissions (chmod +t, or go-w)"
+        if code == errno.EPERM
+        else "remove it (the cache recreates it)"
+    )
+    raise StorageError(
+        code,
+        f"{what} {path} {problem}: {fix}, or use another cache (--cache DIR, SUREFETCH_CACHE)",
+        str(path),
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in the file at `path` (never through a symlink), or ``{}``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            value = json.loads(f.read(65536))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """Text from a file other processes write (a lock file, metadata): one short line."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit] + "..."
