@@ -113,16 +113,21 @@ class BlobStore:
         if checked is not None and whole in checked:
             return whole
         path = self._root
-        if not path.is_dir():
-            path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        _check_dir(path, os.stat(path), root=True)
+        if checked is None or path not in checked:
+            if not path.is_dir():
+                path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            _check_dir(path, os.stat(path), root=True)
         for part in parts:
             path = path / part
+            if checked is not None and path in checked:
+                continue  # a level an earlier call of the batch created and checked
             with contextlib.suppress(FileExistsError):
                 path.mkdir(mode=_DIR_MODE)
             _check_dir(path, os.lstat(path))
+            if checked is not None:
+                checked.add(path)
         if checked is not None:
-            checked.add(whole)
+            checked.add(self._root)
         return path
 
     def checked(self, *parts: str) -> Path:
