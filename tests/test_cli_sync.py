@@ -363,3 +363,16 @@ def test_one_failing_artifact_stops_the_whole_command_quickly(
     assert "missing: " in out.stderr and "404" in out.stderr
     assert not (tmp_path / "surefetch.lock").exists()
     assert leftovers(tmp_path / "dest") == []
+
+
+def test_sync_takes_the_network_options_of_get(server: FaultServer, tmp_path: Path) -> None:
+    """Headers, retries and timeouts reach every artifact's request (one TransferOptions
+    from the flags), as they do for get and fetch."""
+    _standard(server, tmp_path)
+    done = _sync(tmp_path, "-H", "X-Token: abc", "--retries", "0", "--read-timeout", "5")
+    assert done.returncode == 0, done.stderr
+    sent = [r for r in server.requests if r.name.startswith(("f", "tool"))]
+    assert len(sent) == len(SMALL) + 1
+    assert all(r.headers.get("x-token") == "abc" for r in sent)
+    bad = _sync(tmp_path, "--retries", "-1")
+    assert bad.returncode == 2 and "--retries" in bad.stderr
