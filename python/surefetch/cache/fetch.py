@@ -110,38 +110,15 @@ class Fetcher:
     ) -> list[CacheEntry | Exception]:
         """See `Cache.fetch_many`."""
         results: list[CacheEntry | Exception | None] = [None] * len(requests)
-        with self.store.checks_remembered():
-            return self._many(
-                requests,
-                results,
-                jobs,
-                cancel,
-                on_result,
-                on_wait,
-                progress,
-                item_progress,
-                transfer,
-            )
 
-    def _many(
-        self,
-        requests: Sequence[FetchRequest],
-        results: list[CacheEntry | Exception | None],
-        jobs: int,
-        cancel: CancelToken | None,
-        on_result: Callable[[int, CacheEntry | Exception], Any] | None,
-        on_wait: Callable[[str], None] | None,
-        progress: BatchProgressCallback | None,
-        item_progress: Callable[[int, int, int | None], Any] | None,
-        transfer: TransferOptions,
-    ) -> list[CacheEntry | Exception]:
         def settle(index: int, result: CacheEntry | Exception) -> None:
             results[index] = result
             if on_result is not None:
                 on_result(index, result)
 
         store = self.store
-        with store.storage(), contextlib.ExitStack() as held:
+        # Within the batch each directory is checked once, not once per blob.
+        with store.checks_remembered(), store.storage(), contextlib.ExitStack() as held:
             batch: list[tuple[int, str, str | None]] = []  # (index, key, expected)
             waiting: list[int] = []
             for index, request in enumerate(requests):
