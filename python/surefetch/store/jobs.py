@@ -31,18 +31,15 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from surefetch._procs import host_id, process_start_time
 from surefetch.errors import SessionCancelled
 from surefetch.store import supervisors
 from surefetch.store.db import Migration, register_migration
+from surefetch.store.job_spec import JOB_KINDS, JOB_STATES, Ending, Job, job_spec
 from surefetch.store.session_table import (
     cancel_unstarted,
     end_session,
@@ -51,13 +48,10 @@ from surefetch.store.session_table import (
     requeue_session,
 )
 from surefetch.store.sessions import SessionStore
+from surefetch.store.slot_fill import spread
 
 __all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "Job", "JobQueue", "job_spec"]
 
-JOB_KINDS = ("get", "sync")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _UNFINISHED = "s.status IN ('pending', 'running')"
 _JOB_COLUMNS = (
     "j.session_id, j.kind, j.spec, s.owner, s.status, s.cancellation_status, j.host, "
@@ -91,57 +85,6 @@ register_migration(
 )
 
 
-@dataclass(frozen=True)
-class Job:
-    """One job as stored."""
-
-    id: str
-    kind: str
-    spec: dict[str, Any]
-    owner: str
-    state: str
-    cancel_requested: bool
-    host: str | None
-    worker: str | None
-    crashes: int
-    error: str | None
-    result: dict[str, Any] | None
-    created_at: float
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
-
-    def to_dict(self, local_host: str | None = None) -> dict[str, Any]:
-        """The job for ``ctl jobs --json``: ``worker`` is the slot on ``local_host``,
-        else ``host/slot``."""
-        worker = self.worker
-        if worker is not None and self.host is not None and self.host != local_host:
-            worker = f"{self.host}/{worker}"
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "worker": worker,
-            "host": self.host,
-            "owner": self.owner,
-            "spec": self.spec,
-            "cancel_requested": self.cancel_requested,
-            "error": self.error,
-            "result": self.result,
-        }
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How one job ended, for `JobQueue.complete_many`."""
-
-    job_id: str
-    status: str  # succeeded, failed or cancelled
-    error: str | None = None
-    result: Mapping[str, Any] | None = None
-
-
 def _row_to_job(row: Sequence[Any]) -> Job:
     status = row[4]
     return Job(
@@ -158,54 +101,6 @@ def _row_to_job(row: Sequence[Any]) -> Job:
         result=None if row[10] is None else json.loads(row[10]),
         created_at=float(row[11]),
     )
-
-
-def _absolute(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a path")
-    if "\x00" in value:
-        raise ValueError(f"{name} contains a NUL character")
-    if not os.path.isabs(value):
-        raise ValueError(f"{name} {value!r} is relative; send an absolute path")
-    return os.path.normpath(value)
-
-
-def job_spec(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Checks and normalizes what a job runs.
-
-    Args:
-        kind: ``"get"`` or ``"sync"``.
-        fields: for ``get``: ``url`` (http or https), ``dest`` (absolute path, a file or
-            a directory to name the file in) and optional ``sha256``; for ``sync``:
-            ``manifest``, ``lock`` and ``dest``, all absolute.
-
-    Returns:
-        The spec to store.
-
-    Raises:
-        ValueError: an unknown kind, a missing or invalid field, an unknown field.
-    """
-    allowed = {"get": {"url", "dest", "sha256"}, "sync": {"manifest", "lock", "dest"}}
-    if kind not in allowed:
-        raise ValueError(f"unknown job kind {kind!r}; use get or sync")
-    unknown = sorted(set(fields) - allowed[kind])
-    if unknown:
-        raise ValueError(f"unknown field(s) for a {kind} job: {', '.join(unknown)}")
-    if kind == "sync":
-        return {key: _absolute(key, fields.get(key)) for key in ("manifest", "lock", "dest")}
-    url = fields.get("url")
-    if not isinstance(url, str) or len(url) > 8192:
-        raise ValueError("a get job needs a url")
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https") or not urlsplit(url).netloc:
-        raise ValueError(f"unsupported URL {url!r}: only http:// and https:// URLs are fetched")
-    spec: dict[str, Any] = {"url": url, "dest": _absolute("dest", fields.get("dest"))}
-    sha256 = fields.get("sha256")
-    if sha256 is not None:
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
-            raise ValueError(f"sha256 must be 64 hex digits, not {sha256!r}")
-        spec["sha256"] = sha256.lower()
-    return spec
 
 
 class JobQueue:
@@ -352,7 +247,7 @@ class JobQueue:
                 f"ORDER BY j.created_at, j.session_id LIMIT ?{lock}",
                 (wanted,),
             ).fetchall()
-            slots = _fill(free, len(rows))
+            slots = spread(free, len(rows))
             expires = self.clock() + ttl
             for (job_id,), slot in zip(rows, slots):
                 db.execute(
@@ -589,21 +484,3 @@ class JobQueue:
     def unregister_supervisor(self, host: str) -> None:
         """Gives ``host`` up, if this process holds it."""
         supervisors.unregister(self.db, host)
-
-
-def _fill(free: Mapping[str, int], count: int) -> builtins.list[str]:
-    """Spreads ``count`` jobs over the slots, least loaded (most free) first."""
-    left = {slot: n for slot, n in free.items() if n > 0}
-    order: list[str] = []
-    while len(order) < count and left:
-        slot = max(left, key=lambda s: (left[s], -_slot_index(s)))
-        order.append(slot)
-        left[slot] -= 1
-        if left[slot] == 0:
-            del left[slot]
-    return order
-
-
-def _slot_index(slot: str) -> int:
-    digits = slot.lstrip("w")
-    return int(digits) if digits.isdigit() else 0
