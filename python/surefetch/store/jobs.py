@@ -38,69 +38,20 @@ from typing import Any
 from surefetch._procs import host_id, process_start_time
 from surefetch.errors import SessionCancelled
 from surefetch.store import supervisors
-from surefetch.store.db import Migration, register_migration
 from surefetch.store.job_spec import JOB_KINDS, JOB_STATES, Ending, Job, job_spec
-from surefetch.store.session_table import (
-    cancel_unstarted,
-    end_session,
-    fetch_session,
-    insert_session,
-    requeue_session,
+from surefetch.store.job_table import (
+    COLUMNS,
+    FROM,
+    UNFINISHED,
+    claim_queued,
+    complete_job,
+    row_to_job,
+    start_jobs,
 )
+from surefetch.store.session_table import insert_session, requeue_session
 from surefetch.store.sessions import SessionStore
-from surefetch.store.slot_fill import spread
 
 __all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "Job", "JobQueue", "job_spec"]
-
-_UNFINISHED = "s.status IN ('pending', 'running')"
-_JOB_COLUMNS = (
-    "j.session_id, j.kind, j.spec, s.owner, s.status, s.cancellation_status, j.host, "
-    "j.worker, j.crashes, j.error, j.result, j.created_at"
-)
-_FROM = "jobs j JOIN sessions s ON s.id = j.session_id"
-
-register_migration(
-    Migration(
-        version=2,
-        step=0,
-        owner="surefetch.store.jobs",
-        statements=(
-            # Supervised jobs: one per session, the work a worker runs.
-            """CREATE TABLE jobs (
-                session_id TEXT PRIMARY KEY REFERENCES sessions (id),
-                kind TEXT NOT NULL CHECK (kind IN ('get', 'sync')),
-                spec TEXT NOT NULL,
-                host TEXT,
-                worker TEXT,
-                claim_expires DOUBLE PRECISION,
-                crashes INTEGER NOT NULL DEFAULT 0,
-                error TEXT,
-                result TEXT,
-                created_at DOUBLE PRECISION NOT NULL
-            )""",
-            "CREATE INDEX jobs_host_worker ON jobs (host, worker)",
-            "CREATE INDEX jobs_created ON jobs (created_at)",
-        ),
-    )
-)
-
-
-def _row_to_job(row: Sequence[Any]) -> Job:
-    status = row[4]
-    return Job(
-        id=row[0],
-        kind=row[1],
-        spec=json.loads(row[2]),
-        owner=row[3],
-        state="queued" if status == "pending" else status,
-        cancel_requested=row[5] != "none",
-        host=row[6],
-        worker=row[7],
-        crashes=int(row[8]),
-        error=row[9],
-        result=None if row[10] is None else json.loads(row[10]),
-        created_at=float(row[11]),
-    )
 
 
 class JobQueue:
@@ -169,8 +120,8 @@ class JobQueue:
         return ids
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id = ?", (job_id,))
-        return _row_to_job(rows[0]) if rows else None
+        rows = self._rows(f"SELECT {COLUMNS} FROM {FROM} WHERE j.session_id = ?", (job_id,))
+        return row_to_job(rows[0]) if rows else None
 
     def list(
         self, owner: str | None = None, *, state: str | None = None, limit: int | None = None
@@ -196,7 +147,7 @@ class JobQueue:
                 raise ValueError(f"state must be one of {', '.join(JOB_STATES)}, not {state!r}")
             where.append("s.status = ?")
             params.append("pending" if state == "queued" else state)
-        sql = f"SELECT {_JOB_COLUMNS} FROM {_FROM}"
+        sql = f"SELECT {COLUMNS} FROM {FROM}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         if limit is None:
@@ -206,17 +157,17 @@ class JobQueue:
                 raise ValueError(f"limit must be a non-negative int, not {limit!r}")
             sql += " ORDER BY j.created_at DESC, j.session_id DESC LIMIT ?"
             params.append(limit)
-        return [_row_to_job(row) for row in self._rows(sql, tuple(params))]
+        return [row_to_job(row) for row in self._rows(sql, tuple(params))]
 
     def assigned(self, host: str, worker: str | None = None) -> builtins.list[Job]:
         """Unfinished jobs assigned to ``host`` (and to its slot ``worker`` if given)."""
-        sql = f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.host = ? AND {_UNFINISHED}"
+        sql = f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {UNFINISHED}"
         params: tuple[Any, ...] = (host,)
         if worker is not None:
             sql += " AND j.worker = ?"
             params += (worker,)
         rows = self._rows(sql + " ORDER BY j.created_at, j.session_id", params)
-        return [_row_to_job(row) for row in rows]
+        return [row_to_job(row) for row in rows]
 
     # -- claiming (supervisor side) --
 
@@ -233,31 +184,10 @@ class JobQueue:
         Returns:
             The job ids each slot got (slots that got none are left out).
         """
-        wanted = sum(n for n in free.values() if n > 0)
-        if wanted <= 0:
+        if sum(n for n in free.values() if n > 0) <= 0:
             return {}
-        lock = " FOR UPDATE OF j SKIP LOCKED" if self._pg else ""
-        db = self.db
-        got: dict[str, builtins.list[str]] = {}
-        with db.transaction() as conn:
-            rows = db.execute(
-                conn,
-                f"SELECT j.session_id FROM {_FROM} WHERE j.host IS NULL "
-                "AND s.status = 'pending' AND s.cancellation_status = 'none' "
-                f"ORDER BY j.created_at, j.session_id LIMIT ?{lock}",
-                (wanted,),
-            ).fetchall()
-            slots = spread(free, len(rows))
-            expires = self.clock() + ttl
-            for (job_id,), slot in zip(rows, slots):
-                db.execute(
-                    conn,
-                    "UPDATE jobs SET host = ?, worker = ?, claim_expires = ? "
-                    "WHERE session_id = ? AND host IS NULL",
-                    (host, slot, expires, job_id),
-                )
-                got.setdefault(slot, []).append(job_id)
-        return got
+        with self.db.transaction() as conn:
+            return claim_queued(self.db, conn, host, free, self.clock() + ttl, self._pg)
 
     def heartbeat(self, host: str, ttl: float) -> None:
         """Extends the claims of every unfinished job ``host`` holds."""
@@ -283,7 +213,7 @@ class JobQueue:
         with db.transaction() as conn:
             rows = db.execute(
                 conn,
-                f"SELECT j.session_id FROM {_FROM} WHERE {condition} AND {_UNFINISHED}{lock}",
+                f"SELECT j.session_id FROM {FROM} WHERE {condition} AND {UNFINISHED}{lock}",
                 params,
             ).fetchall()
             ids = [row[0] for row in rows]
@@ -300,7 +230,7 @@ class JobQueue:
     def cancel_queued(self) -> builtins.list[str]:
         """Marks cancelled the queued jobs whose cancellation was requested."""
         rows = self._rows(
-            f"SELECT j.session_id FROM {_FROM} WHERE j.host IS NULL "
+            f"SELECT j.session_id FROM {FROM} WHERE j.host IS NULL "
             "AND s.status = 'pending' AND s.cancellation_status = 'requested'"
         )
         return [row[0] for row in rows if self.store.mark_cancelled(row[0])]
@@ -308,11 +238,11 @@ class JobQueue:
     def cancel_requested(self, host: str) -> builtins.list[Job]:
         """Unfinished jobs on ``host`` whose cancellation was requested."""
         rows = self._rows(
-            f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.host = ? AND {_UNFINISHED} "
+            f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {UNFINISHED} "
             "AND s.cancellation_status = 'requested'",
             (host,),
         )
-        return [_row_to_job(row) for row in rows]
+        return [row_to_job(row) for row in rows]
 
     def record_crash(self, host: str, worker: str, limit: int) -> builtins.list[str]:
         """Counts a worker crash against the jobs it was running; fails those at ``limit``.
@@ -367,48 +297,9 @@ class JobQueue:
         """
         if not job_ids:
             return {}
-        db = self.db
         started_at = process_start_time(pid) if host == host_id() else None
-        outcome: dict[str, Job | SessionCancelled | None] = {}
-        with db.transaction() as conn:
-            for job_id in job_ids:
-                cur = db.execute(
-                    conn,
-                    "UPDATE sessions SET status = 'running', pid = ?, pid_started = ?, host = ?, "
-                    "updated_at = ? WHERE id = ? AND cancellation_status = 'none' "
-                    "AND status IN ('pending', 'running') AND id IN (SELECT session_id "
-                    "FROM jobs WHERE session_id = ? AND host = ? AND worker = ?)",
-                    (pid, started_at, host, self.clock(), job_id, job_id, host, worker),
-                )
-                if cur.rowcount == 1:
-                    continue
-                session = fetch_session(db, conn, job_id)
-                mine = db.execute(
-                    conn,
-                    "SELECT 1 FROM jobs WHERE session_id = ? AND host = ? AND worker = ?",
-                    (job_id, host, worker),
-                ).fetchone()
-                if session is None or session.finished or mine is None:
-                    outcome[job_id] = None
-                elif session.cancellation_status != "none":
-                    cancel_unstarted(db, conn, job_id)
-                    outcome[job_id] = SessionCancelled(
-                        f"session {job_id} was cancelled before its process started",
-                        session_id=job_id,
-                    )
-                else:
-                    outcome[job_id] = None
-            placeholders = ", ".join("?" for _ in job_ids)
-            rows = db.execute(
-                conn,
-                f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id IN ({placeholders})",
-                tuple(job_ids),
-            ).fetchall()
-        jobs = {job.id: job for job in map(_row_to_job, rows)}
-        for job_id in job_ids:
-            if job_id not in outcome:
-                outcome[job_id] = jobs.get(job_id)
-        return outcome
+        with self.db.transaction() as conn:
+            return start_jobs(self.db, conn, job_ids, host, worker, pid, started_at, self.clock())
 
     def complete_many(self, endings: Sequence[Ending], host: str, worker: str) -> dict[str, bool]:
         """`complete` for many jobs in one transaction (the worker's group commit).
@@ -416,31 +307,10 @@ class JobQueue:
         Returns:
             For each job id, True if this call finished it.
         """
-        db = self.db
-        done: dict[str, bool] = {}
         if not endings:
-            return done
-        with db.transaction() as conn:
-            for end in endings:
-                done[end.job_id] = self._complete_on(conn, end, host, worker)
-        return done
-
-    def _complete_on(self, conn: Any, end: Ending, host: str, worker: str) -> bool:
-        if end.status not in ("succeeded", "failed", "cancelled"):
-            raise ValueError(f"a job ends succeeded, failed or cancelled, not {end.status!r}")
-        db = self.db
-        result = None if end.result is None else json.dumps(end.result)
-        cur = db.execute(
-            conn,
-            "UPDATE jobs SET error = ?, result = ? WHERE session_id = ? AND host = ? "
-            "AND worker = ? AND session_id IN "
-            "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
-            (end.error, result, end.job_id, host, worker),
-        )
-        if cur.rowcount != 1:
-            return False
-        end_session(db, conn, end.job_id, end.status)
-        return True
+            return {}
+        with self.db.transaction() as conn:
+            return {end.job_id: complete_job(self.db, conn, end, host, worker) for end in endings}
 
     def complete(
         self,
@@ -462,7 +332,7 @@ class JobQueue:
         """
         end = Ending(job_id, status, error, result)
         with self.db.transaction() as conn:
-            return self._complete_on(conn, end, host, worker)
+            return complete_job(self.db, conn, end, host, worker)
 
     # -- supervisors (surefetch.store.supervisors) --
 
