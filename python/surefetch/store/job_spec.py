@@ -2,7 +2,8 @@
 
 - :func:`job_spec` checks and normalizes what a job runs (a ``get`` or a ``sync``);
 - :class:`Job` is one job as the queue (:mod:`surefetch.store.jobs`) stores it;
-- :class:`Ending` is how one job ended, as a worker reports it.
+- :class:`Ending` is how one job ended, as a worker reports it;
+- :class:`GroupOutcome` is what one of a worker's group commits did.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "Job", "job_spec"]
+from surefetch.errors import SessionCancelled
+
+__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "GroupOutcome", "Job", "job_spec"]
 
 JOB_KINDS = ("get", "sync")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -119,3 +122,21 @@ def job_spec(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"sha256 must be 64 hex digits, not {sha256!r}")
         spec["sha256"] = sha256.lower()
     return spec
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    """What one worker's group commit (`JobQueue.commit_group`) did.
+
+    Attributes:
+        started: for each job asked to start: the job (now running), None when it is no
+            longer the worker's or finished, or the `SessionCancelled` to raise (its
+            cancellation was requested first; it is now cancelled).
+        finished: for each job ending: True if this commit finished it.
+        taken: queued jobs claimed for the worker and started in the same commit, one
+            for each place it freed, when the worker takes its own next jobs.
+    """
+
+    started: dict[str, Job | SessionCancelled | None]
+    finished: dict[str, bool]
+    taken: list[Job]

@@ -8,6 +8,8 @@ The session holds the state; the ``jobs`` row holds the spec and who runs it:
 - *assigned*: a host and a worker slot (``w0``, ``w1``...) hold it, with a claim
   that the host's supervisor heartbeats. The worker in that slot runs every
   unfinished job assigned to it, so a restarted worker converges on the same set.
+  The supervisor claims jobs for its slots; a worker that finishes a job may claim
+  the next one for its own slot in the same commit (:meth:`JobQueue.commit_group`).
 - *running*: the worker attached its pid to the session.
 - finished: the session ``succeeded``, ``failed`` or ``cancelled``; the row keeps
   its host, worker, error and result for listing.
@@ -38,7 +40,7 @@ from typing import Any
 from surefetch._procs import host_id, process_start_time
 from surefetch.errors import SessionCancelled
 from surefetch.store import supervisors
-from surefetch.store.job_spec import JOB_KINDS, JOB_STATES, Ending, Job, job_spec
+from surefetch.store.job_spec import JOB_KINDS, JOB_STATES, Ending, GroupOutcome, Job, job_spec
 from surefetch.store.job_table import (
     COLUMNS,
     FROM,
@@ -51,7 +53,7 @@ from surefetch.store.job_table import (
 from surefetch.store.session_table import insert_session, requeue_session
 from surefetch.store.sessions import SessionStore
 
-__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "Job", "JobQueue", "job_spec"]
+__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "GroupOutcome", "Job", "JobQueue", "job_spec"]
 
 
 class JobQueue:
@@ -300,6 +302,44 @@ class JobQueue:
         started_at = process_start_time(pid) if host == host_id() else None
         with self.db.transaction() as conn:
             return start_jobs(self.db, conn, job_ids, host, worker, pid, started_at, self.clock())
+
+    def commit_group(
+        self,
+        host: str,
+        worker: str,
+        pid: int,
+        *,
+        starts: Sequence[str] = (),
+        endings: Sequence[Ending] = (),
+        take_ttl: float | None = None,
+    ) -> GroupOutcome:
+        """A worker's group commit: `start_many` and `complete_many` in one transaction
+        and, with ``take_ttl``, for each place this commit frees (a job it finishes, or
+        one that is not to start: no longer the worker's, finished or cancelled), the
+        oldest queued job claimed for the same slot (held ``take_ttl`` seconds without
+        a heartbeat) and started, so that the worker keeps its number of jobs without a
+        round trip to its supervisor.
+
+        Raises:
+            ValueError: an ending that is not succeeded, failed or cancelled.
+        """
+        db = self.db
+        now = self.clock()
+        started_at = process_start_time(pid) if host == host_id() else None
+        with db.transaction() as conn:
+            started = start_jobs(db, conn, starts, host, worker, pid, started_at, now)
+            finished = {end.job_id: complete_job(db, conn, end, host, worker) for end in endings}
+            # Each place this commit frees: a job it finished, or one that will not start.
+            room = sum(finished.values()) + sum(
+                not isinstance(job, Job) for job in started.values()
+            )
+            taken: builtins.list[Job] = []
+            if room and take_ttl is not None:
+                claimed = claim_queued(db, conn, host, {worker: room}, now + take_ttl, self._pg)
+                ids = claimed.get(worker, [])
+                outcome = start_jobs(db, conn, ids, host, worker, pid, started_at, now)
+                taken = [job for job in outcome.values() if isinstance(job, Job)]
+        return GroupOutcome(started, finished, taken)
 
     def complete_many(self, endings: Sequence[Ending], host: str, worker: str) -> dict[str, bool]:
         """`complete` for many jobs in one transaction (the worker's group commit).

@@ -258,12 +258,18 @@ class Supervisor:
         """A new worker can take jobs: claim some for it soon."""
         self._poke()
 
+    def job_started(self, slot: Slot, job_id: str) -> None:
+        """A worker started a job (perhaps one it took for itself)."""
+        if job_id not in slot.jobs:
+            slot.jobs.append(job_id)
+
     def job_finished(self, slot: Slot, job_id: str) -> None:
-        """A worker finished a job: its place in the slot is free."""
+        """A worker finished a job. Its place is not claimed for here: the worker took
+        the next queued job in the commit that finished this one (if there was one), and
+        a submit, a full round or a new worker claims for whatever room is left."""
         self._cancel_deadlines.pop(job_id, None)
         if job_id in slot.jobs:
             slot.jobs.remove(job_id)
-        self._poke()
 
     async def worker_exited(self, slot: Slot, permanent: bool) -> None:
         """A worker died: its cancelled jobs are done, its crash counts against its jobs,

@@ -7,10 +7,13 @@ JSON lines: commands on stdin, events on the stdout it was started with (its
 own fd 1 is pointed at stderr, so a stray print cannot break the protocol).
 
 Commands: ``hello`` (answered with ``hello`` and the pid once the store is
-open: the handshake), ``ping`` (``pong``), ``sync`` (pull the slot's jobs from
-the store and converge: start the missing ones, stop the ones that are no longer
-its own or whose cancellation was requested), ``cancel`` (one job, at once),
-``stop`` (cancel every job, keeping its part files, and exit 0).
+open: the handshake; with ``claim_ttl``, in seconds, the worker takes the next
+queued job for its slot in the same commit as each job it finishes, claimed for
+that long, instead of waiting for its supervisor to hand it one), ``ping``
+(``pong``), ``sync`` (pull the slot's jobs from the store and converge: start the
+missing ones, stop the ones that are no longer its own or whose cancellation was
+requested), ``cancel`` (one job, at once), ``stop`` (cancel every job, keeping its
+part files, and exit 0).
 
 Events: ``hello``, ``pong``, ``started``, ``finished`` (with ``state``:
 succeeded, failed or cancelled).
@@ -33,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
@@ -59,6 +63,7 @@ class _Stop(Exception):
 class _Running:
     job: Job
     token: CancelToken
+    started: bool = False  # the store already marks it running in this worker
     thread: threading.Thread | None = None
     reason: str = ""  # why it was cancelled: "cancel" (by its owner), "stop", "lost"
     done: threading.Event = field(default_factory=threading.Event)
@@ -67,12 +72,19 @@ class _Running:
 class _GroupCommit:
     """Job state changes of this worker, committed in groups: a job thread asks to start
     or to finish its job and waits; one thread takes every request made by then
-    (waiting `_COMMIT_DELAY` for more), applies them in one transaction each for the
-    starts and the ends, and answers them all. Small jobs then share commits instead
-    of paying one (and its fsync) each."""
+    (waiting `_COMMIT_DELAY` for more), applies them all in one transaction
+    (`JobQueue.commit_group`) and answers them. Small jobs then share commits instead
+    of paying one (and its fsync) each. With `take_ttl` set, the same transaction
+    claims and starts the slot's next queued job for each job it finished; `on_taken`
+    gets those jobs once they are committed."""
 
-    def __init__(self, queue: JobQueue, host: str, slot: str, pid: int) -> None:
+    def __init__(
+        self, queue: JobQueue, host: str, slot: str, pid: int, on_taken: Callable[[Job], None]
+    ) -> None:
         self.queue, self.host, self.slot, self.pid = queue, host, slot, pid
+        self.on_taken = on_taken
+        #: Seconds a job this worker claims for itself is held; None: it claims none.
+        self.take_ttl: float | None = None
         self._cond = threading.Condition()
         self._starts: dict[str, Future[Any]] = {}
         self._ends: list[tuple[Ending, Future[Any]]] = []
@@ -106,32 +118,32 @@ class _GroupCommit:
             with self._cond:
                 starts, self._starts = self._starts, {}
                 ends, self._ends = self._ends, []
-            self._commit_starts(starts)
-            self._commit_ends(ends)
+            self._commit(starts, ends)
 
-    def _commit_starts(self, starts: dict[str, Future[Any]]) -> None:
-        if not starts:
-            return
+    def _commit(
+        self, starts: dict[str, Future[Any]], ends: list[tuple[Ending, Future[Any]]]
+    ) -> None:
         try:
-            outcome = self.queue.start_many(list(starts), self.host, self.slot, self.pid)
+            done = self.queue.commit_group(
+                self.host,
+                self.slot,
+                self.pid,
+                starts=list(starts),
+                endings=[end for end, _ in ends],
+                take_ttl=self.take_ttl,
+            )
         except BaseException as exc:  # the store failed: every waiter gets the error
             for future in starts.values():
                 future.set_result(exc)
-            return
-        for job_id, future in starts.items():
-            future.set_result(outcome.get(job_id))
-
-    def _commit_ends(self, ends: list[tuple[Ending, Future[Any]]]) -> None:
-        if not ends:
-            return
-        try:
-            done = self.queue.complete_many([end for end, _ in ends], self.host, self.slot)
-        except BaseException as exc:
             for _, future in ends:
                 future.set_exception(exc)
             return
+        for job in done.taken:
+            self.on_taken(job)
+        for job_id, future in starts.items():
+            future.set_result(done.started.get(job_id))
         for end, future in ends:
-            future.set_result(done.get(end.job_id, False))
+            future.set_result(done.finished.get(end.job_id, False))
 
 
 class Worker:
@@ -144,7 +156,9 @@ class Worker:
         self._out_lock = threading.Lock()
         self._lock = threading.Lock()
         self._running: dict[str, _Running] = {}
-        self._commits = _GroupCommit(queue, host, slot, self.pid)
+        self._stopping = False
+        self._early_cancels: set[str] = set()  # cancels of jobs not (yet) running here
+        self._commits = _GroupCommit(queue, host, slot, self.pid, self._take)
 
     # -- protocol --
 
@@ -160,6 +174,9 @@ class Worker:
         if op == "ping":
             self.send("pong", seq=message.get("seq"))
         elif op == "hello":
+            ttl = message.get("claim_ttl")
+            if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and ttl > 0:
+                self._commits.take_ttl = float(ttl)
             self.send("hello", pid=self.pid, slot=self.slot)
             self.resync()
         elif op == "sync":
@@ -167,6 +184,8 @@ class Worker:
         elif op == "cancel":
             self.cancel(str(message.get("id")), "cancel")
         elif op == "stop":
+            self._stopping = True
+            self._commits.take_ttl = None
             return False
         else:
             print(f"surefetch worker {self.slot}: unknown command {op!r}", file=sys.stderr)
@@ -176,31 +195,48 @@ class Worker:
 
     def resync(self) -> None:
         """Runs every unfinished job assigned to this slot; stops the ones that are not."""
-        assigned = {job.id: job for job in self.queue.assigned(self.host, self.slot)}
+        # The jobs running before the store is read: a job this worker takes for itself
+        # meanwhile is committed before it runs, so only these can be missing for real.
         with self._lock:
             running = dict(self._running)
+        assigned = {job.id: job for job in self.queue.assigned(self.host, self.slot)}
         for job_id in running:
             job = assigned.get(job_id)
             if job is None:
                 self.cancel(job_id, "lost")
             elif job.cancel_requested:
                 self.cancel(job_id, "cancel")
-        for job_id, job in assigned.items():
-            if job_id not in running:
-                self._launch(job)
+        for job in assigned.values():
+            self._launch(job, started=False)
 
-    def _launch(self, job: Job) -> None:
-        entry = _Running(job, CancelToken())
+    def _take(self, job: Job) -> None:
+        """Runs a job the group commit claimed and started for this slot."""
+        if not self._stopping:
+            self._launch(job, started=True)
+
+    def _launch(self, job: Job, started: bool) -> None:
+        """Runs ``job`` on a thread of its own, unless it already runs here; ``started``:
+        the store already marks it running here (no start to commit)."""
+        entry = _Running(job, CancelToken(), started=started)
         entry.thread = threading.Thread(
             target=self._run, args=(entry,), name=f"job-{job.id[:8]}", daemon=True
         )
         with self._lock:
+            if job.id in self._running:
+                return
             self._running[job.id] = entry
+            if job.id in self._early_cancels:
+                self._early_cancels.discard(job.id)
+                entry.reason = "cancel"
+                entry.token.cancel()
         entry.thread.start()
 
     def cancel(self, job_id: str, reason: str) -> None:
         with self._lock:
             entry = self._running.get(job_id)
+            if entry is None and reason == "cancel":
+                # Perhaps a job the group commit just took and is about to launch.
+                self._early_cancels.add(job_id)
         if entry is not None:
             entry.reason = entry.reason or reason
             entry.token.cancel()
@@ -237,7 +273,7 @@ class Worker:
     def _execute(self, entry: _Running) -> tuple[str | None, str | None, dict[str, Any] | None]:
         job = entry.job
         try:
-            if self._commits.start(job.id) is None:
+            if not entry.started and self._commits.start(job.id) is None:
                 return None, None, None
         except SessionCancelled:
             self.send("finished", id=job.id, state="cancelled", error=None)
