@@ -133,8 +133,8 @@ class GroupOutcome:
             longer the worker's or finished, or the `SessionCancelled` to raise (its
             cancellation was requested first; it is now cancelled).
         finished: for each job ending: True if this commit finished it.
-        taken: queued jobs claimed for the worker and started in the same commit, one
-            for each place it freed, when the worker takes its own next jobs.
+        taken: queued jobs claimed for the worker and started in the same commit, when
+            the worker takes its own next jobs.
     """
 
     started: dict[str, Job | SessionCancelled | None]

@@ -15,7 +15,12 @@ from typing import Any
 from surefetch.errors import SessionCancelled
 from surefetch.store.db import Database, Migration, register_migration
 from surefetch.store.job_spec import Ending, Job
-from surefetch.store.session_table import cancel_unstarted, end_session, fetch_session
+from surefetch.store.session_table import (
+    cancel_unstarted,
+    end_session,
+    end_sessions,
+    fetch_session,
+)
 from surefetch.store.slot_fill import spread
 
 __all__ = [
@@ -24,9 +29,11 @@ __all__ = [
     "UNFINISHED",
     "claim_queued",
     "complete_job",
+    "complete_jobs",
     "fetch_jobs",
     "row_to_job",
     "start_jobs",
+    "take_jobs",
 ]
 
 #: SQL condition on ``s`` (the job's session): the job is not finished.
@@ -178,6 +185,108 @@ def start_jobs(
         if job_id not in outcome:
             outcome[job_id] = jobs.get(job_id)
     return outcome
+
+
+def complete_jobs(
+    db: Database, conn: Any, endings: Sequence[Ending], host: str, worker: str, pg: bool
+) -> dict[str, bool]:
+    """Records how jobs ended, those still unfinished and assigned to ``host``/``worker``
+    (a few statements for the whole group). Call it inside a transaction.
+
+    Returns:
+        For each job id, True if this call finished the job.
+
+    Raises:
+        ValueError: an ending that is not succeeded, failed or cancelled.
+    """
+    for end in endings:
+        if end.status not in ("succeeded", "failed", "cancelled"):
+            raise ValueError(f"a job ends succeeded, failed or cancelled, not {end.status!r}")
+    if not endings:
+        return {}
+    ids = [end.job_id for end in endings]
+    among = ", ".join("?" for _ in ids)
+    lock = " FOR UPDATE OF j" if pg else ""
+    mine = {
+        row[0]
+        for row in db.execute(
+            conn,
+            f"SELECT j.session_id FROM {FROM} WHERE j.session_id IN ({among}) "
+            f"AND j.host = ? AND j.worker = ? AND {UNFINISHED}{lock}",
+            (*ids, host, worker),
+        ).fetchall()
+    }
+    done: dict[str, bool] = {}
+    by_status: dict[str, list[str]] = {}
+    rows: list[tuple[Any, ...]] = []
+    for end in endings:
+        finishes = end.job_id in mine and end.job_id not in done
+        done[end.job_id] = finishes
+        if finishes:
+            result = None if end.result is None else json.dumps(end.result)
+            rows.append((end.error, result, end.job_id))
+            by_status.setdefault(end.status, []).append(end.job_id)
+    db.execute_many(conn, "UPDATE jobs SET error = ?, result = ? WHERE session_id = ?", rows)
+    for status, finished in by_status.items():
+        end_sessions(db, conn, finished, status)
+    return done
+
+
+def take_jobs(
+    db: Database,
+    conn: Any,
+    host: str,
+    worker: str,
+    count: int,
+    expires: float,
+    pid: int,
+    started_at: float | None,
+    now: float,
+    pg: bool,
+) -> list[Job]:
+    """Claims up to ``count`` queued jobs, oldest first, for ``host``/``worker`` (until
+    ``expires``) and starts them in ``pid`` (a few statements for all of them). Call it
+    inside a transaction.
+
+    Returns:
+        The jobs taken, now running, oldest first.
+    """
+    if count <= 0:
+        return []
+    lock = " FOR UPDATE OF j SKIP LOCKED" if pg else ""
+    ids = [
+        row[0]
+        for row in db.execute(
+            conn,
+            f"SELECT j.session_id FROM {FROM} WHERE j.host IS NULL "
+            "AND s.status = 'pending' AND s.cancellation_status = 'none' "
+            f"ORDER BY j.created_at, j.session_id LIMIT ?{lock}",
+            (count,),
+        ).fetchall()
+    ]
+    if not ids:
+        return []
+    among = ", ".join("?" for _ in ids)
+    db.execute(
+        conn,
+        "UPDATE jobs SET host = ?, worker = ?, claim_expires = ? "
+        f"WHERE session_id IN ({among}) AND host IS NULL",
+        (host, worker, expires, *ids),
+    )
+    db.execute(
+        conn,
+        "UPDATE sessions SET status = 'running', pid = ?, pid_started = ?, host = ?, "
+        f"updated_at = ? WHERE id IN ({among}) AND cancellation_status = 'none' "
+        "AND status IN ('pending', 'running')",
+        (pid, started_at, host, now, *ids),
+    )
+    jobs = fetch_jobs(db, conn, ids)
+    taken = [jobs.get(job_id) for job_id in ids]
+    return [
+        job
+        for job in taken
+        if job is not None and job.state == "running" and (job.host, job.worker) == (host, worker)
+    ]
 
 
 def complete_job(db: Database, conn: Any, end: Ending, host: str, worker: str) -> bool:

@@ -8,8 +8,8 @@ The session holds the state; the ``jobs`` row holds the spec and who runs it:
 - *assigned*: a host and a worker slot (``w0``, ``w1``...) hold it, with a claim
   that the host's supervisor heartbeats. The worker in that slot runs every
   unfinished job assigned to it, so a restarted worker converges on the same set.
-  The supervisor claims jobs for its slots; a worker that finishes a job may claim
-  the next one for its own slot in the same commit (:meth:`JobQueue.commit_group`).
+  The supervisor claims jobs for its slots; a worker whose commit frees a place in
+  its slot claims the next ones itself, in that commit (:meth:`JobQueue.commit_group`).
 - *running*: the worker attached its pid to the session.
 - finished: the session ``succeeded``, ``failed`` or ``cancelled``; the row keeps
   its host, worker, error and result for listing.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,13 +48,17 @@ from surefetch.store.job_table import (
     UNFINISHED,
     claim_queued,
     complete_job,
+    complete_jobs,
     row_to_job,
     start_jobs,
+    take_jobs,
 )
 from surefetch.store.session_table import insert_session, requeue_session
 from surefetch.store.sessions import SessionStore
 
 __all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "GroupOutcome", "Job", "JobQueue", "job_spec"]
+
+_PARSED_FINISHED = 10_000  # finished jobs `JobQueue.list` keeps parsed
 
 
 class JobQueue:
@@ -70,6 +75,10 @@ class JobQueue:
         self.db = store.db
         self.clock = clock
         self._pg = store.backend == "postgresql"
+        # Finished jobs never change: `list` parses each once (its spec and result are
+        # JSON), the most recently finished `_PARSED_FINISHED` of them kept.
+        self._finished: dict[str, Job] = {}
+        self._finished_lock = threading.Lock()
 
     # -- helpers --
 
@@ -80,6 +89,22 @@ class JobQueue:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         with self.db.connection() as conn:
             return list(self.db.execute(conn, sql, params).fetchall())
+
+    def _jobs(self, rows: Sequence[Sequence[Any]]) -> builtins.list[Job]:
+        """The jobs of rows of `COLUMNS`, finished ones parsed once."""
+        jobs: builtins.list[Job] = []
+        with self._finished_lock:
+            known = self._finished
+            for row in rows:
+                job = known.get(row[0])
+                if job is None:
+                    job = row_to_job(row)
+                    if job.finished:
+                        known[job.id] = job
+                        if len(known) > _PARSED_FINISHED:
+                            del known[next(iter(known))]
+                jobs.append(job)
+        return jobs
 
     # -- submitting and reading --
 
@@ -159,7 +184,7 @@ class JobQueue:
                 raise ValueError(f"limit must be a non-negative int, not {limit!r}")
             sql += " ORDER BY j.created_at DESC, j.session_id DESC LIMIT ?"
             params.append(limit)
-        return [row_to_job(row) for row in self._rows(sql, tuple(params))]
+        return self._jobs(self._rows(sql, tuple(params)))
 
     def assigned(self, host: str, worker: str | None = None) -> builtins.list[Job]:
         """Unfinished jobs assigned to ``host`` (and to its slot ``worker`` if given)."""
@@ -308,37 +333,50 @@ class JobQueue:
         host: str,
         worker: str,
         pid: int,
+        requests: Callable[[], tuple[Sequence[str], Sequence[Ending]]],
         *,
-        starts: Sequence[str] = (),
-        endings: Sequence[Ending] = (),
-        take_ttl: float | None = None,
+        hold: int = 0,
+        ttl: float = 10.0,
     ) -> GroupOutcome:
         """A worker's group commit: `start_many` and `complete_many` in one transaction
-        and, with ``take_ttl``, for each place this commit frees (a job it finishes, or
-        one that is not to start: no longer the worker's, finished or cancelled), the
-        oldest queued job claimed for the same slot (held ``take_ttl`` seconds without
-        a heartbeat) and started, so that the worker keeps its number of jobs without a
+        and, when that frees a place (a job finished, or one that is not to start: no
+        longer the worker's, finished or cancelled), the oldest queued jobs claimed for
+        the same slot (for ``ttl`` seconds without a heartbeat) and started until the
+        slot holds ``hold`` unfinished jobs: the worker keeps its jobs coming without a
         round trip to its supervisor.
+
+        Args:
+            requests: called once the transaction holds the store's write lock; returns
+                the ids of the jobs to start and the endings to record. Requests made
+                while the commit waited for the lock join it.
+            hold: how many unfinished jobs the slot is to hold (0: take none).
+            ttl: seconds a claim of a job taken holds without a heartbeat.
 
         Raises:
             ValueError: an ending that is not succeeded, failed or cancelled.
         """
         db = self.db
-        now = self.clock()
         started_at = process_start_time(pid) if host == host_id() else None
         with db.transaction() as conn:
+            starts, endings = requests()
+            now = self.clock()
             started = start_jobs(db, conn, starts, host, worker, pid, started_at, now)
-            finished = {end.job_id: complete_job(db, conn, end, host, worker) for end in endings}
-            # Each place this commit frees: a job it finished, or one that will not start.
-            room = sum(finished.values()) + sum(
-                not isinstance(job, Job) for job in started.values()
+            finished = complete_jobs(db, conn, endings, host, worker, self._pg)
+            freed = any(finished.values()) or not all(
+                isinstance(job, Job) for job in started.values()
             )
             taken: builtins.list[Job] = []
-            if room and take_ttl is not None:
-                claimed = claim_queued(db, conn, host, {worker: room}, now + take_ttl, self._pg)
-                ids = claimed.get(worker, [])
-                outcome = start_jobs(db, conn, ids, host, worker, pid, started_at, now)
-                taken = [job for job in outcome.values() if isinstance(job, Job)]
+            if freed and hold > 0:
+                (held,) = db.execute(
+                    conn,
+                    f"SELECT COUNT(*) FROM {FROM} WHERE j.host = ? AND j.worker = ? "
+                    f"AND {UNFINISHED}",
+                    (host, worker),
+                ).fetchone()
+                room, expires = hold - int(held), now + ttl
+                taken = take_jobs(
+                    db, conn, host, worker, room, expires, pid, started_at, now, self._pg
+                )
         return GroupOutcome(started, finished, taken)
 
     def complete_many(self, endings: Sequence[Ending], host: str, worker: str) -> dict[str, bool]:
@@ -350,7 +388,7 @@ class JobQueue:
         if not endings:
             return {}
         with self.db.transaction() as conn:
-            return {end.job_id: complete_job(self.db, conn, end, host, worker) for end in endings}
+            return complete_jobs(self.db, conn, endings, host, worker, self._pg)
 
     def complete(
         self,

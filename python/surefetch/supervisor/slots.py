@@ -282,7 +282,13 @@ class WorkerPool:
         slot.hello = asyncio.get_running_loop().create_future()
         self._spawn_task(self._read_events(slot, proc))
         self._spawn_task(self._read_stderr(slot, proc))
-        self.send(slot, {"op": "hello", "protocol": PROTOCOL, "claim_ttl": self.config.claim_ttl})
+        hello = {
+            "op": "hello",
+            "protocol": PROTOCOL,
+            "claim_ttl": self.config.claim_ttl,
+            "jobs_per_worker": self.config.jobs_per_worker,
+        }
+        self.send(slot, hello)
         exited = asyncio.ensure_future(proc.wait())
         try:
             done, _ = await asyncio.wait(

@@ -9,7 +9,10 @@ Unix control socket (mode 0600) speaking JSON lines
   claimed from the session store and assigned to worker slots. A (re)started
   worker pulls every job assigned to its slot and converges, so nothing is
   replayed and nothing is lost with a process; its downloads resume from their
-  part files.
+  part files. While the queue lasts, a worker takes its next jobs itself, in the
+  commits that record its jobs' ends; it runs ``jobs_per_worker`` at a time and
+  keeps as many more started, ready to run
+  (:mod:`surefetch.supervisor.worker`).
 - **Readiness and liveness.** A worker counts as started once it answers the
   handshake (its store is open); a heartbeat catches a hung one, which is killed
   and counted as a failure.
