@@ -7,7 +7,7 @@ pool of connections, and brings the schema up to date when it opens.
 The schema is versioned, one number for the whole database. Each module that
 owns tables registers its part of a version with :func:`register_migration`
 (``surefetch.store.session_table`` the sessions, ``surefetch.store.users`` the
-tokens, ``surefetch.store.jobs`` the jobs, ``surefetch.store.supervisors`` the
+tokens, ``surefetch.store.job_table`` the jobs, ``surefetch.store.supervisors`` the
 supervisors); the parts of one
 version are applied in one transaction, in the order of their ``step``. Append
 new versions; never edit an applied one.
@@ -201,19 +201,20 @@ class _SQLite(_Backend):
         workers) lose most of their time asleep; on this lock the kernel wakes the next
         writer as soon as one is done. Without the file (a read-only directory, another
         user's file), the busy handler alone serializes the writers, as before."""
-        if self.path == ":memory:" or self.path.startswith("file:"):
-            yield
-            return
+        fd: int | None = None
+        if self.path != ":memory:" and not self.path.startswith("file:"):
+            try:
+                fd = os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no lock file here: the busy handler serializes the writers
+                if fd is not None:
+                    os.close(fd)
+                fd = None
         try:
-            fd = os.open(self.path + "-writers", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
-            yield
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            if fd is not None:
+                os.close(fd)  # releases the lock
 
     def describe(self) -> str:
         return f"SQLite database {self.path}"
