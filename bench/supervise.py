@@ -29,9 +29,8 @@ socket with ``surefetch.supervisor.request``:
    the ratio is the median of per-round ratios of jobs/s. Target: supervised >= 0.8x direct.
 
 The exit status is 1 when a target is missed by more than a factor of two (restart median
-> 200 ms) or a part could not be measured; the throughput target is not met yet, so its gate
-fails only below 0.1x (a regression guard). Full mode writes its section of
-bench/RESULTS.md; --quick, --only and non-default sizes print only.
+> 200 ms, throughput < 0.4x direct) or a part could not be measured. Full mode writes its
+section of bench/RESULTS.md; --quick, --only and non-default sizes print only.
 """
 
 from __future__ import annotations
@@ -88,10 +87,12 @@ THREADS = WORKERS * JOBS_PER_WORKER
 BACKOFF_INITIAL, STABLE_AFTER, HEARTBEAT = 0.5, 0.3, 0.1
 RESTART_POLL_S, JOBS_POLL_S = 0.001, 0.05
 RESTART_TARGET_MS, THROUGHPUT_TARGET = 100.0, 0.8
-# Not met (about 0.27x): every job costs about three serialized SQLite commits (claim,
-# attach, finish; synchronous=FULL) that the direct loop does not pay. Fail only on a
-# regression until the store's per-job writes are batched.
-THROUGHPUT_FAIL_BELOW_X = 0.1
+# Was 0.23-0.46x while every job waited for three serialized SQLite commits (claim, attach,
+# finish). Workers now take their next jobs in the commits that end the last ones and keep
+# as many more started, ready to run: 0.64-0.91x (medians) on this shared 2-core machine,
+# where the supervised pipeline is CPU-bound (store commits, events, the `jobs` polls) and
+# direct runs vary 450-1800 jobs/s. The gate is the factor-of-two rule of the restart part.
+THROUGHPUT_FAIL_BELOW_X = THROUGHPUT_TARGET / 2
 
 
 @dataclass(frozen=True)

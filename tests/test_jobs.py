@@ -6,12 +6,14 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from surefetch.errors import SessionCancelled, SurefetchError
-from surefetch.jobs import JobQueue, job_spec
+from surefetch.jobs import Job, JobQueue, job_spec
 from surefetch.sessions import SCHEMA_VERSION, CancellationEnforcer, SessionStore, host_id
+from surefetch.store.jobs import Ending
 
 from session_support import Children, alive, children, store, store_url
 
@@ -112,6 +114,71 @@ def test_a_worker_only_starts_and_finishes_its_own_jobs(queue: JobQueue) -> None
     done = q.get(job.id)
     assert done is not None and done.state == "succeeded" and done.result == {"size": 1}
     assert store.lookup(job.id).ui_status == "done"  # type: ignore[union-attr]
+
+
+def test_a_group_commit_ends_jobs_and_takes_the_next_ones_up_to_hold(queue: JobQueue) -> None:
+    q = queue
+    ids = [q.submit("u", "get", get_spec(i)).id for i in range(7)]
+    assert q.claim("h", {"w0": 2}, ttl=30) == {"w0": ids[:2]}
+    q.start_many(ids[:2], "h", "w0", 4242)
+    q.store.request_cancel(ids[2], "u")  # the oldest queued job is never taken
+
+    def requests(starts: list[str], ends: list[Ending]) -> Any:
+        return lambda: (starts, ends)
+
+    ended = Ending(ids[0], "succeeded", result={"size": 1})
+    done = q.commit_group("h", "w0", 4242, requests([], [ended]), hold=3, ttl=30)
+    assert done.finished == {ids[0]: True} and done.started == {}
+    # One job still held, so two taken (three held), oldest first, started in this worker.
+    assert [j.id for j in done.taken] == ids[3:5]
+    assert all((j.state, j.host, j.worker) == ("running", "h", "w0") for j in done.taken)
+    assert all(q.store.lookup(j.id).pid == 4242 for j in done.taken)  # type: ignore[union-attr]
+    finished = q.get(ids[0])
+    assert finished is not None and finished.state == "succeeded" and finished.result == {"size": 1}
+
+    # An ending fenced off (not this slot's job) frees nothing, so nothing is taken.
+    other = Ending(ids[5], "failed", error="no")
+    done = q.commit_group("h", "w0", 4242, requests([], [other]), hold=10, ttl=30)
+    assert done.finished == {ids[5]: False} and done.taken == []
+    # Starting jobs frees nothing either; a start that is refused does.
+    q.claim("h", {"w1": 1}, ttl=30)
+    done = q.commit_group("h", "w1", 4243, requests([ids[5]], []), hold=10, ttl=30)
+    assert isinstance(done.started[ids[5]], Job) and done.taken == []
+    done = q.commit_group("h", "w1", 4243, requests([ids[1]], []), hold=3, ttl=30)
+    assert done.started == {ids[1]: None}  # w0's job
+    assert [j.id for j in done.taken] == [ids[6]]  # w1 now holds ids[5] and ids[6]
+    # Without hold, a commit only records.
+    done = q.commit_group("h", "w1", 4243, requests([], [Ending(ids[6], "failed", "x")]))
+    assert done.finished == {ids[6]: True} and done.taken == []
+    job = q.get(ids[6])
+    assert job is not None and (job.state, job.error) == ("failed", "x")
+
+
+def test_a_group_commit_reads_its_requests_holding_the_write_lock(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    with SessionStore(f"sqlite:///{path}") as store:
+        q = JobQueue(store)
+        job = q.submit("u", "get", get_spec()).id
+        q.claim("h", {"w0": 1}, ttl=30)
+        refused: list[str] = []
+
+        def requests() -> tuple[list[str], list[Ending]]:
+            # Another writer cannot begin now: whatever was asked until this moment is
+            # part of this commit.
+            other = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                refused.append(str(exc))
+            finally:
+                other.close()
+            return [job], []
+
+        done = q.commit_group("h", "w0", 4242, requests)
+        assert refused == ["database is locked"]
+        started = done.started[job]
+        assert isinstance(started, Job) and started.state == "running"
+        assert (tmp_path / "jobs.db-writers").exists()  # where writers queue
 
 
 def test_cancel_requested_before_start_refuses_the_start(queue: JobQueue) -> None:

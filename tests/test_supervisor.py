@@ -493,6 +493,42 @@ def test_cancel_falls_back_to_signals_when_the_worker_does_not_answer(
     assert (tmp_path / "h1.bin").read_bytes() == payload(size, 1)
 
 
+def test_a_worker_keeps_its_next_jobs_started_and_runs_only_its_share(
+    start: Any, server: FaultServer, tmp_path: Path
+) -> None:
+    sup = start(workers=1, jobs_per_worker=1)
+    data = payload(50_000)
+    names = ["first.bin", "s1.bin", "s2.bin", "last.bin"]
+    urls = {name: server.add(name, data) for name in names}
+    for stalled in ("s1.bin", "s2.bin"):
+        urls[stalled] += "?stall=30"  # stalls at byte 0 until cancelled
+    batch = [
+        {"kind": "get", "spec": {"url": urls[name], "dest": str(tmp_path / name)}} for name in names
+    ]
+    first, s1, s2, last = sup.ask("submit", jobs=batch)["ids"]
+    # The end of `first` takes s1 and s2 (the worker holds two jobs: one to run, one
+    # ready); one of them runs (and stalls), the other waits, started, for its turn.
+    sup.wait_jobs([first], "succeeded")
+    sup.wait_jobs([s1, s2], "running")
+    assert wait_until(
+        lambda: server.request_count("s1.bin") + server.request_count("s2.bin") > 0, 5
+    )
+    asked = {job: server.request_count(name) for job, name in ((s1, "s1.bin"), (s2, "s2.bin"))}
+    ((waiting, _),) = [(job, n) for job, n in asked.items() if n == 0]
+    (running,) = [job for job in asked if job != waiting]
+    assert sup.jobs()[last]["state"] == "queued"
+    # A job waiting for its turn is cancelled at once, without a request.
+    assert sup.ask("cancel", id=waiting)["changed"]
+    sup.wait_jobs([waiting], "cancelled", timeout=3)
+    assert sum(asked.values()) == server.request_count("s1.bin") + server.request_count("s2.bin")
+    # The running one is cancelled alone; then the last job runs.
+    assert sup.ask("cancel", id=running)["changed"]
+    sup.wait_jobs([running], "cancelled", timeout=3)
+    sup.wait_jobs([last], "succeeded")
+    assert (tmp_path / "last.bin").read_bytes() == data
+    assert not (tmp_path / "s1.bin").exists() and not (tmp_path / "s2.bin").exists()
+
+
 def test_queued_job_cancelled_before_it_starts(
     start: Any, server: FaultServer, tmp_path: Path
 ) -> None:

@@ -7,7 +7,10 @@ Modules, one concept each:
 - :mod:`~surefetch.store.session_table` — the sessions table and its row operations;
 - :mod:`~surefetch.store.sessions` — :class:`SessionStore`, the sessions API;
 - :mod:`~surefetch.store.users` — API users and their bearer tokens;
+- :mod:`~surefetch.store.job_spec` — what a job is: :func:`job_spec`, :class:`Job`;
+- :mod:`~surefetch.store.job_table` — the jobs table and its row operations;
 - :mod:`~surefetch.store.jobs` — :class:`JobQueue`, the supervisors' job queue;
+- :mod:`~surefetch.store.slot_fill` — how claimed jobs are spread over worker slots;
 - :mod:`~surefetch.store.supervisors` — which supervisor holds each host id;
 - :mod:`~surefetch.store.enforcer` — :class:`CancellationEnforcer`.
 

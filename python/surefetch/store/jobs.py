@@ -8,6 +8,8 @@ The session holds the state; the ``jobs`` row holds the spec and who runs it:
 - *assigned*: a host and a worker slot (``w0``, ``w1``...) hold it, with a claim
   that the host's supervisor heartbeats. The worker in that slot runs every
   unfinished job assigned to it, so a restarted worker converges on the same set.
+  The supervisor claims jobs for its slots; a worker whose commit frees a place in
+  its slot claims the next ones itself, in that commit (:meth:`JobQueue.commit_group`).
 - *running*: the worker attached its pid to the session.
 - finished: the session ``succeeded``, ``failed`` or ``cancelled``; the row keeps
   its host, worker, error and result for listing.
@@ -31,181 +33,32 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
-import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from surefetch._procs import host_id, process_start_time
 from surefetch.errors import SessionCancelled
 from surefetch.store import supervisors
-from surefetch.store.db import Migration, register_migration
-from surefetch.store.session_table import (
-    cancel_unstarted,
-    end_session,
-    fetch_session,
-    insert_session,
-    requeue_session,
+from surefetch.store.job_spec import JOB_KINDS, JOB_STATES, Ending, GroupOutcome, Job, job_spec
+from surefetch.store.job_table import (
+    COLUMNS,
+    FROM,
+    UNFINISHED,
+    claim_queued,
+    complete_job,
+    complete_jobs,
+    row_to_job,
+    start_jobs,
+    take_jobs,
 )
+from surefetch.store.session_table import insert_session, requeue_session
 from surefetch.store.sessions import SessionStore
 
-__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "Job", "JobQueue", "job_spec"]
+__all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "GroupOutcome", "Job", "JobQueue", "job_spec"]
 
-JOB_KINDS = ("get", "sync")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_UNFINISHED = "s.status IN ('pending', 'running')"
-_JOB_COLUMNS = (
-    "j.session_id, j.kind, j.spec, s.owner, s.status, s.cancellation_status, j.host, "
-    "j.worker, j.crashes, j.error, j.result, j.created_at"
-)
-_FROM = "jobs j JOIN sessions s ON s.id = j.session_id"
-
-register_migration(
-    Migration(
-        version=2,
-        step=0,
-        owner="surefetch.store.jobs",
-        statements=(
-            # Supervised jobs: one per session, the work a worker runs.
-            """CREATE TABLE jobs (
-                session_id TEXT PRIMARY KEY REFERENCES sessions (id),
-                kind TEXT NOT NULL CHECK (kind IN ('get', 'sync')),
-                spec TEXT NOT NULL,
-                host TEXT,
-                worker TEXT,
-                claim_expires DOUBLE PRECISION,
-                crashes INTEGER NOT NULL DEFAULT 0,
-                error TEXT,
-                result TEXT,
-                created_at DOUBLE PRECISION NOT NULL
-            )""",
-            "CREATE INDEX jobs_host_worker ON jobs (host, worker)",
-            "CREATE INDEX jobs_created ON jobs (created_at)",
-        ),
-    )
-)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One job as stored."""
-
-    id: str
-    kind: str
-    spec: dict[str, Any]
-    owner: str
-    state: str
-    cancel_requested: bool
-    host: str | None
-    worker: str | None
-    crashes: int
-    error: str | None
-    result: dict[str, Any] | None
-    created_at: float
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
-
-    def to_dict(self, local_host: str | None = None) -> dict[str, Any]:
-        """The job for ``ctl jobs --json``: ``worker`` is the slot on ``local_host``,
-        else ``host/slot``."""
-        worker = self.worker
-        if worker is not None and self.host is not None and self.host != local_host:
-            worker = f"{self.host}/{worker}"
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "worker": worker,
-            "host": self.host,
-            "owner": self.owner,
-            "spec": self.spec,
-            "cancel_requested": self.cancel_requested,
-            "error": self.error,
-            "result": self.result,
-        }
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How one job ended, for `JobQueue.complete_many`."""
-
-    job_id: str
-    status: str  # succeeded, failed or cancelled
-    error: str | None = None
-    result: Mapping[str, Any] | None = None
-
-
-def _row_to_job(row: Sequence[Any]) -> Job:
-    status = row[4]
-    return Job(
-        id=row[0],
-        kind=row[1],
-        spec=json.loads(row[2]),
-        owner=row[3],
-        state="queued" if status == "pending" else status,
-        cancel_requested=row[5] != "none",
-        host=row[6],
-        worker=row[7],
-        crashes=int(row[8]),
-        error=row[9],
-        result=None if row[10] is None else json.loads(row[10]),
-        created_at=float(row[11]),
-    )
-
-
-def _absolute(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a path")
-    if "\x00" in value:
-        raise ValueError(f"{name} contains a NUL character")
-    if not os.path.isabs(value):
-        raise ValueError(f"{name} {value!r} is relative; send an absolute path")
-    return os.path.normpath(value)
-
-
-def job_spec(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Checks and normalizes what a job runs.
-
-    Args:
-        kind: ``"get"`` or ``"sync"``.
-        fields: for ``get``: ``url`` (http or https), ``dest`` (absolute path, a file or
-            a directory to name the file in) and optional ``sha256``; for ``sync``:
-            ``manifest``, ``lock`` and ``dest``, all absolute.
-
-    Returns:
-        The spec to store.
-
-    Raises:
-        ValueError: an unknown kind, a missing or invalid field, an unknown field.
-    """
-    allowed = {"get": {"url", "dest", "sha256"}, "sync": {"manifest", "lock", "dest"}}
-    if kind not in allowed:
-        raise ValueError(f"unknown job kind {kind!r}; use get or sync")
-    unknown = sorted(set(fields) - allowed[kind])
-    if unknown:
-        raise ValueError(f"unknown field(s) for a {kind} job: {', '.join(unknown)}")
-    if kind == "sync":
-        return {key: _absolute(key, fields.get(key)) for key in ("manifest", "lock", "dest")}
-    url = fields.get("url")
-    if not isinstance(url, str) or len(url) > 8192:
-        raise ValueError("a get job needs a url")
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https") or not urlsplit(url).netloc:
-        raise ValueError(f"unsupported URL {url!r}: only http:// and https:// URLs are fetched")
-    spec: dict[str, Any] = {"url": url, "dest": _absolute("dest", fields.get("dest"))}
-    sha256 = fields.get("sha256")
-    if sha256 is not None:
-        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
-            raise ValueError(f"sha256 must be 64 hex digits, not {sha256!r}")
-        spec["sha256"] = sha256.lower()
-    return spec
+_PARSED_FINISHED = 10_000  # finished jobs `JobQueue.list` keeps parsed
 
 
 class JobQueue:
@@ -222,6 +75,10 @@ class JobQueue:
         self.db = store.db
         self.clock = clock
         self._pg = store.backend == "postgresql"
+        # Finished jobs never change: `list` parses each once (its spec and result are
+        # JSON), the most recently finished `_PARSED_FINISHED` of them kept.
+        self._finished: dict[str, Job] = {}
+        self._finished_lock = threading.Lock()
 
     # -- helpers --
 
@@ -232,6 +89,22 @@ class JobQueue:
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
         with self.db.connection() as conn:
             return list(self.db.execute(conn, sql, params).fetchall())
+
+    def _jobs(self, rows: Sequence[Sequence[Any]]) -> builtins.list[Job]:
+        """The jobs of rows of `COLUMNS`, finished ones parsed once."""
+        jobs: builtins.list[Job] = []
+        with self._finished_lock:
+            known = self._finished
+            for row in rows:
+                job = known.get(row[0])
+                if job is None:
+                    job = row_to_job(row)
+                    if job.finished:
+                        known[job.id] = job
+                        if len(known) > _PARSED_FINISHED:
+                            del known[next(iter(known))]
+                jobs.append(job)
+        return jobs
 
     # -- submitting and reading --
 
@@ -274,8 +147,8 @@ class JobQueue:
         return ids
 
     def get(self, job_id: str) -> Job | None:
-        rows = self._rows(f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id = ?", (job_id,))
-        return _row_to_job(rows[0]) if rows else None
+        rows = self._rows(f"SELECT {COLUMNS} FROM {FROM} WHERE j.session_id = ?", (job_id,))
+        return row_to_job(rows[0]) if rows else None
 
     def list(
         self, owner: str | None = None, *, state: str | None = None, limit: int | None = None
@@ -301,7 +174,7 @@ class JobQueue:
                 raise ValueError(f"state must be one of {', '.join(JOB_STATES)}, not {state!r}")
             where.append("s.status = ?")
             params.append("pending" if state == "queued" else state)
-        sql = f"SELECT {_JOB_COLUMNS} FROM {_FROM}"
+        sql = f"SELECT {COLUMNS} FROM {FROM}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         if limit is None:
@@ -311,17 +184,17 @@ class JobQueue:
                 raise ValueError(f"limit must be a non-negative int, not {limit!r}")
             sql += " ORDER BY j.created_at DESC, j.session_id DESC LIMIT ?"
             params.append(limit)
-        return [_row_to_job(row) for row in self._rows(sql, tuple(params))]
+        return self._jobs(self._rows(sql, tuple(params)))
 
     def assigned(self, host: str, worker: str | None = None) -> builtins.list[Job]:
         """Unfinished jobs assigned to ``host`` (and to its slot ``worker`` if given)."""
-        sql = f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.host = ? AND {_UNFINISHED}"
+        sql = f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {UNFINISHED}"
         params: tuple[Any, ...] = (host,)
         if worker is not None:
             sql += " AND j.worker = ?"
             params += (worker,)
         rows = self._rows(sql + " ORDER BY j.created_at, j.session_id", params)
-        return [_row_to_job(row) for row in rows]
+        return [row_to_job(row) for row in rows]
 
     # -- claiming (supervisor side) --
 
@@ -338,31 +211,10 @@ class JobQueue:
         Returns:
             The job ids each slot got (slots that got none are left out).
         """
-        wanted = sum(n for n in free.values() if n > 0)
-        if wanted <= 0:
+        if sum(n for n in free.values() if n > 0) <= 0:
             return {}
-        lock = " FOR UPDATE OF j SKIP LOCKED" if self._pg else ""
-        db = self.db
-        got: dict[str, builtins.list[str]] = {}
-        with db.transaction() as conn:
-            rows = db.execute(
-                conn,
-                f"SELECT j.session_id FROM {_FROM} WHERE j.host IS NULL "
-                "AND s.status = 'pending' AND s.cancellation_status = 'none' "
-                f"ORDER BY j.created_at, j.session_id LIMIT ?{lock}",
-                (wanted,),
-            ).fetchall()
-            slots = _fill(free, len(rows))
-            expires = self.clock() + ttl
-            for (job_id,), slot in zip(rows, slots):
-                db.execute(
-                    conn,
-                    "UPDATE jobs SET host = ?, worker = ?, claim_expires = ? "
-                    "WHERE session_id = ? AND host IS NULL",
-                    (host, slot, expires, job_id),
-                )
-                got.setdefault(slot, []).append(job_id)
-        return got
+        with self.db.transaction() as conn:
+            return claim_queued(self.db, conn, host, free, self.clock() + ttl, self._pg)
 
     def heartbeat(self, host: str, ttl: float) -> None:
         """Extends the claims of every unfinished job ``host`` holds."""
@@ -388,7 +240,7 @@ class JobQueue:
         with db.transaction() as conn:
             rows = db.execute(
                 conn,
-                f"SELECT j.session_id FROM {_FROM} WHERE {condition} AND {_UNFINISHED}{lock}",
+                f"SELECT j.session_id FROM {FROM} WHERE {condition} AND {UNFINISHED}{lock}",
                 params,
             ).fetchall()
             ids = [row[0] for row in rows]
@@ -405,7 +257,7 @@ class JobQueue:
     def cancel_queued(self) -> builtins.list[str]:
         """Marks cancelled the queued jobs whose cancellation was requested."""
         rows = self._rows(
-            f"SELECT j.session_id FROM {_FROM} WHERE j.host IS NULL "
+            f"SELECT j.session_id FROM {FROM} WHERE j.host IS NULL "
             "AND s.status = 'pending' AND s.cancellation_status = 'requested'"
         )
         return [row[0] for row in rows if self.store.mark_cancelled(row[0])]
@@ -413,11 +265,11 @@ class JobQueue:
     def cancel_requested(self, host: str) -> builtins.list[Job]:
         """Unfinished jobs on ``host`` whose cancellation was requested."""
         rows = self._rows(
-            f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.host = ? AND {_UNFINISHED} "
+            f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {UNFINISHED} "
             "AND s.cancellation_status = 'requested'",
             (host,),
         )
-        return [_row_to_job(row) for row in rows]
+        return [row_to_job(row) for row in rows]
 
     def record_crash(self, host: str, worker: str, limit: int) -> builtins.list[str]:
         """Counts a worker crash against the jobs it was running; fails those at ``limit``.
@@ -472,48 +324,60 @@ class JobQueue:
         """
         if not job_ids:
             return {}
+        started_at = process_start_time(pid) if host == host_id() else None
+        with self.db.transaction() as conn:
+            return start_jobs(self.db, conn, job_ids, host, worker, pid, started_at, self.clock())
+
+    def commit_group(
+        self,
+        host: str,
+        worker: str,
+        pid: int,
+        requests: Callable[[], tuple[Sequence[str], Sequence[Ending]]],
+        *,
+        hold: int = 0,
+        ttl: float = 10.0,
+    ) -> GroupOutcome:
+        """A worker's group commit: `start_many` and `complete_many` in one transaction
+        and, when that frees a place (a job finished, or one that is not to start: no
+        longer the worker's, finished or cancelled), the oldest queued jobs claimed for
+        the same slot (for ``ttl`` seconds without a heartbeat) and started until the
+        slot holds ``hold`` unfinished jobs: the worker keeps its jobs coming without a
+        round trip to its supervisor.
+
+        Args:
+            requests: called once the transaction holds the store's write lock; returns
+                the ids of the jobs to start and the endings to record. Requests made
+                while the commit waited for the lock join it.
+            hold: how many unfinished jobs the slot is to hold (0: take none).
+            ttl: seconds a claim of a job taken holds without a heartbeat.
+
+        Raises:
+            ValueError: an ending that is not succeeded, failed or cancelled.
+        """
         db = self.db
         started_at = process_start_time(pid) if host == host_id() else None
-        outcome: dict[str, Job | SessionCancelled | None] = {}
         with db.transaction() as conn:
-            for job_id in job_ids:
-                cur = db.execute(
+            starts, endings = requests()
+            now = self.clock()
+            started = start_jobs(db, conn, starts, host, worker, pid, started_at, now)
+            finished = complete_jobs(db, conn, endings, host, worker, self._pg)
+            freed = any(finished.values()) or not all(
+                isinstance(job, Job) for job in started.values()
+            )
+            taken: builtins.list[Job] = []
+            if freed and hold > 0:
+                (held,) = db.execute(
                     conn,
-                    "UPDATE sessions SET status = 'running', pid = ?, pid_started = ?, host = ?, "
-                    "updated_at = ? WHERE id = ? AND cancellation_status = 'none' "
-                    "AND status IN ('pending', 'running') AND id IN (SELECT session_id "
-                    "FROM jobs WHERE session_id = ? AND host = ? AND worker = ?)",
-                    (pid, started_at, host, self.clock(), job_id, job_id, host, worker),
-                )
-                if cur.rowcount == 1:
-                    continue
-                session = fetch_session(db, conn, job_id)
-                mine = db.execute(
-                    conn,
-                    "SELECT 1 FROM jobs WHERE session_id = ? AND host = ? AND worker = ?",
-                    (job_id, host, worker),
+                    f"SELECT COUNT(*) FROM {FROM} WHERE j.host = ? AND j.worker = ? "
+                    f"AND {UNFINISHED}",
+                    (host, worker),
                 ).fetchone()
-                if session is None or session.finished or mine is None:
-                    outcome[job_id] = None
-                elif session.cancellation_status != "none":
-                    cancel_unstarted(db, conn, job_id)
-                    outcome[job_id] = SessionCancelled(
-                        f"session {job_id} was cancelled before its process started",
-                        session_id=job_id,
-                    )
-                else:
-                    outcome[job_id] = None
-            placeholders = ", ".join("?" for _ in job_ids)
-            rows = db.execute(
-                conn,
-                f"SELECT {_JOB_COLUMNS} FROM {_FROM} WHERE j.session_id IN ({placeholders})",
-                tuple(job_ids),
-            ).fetchall()
-        jobs = {job.id: job for job in map(_row_to_job, rows)}
-        for job_id in job_ids:
-            if job_id not in outcome:
-                outcome[job_id] = jobs.get(job_id)
-        return outcome
+                room, expires = hold - int(held), now + ttl
+                taken = take_jobs(
+                    db, conn, host, worker, room, expires, pid, started_at, now, self._pg
+                )
+        return GroupOutcome(started, finished, taken)
 
     def complete_many(self, endings: Sequence[Ending], host: str, worker: str) -> dict[str, bool]:
         """`complete` for many jobs in one transaction (the worker's group commit).
@@ -521,31 +385,10 @@ class JobQueue:
         Returns:
             For each job id, True if this call finished it.
         """
-        db = self.db
-        done: dict[str, bool] = {}
         if not endings:
-            return done
-        with db.transaction() as conn:
-            for end in endings:
-                done[end.job_id] = self._complete_on(conn, end, host, worker)
-        return done
-
-    def _complete_on(self, conn: Any, end: Ending, host: str, worker: str) -> bool:
-        if end.status not in ("succeeded", "failed", "cancelled"):
-            raise ValueError(f"a job ends succeeded, failed or cancelled, not {end.status!r}")
-        db = self.db
-        result = None if end.result is None else json.dumps(end.result)
-        cur = db.execute(
-            conn,
-            "UPDATE jobs SET error = ?, result = ? WHERE session_id = ? AND host = ? "
-            "AND worker = ? AND session_id IN "
-            "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
-            (end.error, result, end.job_id, host, worker),
-        )
-        if cur.rowcount != 1:
-            return False
-        end_session(db, conn, end.job_id, end.status)
-        return True
+            return {}
+        with self.db.transaction() as conn:
+            return complete_jobs(self.db, conn, endings, host, worker, self._pg)
 
     def complete(
         self,
@@ -567,7 +410,7 @@ class JobQueue:
         """
         end = Ending(job_id, status, error, result)
         with self.db.transaction() as conn:
-            return self._complete_on(conn, end, host, worker)
+            return complete_job(self.db, conn, end, host, worker)
 
     # -- supervisors (surefetch.store.supervisors) --
 
@@ -589,21 +432,3 @@ class JobQueue:
     def unregister_supervisor(self, host: str) -> None:
         """Gives ``host`` up, if this process holds it."""
         supervisors.unregister(self.db, host)
-
-
-def _fill(free: Mapping[str, int], count: int) -> builtins.list[str]:
-    """Spreads ``count`` jobs over the slots, least loaded (most free) first."""
-    left = {slot: n for slot, n in free.items() if n > 0}
-    order: list[str] = []
-    while len(order) < count and left:
-        slot = max(left, key=lambda s: (left[s], -_slot_index(s)))
-        order.append(slot)
-        left[slot] -= 1
-        if left[slot] == 0:
-            del left[slot]
-    return order
-
-
-def _slot_index(slot: str) -> int:
-    digits = slot.lstrip("w")
-    return int(digits) if digits.isdigit() else 0

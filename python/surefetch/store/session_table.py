@@ -30,6 +30,7 @@ __all__ = [
     "Session",
     "cancel_unstarted",
     "end_session",
+    "end_sessions",
     "fetch_session",
     "insert_session",
     "requeue_session",
@@ -217,7 +218,15 @@ def end_session(db: Database, conn: Any, session_id: str, status: str) -> bool:
     Returns:
         True if it changed the row, False if the session had already finished.
     """
+    return end_sessions(db, conn, [session_id], status) == 1
+
+
+def end_sessions(db: Database, conn: Any, session_ids: Sequence[str], status: str) -> int:
+    """`end_session` for several sessions in one statement; returns how many it ended."""
+    if not session_ids:
+        return 0
     now = time.time()
+    among = ", ".join("?" for _ in session_ids)
     if status == "cancelled":
         cur = db.execute(
             conn,
@@ -225,8 +234,8 @@ def end_session(db: Database, conn: Any, session_id: str, status: str) -> bool:
             "ui_status = 'needs_review', pid = NULL, pid_started = NULL, last_error = NULL, "
             "claimed_by = NULL, claim_expires = NULL, "
             "cancelled_at = COALESCE(cancelled_at, ?), updated_at = ? "
-            "WHERE id = ? AND status IN ('pending', 'running')",
-            (now, now, session_id),
+            f"WHERE id IN ({among}) AND status IN ('pending', 'running')",
+            (now, now, *session_ids),
         )
     else:
         ui = "done" if status == "succeeded" else "needs_review"
@@ -234,10 +243,10 @@ def end_session(db: Database, conn: Any, session_id: str, status: str) -> bool:
             conn,
             "UPDATE sessions SET status = ?, ui_status = ?, pid = NULL, pid_started = NULL, "
             "claimed_by = NULL, claim_expires = NULL, updated_at = ? "
-            "WHERE id = ? AND status IN ('pending', 'running')",
-            (status, ui, now, session_id),
+            f"WHERE id IN ({among}) AND status IN ('pending', 'running')",
+            (status, ui, now, *session_ids),
         )
-    return bool(cur.rowcount == 1)
+    return int(cur.rowcount)
 
 
 def requeue_session(db: Database, conn: Any, session_id: str) -> None:

@@ -122,6 +122,9 @@ class SlotEvents(Protocol):
     def worker_ready(self, slot: Slot) -> None:
         """A worker answered its handshake: it can take jobs."""
 
+    def job_started(self, slot: Slot, job_id: str) -> None:
+        """A worker reported one of its jobs started (the store marks it running)."""
+
     def job_finished(self, slot: Slot, job_id: str) -> None:
         """A worker reported one of its jobs finished (it recorded how in the store)."""
 
@@ -279,7 +282,13 @@ class WorkerPool:
         slot.hello = asyncio.get_running_loop().create_future()
         self._spawn_task(self._read_events(slot, proc))
         self._spawn_task(self._read_stderr(slot, proc))
-        self.send(slot, {"op": "hello", "protocol": PROTOCOL})
+        hello = {
+            "op": "hello",
+            "protocol": PROTOCOL,
+            "claim_ttl": self.config.claim_ttl,
+            "jobs_per_worker": self.config.jobs_per_worker,
+        }
+        self.send(slot, hello)
         exited = asyncio.ensure_future(proc.wait())
         try:
             done, _ = await asyncio.wait(
@@ -397,6 +406,8 @@ class WorkerPool:
                 slot.last_pong = time.monotonic()
             elif kind == "hello" and slot.hello is not None and not slot.hello.done():
                 slot.hello.set_result(int(event.get("pid", proc.pid)))
+            elif kind == "started":
+                self.events.job_started(slot, str(event.get("id")))
             elif kind == "finished":
                 self.events.job_finished(slot, str(event.get("id")))
 

@@ -9,7 +9,10 @@ Unix control socket (mode 0600) speaking JSON lines
   claimed from the session store and assigned to worker slots. A (re)started
   worker pulls every job assigned to its slot and converges, so nothing is
   replayed and nothing is lost with a process; its downloads resume from their
-  part files.
+  part files. While the queue lasts, a worker takes its next jobs itself, in the
+  commits that record its jobs' ends; it runs ``jobs_per_worker`` at a time and
+  keeps as many more started, ready to run
+  (:mod:`surefetch.supervisor.worker`).
 - **Readiness and liveness.** A worker counts as started once it answers the
   handshake (its store is open); a heartbeat catches a hung one, which is killed
   and counted as a failure.
@@ -258,12 +261,18 @@ class Supervisor:
         """A new worker can take jobs: claim some for it soon."""
         self._poke()
 
+    def job_started(self, slot: Slot, job_id: str) -> None:
+        """A worker started a job (perhaps one it took for itself)."""
+        if job_id not in slot.jobs:
+            slot.jobs.append(job_id)
+
     def job_finished(self, slot: Slot, job_id: str) -> None:
-        """A worker finished a job: its place in the slot is free."""
+        """A worker finished a job. Its place is not claimed for here: the worker took
+        the next queued job in the commit that finished this one (if there was one), and
+        a submit, a full round or a new worker claims for whatever room is left."""
         self._cancel_deadlines.pop(job_id, None)
         if job_id in slot.jobs:
             slot.jobs.remove(job_id)
-        self._poke()
 
     async def worker_exited(self, slot: Slot, permanent: bool) -> None:
         """A worker died: its cancelled jobs are done, its crash counts against its jobs,

@@ -7,10 +7,17 @@ JSON lines: commands on stdin, events on the stdout it was started with (its
 own fd 1 is pointed at stderr, so a stray print cannot break the protocol).
 
 Commands: ``hello`` (answered with ``hello`` and the pid once the store is
-open: the handshake), ``ping`` (``pong``), ``sync`` (pull the slot's jobs from
-the store and converge: start the missing ones, stop the ones that are no longer
-its own or whose cancellation was requested), ``cancel`` (one job, at once),
-``stop`` (cancel every job, keeping its part files, and exit 0).
+open: the handshake), ``ping`` (``pong``), ``sync`` (pull the slot's jobs from the
+store and converge: start the missing ones, stop the ones that are no longer its
+own or whose cancellation was requested), ``cancel`` (one job, at once), ``stop``
+(cancel every job, keeping its part files, and exit 0).
+
+With ``claim_ttl`` (seconds) and ``jobs_per_worker`` (N) in its ``hello``, the
+worker runs N jobs at a time and keeps N more started, ready to run: a job's
+download ends, the next one's begins, and the first job's end is committed
+meanwhile; each commit that frees a place claims queued jobs for the slot (for
+``claim_ttl`` seconds) until it holds 2N, so the worker needs no round trip to
+its supervisor to go on.
 
 Events: ``hello``, ``pong``, ``started``, ``finished`` (with ``state``:
 succeeded, failed or cancelled).
@@ -31,8 +38,8 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
@@ -48,7 +55,6 @@ __all__ = ["EXIT_CONFIG", "main"]
 EXIT_CONFIG = 78  # EX_CONFIG: restarting cannot help
 _PR_SET_PDEATHSIG = 1
 _STOP_WAIT = 2.0  # seconds the running jobs get to flush their parts on a stop
-_COMMIT_DELAY = 0.002  # seconds a group of job state changes waits for more
 
 
 class _Stop(Exception):
@@ -59,6 +65,7 @@ class _Stop(Exception):
 class _Running:
     job: Job
     token: CancelToken
+    started: bool = False  # the store already marks it running in this worker
     thread: threading.Thread | None = None
     reason: str = ""  # why it was cancelled: "cancel" (by its owner), "stop", "lost"
     done: threading.Event = field(default_factory=threading.Event)
@@ -66,13 +73,24 @@ class _Running:
 
 class _GroupCommit:
     """Job state changes of this worker, committed in groups: a job thread asks to start
-    or to finish its job and waits; one thread takes every request made by then
-    (waiting `_COMMIT_DELAY` for more), applies them in one transaction each for the
-    starts and the ends, and answers them all. Small jobs then share commits instead
-    of paying one (and its fsync) each."""
+    or to finish its job and waits; one thread applies, in one transaction
+    (`JobQueue.commit_group`), every request made before that transaction got the
+    store's write lock (those made while the previous commit ran or while this one
+    waited for the lock), and answers them. Small jobs then share commits instead of
+    paying one (and its fsync) each. With `hold` set, a transaction that frees a place
+    also claims and starts queued jobs for the slot until it holds `hold`; `on_taken`
+    gets those jobs once they are committed."""
 
-    def __init__(self, queue: JobQueue, host: str, slot: str, pid: int) -> None:
+    def __init__(
+        self, queue: JobQueue, host: str, slot: str, pid: int, on_taken: Callable[[Job], None]
+    ) -> None:
         self.queue, self.host, self.slot, self.pid = queue, host, slot, pid
+        self.on_taken = on_taken
+        #: How many unfinished jobs the slot is to hold once a commit frees a place (the
+        #: commit takes queued ones up to that); 0: it takes none.
+        self.hold = 0
+        #: Seconds the claim of a job taken holds without a heartbeat.
+        self.ttl = 10.0
         self._cond = threading.Condition()
         self._starts: dict[str, Future[Any]] = {}
         self._ends: list[tuple[Ending, Future[Any]]] = []
@@ -102,36 +120,78 @@ class _GroupCommit:
             with self._cond:
                 while not (self._starts or self._ends):
                     self._cond.wait()
-            time.sleep(_COMMIT_DELAY)  # let the jobs finishing alongside join the group
-            with self._cond:
-                starts, self._starts = self._starts, {}
-                ends, self._ends = self._ends, []
-            self._commit_starts(starts)
-            self._commit_ends(ends)
+            self._commit()
 
-    def _commit_starts(self, starts: dict[str, Future[Any]]) -> None:
-        if not starts:
-            return
+    def _take_requests(self) -> tuple[dict[str, Future[Any]], list[tuple[Ending, Future[Any]]]]:
+        with self._cond:
+            starts, self._starts = self._starts, {}
+            ends, self._ends = self._ends, []
+        return starts, ends
+
+    def _commit(self) -> None:
+        taken: list[tuple[dict[str, Future[Any]], list[tuple[Ending, Future[Any]]]]] = []
+
+        def requests() -> tuple[list[str], list[Ending]]:
+            # Called once the commit holds the store's write lock: every request made
+            # while it waited for the lock joins this group.
+            starts, ends = self._take_requests()
+            taken.append((starts, ends))
+            return list(starts), [end for end, _ in ends]
+
         try:
-            outcome = self.queue.start_many(list(starts), self.host, self.slot, self.pid)
+            done = self.queue.commit_group(
+                self.host, self.slot, self.pid, requests, hold=self.hold, ttl=self.ttl
+            )
         except BaseException as exc:  # the store failed: every waiter gets the error
+            starts, ends = taken[0] if taken else self._take_requests()
             for future in starts.values():
                 future.set_result(exc)
-            return
-        for job_id, future in starts.items():
-            future.set_result(outcome.get(job_id))
-
-    def _commit_ends(self, ends: list[tuple[Ending, Future[Any]]]) -> None:
-        if not ends:
-            return
-        try:
-            done = self.queue.complete_many([end for end, _ in ends], self.host, self.slot)
-        except BaseException as exc:
             for _, future in ends:
                 future.set_exception(exc)
             return
+        starts, ends = taken[0]
+        for job in done.taken:
+            self.on_taken(job)
+        for job_id, future in starts.items():
+            future.set_result(done.started.get(job_id))
         for end, future in ends:
-            future.set_result(done.get(end.job_id, False))
+            future.set_result(done.finished.get(end.job_id, False))
+
+
+class _Permits:
+    """How many of the worker's jobs run at once (None: no limit); the others wait until
+    a place frees or their token is cancelled."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._running = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, token: CancelToken) -> bool:
+        """Waits for a place; False if `token` was cancelled first."""
+        with self._cond:
+            while self.limit is not None and self._running >= self.limit:
+                if token.cancelled:
+                    return False
+                self._cond.wait()
+            if token.cancelled:
+                return False
+            self._running += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Lets the waiters check their tokens (one was cancelled)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _positive(*values: float) -> bool:
+    return all(not isinstance(v, bool) and v > 0 for v in values)
 
 
 class Worker:
@@ -144,7 +204,10 @@ class Worker:
         self._out_lock = threading.Lock()
         self._lock = threading.Lock()
         self._running: dict[str, _Running] = {}
-        self._commits = _GroupCommit(queue, host, slot, self.pid)
+        self._stopping = False
+        self._permits = _Permits(None)
+        self._early_cancels: set[str] = set()  # cancels of jobs not (yet) running here
+        self._commits = _GroupCommit(queue, host, slot, self.pid, self._take)
 
     # -- protocol --
 
@@ -160,6 +223,12 @@ class Worker:
         if op == "ping":
             self.send("pong", seq=message.get("seq"))
         elif op == "hello":
+            ttl, jobs = message.get("claim_ttl"), message.get("jobs_per_worker")
+            if isinstance(ttl, (int, float)) and isinstance(jobs, int) and _positive(ttl, jobs):
+                # Runs `jobs` at a time and holds as many more, started, to run next.
+                self._permits = _Permits(jobs)
+                self._commits.ttl = float(ttl)
+                self._commits.hold = 2 * jobs
             self.send("hello", pid=self.pid, slot=self.slot)
             self.resync()
         elif op == "sync":
@@ -167,6 +236,8 @@ class Worker:
         elif op == "cancel":
             self.cancel(str(message.get("id")), "cancel")
         elif op == "stop":
+            self._stopping = True
+            self._commits.hold = 0
             return False
         else:
             print(f"surefetch worker {self.slot}: unknown command {op!r}", file=sys.stderr)
@@ -176,34 +247,52 @@ class Worker:
 
     def resync(self) -> None:
         """Runs every unfinished job assigned to this slot; stops the ones that are not."""
-        assigned = {job.id: job for job in self.queue.assigned(self.host, self.slot)}
+        # The jobs running before the store is read: a job this worker takes for itself
+        # meanwhile is committed before it runs, so only these can be missing for real.
         with self._lock:
             running = dict(self._running)
+        assigned = {job.id: job for job in self.queue.assigned(self.host, self.slot)}
         for job_id in running:
             job = assigned.get(job_id)
             if job is None:
                 self.cancel(job_id, "lost")
             elif job.cancel_requested:
                 self.cancel(job_id, "cancel")
-        for job_id, job in assigned.items():
-            if job_id not in running:
-                self._launch(job)
+        for job in assigned.values():
+            self._launch(job, started=False)
 
-    def _launch(self, job: Job) -> None:
-        entry = _Running(job, CancelToken())
+    def _take(self, job: Job) -> None:
+        """Runs a job the group commit claimed and started for this slot."""
+        if not self._stopping:
+            self._launch(job, started=True)
+
+    def _launch(self, job: Job, started: bool) -> None:
+        """Runs ``job`` on a thread of its own, unless it already runs here; ``started``:
+        the store already marks it running here (no start to commit)."""
+        entry = _Running(job, CancelToken(), started=started)
         entry.thread = threading.Thread(
             target=self._run, args=(entry,), name=f"job-{job.id[:8]}", daemon=True
         )
         with self._lock:
+            if job.id in self._running:
+                return
             self._running[job.id] = entry
+            if job.id in self._early_cancels:
+                self._early_cancels.discard(job.id)
+                entry.reason = "cancel"
+                entry.token.cancel()
         entry.thread.start()
 
     def cancel(self, job_id: str, reason: str) -> None:
         with self._lock:
             entry = self._running.get(job_id)
+            if entry is None and reason == "cancel":
+                # Perhaps a job the group commit just took and is about to launch.
+                self._early_cancels.add(job_id)
         if entry is not None:
             entry.reason = entry.reason or reason
             entry.token.cancel()
+            self._permits.wake()
 
     def stop_all(self, wait: float) -> None:
         with self._lock:
@@ -211,6 +300,7 @@ class Worker:
         for entry in entries:
             entry.reason = entry.reason or "stop"
             entry.token.cancel()
+        self._permits.wake()
         for entry in entries:
             entry.done.wait(wait)
 
@@ -237,14 +327,20 @@ class Worker:
     def _execute(self, entry: _Running) -> tuple[str | None, str | None, dict[str, Any] | None]:
         job = entry.job
         try:
-            if self._commits.start(job.id) is None:
+            if not entry.started and self._commits.start(job.id) is None:
                 return None, None, None
         except SessionCancelled:
             self.send("finished", id=job.id, state="cancelled", error=None)
             return None, None, None
         self.send("started", id=job.id)
         try:
-            result = _perform(job, entry.token)
+            if not self._permits.acquire(entry.token):
+                raise Cancelled("cancelled while waiting for its turn")
+            try:
+                result = _perform(job, entry.token)
+            finally:
+                # Before its end is committed: the next job runs while this one's is.
+                self._permits.release()
         except Cancelled:
             if entry.reason == "cancel":
                 return "cancelled", None, None
