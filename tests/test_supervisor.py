@@ -732,6 +732,31 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_crashes(
     sup.wait_jobs([other], "succeeded")
 
 
+def test_a_crash_counts_against_the_job_that_ran_not_the_jobs_waiting_in_the_worker(
+    start: Any, server: FaultServer, tmp_path: Path
+) -> None:
+    """A worker takes jobs ahead of time and holds them, started in the store, until a
+    place frees. A poison job that kills its worker fails (here at its first crash); the
+    job that only waited behind it is spared the crash and succeeds."""
+    sup = start(workers=1, jobs_per_worker=1, max_job_crashes=1, backoff_initial=0.05)
+    first = sup.submit_get(server.add("first.bin", b"1" * 1000), tmp_path / "first.bin")
+    poison = sup.submit_get(
+        server.add("p.bin", payload(2 << 20)) + "?throttle=1000000", tmp_path / "p.bin"
+    )
+    waiting = sup.submit_get(server.add("w.bin", b"w" * 1000), tmp_path / "w.bin")
+    sup.wait_jobs([first], "succeeded")
+    # The poison job downloading (its request reached the server), the other held.
+    assert wait_until(lambda: server.request_count("p.bin") > 0, 5)
+    assert server.request_count("w.bin") == 0
+    pid = sup.worker()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(functools.partial(sup.replaced, pid), 5)
+    failed = sup.wait_jobs([poison], "failed", timeout=5)
+    assert "its worker died once while running it" in failed[poison]["error"]
+    sup.wait_jobs([waiting], "succeeded", timeout=5)
+    assert (tmp_path / "w.bin").read_bytes() == b"w" * 1000
+
+
 # --- one cancellation story: the supervisor enforces its jobs, an enforcer never does -----------
 
 

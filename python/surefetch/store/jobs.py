@@ -35,7 +35,7 @@ import builtins
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from surefetch._procs import host_id, process_start_time
@@ -271,13 +271,19 @@ class JobQueue:
         )
         return [row_to_job(row) for row in rows]
 
-    def record_crash(self, host: str, worker: str, limit: int) -> builtins.list[str]:
-        """Counts a worker crash against the jobs it was running; fails those at ``limit``.
+    def record_crash(
+        self, host: str, worker: str, limit: int, spared: Collection[str] = ()
+    ) -> builtins.list[str]:
+        """Counts a worker crash against the jobs it was running, but those in `spared`
+        (started in the store, but still waiting for a place in the worker); fails the
+        jobs that reach ``limit``.
 
         Returns:
             The ids of the jobs this call failed.
         """
-        running = [j for j in self.assigned(host, worker) if j.state == "running"]
+        running = [
+            j for j in self.assigned(host, worker) if j.state == "running" and j.id not in spared
+        ]
         failed: builtins.list[str] = []
         for job in running:
             self._run(
@@ -285,11 +291,10 @@ class JobQueue:
                 "AND worker = ?",
                 (job.id, host, worker),
             )
-            if job.crashes + 1 >= limit:
-                message = (
-                    f"its worker died {job.crashes + 1} times while running it; "
-                    "see the supervisor's log"
-                )
+            crashes = job.crashes + 1
+            if crashes >= limit:
+                times = "once" if crashes == 1 else f"{crashes} times"
+                message = f"its worker died {times} while running it; see the supervisor's log"
                 if self.complete(job.id, host, worker, "failed", error=message):
                     failed.append(job.id)
         return failed

@@ -38,6 +38,8 @@ log = logging.getLogger("surefetch.supervisor")
 
 #: Exit codes after which a worker is not restarted: restarting cannot help.
 PERMANENT_EXITS = {2: "usage error", EXIT_CONFIG: "bad configuration"}
+#: Seconds a dead worker's last events are waited for before its death is handled.
+EVENTS_DRAIN = 1.0
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -61,8 +63,9 @@ def describe_exit(code: int) -> str:
 class Slot:
     """One worker slot: its current process and its restart bookkeeping.
 
-    ``jobs`` (the jobs assigned to it) and ``cancel_on_exit`` (jobs whose cancel is
-    why the supervisor stops it) are kept by the supervisor.
+    ``jobs`` (the jobs assigned to it), ``waiting`` (those its worker took and holds,
+    not yet running) and ``cancel_on_exit`` (jobs whose cancel is why the supervisor
+    stops it) are kept by the supervisor.
     """
 
     id: str
@@ -81,7 +84,10 @@ class Slot:
     hello: asyncio.Future[int] | None = None
     last_stderr: str = ""
     jobs: list[str] = field(default_factory=list)
+    waiting: set[str] = field(default_factory=set)
     cancel_on_exit: set[str] = field(default_factory=set)
+    #: Reads the current worker's events; its end means every event was heard.
+    events_read: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -122,8 +128,12 @@ class SlotEvents(Protocol):
     def worker_ready(self, slot: Slot) -> None:
         """A worker answered its handshake: it can take jobs."""
 
+    def jobs_taken(self, slot: Slot, job_ids: list[str]) -> None:
+        """A worker took these jobs for itself (started in the store); they wait for a
+        place in it until it reports each one started."""
+
     def job_started(self, slot: Slot, job_id: str) -> None:
-        """A worker reported one of its jobs started (the store marks it running)."""
+        """A worker reported one of its jobs running (the store marks it running)."""
 
     def job_finished(self, slot: Slot, job_id: str) -> None:
         """A worker reported one of its jobs finished (it recorded how in the store)."""
@@ -211,10 +221,11 @@ class WorkerPool:
         for slot in self.slots:
             slot.state = "stopped"
 
-    def _spawn_task(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- one slot's life --
 
@@ -280,7 +291,7 @@ class WorkerPool:
             return "failed"
         slot.proc = proc
         slot.hello = asyncio.get_running_loop().create_future()
-        self._spawn_task(self._read_events(slot, proc))
+        slot.events_read = self._spawn_task(self._read_events(slot, proc))
         self._spawn_task(self._read_stderr(slot, proc))
         hello = {
             "op": "hello",
@@ -348,6 +359,11 @@ class WorkerPool:
     async def _on_exit(self, slot: Slot, code: int) -> bool:
         """Records why a worker died. True when the slot must not be restarted."""
         died_at = time.monotonic()
+        if slot.events_read is not None:
+            # What it said before dying (which jobs ran) decides what its death counts
+            # against: hear it all first. Its stdout ends with it (bounded, in case a
+            # child of its own still holds the pipe).
+            await asyncio.wait({slot.events_read}, timeout=EVENTS_DRAIN)
         slot.state = "backoff"
         detail = f": {slot.last_stderr}" if slot.last_stderr and code != -signal.SIGKILL else ""
         if slot.kill_reason is None and code in PERMANENT_EXITS:
@@ -406,6 +422,9 @@ class WorkerPool:
                 slot.last_pong = time.monotonic()
             elif kind == "hello" and slot.hello is not None and not slot.hello.done():
                 slot.hello.set_result(int(event.get("pid", proc.pid)))
+            elif kind == "taken":
+                ids = event.get("ids")
+                self.events.jobs_taken(slot, [str(i) for i in ids] if isinstance(ids, list) else [])
             elif kind == "started":
                 self.events.job_started(slot, str(event.get("id")))
             elif kind == "finished":

@@ -261,10 +261,18 @@ class Supervisor:
         """A new worker can take jobs: claim some for it soon."""
         self._poke()
 
+    def jobs_taken(self, slot: Slot, job_ids: list[str]) -> None:
+        """A worker took jobs for itself; they wait in it for a place."""
+        for job_id in job_ids:
+            if job_id not in slot.jobs:
+                slot.jobs.append(job_id)
+            slot.waiting.add(job_id)
+
     def job_started(self, slot: Slot, job_id: str) -> None:
-        """A worker started a job (perhaps one it took for itself)."""
+        """A worker runs a job (perhaps one it took for itself)."""
         if job_id not in slot.jobs:
             slot.jobs.append(job_id)
+        slot.waiting.discard(job_id)
 
     def job_finished(self, slot: Slot, job_id: str) -> None:
         """A worker finished a job. Its place is not claimed for here: the worker took
@@ -273,6 +281,7 @@ class Supervisor:
         self._cancel_deadlines.pop(job_id, None)
         if job_id in slot.jobs:
             slot.jobs.remove(job_id)
+        slot.waiting.discard(job_id)
 
     async def worker_exited(self, slot: Slot, permanent: bool) -> None:
         """A worker died: its cancelled jobs are done, its crash counts against its jobs,
@@ -285,8 +294,11 @@ class Supervisor:
             await self._db(self.store.mark_cancelled, job_id)
             self._cancel_deadlines.pop(job_id, None)
         slot.cancel_on_exit.clear()
+        # Only the jobs that ran count the crash: one that waited for a place in the
+        # worker cannot have caused it (a poison job must not take the waiting with it).
+        waited, slot.waiting = set(slot.waiting), set()
         failed = await self._db(
-            self.queue.record_crash, self.host, slot.id, self.config.max_job_crashes
+            self.queue.record_crash, self.host, slot.id, self.config.max_job_crashes, waited
         )
         for job_id in failed:
             log.error("job %s failed: its worker died while running it too often", job_id)

@@ -79,10 +79,15 @@ class _GroupCommit:
     waited for the lock), and answers them. Small jobs then share commits instead of
     paying one (and its fsync) each. With `hold` set, a transaction that frees a place
     also claims and starts queued jobs for the slot until it holds `hold`; `on_taken`
-    gets those jobs once they are committed."""
+    gets those jobs (a list) once they are committed."""
 
     def __init__(
-        self, queue: JobQueue, host: str, slot: str, pid: int, on_taken: Callable[[Job], None]
+        self,
+        queue: JobQueue,
+        host: str,
+        slot: str,
+        pid: int,
+        on_taken: Callable[[list[Job]], None],
     ) -> None:
         self.queue, self.host, self.slot, self.pid = queue, host, slot, pid
         self.on_taken = on_taken
@@ -150,8 +155,8 @@ class _GroupCommit:
                 future.set_exception(exc)
             return
         starts, ends = taken[0]
-        for job in done.taken:
-            self.on_taken(job)
+        if done.taken:
+            self.on_taken(list(done.taken))
         for job_id, future in starts.items():
             future.set_result(done.started.get(job_id))
         for end, future in ends:
@@ -261,9 +266,16 @@ class Worker:
         for job in assigned.values():
             self._launch(job, started=False)
 
-    def _take(self, job: Job) -> None:
-        """Runs a job the group commit claimed and started for this slot."""
-        if not self._stopping:
+    def _take(self, jobs: list[Job]) -> None:
+        """Runs the jobs a group commit claimed and started for this slot; they wait for
+        a place, so the supervisor hears of them as "taken", and of each as "started"
+        only once it runs (a crash counts against the jobs that ran, not the waiting)."""
+        if self._stopping:
+            return
+        # Said before any of them can run and say "started": the supervisor hears them
+        # in that order.
+        self.send("taken", ids=[job.id for job in jobs])
+        for job in jobs:
             self._launch(job, started=True)
 
     def _launch(self, job: Job, started: bool) -> None:
@@ -332,10 +344,10 @@ class Worker:
         except SessionCancelled:
             self.send("finished", id=job.id, state="cancelled", error=None)
             return None, None, None
-        self.send("started", id=job.id)
         try:
             if not self._permits.acquire(entry.token):
                 raise Cancelled("cancelled while waiting for its turn")
+            self.send("started", id=job.id)
             try:
                 result = _perform(job, entry.token)
             finally:
