@@ -1,16 +1,17 @@
-"""Benchmarks `surefetch sync` of 200 small artifacts against a requests loop and pooch.
+"""Benchmarks `surefetch sync` of many small artifacts against curl -Z, aria2c, requests and pooch.
 
     python bench/sync.py [--quick] [--runs N] [--files N] [--no-write-results] [--no-install]
 
 nginx (started as bench/run.py starts it, with its helpers) serves N files of 4 KiB
-(default 200) on 127.0.0.1. Every row is one process, timed by the wall clock around it,
-Python start-up included:
+(default 200) on 127.0.0.1. Every row is one process, timed and its peak RSS taken by
+bench/spawn.py, Python start-up included:
 
 - ``sync-cold``: ``surefetch sync --jobs 8`` with an empty cache, destination and no
   lockfile; every file is downloaded, verified, cached, staged, installed, pinned.
 - ``sync-warm``: the same command again: every file present and pinned, nothing fetched.
 - ``requests``: one ``requests.Session``, the files fetched one after the other, each
   SHA-256 checked and written (a fresh output directory each run).
+- ``requests-8-threads``: the same from 8 threads, a ``requests.Session`` each.
 - ``pooch``: ``pooch.retrieve`` with the known SHA-256 of each file, one after the other.
 - ``get-many``: ``surefetch get -i LIST --jobs 8``, each item with its SHA-256 (one call,
   one runtime, group commit).
@@ -19,16 +20,18 @@ Python start-up included:
 - ``aria2c``: ``aria2c -i LIST -j 8`` with ``checksum=sha-256=…`` per file.
 
 Runs are interleaved (round r runs every row once; one uncounted round first); each
-ratio is the median of per-round ratios. Targets: warm sync <= 0.5 s for the whole
-command; cold sync with --jobs 8 >= 3x faster than the requests loop. The exit status is 1
-when the warm target is missed by more than a factor of two (> 1.0 s) or the cold ratio
-falls below 0.1x: the 3x cold target is not reachable here (see bench/RESULTS.md), so that
-gate guards against a regression from the measured ~0.3x instead.
-Full mode (5 rounds) replaces its section at the end of bench/RESULTS.md; --quick (2
-rounds, still 200 files) prints only.
+ratio is the median of per-round ratios. Targets (the issue): warm sync <= 0.5 s for the
+whole command; cold sync with --jobs 8 >= 3x faster than the requests loop and <= 3x
+curl -Z's time; its peak RSS <= 128 MiB. The exit status is 1 when a target is missed by
+more than a factor of two, except the two cold-time targets, which this machine does not
+reach (see bench/RESULTS.md): their gates guard against a regression from the measured
+level instead (cold / requests below 0.1x, cold / curl above 40x).
+Full mode (5 rounds) replaces the section of its file count at the end of
+bench/RESULTS.md (``--files 10000 --runs 1`` for the large run); --quick (2 rounds)
+prints only.
 
-The peers run as ``python bench/sync.py --peer requests|pooch LIST OUT`` (LIST: lines of
-``url sha256 name``), importing only what they need.
+The peers run as ``python bench/sync.py --peer requests|requests-8-threads|pooch LIST
+OUT`` (LIST: lines of ``url sha256 name``), importing only what they need.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 WORK = BENCH / ".work" / "sync"
 RESULTS = BENCH / "RESULTS.md"
-SECTION = "## sync: 200 small artifacts"
+SECTION = "## sync: {count} small artifacts"  # one section per file count
 SUREFETCH = Path(os.environ.get("SUREFETCH_BENCH_BIN") or Path(sys.executable).parent / "surefetch")
 FILE_SIZE = 4096
 FULL_RUNS, QUICK_RUNS = 5, 2
@@ -373,11 +376,11 @@ def report(rows: dict[str, Row], count: int, runs: int, nginx: str) -> tuple[str
     return f"{title}\n\n{table}", [g.line() for g in gates], failed
 
 
-def write_results(text: str, when: str) -> None:
+def write_results(text: str, when: str, count: int) -> None:
     from run import write_section
 
     cmd = " ".join(["python bench/sync.py", *sys.argv[1:]])
-    write_section(f"{SECTION}\n\n{when}, `{cmd}`\n\n{text}\n")
+    write_section(f"{SECTION.format(count=count)}\n\n{when}, `{cmd}`\n\n{text}\n")
     print(f"wrote {RESULTS}", file=sys.stderr)
 
 
@@ -447,12 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([text, "", *gate_lines])
     print(text)
     print(f"bench: {'FAILED' if failed else 'ok'} in {time.monotonic() - started:.0f} s")
-    if args.quick or args.no_write_results or args.files != 200:
-        print(
-            "not writing bench/RESULTS.md (quick, --no-write-results or --files)", file=sys.stderr
-        )
+    if args.quick or args.no_write_results:
+        print("not writing bench/RESULTS.md (quick or --no-write-results)", file=sys.stderr)
     else:
-        write_results(text, when)
+        write_results(text, when, args.files)
     return 1 if failed else 0
 
 
