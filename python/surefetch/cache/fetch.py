@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from surefetch.cache.index import indexed, offline_entry, url_key, write_index
@@ -211,7 +210,7 @@ class Fetcher:
             url = redact_url(requests[index].url)
             info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": url}
             try:
-                path = self._place(result.path, result.sha256, info, expected is None)
+                path = self.store.install(result.path, result.sha256, info, sync=False)
             except OSError as exc:
                 settle(index, exc)
                 return
@@ -244,14 +243,6 @@ class Fetcher:
             sync_filesystem(self.store.directory("blobs"))
         for index, entry in placed:
             settle(index, entry)
-
-    def _place(self, tmp: Path, digest: str, info: dict[str, Any], by_url: bool) -> Path:
-        """Moves the verified, durable download `tmp` to its blob path, its directory
-        synced later by the caller."""
-        if not by_url:
-            return self.store.install(tmp, digest, info, sync=False)
-        with self._locked(f"sha256-{digest}", info["url"], None, None, None):
-            return self.store.install(tmp, digest, info, sync=False)
 
     def _download(
         self,
@@ -292,11 +283,8 @@ class Fetcher:
         assert result.sha256 is not None  # computed whenever none was expected
         digest = result.sha256
         info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": redact_url(url)}
-        if expected is not None:
-            path = self.store.install(tmp, digest, info)
-        else:
-            with self._locked(f"sha256-{digest}", url, deadline, cancel, on_wait):
-                path = self.store.install(tmp, digest, info)
+        path = self.store.install(tmp, digest, info)
+        if expected is None:
             write_index(self.store, url, digest, result.etag, result.last_modified)
         return CacheEntry(path, result.size, digest, result.xxh3_128, result.bytes_transferred)
 

@@ -221,7 +221,11 @@ class BlobStore:
 
     def install(self, tmp: Path, digest: str, info: dict[str, Any], *, sync: bool = True) -> Path:
         """Moves the verified download `tmp` to its blob path (or drops it if one is there);
-        `sync`: fsync the blob's directory (else the caller makes it durable)."""
+        `sync`: fsync the blob's directory (else the caller makes it durable).
+
+        Needs no lock: a blob's name is its content's digest, `tmp` is verified and
+        durable, and the rename is atomic, so processes installing the same blob at once
+        leave the same bytes whichever rename lands last."""
         self.write_meta(digest, info)
         if self.lookup(digest, touch=True) is not None:
             tmp.unlink()
