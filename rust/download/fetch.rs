@@ -526,3 +526,73 @@ impl UnitWriter for Memory {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use reqwest::header::HeaderMap;
+    use reqwest::Url;
+
+    use super::*;
+    use crate::cancel::CancelToken;
+    use crate::options::{Options, Progress};
+    use crate::response::{Known, Validator};
+    use crate::schedule::Target;
+
+    fn etag(tag: &str) -> Validator {
+        Validator {
+            etag: Some(tag.to_owned()),
+            last_modified: None,
+        }
+    }
+
+    fn transfer(validator: Validator) -> Transfer {
+        let target = Target {
+            url: Url::parse("http://127.0.0.1:9/f.bin").unwrap(),
+            headers: HeaderMap::new(),
+        };
+        Transfer::new(None, validator, target)
+    }
+
+    #[test]
+    fn a_length_less_body_short_of_the_known_size_of_its_version_is_a_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options::default();
+        let job = Job::new(
+            "http://127.0.0.1:9/f.bin",
+            &dir.path().join("f.bin"),
+            &options,
+            CancelToken::new(),
+            Progress::new(),
+        )
+        .unwrap();
+        let same = transfer(etag("\"v1\""));
+        // Nothing known: whatever arrived is the file.
+        assert!(job.check_unannounced_end(&same, 10).is_ok());
+        job.set_known(Some(Known {
+            validator: etag("\"v1\""),
+            total: 100,
+        }));
+        assert!(job.check_unannounced_end(&same, 100).is_ok());
+        let cut = job.check_unannounced_end(&same, 99).unwrap_err();
+        assert!(cut.is_retryable(), "{cut}");
+        assert!(cut.to_string().contains("has 100 bytes"), "{cut}");
+        // Another version (or none to compare) is not held to that size.
+        assert!(job
+            .check_unannounced_end(&transfer(etag("\"v2\"")), 99)
+            .is_ok());
+        let untagged = transfer(Validator::default());
+        assert!(job.check_unannounced_end(&untagged, 99).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_small_body_fills_one_block_and_no_more() {
+        let guard = Guard::new(CancelToken::new(), None, None);
+        let mut memory = Memory(Block::take());
+        memory.push(&[7; 1000], &guard).await.unwrap();
+        assert_eq!(memory.position(), 1000);
+        memory.push(&[7; BLOCK_SIZE - 1000], &guard).await.unwrap();
+        assert_eq!(memory.position(), BLOCK_SIZE as u64);
+        let over = memory.push(&[7], &guard).await.unwrap_err();
+        assert!(matches!(over, Error::Internal(_)), "{over}");
+    }
+}

@@ -291,3 +291,101 @@ impl Job<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cancel::CancelToken;
+    use crate::options::{Options, Progress};
+
+    fn validator(etag: Option<&str>, last_modified: Option<&str>) -> Validator {
+        Validator {
+            etag: etag.map(str::to_owned),
+            last_modified: last_modified.map(str::to_owned),
+        }
+    }
+
+    fn header_of(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+        headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn a_range_asks_what_it_covers_under_the_validator_it_was_recorded_with() {
+        let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+        // (range, the validator it was recorded with, Range asked, If-Range sent)
+        type Case = (
+            Range<u64>,
+            Option<Validator>,
+            &'static str,
+            Option<&'static str>,
+        );
+        let cases: [Case; 5] = [
+            (0..u64::MAX, None, "bytes=0-", None),
+            (4096..u64::MAX, None, "bytes=4096-", None),
+            (
+                100..200,
+                Some(validator(Some("\"v1\""), None)),
+                "bytes=100-199",
+                Some("\"v1\""),
+            ),
+            // The strong ETag wins over the date; a date alone is used when it is all.
+            (
+                0..1,
+                Some(validator(Some("\"v1\""), Some(date))),
+                "bytes=0-0",
+                Some("\"v1\""),
+            ),
+            (
+                5..10,
+                Some(validator(None, Some(date))),
+                "bytes=5-9",
+                Some(date),
+            ),
+        ];
+        let mut base = HeaderMap::new();
+        base.insert(header::USER_AGENT, HeaderValue::from_static("t"));
+        for (range, known, asked, if_range) in cases {
+            let headers = Job::ranged(&base, &range, known.as_ref());
+            assert_eq!(header_of(&headers, header::RANGE), Some(asked), "{range:?}");
+            assert_eq!(header_of(&headers, header::IF_RANGE), if_range, "{range:?}");
+            assert_eq!(header_of(&headers, header::USER_AGENT), Some("t"));
+        }
+        let none = Job::ranged(&base, &(0..10), Some(&validator(None, None)));
+        assert_eq!(header_of(&none, header::IF_RANGE), None);
+    }
+
+    #[test]
+    fn revalidation_sends_the_callers_validators_and_skips_unsendable_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("f.bin");
+        let options = Options {
+            if_none_match: Some("\"abc\"".into()),
+            if_modified_since: Some("bad\nvalue".into()),
+            ..Options::default()
+        };
+        let job = Job::new(
+            "http://127.0.0.1:9/f.bin",
+            Path::new(&dest),
+            &options,
+            CancelToken::new(),
+            Progress::new(),
+        )
+        .unwrap();
+        let headers = job.conditional(HeaderMap::new());
+        assert_eq!(header_of(&headers, header::IF_NONE_MATCH), Some("\"abc\""));
+        assert_eq!(header_of(&headers, header::IF_MODIFIED_SINCE), None);
+        let plain = Options::default();
+        let job = Job::new(
+            "http://127.0.0.1:9/f.bin",
+            &dest,
+            &plain,
+            CancelToken::new(),
+            Arc::clone(&Progress::new()),
+        )
+        .unwrap();
+        assert!(job.conditional(HeaderMap::new()).is_empty());
+    }
+}
