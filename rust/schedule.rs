@@ -136,6 +136,9 @@ const RAMP_GAIN: f64 = 1.2;
 /// loopback eight are slower than one), so they are added one doubling at a
 /// time. Below it, the cap is tried at once.
 const CAREFUL_ABOVE: f64 = 256e6;
+/// Trying more connections is not worth it when the transfer would end sooner
+/// than this at the rate measured (seconds).
+const WORTH_TRYING: f64 = 1.0;
 
 /// Decides how many connections an adaptive transfer runs. It measures one
 /// connection; below `CAREFUL_ABOVE` it tries the cap at once and keeps as many
@@ -152,6 +155,10 @@ pub struct Ramp {
     single: Option<f64>,
     /// The rate measured with `active / 2` connections (doubling only).
     previous: Option<f64>,
+    /// Bytes this transfer still had to fetch when the ramp began, if known, and
+    /// the byte count of the first tick (what `tick`'s counts start from).
+    left: Option<u64>,
+    base: Option<u64>,
     phase: Phase,
 }
 
@@ -170,12 +177,15 @@ enum Phase {
 }
 
 impl Ramp {
-    pub fn new(cap: u32, now: Instant) -> Self {
+    /// A ramp up to `cap` connections for a transfer with `left` bytes to fetch.
+    pub fn new(cap: u32, now: Instant, left: Option<u64>) -> Self {
         Self {
             cap: cap.max(1),
             active: 1,
             single: None,
             previous: None,
+            left,
+            base: None,
             phase: if cap <= 1 {
                 Phase::Settled
             } else {
@@ -193,6 +203,7 @@ impl Ramp {
 
     /// Given the bytes transferred so far at `now`, how many connections to run.
     pub fn tick(&mut self, now: Instant, bytes: u64) -> u32 {
+        let base = *self.base.get_or_insert(bytes);
         match self.phase {
             Phase::Settled => {}
             Phase::WarmingUp { until, window } if now >= until => {
@@ -211,17 +222,25 @@ impl Ramp {
                 let elapsed = now.saturating_duration_since(since);
                 if elapsed >= window {
                     let rate = bytes.saturating_sub(at_start) as f64 / elapsed.as_secs_f64();
-                    self.measured(rate, now);
+                    let done = bytes.saturating_sub(base);
+                    self.measured(rate, now, done);
                 }
             }
         }
         self.active
     }
 
-    fn measured(&mut self, rate: f64, now: Instant) {
+    fn measured(&mut self, rate: f64, now: Instant, done: u64) {
         let Some(single) = self.single else {
             self.single = Some(rate);
             self.previous = Some(rate);
+            let remaining = self
+                .left
+                .map(|left| left.saturating_sub(done) as f64 / rate.max(1.0));
+            if remaining.is_some_and(|seconds| seconds < WORTH_TRYING) {
+                self.settle(1); // it ends before more connections could pay for themselves
+                return;
+            }
             let next = if rate >= CAREFUL_ABOVE { 2 } else { self.cap };
             self.grow_to(next, now);
             return;
@@ -372,7 +391,7 @@ mod tests {
     /// `rate(n)` bytes/s, ticking every 100 ms; returns the counts it asked for.
     fn ramp_against(cap: u32, rate: impl Fn(u32) -> f64) -> Vec<u32> {
         let t0 = Instant::now();
-        let mut ramp = Ramp::new(cap, t0);
+        let mut ramp = Ramp::new(cap, t0, None);
         let (mut bytes, mut active, mut seen) = (0.0, 1, vec![1]);
         for step in 1..200 {
             bytes += rate(active) * 0.1;
@@ -404,6 +423,33 @@ mod tests {
             ramp_against(8, |n| 300e6 * f64::from(n.min(4))),
             [1, 2, 4, 8, 4]
         );
+    }
+
+    #[test]
+    fn a_transfer_about_to_end_is_left_to_its_one_connection() {
+        let t0 = Instant::now();
+        let tick =
+            |ramp: &mut Ramp, ms: u64, bytes: u64| ramp.tick(t0 + Duration::from_millis(ms), bytes);
+        // 1 GB/s on one connection, 300 MB of 1 GB done by the first measurement:
+        // the rest takes 0.7 s, less than trying more connections would.
+        let mut fast = Ramp::new(8, t0, Some(1_000_000_000));
+        for (ms, mb) in [(0, 0), (100, 100), (200, 200), (300, 300)] {
+            assert_eq!(tick(&mut fast, ms, mb * 1_000_000), 1);
+        }
+        assert!(fast.settled());
+        // The same rate with 10 GB to go: worth a doubling.
+        let mut long = Ramp::new(8, t0, Some(10_000_000_000));
+        for (ms, mb) in [(0, 0), (100, 100), (200, 200), (300, 300)] {
+            tick(&mut long, ms, mb * 1_000_000);
+        }
+        assert_eq!(tick(&mut long, 300, 300_000_000), 2);
+        // A slow connection with little left: not worth eight.
+        let mut slow = Ramp::new(8, t0, Some(6_000_000));
+        for (ms, kb) in [(0, 0), (100, 500), (200, 1000), (300, 1500)] {
+            tick(&mut slow, ms, kb * 1000);
+        }
+        assert!(slow.settled());
+        assert_eq!(tick(&mut slow, 400, 2_000_000), 1);
     }
 
     #[test]

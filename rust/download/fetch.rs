@@ -113,7 +113,10 @@ impl Job<'_> {
             step,
         };
         let ramp = match plan {
-            Plan::Adaptive { cap } if stretch.is_some() => Some(Ramp::new(cap, Instant::now())),
+            Plan::Adaptive { cap } => stretch.as_ref().map(|s| {
+                let left = s.end.load(Ordering::Acquire) - s.at.load(Ordering::Acquire);
+                Ramp::new(cap, Instant::now(), Some(left))
+            }),
             _ => None,
         };
         let result = self.run_crew(&crew, initial, first, ramp).await;
