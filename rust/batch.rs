@@ -125,7 +125,17 @@ pub async fn download_batch(
             let options = Options { durable, ..options };
             // Staged, whether durable or not: the committer is where two items that
             // would land on one file (names from servers) are told apart.
-            match download_staged(&url, &dest, &options, cancel, item_progress).await {
+            // Boxed: a task waiting for its permit then holds a pointer, not the whole
+            // download's state (10,000 queued items would otherwise reserve ~70 MiB).
+            match Box::pin(download_staged(
+                &url,
+                &dest,
+                &options,
+                cancel,
+                item_progress,
+            ))
+            .await
+            {
                 Ok((outcome, staged)) => {
                     let _ = staged_tx.send((index, outcome, staged));
                 }
