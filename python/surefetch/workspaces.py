@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from surefetch._fs import write_json_atomic
 from surefetch.errors import UnsafeDestination
 
 if TYPE_CHECKING:
@@ -105,12 +106,8 @@ class WorkspaceManager:
     def _write_meta(self, session_id: str, data: dict[str, object]) -> None:
         meta = self._meta(session_id)
         meta.parent.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_name(f".{meta.name}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, meta)
+        # Durable: the file and its directory are synced (a crash keeps the old or the new).
+        write_json_atomic(meta, data, durable=True)
 
     def create(
         self, session_id: str, strategy: str = "directory", preserve_on_failure: bool = False
