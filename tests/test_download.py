@@ -19,8 +19,9 @@ import pytest
 import xxhash
 
 import surefetch as sf
+from surefetch.download import FROM_OPTIONS
 from surefetch.testing import FaultServer, gzipped
-from surefetch.transfer import TransferOptions
+from surefetch.transfer import FIELDS, TransferOptions
 
 from support import leftovers, part_dir, payload
 
@@ -488,10 +489,10 @@ def test_transfer_options_defaults_are_the_engines() -> None:
         assert getattr(ours, name) == engine[name], name
     for name in ("retries", "speed_limit", "speed_time"):
         assert getattr(ours, name) == engine[name], name
+    # download() keeps no defaults of its own: the ones it does not get come from options.
     signature = inspect.signature(sf.download)
-    for name in engine:
-        if name in signature.parameters and hasattr(ours, name):
-            assert signature.parameters[name].default == getattr(ours, name), name
+    for name in FIELDS:
+        assert signature.parameters[name].default is FROM_OPTIONS, name
 
 
 @pytest.mark.parametrize(
@@ -534,8 +535,17 @@ def test_transfer_options_value_and_keywords_combine(server: FaultServer, tmp_pa
     sf.download(url, tmp_path / "other.bin", options=opts, headers={"X-Token": "mine"})
     sent = [r.headers.get("x-token") for r in server.requests if r.name == "h.bin"]
     assert sent == ["abc", "abc", "abc", "mine"]
-    with pytest.raises(TypeError):
+    # An explicit keyword wins even when it equals the default (retries=3 over 0).
+    flaky = server.add("flaky.bin", b"f" * 100)
+    done = sf.download(f"{flaky}?flaky=2", tmp_path / "flaky.bin", options=opts, retries=3)
+    assert done.size == 100
+    with pytest.raises(sf.HTTPError):
+        server.reset_counters()
+        sf.download(f"{flaky}?flaky=2", tmp_path / "again.bin", options=opts)
+    with pytest.raises(TypeError, match="unknown transfer option 'retires'"):
         sf.download_many([url], tmp_path / "t", retires=2)
+    with pytest.raises(TypeError, match="options must be a TransferOptions"):
+        sf.download(url, tmp_path / "d", options={"retries": 3})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         sf.Cache(tmp_path / "cache").fetch(url, retires=2)
     assert not (tmp_path / "t" / "h.bin").exists()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from surefetch import _core
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
-from surefetch.transfer import DEFAULT, TransferOptions
+from surefetch.transfer import TransferOptions
 
 if TYPE_CHECKING:
     import asyncio
@@ -81,6 +81,16 @@ class DownloadResult:
         }
 
 
+class _FromOptions:
+    """The default of `download`'s transfer keywords: the value of the ``options`` given
+    (or of `TransferOptions()`), so that a keyword given explicitly always wins."""
+
+    def __repr__(self) -> str:
+        return "FROM_OPTIONS"
+
+
+FROM_OPTIONS: Any = _FromOptions()
+
 PART_DIR = ".surefetch"
 """The directory beside a destination where surefetch keeps part files (a reserved name)."""
 
@@ -116,14 +126,21 @@ def _destination(url: str, dest: StrPath | None) -> tuple[Path, bool]:
     return _not_reserved(directory / name_from_url(url)), True
 
 
-def _make_directory(directory: Path) -> None:
+_ENDS_IN_SLASH = (
+    "a destination ending in / names a directory: drop the / to write to that file, "
+    "or choose another directory"
+)
+
+
+def _make_directory(directory: Path, hint: str = _ENDS_IN_SLASH) -> None:
+    """Creates `directory` (0755 minus the umask) if missing; `hint` says what to do when
+    a file is there instead."""
     try:
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     except FileExistsError as exc:
         raise StorageError(
             errno.ENOTDIR,
-            f"{directory} exists and is not a directory; a destination ending in / names a "
-            "directory: drop the / to write to that file, or choose another directory",
+            f"{directory} exists and is not a directory; {hint}",
             str(directory),
         ) from exc
     except OSError as exc:
@@ -150,22 +167,22 @@ def download(
     sha256: str | None = None,
     xxh3_128: str | None = None,
     size: int | None = None,
-    connections: int | None = DEFAULT.connections,
-    resume: bool = DEFAULT.resume,
+    connections: int | None = FROM_OPTIONS,
+    resume: bool = FROM_OPTIONS,
     durable: bool = True,
-    timeout: float | None = DEFAULT.timeout,
-    read_timeout: float | None = DEFAULT.read_timeout,
-    connect_timeout: float = DEFAULT.connect_timeout,
-    retries: int = DEFAULT.retries,
-    speed_limit: int = DEFAULT.speed_limit,
-    speed_time: float = DEFAULT.speed_time,
-    headers: Mapping[str, str] | None = None,
+    timeout: float | None = FROM_OPTIONS,
+    read_timeout: float | None = FROM_OPTIONS,
+    connect_timeout: float = FROM_OPTIONS,
+    retries: int = FROM_OPTIONS,
+    speed_limit: int = FROM_OPTIONS,
+    speed_time: float = FROM_OPTIONS,
+    headers: Mapping[str, str] | None = FROM_OPTIONS,
     cancel: CancelToken | None = None,
     progress: ProgressCallback | None = None,
     compute_sha256: bool = True,
     executable: bool = False,
     content_disposition: bool = False,
-    netrc: bool = DEFAULT.netrc,
+    netrc: bool = FROM_OPTIONS,
     if_none_match: str | None = None,
     if_modified_since: str | None = None,
     options: TransferOptions | None = None,
@@ -189,9 +206,10 @@ def download(
             speed_limit, speed_time, headers, netrc: how the transfer behaves, as the
             fields of `TransferOptions` say (parallel ranged connections, resume
             with Range and If-Range, seconds, attempts, bytes per second, extra
-            request headers, ``~/.netrc`` credentials).
-        options: a `TransferOptions` holding those instead; a keyword set to other
-            than its default overrides its field.
+            request headers, ``~/.netrc`` credentials). Each one given overrides
+            `options`; those not given are `options`' (by default `TransferOptions()`:
+            30 s read and connect timeouts, 3 retries, 1024 B/s over 30 s, netrc on).
+        options: a `TransferOptions` holding those.
         durable: fsync the file and its directory (turn off for rebuildable caches).
         if_none_match, if_modified_since: revalidate a copy the caller holds (RFC 9110
             §13.1): a ``304`` returns a result with ``not_modified`` and writes nothing.
@@ -222,7 +240,7 @@ def download(
         ValueError: an invalid argument (URL scheme, digest, number).
         KeyboardInterrupt: Ctrl+C, raised within 100 ms; the transfer is cancelled.
     """
-    given = {
+    keywords = {
         "connections": connections,
         "resume": resume,
         "timeout": timeout,
@@ -231,10 +249,11 @@ def download(
         "retries": retries,
         "speed_limit": speed_limit,
         "speed_time": speed_time,
-        "headers": headers or {},
+        "headers": headers,
         "netrc": netrc,
     }
-    transfer = _merge(options, given)
+    given = {name: value for name, value in keywords.items() if value is not FROM_OPTIONS}
+    transfer = TransferOptions.of(options, **given)
     path, in_directory = _destination(url, dest)
     raw = _core.download(
         url,
@@ -255,15 +274,6 @@ def download(
         progress=progress,
     )
     return _result(raw)
-
-
-def _merge(options: TransferOptions | None, given: dict[str, Any]) -> TransferOptions:
-    """`options` overridden by the keywords that differ from the defaults (so that a
-    keyword left alone does not undo a field of `options`), checked."""
-    if options is None:
-        return TransferOptions(**given)
-    changed = {k: v for k, v in given.items() if v != getattr(DEFAULT, k)}
-    return TransferOptions.of(options, **changed)
 
 
 def _result(raw: dict[str, Any]) -> DownloadResult:
@@ -452,7 +462,10 @@ def download_many(
         raise ValueError(f"jobs must be at least 1, not {jobs}")
     transfer = TransferOptions.of(options, **changes)
     directory = Path.cwd() if dest is None else Path(os.fspath(dest))
-    _make_directory(directory)
+    _make_directory(
+        directory,
+        "the files of a batch go into a directory: name one (or a path to create)",
+    )
     batch = [DownloadItem(i) if isinstance(i, str) else i for i in items]
     raw_items: list[tuple[str, str | os.PathLike[str], dict[str, Any]]] = []
     seen: dict[Path, str] = {}

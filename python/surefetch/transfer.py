@@ -9,6 +9,7 @@ keywords (`engine_options`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,12 @@ from typing import Any
 from surefetch.credentials import netrc_headers
 
 __all__ = ["TransferOptions"]
+
+MAX_CONNECTIONS = 64
+"""The most parallel connections a transfer may ask for."""
+MAX_RETRIES = 1000
+MAX_SECONDS = 1e9
+"""The longest timeout (seconds, ~31 years); longer is no limit: use None."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,9 @@ class TransferOptions:
             the URL has no user and `headers` no ``Authorization``.
 
     Raises:
-        ValueError: a field out of range (named in the message).
+        ValueError: a field out of range, or a header that cannot be sent (named in the
+            message).
+        TypeError: a field of the wrong type.
     """
 
     connections: int | None = None
@@ -58,29 +67,37 @@ class TransferOptions:
     netrc: bool = True
 
     def __post_init__(self) -> None:
-        if self.connections is not None and self.connections < 1:
-            raise ValueError(f"connections must be at least 1, not {self.connections}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be 0 or more, not {self.retries}")
+        if self.connections is not None:
+            _whole(self.connections, "connections", 1, MAX_CONNECTIONS)
+        _whole(self.retries, "retries", 0, MAX_RETRIES)
+        _whole(self.speed_limit, "speed_limit", 0, 2**63 - 1, unit=" bytes per second")
         for name in ("timeout", "read_timeout", "connect_timeout", "speed_time"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value}")
-        if self.speed_limit < 0:
-            raise ValueError(
-                f"speed_limit must be 0 or more bytes per second, not {self.speed_limit}"
-            )
+            if value is None and name in ("timeout", "read_timeout"):
+                continue  # no limit
+            _seconds(value, name)
+        for name in ("resume", "netrc"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
         # A private copy: the caller's mapping may change after the options were checked.
-        object.__setattr__(self, "headers", dict(self.headers or {}))
+        object.__setattr__(self, "headers", _checked_headers(self.headers))
 
     @classmethod
     def of(cls, options: TransferOptions | None = None, /, **changes: Any) -> TransferOptions:
         """`options` (default: the defaults) with `changes` applied, checked.
 
         Raises:
-            TypeError: a keyword that is not a field.
+            TypeError: `options` is not a `TransferOptions`, or a keyword is not a field.
             ValueError: a field out of range.
         """
+        if options is not None and not isinstance(options, TransferOptions):
+            raise TypeError(f"options must be a TransferOptions, not {type(options).__name__}")
+        unknown = sorted(set(changes) - FIELDS)
+        if unknown:
+            raise TypeError(
+                f"unknown transfer option {unknown[0]!r}: the options are "
+                f"{', '.join(sorted(FIELDS))}"
+            )
         base = options if options is not None else DEFAULT
         return dataclasses.replace(base, **changes) if changes else base
 
@@ -101,5 +118,45 @@ class TransferOptions:
         }
 
 
+# RFC 9110 §5.1: a field name is a token; §5.5: a value has no CR, LF or NUL.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_UNSENDABLE = re.compile(r"[\r\n\x00]")
+
+
+def _whole(value: object, name: str, low: int, high: int, unit: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        of = f" of{unit}" if unit else ""
+        raise TypeError(f"{name} must be a whole number{of}, not {value!r}")
+    if value < low:
+        least = "0 or more" if low == 0 else f"at least {low}"
+        raise ValueError(f"{name} must be {least}{unit}, not {value}")
+    if value > high:
+        raise ValueError(f"{name} must be at most {high}{unit}, not {value}")
+
+
+def _seconds(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    if not 0 < value <= MAX_SECONDS:  # also refuses NaN
+        raise ValueError(
+            f"{name} must be a positive number of seconds, at most {MAX_SECONDS:g}, not {value}"
+        )
+
+
+def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    checked: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"header {name!r}: names and values must be strings, not {value!r}")
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r} (RFC 9110 §5.1: a token, no spaces)")
+        if _UNSENDABLE.search(value):
+            raise ValueError(f"header {name!r}: a value cannot hold CR, LF or NUL")
+        checked[name] = value
+    return checked
+
+
 DEFAULT = TransferOptions()
-"""The defaults, which `download`'s keyword defaults are read from."""
+"""The defaults."""
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(TransferOptions))
