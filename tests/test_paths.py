@@ -94,6 +94,17 @@ def test_a_file_where_the_directory_should_be(url: str, tmp_path: Path) -> None:
     assert leftovers(tmp_path) == ["taken"]
 
 
+def test_a_file_where_the_directory_of_a_batch_should_be(url: str, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_bytes(b"mine")
+    with pytest.raises(sf.StorageError, match="the files of a batch go into a directory"):
+        sf.download_many([url, url + "?x=1"], tmp_path / "taken")
+    done = run_cli(["get", url, url + "?x=1", "-o", "taken"], cwd=tmp_path)
+    assert done.returncode == 1
+    assert "the files of a batch go into a directory" in done.stderr, done.stderr
+    assert "drop the /" not in done.stderr
+    assert (tmp_path / "taken").read_bytes() == b"mine"
+
+
 @pytest.mark.parametrize("below", ["taken/out", "taken/sub/out"])
 def test_a_file_where_a_parent_directory_should_be(url: str, tmp_path: Path, below: str) -> None:
     """The error names the file in the way and says it is not a directory (not the

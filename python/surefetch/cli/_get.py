@@ -168,9 +168,10 @@ def _run_get_many(args: argparse.Namespace) -> int:
             for index in sorted(set(range(len(items))) - reported):
                 item = items[index]
                 url = redact_url(item if isinstance(item, str) else item.url)
+                what = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "terminated"
                 line = {
                     "url": url,
-                    "error": error_line(stopped),
+                    "error": f"{what} before it finished (its part file, if it had one, is kept)",
                     "exit_code": exit_code_for(stopped),
                 }
                 print_json(line)
