@@ -111,31 +111,29 @@ pub async fn download_batch(
     ));
     let mut workers = tokio::task::JoinSet::new();
     for (index, item) in items.into_iter().enumerate() {
-        let limit = Arc::clone(&limit);
+        // Items start in their order, `jobs` at a time: a place first, then the item's
+        // task (so only the running items hold a download's state).
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            break;
+        };
+        while workers.try_join_next().is_some() {} // the finished ones, not to keep them
+        if cancel.is_cancelled() {
+            // Not started: nothing of it is on disk, and its result says so at once.
+            finish(&results, &progress, index, Err(Error::Cancelled));
+            continue;
+        }
         let cancel = cancel.child();
         let item_progress = Arc::clone(&progress.items[index]);
         let batch = Arc::clone(&progress);
         let results = results.clone();
         let staged_tx = staged_tx.clone();
         workers.spawn(async move {
-            let Ok(_permit) = limit.acquire_owned().await else {
-                return;
-            };
+            let _permit = permit;
             let Item { url, dest, options } = item;
             let options = Options { durable, ..options };
             // Staged, whether durable or not: the committer is where two items that
             // would land on one file (names from servers) are told apart.
-            // Boxed: a task waiting for its permit then holds a pointer, not the whole
-            // download's state (10,000 queued items would otherwise reserve ~70 MiB).
-            match Box::pin(download_staged(
-                &url,
-                &dest,
-                &options,
-                cancel,
-                item_progress,
-            ))
-            .await
-            {
+            match download_staged(&url, &dest, &options, cancel, item_progress).await {
                 Ok((outcome, staged)) => {
                     let _ = staged_tx.send((index, outcome, staged));
                 }

@@ -307,3 +307,14 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(urls: list[str], tmp_p
     err = child.stderr.read().decode()
     assert child.wait(30) in (0, 1)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_items_start_in_their_order(server: FaultServer, tmp_path: Path) -> None:
+    """With jobs=1 the items run one after the other in the order given (as aria2c -j 1
+    and curl -Z --parallel-max 1 do)."""
+    urls = [server.add(f"o{i}.bin", bytes([i]) * 1000) for i in range(12)]
+    for _ in range(3):
+        server.reset_counters()
+        results = sf.download_many(urls, tmp_path / "out", jobs=1)
+        assert not any(isinstance(r, Exception) for r in results)
+        assert [r.name for r in server.requests] == [f"o{i}.bin" for i in range(12)]
