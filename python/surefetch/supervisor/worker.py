@@ -19,8 +19,10 @@ meanwhile; each commit that frees a place claims queued jobs for the slot (for
 ``claim_ttl`` seconds) until it holds 2N, so the worker needs no round trip to
 its supervisor to go on.
 
-Events: ``hello``, ``pong``, ``started``, ``finished`` (with ``state``:
-succeeded, failed or cancelled).
+Events: ``hello``, ``pong``, ``taken`` (``ids``: jobs a commit claimed and started
+for the slot, waiting for a place), ``started`` (a job runs: a crash of the worker
+now counts against it), ``finished`` (with ``state``: succeeded, failed or
+cancelled).
 
 The worker exits when its supervisor dies: stdin reaches EOF, and the kernel
 sends SIGTERM (``PR_SET_PDEATHSIG``). Exit codes: 0 after a stop, 78 for a
