@@ -206,25 +206,11 @@ class Fetcher:
             if isinstance(result, Exception):
                 settle(index, result)
                 return
-            assert result.sha256 is not None  # computed whenever none was expected
-            url = redact_url(requests[index].url)
-            info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": url}
             try:
-                path = self.store.install(result.path, result.sha256, info, sync=False)
+                entry = self._admit(requests[index].url, expected, result, sync=False)
             except OSError as exc:
                 settle(index, exc)
                 return
-            if expected is None:
-                write_index(
-                    self.store,
-                    requests[index].url,
-                    result.sha256,
-                    result.etag,
-                    result.last_modified,
-                )
-            entry = CacheEntry(
-                path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
-            )
             placed.append((index, entry))
 
         download_many(
@@ -280,13 +266,22 @@ class Fetcher:
         if result.not_modified and cached is not None:
             _log.info("%s not modified: the cached copy is used", redact_url(url))
             return cached
+        return self._admit(url, expected, result, sync=True)
+
+    def _admit(
+        self, url: str, expected: str | None, result: DownloadResult, *, sync: bool
+    ) -> CacheEntry:
+        """Installs the verified download `result` as its blob and, when it was fetched by
+        URL (no `expected` digest), records it in the URL index; `sync`: make the blob's
+        directory durable now (else the caller does, for a whole batch)."""
         assert result.sha256 is not None  # computed whenever none was expected
-        digest = result.sha256
         info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": redact_url(url)}
-        path = self.store.install(tmp, digest, info)
+        path = self.store.install(result.path, result.sha256, info, sync=sync)
         if expected is None:
-            write_index(self.store, url, digest, result.etag, result.last_modified)
-        return CacheEntry(path, result.size, digest, result.xxh3_128, result.bytes_transferred)
+            write_index(self.store, url, result.sha256, result.etag, result.last_modified)
+        return CacheEntry(
+            path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
+        )
 
 
 def _remaining(deadline: float | None, url: str) -> float | None:
