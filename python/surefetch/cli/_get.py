@@ -168,7 +168,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
             for index in sorted(set(range(len(items))) - reported):
                 item = items[index]
                 url = redact_url(item if isinstance(item, str) else item.url)
-                what = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "terminated"
+                what = error_line(stopped, keeps_parts=False)  # "interrupted" or "terminated"
                 line = {
                     "url": url,
                     "error": f"{what} before it finished (its part file, if it had one, is kept)",
