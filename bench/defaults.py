@@ -96,9 +96,9 @@ def _tools(limited: bool) -> list[Tool]:
 
 
 def _median_ratio(row: Row | None, ref: Row | None) -> float | None:
-    if row is None or ref is None or row.median() is None or ref.median() is None:
-        return None
-    return row.median() / ref.median()  # type: ignore[operator]
+    top = row.median() if row is not None else None
+    bottom = ref.median() if ref is not None else None
+    return None if top is None or not bottom else top / bottom
 
 
 def _table(rows: list[Row], limit_mbps: float | None) -> str:

@@ -114,7 +114,10 @@ impl Job<'_> {
         };
         let ramp = match plan {
             Plan::Adaptive { cap } => stretch.as_ref().map(|s| {
-                let left = s.end.load(Ordering::Acquire) - s.at.load(Ordering::Acquire);
+                let left = s
+                    .end
+                    .load(Ordering::Acquire)
+                    .saturating_sub(s.at.load(Ordering::Acquire));
                 Ramp::new(cap, Instant::now(), Some(left))
             }),
             _ => None,
