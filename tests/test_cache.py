@@ -362,3 +362,32 @@ def test_invalid_arguments(cache: Cache) -> None:
         cache.gc(-1)
     with pytest.raises(ValueError, match="older_than"):
         cache.clean(-1)
+
+
+def test_a_cache_from_before_the_catalog_keeps_its_metadata(
+    url: str, cache: Cache, tmp_path: Path
+) -> None:
+    """Metadata in meta/ and urls/ JSON files (the first format) is still read: the URL
+    index answers offline, `ls` names the URL, and the record moves into the catalog."""
+    import json
+
+    from surefetch.cache.index import url_key
+
+    entry = cache.fetch_entry(url)
+    for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
+        (cache.root / name).unlink(missing_ok=True)
+    key = url_key(url)
+    meta = {"size": len(DATA), "xxh3_128": entry.xxh3_128, "url": url, "sha256": SHA}
+    index = {"url": url, "sha256": SHA, "etag": None, "last_modified": None}
+    for path, record in (
+        (cache.root / "meta" / SHA[:2] / f"{SHA}.json", meta),
+        (cache.root / "urls" / key[:2] / f"{key}.json", index),
+    ):
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(record))
+    old = Cache(cache.root, offline=True)
+    assert old.fetch_entry(url) == entry.__class__(entry.path, len(DATA), SHA, entry.xxh3_128, 0)
+    assert [b.url for b in old.ls()] == [url]
+    assert old.gc(0).evicted == [entry.path]
+    assert not (cache.root / "meta" / SHA[:2] / f"{SHA}.json").exists()
+    assert Cache(cache.root).ls() == []

@@ -4,6 +4,7 @@ and files that are never followed through a symlink nor trusted when not ours.""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -351,7 +352,7 @@ def test_sync_refuses_a_symlinked_state_dir(
     assert list(elsewhere.iterdir()) == []
 
 
-@pytest.mark.parametrize("internal", ["tmp", "locks", "blobs", "meta"])
+@pytest.mark.parametrize("internal", ["tmp", "locks", "blobs"])
 def test_a_symlinked_cache_directory_is_refused(
     url: str, tmp_path: Path, elsewhere: Path, internal: str
 ) -> None:
@@ -362,6 +363,31 @@ def test_a_symlinked_cache_directory_is_refused(
         sf.Cache(root).fetch(url)
     assert str(root / internal) in str(info.value)
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["catalog.db", "catalog.db-wal", "catalog.db-shm"])
+def test_a_symlinked_catalog_is_never_followed(
+    url: str, tmp_path: Path, elsewhere: Path, name: str
+) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    victim = elsewhere / "victim"
+    victim.write_bytes(b"keep")
+    (root / name).symlink_to(victim)
+    first = sf.Cache(root).fetch_entry(url)
+    again = sf.Cache(root).fetch_entry(url)  # without a catalog: downloaded again
+    assert first.path.read_bytes() == DATA and again.bytes_transferred == len(DATA)
+    assert victim.read_bytes() == b"keep" and list(elsewhere.iterdir()) == [victim]
+
+
+def test_a_catalog_others_could_write_is_not_used(url: str, tmp_path: Path) -> None:
+    cache = sf.Cache(tmp_path / "cache")
+    entry = cache.fetch_entry(url)
+    assert cache.fetch_entry(url).bytes_transferred == 0  # revalidated through the catalog
+    os.chmod(cache.root / "catalog.db", 0o666)
+    later = sf.Cache(cache.root)  # the catalog is checked when a process opens it
+    assert later.fetch_entry(url).bytes_transferred == len(DATA)
+    assert later.lookup(entry.sha256) == dataclasses.replace(entry, bytes_transferred=0)
 
 
 def test_a_symlinked_cache_blob_level_is_refused(url: str, tmp_path: Path, elsewhere: Path) -> None:

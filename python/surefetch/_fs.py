@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Final, Literal
@@ -139,6 +140,17 @@ def install(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -
         raise
     fsync_dir(target.parent)
     return how
+
+
+def written_only_by_us(st: os.stat_result) -> bool:
+    """Whether `st` (an lstat) is a regular file nobody but us (or root) can have written:
+    ours or root's, one link, not writable by group or others."""
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+        and st.st_uid in (os.getuid(), 0)
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
 
 
 def fsync_dir(directory: Path) -> None:

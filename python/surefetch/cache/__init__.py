@@ -4,7 +4,8 @@ Layout under the root (``$SUREFETCH_CACHE``, else ``$XDG_CACHE_HOME/surefetch``,
 else ``~/.cache/surefetch``)::
 
     blobs/sha256/<2 hex>/<64 hex>    verified blobs, named by their SHA-256
-    meta/<2 hex>/<64 hex>.json       size, xxh3_128 and the last URL of each blob
+    catalog.db                       SQLite: size, xxh3_128 and the last URL of each
+                                     blob; which blob each URL gave, and its validators
     locks/<key>.lock                 one flock per artifact (key: sha256-<hex> or url-<hash>)
     tmp/<key>                        downloads in flight; the engine keeps its part
                                      files in tmp/.surefetch/ (resumed by the next fetch)
@@ -22,8 +23,11 @@ after its digest was verified. A blob file is trusted without re-hashing only
 when it is a regular file with one link, owned by the current user or root, and
 not writable by group or others; any other file under ``blobs/`` (another user's,
 or one another user could have changed) is re-hashed on every use, and moved to
-``quarantine/`` when it does not match its name. The same goes for metadata
-files, which are otherwise recomputed. Files are created 0644 and directories
+``quarantine/`` when it does not match its name. The same goes for the catalog:
+one that is not trusted so is not used (the cache then works without it,
+re-hashing blobs and downloading again what it would have revalidated). Caches
+written before the catalog kept metadata in ``meta/`` and ``urls/``; those files
+are still read, and removed with their blobs. Files are created 0644 and directories
 0755, minus the umask. A file owned by another user can still be changed by
 that user after it was checked: for a cache shared between users who do not
 trust each other, give the directories the sticky bit (so that nobody can
@@ -45,8 +49,9 @@ what ran out (also while waiting, naming the holder too).
 
 Modules, one concept each:
 
-- :mod:`~surefetch.cache.store` — the blob store: paths, lookup, install, metadata,
-  quarantine, and the checks of the cache's directories and files; :class:`CacheEntry`;
+- :mod:`~surefetch.cache.store` — the blob store: paths, lookup, install, quarantine,
+  and the checks of the cache's directories and files; :class:`CacheEntry`;
+- :mod:`~surefetch.cache.catalog` — the metadata of blobs and URLs, in one SQLite file;
 - :mod:`~surefetch.cache.locks` — the artifact locks and what their holders say;
 - :mod:`~surefetch.cache.index` — the URL index: revalidation and ``--offline``;
 - :mod:`~surefetch.cache.fetch` — fetching one artifact or a batch; :class:`FetchRequest`;

@@ -116,8 +116,13 @@ class Fetcher:
                 on_result(index, result)
 
         store = self.store
-        # Within the batch each directory is checked once, not once per blob.
-        with store.checks_remembered(), store.storage(), contextlib.ExitStack() as held:
+        # Within the batch each directory is checked once, and the catalog written once.
+        with (
+            store.checks_remembered(),
+            store.catalog.deferred(),
+            store.storage(),
+            contextlib.ExitStack() as held,
+        ):
             batch: list[tuple[int, str, str | None]] = []  # (index, key, expected)
             waiting: list[int] = []
             for index, request in enumerate(requests):
@@ -275,8 +280,9 @@ class Fetcher:
         URL (no `expected` digest), records it in the URL index; `sync`: make the blob's
         directory durable now (else the caller does, for a whole batch)."""
         assert result.sha256 is not None  # computed whenever none was expected
-        info = {"size": result.size, "xxh3_128": result.xxh3_128, "url": redact_url(url)}
-        path = self.store.install(result.path, result.sha256, info, sync=sync)
+        path = self.store.install(
+            result.path, result.sha256, result.size, result.xxh3_128, redact_url(url), sync=sync
+        )
         if expected is None:
             write_index(self.store, url, result.sha256, result.etag, result.last_modified)
         return CacheEntry(

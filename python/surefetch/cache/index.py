@@ -1,14 +1,11 @@
-"""The URL index (``urls/<2 hex>/<key>.json``): which blob each URL gave last time, and
-its validators, so that a fetch without a digest revalidates its blob instead of
+"""The URL index (in the catalog, `surefetch.cache.catalog`): which blob each URL gave
+last time, and its validators, so that a fetch without a digest revalidates its blob instead of
 downloading it again, and ``--offline`` can answer it without any network access."""
 
 from __future__ import annotations
 
-import contextlib
-
-from surefetch._fs import write_json_atomic
+from surefetch.cache.catalog import UrlRecord
 from surefetch.cache.store import (
-    FILE_MODE,
     SHA256,
     BlobStore,
     CacheEntry,
@@ -31,21 +28,34 @@ def url_key(url: str) -> str:
 def indexed(store: BlobStore, url: str) -> tuple[CacheEntry | None, str | None, str | None]:
     """The blob this URL gave last time (checked as any lookup), and what revalidates
     it: its strong ETag, else its Last-Modified date (both None when it had neither)."""
-    key = url_key(url)
-    path = store.checked("urls", key[:2]) / f"{key}.json"
-    record = read_json(path) if trusted_path(path) else {}
-    digest = record.get("sha256")
-    if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+    record = _record(store, url_key(url))
+    if record is None or not SHA256.fullmatch(record.sha256):
         return None, None, None
-    entry = store.lookup(digest, touch=True)
+    entry = store.lookup(record.sha256, touch=True)
     if entry is None:
         return None, None, None
-    etag, modified = record.get("etag"), record.get("last_modified")
-    if isinstance(etag, str) and not etag.startswith("W/"):
-        return entry, etag, None
-    if isinstance(modified, str):
-        return entry, None, modified
-    return entry, None, None
+    if record.etag is not None and not record.etag.startswith("W/"):
+        return entry, record.etag, None
+    return entry, None, record.last_modified
+
+
+def _record(store: BlobStore, key: str) -> UrlRecord | None:
+    """The catalog's record of the URL `key`, else that of a cache's older index file."""
+    record = store.catalog.url(key)
+    if record is not None:
+        return record
+    path = store.checked("urls", key[:2]) / f"{key}.json"
+    legacy = read_json(path) if trusted_path(path) else {}
+    url, digest = legacy.get("url"), legacy.get("sha256")
+    if not isinstance(url, str) or not isinstance(digest, str):
+        return None
+    etag, modified = legacy.get("etag"), legacy.get("last_modified")
+    return UrlRecord(
+        url,
+        digest,
+        etag if isinstance(etag, str) else None,
+        modified if isinstance(modified, str) else None,
+    )
 
 
 def write_index(
@@ -53,16 +63,7 @@ def write_index(
 ) -> None:
     """Records which blob `url` gave, under which validators (best effort: a lost
     record only costs a download)."""
-    record = {
-        "url": redact_url(url),
-        "sha256": digest,
-        "etag": etag,
-        "last_modified": last_modified,
-    }
-    key = url_key(url)
-    directory = store.directory("urls", key[:2])
-    with contextlib.suppress(OSError):  # best effort
-        write_json_atomic(directory / f"{key}.json", record, durable=False, mode=FILE_MODE)
+    store.catalog.put_url(url_key(url), UrlRecord(redact_url(url), digest, etag, last_modified))
 
 
 def offline_entry(store: BlobStore, url: str, expected: str | None, size: int | None) -> CacheEntry:

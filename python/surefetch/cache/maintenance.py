@@ -74,8 +74,13 @@ def ls(store: BlobStore) -> list[CachedBlob]:
             st = path.lstat()
         except FileNotFoundError:
             continue
-        meta = read_json(store.meta_path(digest))
-        url = printable(redact_url(meta["url"])) if isinstance(meta.get("url"), str) else None
+        record = store.catalog.blob(digest)
+        if record is not None:
+            url = record.url
+        else:
+            legacy = read_json(store.legacy_meta_path(digest)).get("url")
+            url = legacy if isinstance(legacy, str) else None
+        url = printable(redact_url(url)) if url is not None else None
         found.append(CachedBlob(path, digest, st.st_size, st.st_mtime, url))
     return sorted(found, key=lambda b: (b.last_used, b.sha256))
 
@@ -94,9 +99,9 @@ def verify(store: BlobStore, cancel: CancelToken | None = None) -> VerifyReport:
         if sha != digest:
             quarantined.append(store.quarantine(path, digest))
             continue
-        info = read_json(store.meta_path(digest))
-        if (info.get("size"), info.get("xxh3_128")) != (size, xxh3):
-            store.write_meta(digest, {"size": size, "xxh3_128": xxh3})
+        record = store.catalog.blob(digest)
+        if record is None or (record.size, record.xxh3_128) != (size, xxh3):
+            store.record(digest, size, xxh3)
     return VerifyReport(checked, quarantined)
 
 
@@ -120,8 +125,7 @@ def gc(store: BlobStore, max_size: int) -> GcReport:
                 evicted.append(blob.path)
                 freed += blob.size
                 total -= blob.size
-            with contextlib.suppress(FileNotFoundError):
-                store.meta_path(blob.sha256).unlink()
+            store.forget(blob.sha256)
     return GcReport(evicted, freed, total, in_use)
 
 

@@ -1,6 +1,7 @@
-"""The blob store: where the cache keeps verified blobs and their metadata, how a blob is
-looked up, installed and quarantined, and the checks of the cache's own directories and
-files (the layout and the trust model are in the package's documentation)."""
+"""The blob store: where the cache keeps verified blobs (their metadata is in its
+catalog, `surefetch.cache.catalog`), how a blob is looked up, installed and
+quarantined, and the checks of the cache's own directories and files (the layout and
+the trust model are in the package's documentation)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from surefetch._fs import fsync_dir, write_json_atomic
+from surefetch._fs import fsync_dir, written_only_by_us
+from surefetch.cache.catalog import Catalog
 from surefetch.download import hash_file
 from surefetch.errors import SizeMismatch, StorageError, SurefetchError
 
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+_XXH3_128 = re.compile(r"[0-9a-f]{32}")
 FILE_MODE = 0o644
 _DIR_MODE = 0o755
 
@@ -74,6 +77,7 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self._root = root
+        self.catalog = Catalog(root / "catalog.db")
         # Directories already checked by `directory`/`checked` in `checks_remembered`.
         self._checked_dirs: set[Path] | None = None
 
@@ -152,7 +156,8 @@ class BlobStore:
     def blob_path(self, digest: str) -> Path:
         return self.checked("blobs", "sha256", digest[:2]) / digest
 
-    def meta_path(self, digest: str) -> Path:
+    def legacy_meta_path(self, digest: str) -> Path:
+        """Where caches before the catalog kept a blob's metadata (read, never written)."""
         return self.checked("meta", digest[:2]) / f"{digest}.json"
 
     def blobs(self) -> Iterator[tuple[Path, str]]:
@@ -179,18 +184,30 @@ class BlobStore:
             st = path.lstat()
         except FileNotFoundError:
             return None
-        if not _trusted(st):
+        if not written_only_by_us(st):
             return self._rehash(path, digest)
-        meta = self.meta_path(digest)
-        info = read_json(meta) if trusted_path(meta) else {}
-        xxh3 = info.get("xxh3_128")
-        if info.get("size") != st.st_size or not isinstance(xxh3, str):
+        xxh3 = self._known_xxh3(digest, st.st_size)
+        if xxh3 is None:
             size, xxh3, _ = hash_file(path, sha256=False)
-            self.write_meta(digest, {"size": size, "xxh3_128": xxh3})
+            self.catalog.put_blob(digest, size, xxh3)
         if touch:
             with contextlib.suppress(OSError):  # another user's blob: LRU order is best effort
                 os.utime(path)
         return CacheEntry(path, st.st_size, digest, xxh3, 0)
+
+    def _known_xxh3(self, digest: str, size: int) -> str | None:
+        """The blob's XXH3-128 as its catalog record (or a cache's older metadata file)
+        has it, when that record is of a blob of this `size`."""
+        record = self.catalog.blob(digest)
+        if record is not None and record.size == size:
+            return record.xxh3_128
+        legacy = self.legacy_meta_path(digest)
+        info = read_json(legacy) if trusted_path(legacy) else {}
+        xxh3, url = info.get("xxh3_128"), info.get("url")
+        if info.get("size") != size or not isinstance(xxh3, str) or not _XXH3_128.fullmatch(xxh3):
+            return None
+        self.catalog.put_blob(digest, size, xxh3, url if isinstance(url, str) else None)
+        return xxh3
 
     def _rehash(self, path: Path, digest: str) -> CacheEntry | None:
         """An untrusted file under blobs/: keep it only if its bytes match its name."""
@@ -215,49 +232,59 @@ class BlobStore:
                 f"{path} does not match its digest and cannot be moved to quarantine "
                 f"({exc.strerror}); remove it as its owner or as root",
             ) from exc
-        with contextlib.suppress(FileNotFoundError):
-            self.meta_path(digest).unlink()
+        self.forget(digest)
         return target
 
-    def install(self, tmp: Path, digest: str, info: dict[str, Any], *, sync: bool = True) -> Path:
-        """Moves the verified download `tmp` to its blob path (or drops it if one is there);
-        `sync`: fsync the blob's directory (else the caller makes it durable).
+    def forget(self, digest: str) -> None:
+        """Drops the metadata of a blob that left the cache."""
+        self.catalog.forget_blob(digest)
+        with contextlib.suppress(OSError):
+            self.legacy_meta_path(digest).unlink()
+
+    def install(
+        self, tmp: Path, digest: str, size: int, xxh3_128: str, url: str, *, sync: bool = True
+    ) -> Path:
+        """Moves the verified download `tmp` (`size` bytes, with these digests, from `url`,
+        redacted) to its blob path, or drops it if that blob is there; records it in the
+        catalog. `sync`: fsync the blob's directory (else the caller makes it durable).
 
         Needs no lock: a blob's name is its content's digest, `tmp` is verified and
         durable, and the rename is atomic, so processes installing the same blob at once
         leave the same bytes whichever rename lands last."""
-        self.write_meta(digest, info)
-        if self.lookup(digest, touch=True) is not None:
-            tmp.unlink()
-            return self.blob_path(digest)
         blob = self.blob_path(digest)
-        directory = self.directory("blobs", "sha256", digest[:2])
-        os.rename(tmp, blob)
-        if sync:
-            try:
-                fsync_dir(directory)
-            except OSError as exc:
-                raise StorageError(
-                    exc.errno,
-                    f"the blob {blob} is in the cache, whole and verified, but its durability is "
-                    f"unknown: syncing the directory {directory} failed: {exc.strerror} (os error "
-                    f"{exc.errno}); a crash or power loss could still lose it: check the disk",
-                ) from exc
+        if self._holds(blob, digest):
+            tmp.unlink()
+        else:
+            directory = self.directory("blobs", "sha256", digest[:2])
+            os.rename(tmp, blob)
+            if sync:
+                self._sync_blob_dir(blob, directory)
+        self.catalog.put_blob(digest, size, xxh3_128, url)
         return blob
 
-    def write_meta(self, digest: str, info: dict[str, Any]) -> None:
-        """Writes the metadata atomically; a failure only costs a re-hash later (but a
-        directory that is not the cache's own is refused, as everywhere)."""
+    def _holds(self, blob: Path, digest: str) -> bool:
+        """Whether the blob `digest` is in place, at `blob`, and can be trusted."""
         try:
-            path = self.meta_path(digest)
-            old = read_json(path)
-            self.directory("meta", digest[:2])
-            value = {**old, **info, "sha256": digest}
-            write_json_atomic(path, value, durable=False, mode=FILE_MODE)
-        except StorageError:
-            raise
-        except OSError:
-            pass  # best effort (the temporary is gone: a full disk must not also keep it)
+            st = blob.lstat()
+        except FileNotFoundError:
+            return False
+        return written_only_by_us(st) or self._rehash(blob, digest) is not None
+
+    @staticmethod
+    def _sync_blob_dir(blob: Path, directory: Path) -> None:
+        try:
+            fsync_dir(directory)
+        except OSError as exc:
+            raise StorageError(
+                exc.errno,
+                f"the blob {blob} is in the cache, whole and verified, but its durability is "
+                f"unknown: syncing the directory {directory} failed: {exc.strerror} (os error "
+                f"{exc.errno}); a crash or power loss could still lose it: check the disk",
+            ) from exc
+
+    def record(self, digest: str, size: int, xxh3_128: str) -> None:
+        """Records a blob's size and XXH3-128 (computed by the caller) in the catalog."""
+        self.catalog.put_blob(digest, size, xxh3_128)
 
 
 # -- small helpers -------------------------------------------------------------
@@ -286,20 +313,10 @@ def check_size(entry: CacheEntry, size: int | None) -> None:
         )
 
 
-def _trusted(st: os.stat_result) -> bool:
-    """A file nobody but us (or root) can have written: ours, one link, not group/other-writable."""
-    return (
-        stat.S_ISREG(st.st_mode)
-        and st.st_nlink == 1
-        and st.st_uid in (os.getuid(), 0)
-        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
-
-
 def trusted_path(path: Path) -> bool:
     """Whether the file at `path` is one nobody but us (or root) can have written."""
     try:
-        return _trusted(path.lstat())
+        return written_only_by_us(path.lstat())
     except FileNotFoundError:
         return False
 
