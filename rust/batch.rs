@@ -170,6 +170,7 @@ async fn commit_groups(
     durable: bool,
 ) {
     let mut installed = HashSet::new();
+    let mut part_dirs = BTreeSet::new();
     while let Some(first) = staged.recv().await {
         let mut group = vec![first];
         // Like a database's commit_delay: a moment for the items finishing
@@ -185,6 +186,7 @@ async fn commit_groups(
                 () = &mut gather => break,
             }
         }
+        part_dirs.extend(group.iter().map(|(_, _, staged)| staged.part_dir.clone()));
         let (committed, kept) = tokio::task::spawn_blocking(move || {
             let committed = commit(group, durable, &mut installed);
             (committed, installed)
@@ -196,6 +198,15 @@ async fn commit_groups(
             finish(&results, &progress, index, result);
         }
     }
+    // Tidy once the batch is over (not after each group, which would only have the
+    // next items create the directory again), unless another download is under way there.
+    tokio::task::spawn_blocking(move || {
+        for dir in part_dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    })
+    .await
+    .unwrap_or_default();
 }
 
 /// Makes a group durable (when asked), renames each file into place unless an
@@ -214,9 +225,7 @@ fn commit(
     };
     let mut results = Vec::with_capacity(group.len());
     let mut renamed: Vec<(usize, Outcome, PathBuf)> = Vec::new();
-    let mut part_dirs = BTreeSet::new();
     for ((index, outcome, staged), synced) in group.into_iter().zip(synced) {
-        part_dirs.insert(staged.part_dir.clone());
         let taken = !installed.insert(staged.destination.clone());
         let synced = synced.and_then(|()| match taken {
             false => Ok(()),
@@ -258,10 +267,6 @@ fn commit(
             };
             results.push((index, result));
         }
-    }
-    for dir in part_dirs {
-        // Tidy, unless another download is still under way there.
-        let _ = std::fs::remove_dir(dir);
     }
     results
 }

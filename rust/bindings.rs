@@ -423,6 +423,7 @@ fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
             }
             "content_disposition" => options.content_disposition = value.extract()?,
             "durable" => options.durable = value.extract()?,
+            "part_lock" => options.part_lock = value.extract()?,
             "if_none_match" => options.if_none_match = value.extract()?,
             "if_modified_since" => options.if_modified_since = value.extract()?,
             other => {

@@ -49,7 +49,7 @@ pub struct Staged {
     pub part: PathBuf,
     pub destination: PathBuf,
     pub part_dir: PathBuf,
-    _lock: PartLock,
+    _lock: Option<PartLock>,
 }
 
 /// Like `download_into`, but leaves the verified file `Staged`: the caller
@@ -78,7 +78,13 @@ async fn fetch_verified(
     let started = Instant::now();
     let mut job = Job::new(url, final_path, options, cancel, progress)?;
     job.defer_commit = defer_commit;
-    let lock = job.paths.lock().map_err(Error::before_writing)?;
+    let lock = match options.part_lock {
+        true => Some(job.paths.lock().map_err(Error::before_writing)?),
+        false => {
+            job.paths.create_dir().map_err(Error::before_writing)?;
+            None
+        }
+    };
     let result = job.run_with_retries().await;
     let not_modified = matches!(result, Err(Error::NotModified));
     let result = match result {

@@ -38,6 +38,10 @@ pub struct Options {
     /// over `speed_time` is a stall, retried (curl's `--speed-limit`).
     pub speed_limit: u64,
     pub speed_time: Duration,
+    /// Take the part lock (`<name>.lock` beside the part file). `false`: the caller
+    /// holds a lock that covers this destination (the cache's artifact lock), so a
+    /// lock file of the engine's own would only cost a file creation.
+    pub part_lock: bool,
 }
 
 impl Default for Options {
@@ -62,6 +66,7 @@ impl Default for Options {
             if_modified_since: None,
             speed_limit: 1024,
             speed_time: Duration::from_secs(30),
+            part_lock: true,
         }
     }
 }

@@ -143,6 +143,12 @@ impl PartPaths {
     }
 }
 
+fn owned_by_me_or_root(meta: &fs::Metadata) -> bool {
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    meta.uid() == me || meta.uid() == 0
+}
+
 /// The first component of `path` that exists and is not a directory (following
 /// symlinks, as creating the directories does), if any.
 fn blocking_file(path: &Path) -> Option<PathBuf> {
@@ -163,6 +169,9 @@ fn blocking_file(path: &Path) -> Option<PathBuf> {
 /// symlink, owned by this user or root. Returns its path.
 pub fn part_dir(parent: &Path) -> Result<PathBuf> {
     let dir = parent.join(PART_DIR);
+    if fs::symlink_metadata(&dir).is_ok_and(|meta| meta.is_dir() && owned_by_me_or_root(&meta)) {
+        return Ok(dir); // the common case, without a mkdir of each level
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -183,13 +192,11 @@ pub fn part_dir(parent: &Path) -> Result<PathBuf> {
         Err(e) => return Err(Error::storage("creating", &dir, e)),
     }
     let meta = fs::symlink_metadata(&dir).map_err(|e| Error::storage("creating", &dir, e))?;
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
     let problem = if meta.file_type().is_symlink() {
         "it is a symbolic link, which surefetch never follows to its part files".to_owned()
     } else if !meta.is_dir() {
         "it is not a directory".to_owned()
-    } else if meta.uid() != me && meta.uid() != 0 {
+    } else if !owned_by_me_or_root(&meta) {
         format!(
             "it belongs to another user (uid {}), not to you",
             meta.uid()
@@ -356,6 +363,9 @@ pub struct PartFile {
     /// Everything below this offset was handed to the disk with `sync_file_range`.
     flushed_to: u64,
     written_to: u64,
+    /// `create` made the file (with mode 0644 minus the umask), rather than
+    /// `open_existing` finding it.
+    created_here: bool,
 }
 
 impl PartFile {
@@ -368,14 +378,29 @@ impl PartFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::storage("removing", path, e)),
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(OWN_FILE_FLAGS)
-            .open(path)
-            .map_err(|e| Error::storage("creating", path, e))?;
-        let part = Self::with_file(file, path, size, durable);
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(OWN_FILE_FLAGS)
+                .open(path)
+        };
+        let mut created = create();
+        for _ in 0..100 {
+            // Without a part lock in it (`Options::part_lock`), the part directory may
+            // have looked empty to another download tidying up: create it again.
+            match &created {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                _ => break,
+            }
+            let destination_dir = path.parent().and_then(Path::parent);
+            part_dir(destination_dir.unwrap_or(Path::new(".")))?;
+            created = create();
+        }
+        let file = created.map_err(|e| Error::storage("creating", path, e))?;
+        let mut part = Self::with_file(file, path, size, durable);
+        part.created_here = true;
         if let Some(size) = size.filter(|s| *s > 0) {
             part.preallocate(size)?;
         }
@@ -424,7 +449,15 @@ impl PartFile {
             durable,
             flushed_to: 0,
             written_to: 0,
+            created_here: false,
         }
+    }
+
+    /// The mode `finish` must set for a file with these execute bits, or None when
+    /// it has it already: created here 0644, the kernel took the umask off then (so
+    /// the umask is read from /proc only for executables and resumed parts).
+    pub fn mode_to_set(&self, executable: bool) -> Option<u32> {
+        (executable || !self.created_here).then(|| file_mode(executable))
     }
 
     fn preallocate(&self, size: u64) -> Result<()> {
@@ -528,14 +561,14 @@ impl PartFile {
 
     /// Like `finish` without the fsync: for a group commit, which makes many
     /// files durable together (`crate::batch`).
-    pub fn finish_unsynced(mut self, mode: u32) -> Result<()> {
+    pub fn finish_unsynced(mut self, mode: Option<u32>) -> Result<()> {
         self.durable = false;
         self.finish(mode)
     }
 
     /// Makes the data durable (when asked), sets the mode, and closes the file,
     /// reporting errors that only show at close (ENOSPC, EIO on some filesystems).
-    pub fn finish(self, mode: u32) -> Result<()> {
+    pub fn finish(self, mode: Option<u32>) -> Result<()> {
         drop(self.direct);
         let path = self.path;
         if self.durable {
@@ -546,8 +579,11 @@ impl PartFile {
         let fd = self.file.into_raw_fd();
         // SAFETY: fchmod and close on the descriptor we own; it is closed exactly once.
         unsafe {
-            if libc::fchmod(fd, mode) != 0 {
-                let err = io::Error::last_os_error();
+            let set_mode = match mode {
+                Some(mode) if libc::fchmod(fd, mode) != 0 => Err(io::Error::last_os_error()),
+                _ => Ok(()),
+            };
+            if let Err(err) = set_mode {
                 libc::close(fd);
                 return Err(Error::storage("setting the mode of", &path, err));
             }
@@ -809,7 +845,7 @@ mod tests {
         block.fill_from(&vec![1u8; 1 << 20]);
         part.write_at(block.as_slice(), 0).unwrap();
         part.write_at(&[2u8; 10], 1 << 20).unwrap();
-        part.finish(0o644).unwrap();
+        part.finish(Some(0o644)).unwrap();
         let data = fs::read(&path).unwrap();
         assert_eq!(data.len(), (1 << 20) + 10);
         assert!(data[..1 << 20].iter().all(|b| *b == 1));
@@ -825,7 +861,7 @@ mod tests {
         for i in 0..30u64 {
             part.write_at(&block, i << 20).unwrap();
         }
-        part.finish(0o640).unwrap();
+        part.finish(Some(0o640)).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 30 << 20);
         assert_eq!(meta.mode() & 0o777, 0o640);

@@ -257,21 +257,30 @@ def test_clean_removes_old_dead_parts_only(cache: Cache) -> None:
     parts = cache.root / "tmp" / ".surefetch"
     dead = [parts / "dead.part", parts / "dead.part.json"]
     live = [parts / "live.part", parts / "live.part.json"]
+    batched = parts / f"sha256-{SHA}.part"
     young = parts / "young.part"
     stray = cache.root / "tmp" / "sha256-stray"
-    _old(*dead, *live, stray)
+    _old(*dead, *live, batched, stray)
     young.write_bytes(b"y")
     quarantined = cache.root / "quarantine" / "q"
     _old(quarantined)
-    holder = hold_flock(parts / "live.lock")  # a live download holds its engine lock
+    (cache.root / "locks").mkdir()
+    holders = [
+        hold_flock(parts / "live.lock"),  # a live download holds its engine lock
+        hold_flock(lock_path(cache.root, SHA)),  # a batch of the cache: the artifact lock
+    ]
     try:
         report = cache.clean(older_than=3600)
     finally:
-        stop([holder])
+        stop(holders)
     assert sorted(report.removed) == sorted([*dead, stray])
-    assert (report.freed, report.live) == (3000, 1)
-    assert all(p.exists() for p in live) and young.exists() and quarantined.exists()
-    assert cache.clean(older_than=3600, quarantine=True).removed == [*live, quarantined]
+    assert (report.freed, report.live) == (3000, 2)
+    assert all(p.exists() for p in [*live, batched]) and young.exists() and quarantined.exists()
+    assert cache.clean(older_than=3600, quarantine=True).removed == [
+        *live,
+        batched,
+        quarantined,
+    ]
 
 
 def test_clean_removes_the_part_of_a_killed_download(cache: Cache, url: str) -> None:

@@ -422,6 +422,7 @@ def download_many(
     compute_sha256: bool = True,
     executable: bool = False,
     content_disposition: bool = False,
+    lock_parts: bool = True,
     **changes: Any,
 ) -> list[DownloadResult | Exception]:
     """Download many URLs into the directory `dest`, at most `jobs` at a time, in one
@@ -442,6 +443,9 @@ def download_many(
             bytes moved, about ten times a second.
         options: how each transfer behaves (`TransferOptions`; default: its defaults).
         compute_sha256, executable, content_disposition: as for `download`.
+        lock_parts: take the engine's lock beside each part file. False only when the
+            caller holds a lock of its own that covers each item's destination (as the
+            cache's artifact locks do): one file creation fewer per item.
         changes: fields of `TransferOptions` (``retries=5``, ``headers=...``) that
             override `options`.
 
@@ -487,6 +491,7 @@ def download_many(
             "compute_sha256": compute_sha256,
             "executable": executable,
             "content_disposition": content_disposition,
+            "part_lock": lock_parts,
         }
         raw_items.append((item.url, path, per_item))
     results: list[DownloadResult | Exception | None] = [None] * len(batch)

@@ -250,7 +250,8 @@ def _install(
         target = Path(root, item.target)
         assert outcome.staged is not None
         try:
-            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if target.parent not in touched:  # each directory once, not once per file
+                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             _safe_target(root, item.target, file, item.name, error)  # again, now it exists
             os.replace(outcome.staged, target)
         except OSError as exc:

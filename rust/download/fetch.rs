@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::guard::Guard;
 use crate::hash::{Sha256Hasher, Xxh3Hasher};
 use crate::http;
-use crate::part::{file_mode, PartFile, Sidecar};
+use crate::part::{PartFile, Sidecar};
 use crate::ranges::RangeSet;
 use crate::response::Comparison;
 use crate::schedule::{self, split, unit_size, Plan, Ramp, Stretch, Transfer};
@@ -209,7 +209,7 @@ impl Job<'_> {
     /// Makes the verified part durable (when asked), gives it its mode and
     /// renames it over the final path.
     fn persist(&self, part: PartFile) -> Result<()> {
-        let mode = file_mode(self.options.executable);
+        let mode = part.mode_to_set(self.options.executable);
         if self.defer_commit {
             return part.finish_unsynced(mode);
         }

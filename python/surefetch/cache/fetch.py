@@ -227,6 +227,7 @@ class Fetcher:
             progress=progress,
             item_progress=item_progress,
             options=transfer,
+            lock_parts=False,  # the artifact locks, held for the batch, cover tmp/<key>
         )
         if placed:
             # The blobs' data was durable before their renames; one syncfs makes the

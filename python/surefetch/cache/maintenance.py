@@ -140,8 +140,12 @@ def clean(store: BlobStore, older_than: float, *, quarantine: bool) -> CleanRepo
     for base, group in _part_groups(parts).items():
         if _newest_mtime(group) > cutoff:
             continue
-        with flocked_if_free(parts / f"{base}.lock", unlink=True) as ok:
-            if not ok:
+        # A batch of the cache downloads under the artifact lock alone (no engine lock).
+        with (
+            locked_if_free(store, base) as artifact_free,
+            flocked_if_free(parts / f"{base}.lock", unlink=True) as part_free,
+        ):
+            if not (artifact_free and part_free):
                 live += 1
                 continue
             removed += _remove(group)
