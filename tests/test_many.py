@@ -3,6 +3,7 @@ one runtime, a global limit, per-item results, a group commit."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -285,12 +286,30 @@ def test_killing_a_batch_sync_anywhere_leaves_a_consistent_cache_and_lockfile(
         child.wait(10)
         lock = (tmp_path / "surefetch.lock").read_bytes()
         assert lock == before or b'name = "a59"' in lock
+        _assert_the_catalog_matches_the_blobs(tmp_path / "cache")
         checked = run_cli(["cache", "verify", "--cache", "cache"], tmp_path)
         assert checked.returncode == 0, checked.stdout + checked.stderr
     done = run_cli(args, tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     for i, data in enumerate(datas):
         assert (tmp_path / "dest" / f"a{i}").read_bytes() == data
+
+
+def _assert_the_catalog_matches_the_blobs(cache: Path) -> None:
+    """Every record of the cache's catalog whose blob is there has its size and XXH3."""
+    import sqlite3
+
+    import xxhash
+
+    if not (cache / "catalog.db").exists():
+        return
+    with contextlib.closing(sqlite3.connect(cache / "catalog.db")) as catalog:
+        records = catalog.execute("SELECT sha256, size, xxh3_128 FROM blobs").fetchall()
+    for digest, size, xxh3 in records:
+        blob = cache / "blobs" / "sha256" / digest[:2] / digest
+        if blob.exists():
+            data = blob.read_bytes()
+            assert (len(data), xxhash.xxh3_128_hexdigest(data)) == (size, xxh3), digest
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(urls: list[str], tmp_path: Path) -> None:
