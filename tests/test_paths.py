@@ -380,6 +380,32 @@ def test_a_symlinked_catalog_is_never_followed(
     assert victim.read_bytes() == b"keep" and list(elsewhere.iterdir()) == [victim]
 
 
+@pytest.mark.parametrize("damage", ["garbage", "directory", "truncated-wal"])
+def test_a_damaged_catalog_costs_only_downloads(url: str, tmp_path: Path, damage: str) -> None:
+    """The catalog is best effort: damaged, the cache works without it (and a fetch by
+    digest still comes from the cache)."""
+    root = tmp_path / "cache"
+    entry = sf.Cache(root).fetch_entry(url)
+    catalog = root / "catalog.db"
+    for name in ("catalog.db-wal", "catalog.db-shm"):
+        (root / name).unlink(missing_ok=True)
+    if damage == "garbage":
+        catalog.write_bytes(os.urandom(8192))
+    elif damage == "directory":
+        catalog.unlink()
+        catalog.mkdir()
+    else:
+        (root / "catalog.db-wal").write_bytes(b"\0" * 100)
+    cache = sf.Cache(root)
+    assert cache.fetch_entry(url, sha256=entry.sha256) == dataclasses.replace(
+        entry, bytes_transferred=0
+    )
+    again = cache.fetch_entry(url)
+    assert again.path.read_bytes() == DATA and again.sha256 == entry.sha256
+    assert [b.sha256 for b in cache.ls()] == [entry.sha256]
+    assert cache.verify().quarantined == []
+
+
 def test_a_catalog_others_could_write_is_not_used(url: str, tmp_path: Path) -> None:
     cache = sf.Cache(tmp_path / "cache")
     entry = cache.fetch_entry(url)

@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS urls (
 ) WITHOUT ROWID;
 """
 _BUSY_TIMEOUT_S = 10.0
+# Connections a forked child inherited: kept from the garbage collector (SQLite: a
+# connection must not be carried across fork, and that includes closing it there).
+_inherited: list[sqlite3.Connection] = []
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,9 @@ class Catalog:
         None when the catalog cannot be used."""
         if self._connection is not None and self._pid == os.getpid():
             return self._connection
-        self._connection = None  # a connection is never used across fork
+        if self._connection is not None:  # opened before a fork: never used, nor closed
+            _inherited.append(self._connection)  # (closing could disturb the parent's locks)
+        self._connection = None
         if not _usable(self._path):
             return None
         try:
