@@ -227,3 +227,27 @@ def test_usage_errors_exit_2(args: list[str], words: str, root: Path) -> None:
     out = run_cli([*args, "--cache", str(root)])
     assert out.returncode == 2, out.stderr
     assert words in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["ls"], ["ls", "--json"], ["verify"], ["gc", "0"]])
+def test_a_reader_that_went_away_is_not_blamed_on_the_cache(
+    url: str, root: Path, command: list[str]
+) -> None:
+    """`surefetch cache ls --json | head -c 10`: stdout closes; that is not the cache's fault."""
+    assert run_cli(["fetch", url, "--cache", str(root), "-q"]).returncode == 0
+    if command[0] == "gc":
+        command = ["gc", "--max-size", "0"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [SUREFETCH, "cache", *command, "--cache", str(root)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert "cannot use the cache" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -141,8 +141,8 @@ def _cache_errors(cache: Any) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if isinstance(exc, SurefetchError):
-            raise
+        if isinstance(exc, (SurefetchError, BrokenPipeError)):
+            raise  # (a reader of stdout that went away is `main`'s to handle)
         raise StorageError(
             exc.errno or 0,
             f"cannot use the cache at {cache.root}: {exc.strerror or exc}; "
