@@ -386,7 +386,8 @@ def test_a_cache_from_before_the_catalog_keeps_its_metadata(
     for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):
         (cache.root / name).unlink(missing_ok=True)
     key = url_key(url)
-    meta = {"size": len(DATA), "xxh3_128": entry.xxh3_128, "url": url, "sha256": SHA}
+    with_password = url.replace("http://", "http://bob:pw123@")
+    meta = {"size": len(DATA), "xxh3_128": entry.xxh3_128, "url": with_password, "sha256": SHA}
     index = {"url": url, "sha256": SHA, "etag": None, "last_modified": None}
     for path, record in (
         (cache.root / "meta" / SHA[:2] / f"{SHA}.json", meta),
@@ -396,7 +397,23 @@ def test_a_cache_from_before_the_catalog_keeps_its_metadata(
         path.write_text(json.dumps(record))
     old = Cache(cache.root, offline=True)
     assert old.fetch_entry(url) == entry.__class__(entry.path, len(DATA), SHA, entry.xxh3_128, 0)
-    assert [b.url for b in old.ls()] == [url]
+    assert [b.url for b in old.ls()] == [url.replace("http://", "http://bob:***@")]
+    assert b"pw123" not in (cache.root / "catalog.db").read_bytes()
     assert old.gc(0).evicted == [entry.path]
     assert not (cache.root / "meta" / SHA[:2] / f"{SHA}.json").exists()
     assert Cache(cache.root).ls() == []
+
+
+def test_a_batch_writes_its_records_as_it_goes(tmp_path: Path) -> None:
+    """Within `deferred` (a batch), records reach the catalog in groups, not only at the
+    end: a batch killed midway loses only its last group."""
+    from surefetch.cache.catalog import Catalog
+
+    path = tmp_path / "catalog.db"
+    writer, reader = Catalog(path), Catalog(path)
+    with writer.deferred():
+        for i in range(300):
+            writer.put_blob(f"{i:064x}", i, "0" * 32)
+        assert reader.blob(f"{255:064x}") is not None  # two groups of 128 are in
+        assert reader.blob(f"{299:064x}") is None  # the last group waits for the end
+    assert reader.blob(f"{299:064x}") is not None

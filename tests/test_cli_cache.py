@@ -125,7 +125,10 @@ def test_cache_verify_exits_3_on_a_corrupted_blob(
 ) -> None:
     assert run_cli(["fetch", url, "--sha256", SHA, "--cache", str(root)]).returncode == 0
     ok = run_cli(["cache", "verify", "--cache", str(root), "--json"])
-    assert (ok.returncode, json.loads(ok.stdout)) == (0, {"checked": 1, "quarantined": []})
+    assert (ok.returncode, json.loads(ok.stdout)) == (
+        0,
+        {"checked": 1, "quarantined": [], "catalog_quarantined": []},
+    )
     blob_path(root, SHA).write_bytes(DATA[:-1] + b"\0")
     bad = run_cli(["cache", "verify", "--cache", str(root)])
     assert bad.returncode == 3, bad.stderr
@@ -251,3 +254,23 @@ def test_a_reader_that_went_away_is_not_blamed_on_the_cache(
         os.close(write_end)
     assert done.returncode == 1
     assert "cannot use the cache" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_damaged_catalog_is_named_once_and_verify_replaces_it(url: str, root: Path) -> None:
+    assert run_cli(["fetch", url, "--cache", str(root), "--sha256", SHA, "-q"]).returncode == 0
+    (root / "catalog.db").write_bytes(b"not a database" * 1000)
+    fetched = run_cli(["fetch", url, "--cache", str(root), "-q"])
+    assert fetched.returncode == 0, fetched.stderr
+    warning = [line for line in fetched.stderr.splitlines() if "catalog" in line]
+    assert len(warning) == 1 and "surefetch cache verify" in warning[0], fetched.stderr
+    assert warning[0].startswith(f"surefetch: the cache's catalog {root / 'catalog.db'}")
+    verified = run_cli(["cache", "verify", "--cache", str(root), "--json"])
+    assert verified.returncode == 0, verified.stderr
+    (moved,) = json.loads(verified.stdout)["catalog_quarantined"]
+    assert (
+        Path(moved).parent == root / "quarantine"
+        and Path(moved).read_bytes()[:14] == b"not a database"
+    )
+    listed = run_cli(["cache", "ls", "--cache", str(root), "--json"])
+    assert listed.returncode == 0 and "catalog" not in listed.stderr, listed.stderr
+    assert [b["sha256"] for b in json.loads(listed.stdout)["blobs"]] == [SHA]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from surefetch.testing import FaultServer
 from support import payload, run_cli
 
 V1, V2 = payload(300_000, seed=31), payload(300_000, seed=32)
+# Root, but bound by file permissions (as another user would be).
+WITHOUT_ROOT_POWERS = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
 
 
 def test_a_304_reuses_the_blob_with_no_body(server: FaultServer, tmp_path: Path) -> None:
@@ -69,3 +74,56 @@ def test_offline_answers_from_the_cache_or_fails_naming_the_url(
     by_env = run_cli(["fetch", never, "--cache", "cache", "--sha256", "0" * 64], tmp_path)
     assert by_env.returncode == 4 and "offline" in by_env.stderr
     assert server.requests == []  # not one request while offline
+
+
+def test_offline_says_why_it_has_nothing_for_a_url(server: FaultServer, tmp_path: Path) -> None:
+    """Fetched by digest, the URL is known offline too; evicted, or with the catalog
+    unusable, the error says that rather than "never fetched"."""
+    url = server.add("m.bin", V1)
+    root = tmp_path / "cache"
+    pinned = sf.Cache(root).fetch_entry(url, sha256=hashlib.sha256(V1).hexdigest())
+    offline = sf.Cache(root, offline=True)
+    assert offline.fetch_entry(url).path == pinned.path
+    catalog = root / "catalog.db"
+    catalog.chmod(0o664)  # others could write it: not used
+    with pytest.raises(sf.NetworkError, match=r"catalog.*cannot be used.*cache verify"):
+        sf.Cache(root, offline=True).fetch_entry(url)
+    catalog.chmod(0o644)
+    assert sf.Cache(root).gc(0).evicted == [pinned.path]
+    with pytest.raises(sf.NetworkError, match="never fetched"):  # gc forgot the URL too
+        sf.Cache(root, offline=True).fetch_entry(url)
+    again = sf.Cache(root).fetch_entry(url)
+    again.path.unlink()  # removed behind the cache's back
+    with pytest.raises(sf.NetworkError, match="no longer in the cache"):
+        sf.Cache(root, offline=True).fetch_entry(url)
+
+
+def test_a_read_only_cache_still_answers_from_its_catalog(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A cache a trusted account fills and others may only read: its catalog is read
+    (revalidation, --offline), even where SQLite cannot create its WAL index."""
+    url = server.add("m.bin", V1)
+    root = tmp_path / "cache"
+    fetched = run_cli(["fetch", url, "--cache", str(root), "--json"])  # and closes the catalog
+    assert fetched.returncode == 0, fetched.stderr
+    assert not (root / "catalog.db-shm").exists()
+    script = (
+        "import sys, surefetch as sf\n"
+        "root, url = sys.argv[1:]\n"
+        "print(sf.Cache(root, offline=True).fetch_entry(url).path)\n"
+        "print(sf.Cache(root).fetch_entry(url).bytes_transferred)\n"
+    )
+    os.chmod(root, 0o555)
+    try:
+        done = subprocess.run(
+            [*WITHOUT_ROOT_POWERS, sys.executable, "-c", script, str(root), url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        os.chmod(root, 0o755)
+    assert done.returncode == 0, done.stderr
+    # From the catalog offline, then a 304.
+    assert done.stdout.split() == [json.loads(fetched.stdout)["path"], "0"], done.stderr

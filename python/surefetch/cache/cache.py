@@ -231,8 +231,14 @@ class Cache:
         Args:
             cancel: a token whose cancellation stops the verification.
 
+        An unusable catalog (damaged, or one others could have written) is moved to
+        ``quarantine/`` first, and the blobs' records are made again as they are checked
+        (the URL index it held is lost: those URLs are downloaded again when next fetched
+        without a digest).
+
         Returns:
-            How many blobs were checked and where the mismatched ones went.
+            How many blobs were checked, where the mismatched ones went, and where an
+            unusable catalog went.
 
         Raises:
             Cancelled: `cancel` was cancelled.

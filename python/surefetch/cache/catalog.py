@@ -5,8 +5,12 @@ came from, and per URL, which blob it gave and under which validators.
 Everything in it can be recomputed or refetched, so it is best effort: a record that
 cannot be read or written costs a re-hash or a download, never a failed fetch, and it
 is written without fsync (SQLite's WAL with ``synchronous=NORMAL``). A batch's records
-are written in one transaction (`Catalog.deferred`): one write where there were two
-file creations and two renames per blob.
+are written in a few transactions (`Catalog.deferred`): one write where there were
+two file creations and two renames per blob.
+
+A catalog that cannot be written (a read-only cache that a trusted account fills) is
+read; one that cannot be used at all is ignored, with one warning per process, until
+``surefetch cache verify`` moves it to ``quarantine/`` and records the blobs again.
 
 The file is used only when nobody but us (or root) can have written it (see
 `surefetch._fs.written_only_by_us`), and neither it nor its ``-wal`` and ``-shm``
@@ -19,6 +23,8 @@ import logging
 import os
 import sqlite3
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +49,14 @@ CREATE TABLE IF NOT EXISTS urls (
     etag TEXT,
     last_modified TEXT
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS urls_by_blob ON urls (sha256);
 """
 _BUSY_TIMEOUT_S = 10.0
+# A batch's deferred records are written at least this often (so that a killed batch
+# loses few): every this many records, and after this many seconds.
+_FLUSH_RECORDS = 128
+_FLUSH_S = 1.0
+_warned: set[Path] = set()
 # Connections a forked child inherited: kept from the garbage collector (SQLite: a
 # connection must not be carried across fork, and that includes closing it there).
 _inherited: list[sqlite3.Connection] = []
@@ -77,12 +89,20 @@ class Catalog:
         self._path = path
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
-        self._pid = 0
+        self._writable = False
+        self._problem: str | None = None
+        self._pid = os.getpid()
         self._deferred = threading.local()
 
     @property
     def path(self) -> Path:
         return self._path
+
+    def problem(self) -> str | None:
+        """Why this process does not use the catalog (None: it does, or there is none yet)."""
+        with self._lock:
+            self._open()
+            return self._problem
 
     def blob(self, digest: str) -> BlobRecord | None:
         """The record of the blob `digest`, or None (none, or the catalog unusable)."""
@@ -127,22 +147,46 @@ class Catalog:
         )
 
     def forget_blob(self, digest: str) -> None:
-        """Drops the record of a blob that left the cache (evicted, quarantined)."""
+        """Drops the records of a blob that left the cache (evicted, quarantined), and of
+        the URLs that gave it."""
         self._write("DELETE FROM blobs WHERE sha256 = ?", (digest,))
+        self._write("DELETE FROM urls WHERE sha256 = ?", (digest,))
+
+    def set_aside(self, directory: Path) -> list[Path]:
+        """Moves the files of an unusable catalog into `directory` (the cache's quarantine)
+        so that the next use starts a new one; returns where they went.
+
+        Raises:
+            OSError: one could not be moved (it stays unused).
+        """
+        moved = []
+        with self._lock:
+            stamp = time.time_ns()
+            for name in (self._path.name, f"{self._path.name}-wal", f"{self._path.name}-shm"):
+                source = self._path.with_name(name)
+                if not os.path.lexists(source):
+                    continue
+                target = directory / f"{name}.{stamp}"
+                os.rename(source, target)
+                moved.append(target)
+            self._close()
+            self._problem = None
+        return moved
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """Within the block, this thread's writes wait and are then made in one
-        transaction (a batch's records: one write, not one per blob)."""
+        """Within the block, this thread's writes are grouped: made in one transaction
+        every `_FLUSH_RECORDS` records or `_FLUSH_S` seconds, and at the end (a batch's
+        records: a few writes, not one per blob, and a killed batch loses few)."""
         if getattr(self._deferred, "writes", None) is not None:
             yield  # already deferred by an enclosing block
             return
-        writes: list[tuple[str, tuple[object, ...]]] = []
-        self._deferred.writes = writes
+        self._deferred.writes = []
+        self._deferred.since = time.monotonic()
         try:
             yield
         finally:
-            self._deferred.writes = None
+            writes, self._deferred.writes = self._deferred.writes, None
             self._execute_all(writes)
 
     # -- the connection ----------------------------------------------------------
@@ -160,18 +204,24 @@ class Catalog:
         return tuple(row) if row is not None else None
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
-        pending = getattr(self._deferred, "writes", None)
-        if pending is not None:
-            pending.append((sql, parameters))
-        else:
+        pending: list[tuple[str, tuple[object, ...]]] | None = getattr(
+            self._deferred, "writes", None
+        )
+        if pending is None:
             self._execute_all([(sql, parameters)])
+            return
+        pending.append((sql, parameters))
+        now = time.monotonic()
+        if len(pending) >= _FLUSH_RECORDS or now - self._deferred.since >= _FLUSH_S:
+            self._deferred.writes, self._deferred.since = [], now
+            self._execute_all(pending)
 
     def _execute_all(self, writes: list[tuple[str, tuple[object, ...]]]) -> None:
         if not writes:
             return
         with self._lock:
             connection = self._open()
-            if connection is None:
+            if connection is None or not self._writable:
                 return
             try:
                 with connection:  # one transaction
@@ -181,47 +231,100 @@ class Catalog:
                 self._failed("write", exc)
 
     def _open(self) -> sqlite3.Connection | None:
-        """The connection of this process (opened, and the file checked, on first use);
-        None when the catalog cannot be used."""
-        if self._connection is not None and self._pid == os.getpid():
+        """The connection of this process (opened, and the files checked, on first use);
+        None when the catalog cannot be used (`_problem` says why) or does not exist and
+        cannot be created yet (tried again next time)."""
+        if self._pid != os.getpid():  # forked: start again, never touching the parent's
+            if self._connection is not None:
+                _inherited.append(self._connection)
+            self._connection, self._problem, self._pid = None, None, os.getpid()
+        if self._connection is not None or self._problem is not None:
             return self._connection
-        if self._connection is not None:  # opened before a fork: never used, nor closed
-            _inherited.append(self._connection)  # (closing could disturb the parent's locks)
-        self._connection = None
-        if not _usable(self._path):
-            return None
-        try:
-            connection = sqlite3.connect(
-                self._path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False
-            )
+        problem = _untrusted(self._path)
+        if problem is None:
             try:
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")
-                connection.executescript(_SCHEMA)
-            except sqlite3.Error:
-                connection.close()
-                raise
-        except sqlite3.Error as exc:
-            self._failed("open", exc)
-            return None
-        self._connection, self._pid = connection, os.getpid()
-        return connection
+                self._connection, self._writable = _connect(self._path)
+                return self._connection
+            except sqlite3.Error as exc:
+                if not os.path.lexists(self._path):
+                    _log.debug("no catalog at %s yet: %s", self._path, exc)
+                    return None
+                problem = str(exc)
+        self._set_problem(problem)
+        return None
 
     def _failed(self, what: str, exc: sqlite3.Error) -> None:
-        # Best effort: the cache works without its catalog (re-hashing, refetching).
-        _log.info("cannot %s the cache's catalog %s: %s", what, self._path, exc)
+        if isinstance(exc, sqlite3.OperationalError):  # busy, read-only, full disk: for now
+            _log.info("cannot %s the cache's catalog %s: %s", what, self._path, exc)
+            return
+        self._close()  # damaged: not used again in this process
+        self._set_problem(str(exc))
+
+    def _set_problem(self, problem: str) -> None:
+        self._problem = problem
+        if self._path not in _warned:
+            _warned.add(self._path)
+            _log.warning(
+                "the cache's catalog %s is not used (%s): the cache works without it, but "
+                "hashes blobs again and downloads again what it would have revalidated; "
+                "`surefetch cache verify` replaces it",
+                self._path,
+                problem,
+            )
+
+    def _close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.close()
+        self._connection, self._writable = None, False
 
 
-def _usable(path: Path) -> bool:
-    """Whether the catalog's files, those that exist, are regular files that nobody but
-    us (or root) can have written, with one link each."""
-    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection to the catalog at `path` and whether it can write: read-write (created
+    if missing), else read-only (a cache this user may only read), else immutable (a
+    read-only directory, where SQLite cannot create the WAL's index)."""
+    try:
+        connection = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
         try:
-            st = path.with_name(name).lstat()
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
+            connection.executescript(_SCHEMA)
+        except sqlite3.Error:
+            connection.close()
+            raise
+        return connection, True
+    except sqlite3.OperationalError as first:
+        if not os.path.lexists(path):
+            raise
+        for mode in ("mode=ro", "immutable=1"):
+            uri = f"file:{urllib.parse.quote(str(path))}?{mode}"
+            connection = sqlite3.connect(
+                uri, uri=True, timeout=_BUSY_TIMEOUT_S, check_same_thread=False
+            )
+            try:
+                connection.execute("SELECT count(*) FROM blobs, urls WHERE 0").fetchone()
+            except sqlite3.Error:
+                connection.close()
+                continue
+            _log.info("the cache's catalog %s is read only here (%s)", path, first)
+            return connection, False
+        raise
+
+
+def _untrusted(path: Path) -> str | None:
+    """Why the catalog's files, those that exist, cannot be trusted (None: they can):
+    each must be a regular file with one link that nobody but us (or root) can have
+    written."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        file = path.with_name(name)
+        try:
+            st = file.lstat()
         except FileNotFoundError:
             continue
-        except OSError:
-            return False
+        except OSError as exc:
+            return f"{file}: {exc.strerror}"
         if not written_only_by_us(st):
-            return False
-    return True
+            return (
+                f"{file} is not a regular file with one link that only you or root can have written"
+            )
+    return None

@@ -207,12 +207,12 @@ class Fetcher:
         placed: list[tuple[int, CacheEntry]] = []
 
         def one(position: int, result: DownloadResult | Exception) -> None:
-            index, _, expected = batch[position]
+            index = batch[position][0]
             if isinstance(result, Exception):
                 settle(index, result)
                 return
             try:
-                entry = self._admit(requests[index].url, expected, result, sync=False)
+                entry = self._admit(requests[index].url, result, sync=False)
             except OSError as exc:
                 settle(index, exc)
                 return
@@ -272,20 +272,19 @@ class Fetcher:
         if result.not_modified and cached is not None:
             _log.info("%s not modified: the cached copy is used", redact_url(url))
             return cached
-        return self._admit(url, expected, result, sync=True)
+        return self._admit(url, result, sync=True)
 
-    def _admit(
-        self, url: str, expected: str | None, result: DownloadResult, *, sync: bool
-    ) -> CacheEntry:
-        """Installs the verified download `result` as its blob and, when it was fetched by
-        URL (no `expected` digest), records it in the URL index; `sync`: make the blob's
-        directory durable now (else the caller does, for a whole batch)."""
+    def _admit(self, url: str, result: DownloadResult, *, sync: bool) -> CacheEntry:
+        """Installs the verified download `result` as its blob and records it in the URL
+        index; `sync`: make the blob's directory durable now (else the caller does, for a
+        whole batch)."""
         assert result.sha256 is not None  # computed whenever none was expected
         path = self.store.install(
             result.path, result.sha256, result.size, result.xxh3_128, redact_url(url), sync=sync
         )
-        if expected is None:
-            write_index(self.store, url, result.sha256, result.etag, result.last_modified)
+        # Also when fetched by digest: `--offline URL` and a later fetch without the
+        # digest then know the blob (and revalidate it with its validators).
+        write_index(self.store, url, result.sha256, result.etag, result.last_modified)
         return CacheEntry(
             path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
         )

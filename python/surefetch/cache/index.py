@@ -67,18 +67,34 @@ def write_index(
 
 
 def offline_entry(store: BlobStore, url: str, expected: str | None, size: int | None) -> CacheEntry:
-    """What the cache holds for `url` without any network access, or NetworkError."""
-    if expected is None:
-        entry, _, _ = indexed(store, url)
-        if entry is not None:
-            check_size(entry, size)
-            return entry
+    """What the cache holds for `url` without any network access, or NetworkError saying
+    why it holds nothing for it."""
+    shown = redact_url(url)
+    offline = "offline (--offline or SUREFETCH_OFFLINE)"
+    if expected is not None:
         raise NetworkError(
-            f"offline (--offline or SUREFETCH_OFFLINE): {redact_url(url)} was never "
-            f"fetched into the cache at {store.root}; fetch it once online (without "
-            "--offline or SUREFETCH_OFFLINE)"
+            f"{offline}: the cache at {store.root} has no blob with sha256 {expected} for "
+            f"{shown}; fetch it once online"
         )
+    record = _record(store, url_key(url))
+    digest = record.sha256 if record is not None and SHA256.fullmatch(record.sha256) else None
+    entry = store.lookup(digest, touch=True) if digest is not None else None
+    if entry is not None:
+        check_size(entry, size)
+        return entry
+    if digest is not None:
+        why = (
+            f"the blob it gave (sha256 {digest}) is no longer in the cache at {store.root} "
+            "(removed by `cache gc` or `cache verify`)"
+        )
+    elif (problem := store.catalog.problem()) is not None:
+        why = (
+            f"the cache's catalog, which records what each URL gave, cannot be used "
+            f"({problem}); `surefetch cache verify` replaces it"
+        )
+    else:
+        why = f"it was never fetched into the cache at {store.root}"
     raise NetworkError(
-        f"offline (--offline or SUREFETCH_OFFLINE): the cache at {store.root} has no blob "
-        f"with sha256 {expected} for {redact_url(url)}; fetch it once online"
+        f"{offline}: nothing to answer {shown} with: {why}; fetch it once online (without "
+        "--offline or SUREFETCH_OFFLINE)"
     )

@@ -8,7 +8,7 @@ import contextlib
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from surefetch.cache.locks import flocked_if_free, locked_if_free
@@ -41,10 +41,14 @@ class CachedBlob:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What `Cache.verify` found: how many blobs it checked and which it quarantined."""
+    """What `Cache.verify` found: how many blobs it checked and which it quarantined;
+    `catalog`: where it moved an unusable catalog (its blob records were then made
+    again; its URL index is lost), `catalog_problem` why, when it could not."""
 
     checked: int
     quarantined: list[Path]
+    catalog: list[Path] = field(default_factory=list)
+    catalog_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ def verify(store: BlobStore, cancel: CancelToken | None = None) -> VerifyReport:
     """See `Cache.verify`."""
     checked = 0
     quarantined: list[Path] = []
+    moved, problem = _replace_an_unusable_catalog(store)
     for path, digest in store.blobs():
         try:
             regular = stat.S_ISREG(path.lstat().st_mode)
@@ -102,7 +107,19 @@ def verify(store: BlobStore, cancel: CancelToken | None = None) -> VerifyReport:
         record = store.catalog.blob(digest)
         if record is None or (record.size, record.xxh3_128) != (size, xxh3):
             store.record(digest, size, xxh3)
-    return VerifyReport(checked, quarantined)
+    return VerifyReport(checked, quarantined, moved, problem)
+
+
+def _replace_an_unusable_catalog(store: BlobStore) -> tuple[list[Path], str | None]:
+    """Moves an unusable catalog to quarantine/ (a new one is then made as the blobs are
+    verified); returns where it went, or why it could not be used and stays."""
+    problem = store.catalog.problem()
+    if problem is None:
+        return [], None
+    try:
+        return store.catalog.set_aside(store.directory("quarantine")), None
+    except OSError as exc:
+        return [], f"{problem}; it could not be moved to quarantine: {exc.strerror}"
 
 
 def gc(store: BlobStore, max_size: int) -> GcReport:

@@ -20,7 +20,7 @@ from typing import Any
 from surefetch._fs import fsync_dir, written_only_by_us
 from surefetch.cache.catalog import Catalog
 from surefetch.download import hash_file
-from surefetch.errors import SizeMismatch, StorageError, SurefetchError
+from surefetch.errors import SizeMismatch, StorageError, SurefetchError, redact_url
 
 __all__ = [
     "FILE_MODE",
@@ -206,7 +206,7 @@ class BlobStore:
         xxh3, url = info.get("xxh3_128"), info.get("url")
         if info.get("size") != size or not isinstance(xxh3, str) or not _XXH3_128.fullmatch(xxh3):
             return None
-        self.catalog.put_blob(digest, size, xxh3, url if isinstance(url, str) else None)
+        self.catalog.put_blob(digest, size, xxh3, redact_url(url) if isinstance(url, str) else None)
         return xxh3
 
     def _rehash(self, path: Path, digest: str) -> CacheEntry | None:

@@ -117,8 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
-    if (args.verbose or getattr(args, "verbose_here", False)) and not quiet:
-        log_to_stderr()
+    log_to_stderr(verbose=(args.verbose or getattr(args, "verbose_here", False)) and not quiet)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return run_reporting_errors(

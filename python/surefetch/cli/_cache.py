@@ -263,10 +263,23 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
     report = cache.verify()
     bad = [str(p) for p in report.quarantined]
     if args.json:
-        print_json({"checked": report.checked, "quarantined": bad})
+        print_json(
+            {
+                "checked": report.checked,
+                "quarantined": bad,
+                "catalog_quarantined": [str(p) for p in report.catalog],
+            }
+        )
     else:
         blobs = "blob" if report.checked == 1 else "blobs"
         print(f"checked {report.checked} {blobs}, {len(bad)} did not match")
+        if report.catalog:
+            print(
+                f"the catalog could not be used: moved to {report.catalog[0]}; the blobs' "
+                "records were made again (URLs fetched without a digest download again once)"
+            )
+    if report.catalog_problem is not None:
+        print(f"surefetch: the catalog is not used: {report.catalog_problem}", file=sys.stderr)
     if bad:
         raise CommandError(
             f"{len(bad)} blob(s) did not match their digest and were moved to "

@@ -61,16 +61,28 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def log_to_stderr(prefix: str = "surefetch") -> None:
-    """The `surefetch` logger's INFO records on stderr, one line each after `prefix`
-    (the library itself installs no handler)."""
+# The handler `log_to_stderr` installed, and its logger (replaced when called again).
+_installed_handlers: list[tuple[Any, Any]] = []
+
+
+def log_to_stderr(prefix: str = "surefetch", *, verbose: bool = True) -> None:
+    """Log records on stderr, one line each after `prefix` (the library itself installs
+    no handler): with `verbose`, the `surefetch` logger's from INFO up (its decisions);
+    else only the warnings of `surefetch.cache`, which concern the cache's own files
+    (an unusable catalog)."""
     import logging
 
+    while _installed_handlers:  # one line per record, with the latest prefix
+        logger, handler = _installed_handlers.pop()
+        logger.removeHandler(handler)
+    logger = logging.getLogger("surefetch" if verbose else "surefetch.cache")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prefix}: %(message)s"))
-    logger = logging.getLogger("surefetch")
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    _installed_handlers.append((logger, handler))
+    if verbose:
+        logger.setLevel(logging.INFO)
 
 
 class CommandError(Exception):
