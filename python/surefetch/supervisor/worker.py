@@ -44,6 +44,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from types import FrameType
 from typing import IO, Any
 
@@ -68,7 +69,6 @@ class _Running:
     job: Job
     token: CancelToken
     started: bool = False  # the store already marks it running in this worker
-    thread: threading.Thread | None = None
     reason: str = ""  # why it was cancelled: "cancel" (by its owner), "stop", "lost"
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -165,6 +165,34 @@ class _GroupCommit:
             future.set_result(done.finished.get(end.job_id, False))
 
 
+class _Runners:
+    """The threads that run a worker's jobs: an idle one takes the next job, and a new
+    one starts only when none is idle (a thread per job cost a clone, a stack and a
+    munmap each: a tenth of a small job's CPU). Daemon threads, as a stopping worker
+    does not wait for downloads it has cancelled."""
+
+    def __init__(self, run: Callable[[_Running], None]) -> None:
+        self._run = run
+        self._jobs: SimpleQueue[_Running] = SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def start(self, entry: _Running) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # that thread is to take this job
+        self._jobs.put(entry)
+        if spawn:
+            threading.Thread(target=self._loop, name="job-runner", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self._run(self._jobs.get())
+            with self._lock:
+                self._idle += 1
+
+
 class _Permits:
     """How many of the worker's jobs run at once (None: no limit); the others wait until
     a place frees or their token is cancelled."""
@@ -215,6 +243,7 @@ class Worker:
         self._permits = _Permits(None)
         self._early_cancels: set[str] = set()  # cancels of jobs not (yet) running here
         self._commits = _GroupCommit(queue, host, slot, self.pid, self._take)
+        self._runners = _Runners(self._run)
 
     # -- protocol --
 
@@ -281,12 +310,9 @@ class Worker:
             self._launch(job, started=True)
 
     def _launch(self, job: Job, started: bool) -> None:
-        """Runs ``job`` on a thread of its own, unless it already runs here; ``started``:
-        the store already marks it running here (no start to commit)."""
+        """Runs ``job`` on a thread of its own (`_Runners`), unless it already runs here;
+        ``started``: the store already marks it running here (no start to commit)."""
         entry = _Running(job, CancelToken(), started=started)
-        entry.thread = threading.Thread(
-            target=self._run, args=(entry,), name=f"job-{job.id[:8]}", daemon=True
-        )
         with self._lock:
             if job.id in self._running:
                 return
@@ -295,7 +321,7 @@ class Worker:
                 self._early_cancels.discard(job.id)
                 entry.reason = "cancel"
                 entry.token.cancel()
-        entry.thread.start()
+        self._runners.start(entry)
 
     def cancel(self, job_id: str, reason: str) -> None:
         with self._lock:
