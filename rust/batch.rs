@@ -134,9 +134,11 @@ pub async fn download_batch(
             // Staged, whether durable or not: the committer is where two items that
             // would land on one file (names from servers) are told apart.
             match download_staged(&url, &dest, &options, cancel, item_progress).await {
-                Ok((outcome, staged)) => {
+                Ok((outcome, Some(staged))) => {
                     let _ = staged_tx.send((index, outcome, staged));
                 }
+                // Revalidated (304): nothing written, nothing to commit.
+                Ok((outcome, None)) => finish(&results, &batch, index, Ok(outcome)),
                 Err(error) => finish(&results, &batch, index, Err(error)),
             }
         });

@@ -53,18 +53,21 @@ pub struct Staged {
 }
 
 /// Like `download_into`, but leaves the verified file `Staged`: the caller
-/// makes it durable and renames it, together with others.
+/// makes it durable and renames it, together with others. Nothing is staged
+/// when a revalidation was answered `304` (`Outcome::not_modified`).
 pub async fn download_staged(
     url: &str,
     final_path: &Path,
     options: &Options,
     cancel: CancelToken,
     progress: Arc<Progress>,
-) -> Result<(Outcome, Staged)> {
+) -> Result<(Outcome, Option<Staged>)> {
     let (outcome, staged) =
         fetch_verified(url, final_path, options, cancel, progress, true).await?;
-    let staged = staged.ok_or_else(|| Error::internal("a deferred commit left nothing staged"))?;
-    Ok((outcome, staged))
+    match (&staged, outcome.not_modified) {
+        (None, false) => Err(Error::internal("a deferred commit left nothing staged")),
+        _ => Ok((outcome, staged)),
+    }
 }
 
 async fn fetch_verified(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import surefetch as sf
+from surefetch.cache import CacheEntry, FetchRequest
 from surefetch.testing import FaultServer
 
 from support import payload, run_cli
@@ -127,3 +128,41 @@ def test_a_read_only_cache_still_answers_from_its_catalog(
     assert done.returncode == 0, done.stderr
     # From the catalog offline, then a 304.
     assert done.stdout.split() == [json.loads(fetched.stdout)["path"], "0"], done.stderr
+
+
+def test_a_batch_revalidates_what_it_fetched_by_url(server: FaultServer, tmp_path: Path) -> None:
+    """`fetch_many` (and so `sync --upgrade` of unpinned artifacts) asks with the validators
+    of the blobs it holds: 304s reuse them, a changed file comes whole."""
+    datas = [payload(5_000 + i, seed=60 + i) for i in range(6)]
+    urls = [server.add(f"b{i}.bin", d) for i, d in enumerate(datas)]
+    cache = sf.Cache(tmp_path / "cache")
+    first = _entries(cache.fetch_many([FetchRequest(u) for u in urls]))
+    server.reset_counters()
+    changed = payload(7_000, seed=99)
+    server.replace("b5.bin", changed)
+    again = _entries(cache.fetch_many([FetchRequest(u) for u in urls]))
+    assert [e.path for e in again[:5]] == [e.path for e in first[:5]]
+    assert [e.bytes_transferred for e in again] == [0] * 5 + [len(changed)]
+    assert again[5].path.read_bytes() == changed
+    assert server.bytes_sent == len(changed)
+    assert all("if-none-match" in r.headers for r in server.requests)
+
+
+def _entries(results: list[CacheEntry | Exception]) -> list[CacheEntry]:
+    assert not [r for r in results if isinstance(r, Exception)], results
+    return [r for r in results if isinstance(r, CacheEntry)]
+
+
+def test_sync_upgrade_revalidates_unpinned_artifacts(server: FaultServer, tmp_path: Path) -> None:
+    names = [f"u{i}.bin" for i in range(4)]
+    urls = [server.add(n, payload(3_000 + i, seed=70 + i)) for i, n in enumerate(names)]
+    manifest = "".join(f'[[artifact]]\nname = "{n}"\nurl = "{u}"\n\n' for n, u in zip(names, urls))
+    (tmp_path / "surefetch.toml").write_text(manifest)
+    args = ["sync", "--dest", "dest", "--cache", "cache", "-q"]
+    assert run_cli(args, tmp_path).returncode == 0
+    lock = (tmp_path / "surefetch.lock").read_bytes()
+    server.reset_counters()
+    upgraded = run_cli([*args, "--upgrade"], tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert server.bytes_sent == 0 and len(server.requests) == len(names)
+    assert (tmp_path / "surefetch.lock").read_bytes() == lock

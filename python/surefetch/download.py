@@ -364,12 +364,17 @@ class DownloadItem:
         out: the file name inside the destination directory (default: from the URL).
         sha256: expected SHA-256 (hex).
         size: expected size in bytes.
+        if_none_match, if_modified_since: revalidate a copy the caller holds (RFC 9110
+            §13.1), as for `download`: a ``304`` gives a result with ``not_modified``,
+            and nothing is written.
     """
 
     url: str
     out: str | None = None
     sha256: str | None = None
     size: int | None = None
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
 
 
 def parse_items(lines: Iterable[str], source: str = "-i") -> list[DownloadItem]:
@@ -492,6 +497,8 @@ def download_many(
             "executable": executable,
             "content_disposition": content_disposition,
             "part_lock": lock_parts,
+            "if_none_match": item.if_none_match,
+            "if_modified_since": item.if_modified_since,
         }
         raw_items.append((item.url, path, per_item))
     results: list[DownloadResult | Exception | None] = [None] * len(batch)

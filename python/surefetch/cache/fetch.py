@@ -200,9 +200,17 @@ class Fetcher:
     ) -> None:
         """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
         place and syncs the blob directories once for all."""
+        revalidations = [self._revalidation(requests[i].url, expected) for i, _, expected in batch]
         items = [
-            DownloadItem(requests[i].url, out=key, sha256=expected, size=requests[i].size)
-            for i, key, expected in batch
+            DownloadItem(
+                requests[i].url,
+                out=key,
+                sha256=expected,
+                size=requests[i].size,
+                if_none_match=etag,
+                if_modified_since=modified,
+            )
+            for (i, key, expected), (_, etag, modified) in zip(batch, revalidations)
         ]
         placed: list[tuple[int, CacheEntry]] = []
 
@@ -210,6 +218,12 @@ class Fetcher:
             index = batch[position][0]
             if isinstance(result, Exception):
                 settle(index, result)
+                return
+            cached = revalidations[position][0]
+            if result.not_modified and cached is not None:
+                url = redact_url(requests[index].url)
+                _log.info("%s not modified: the cached copy is used", url)
+                settle(index, cached)
                 return
             try:
                 entry = self._admit(requests[index].url, result, sync=False)
@@ -254,11 +268,7 @@ class Fetcher:
         with no body transferred."""
         remaining = _remaining(deadline, url)
         tmp = self.store.directory("tmp") / key
-        cached, etag, modified = (None, None, None) if expected else indexed(self.store, url)
-        if etag is None and modified is None:
-            cached = None  # nothing to revalidate it with: download again
-        if cached is not None:
-            _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
+        cached, etag, modified = self._revalidation(url, expected)
         result = download(
             url,
             tmp,
@@ -273,6 +283,20 @@ class Fetcher:
             _log.info("%s not modified: the cached copy is used", redact_url(url))
             return cached
         return self._admit(url, result, sync=True)
+
+    def _revalidation(
+        self, url: str, expected: str | None
+    ) -> tuple[CacheEntry | None, str | None, str | None]:
+        """For a fetch without a digest: the blob `url` gave last time and what revalidates
+        it (RFC 9110 §13.1: its strong ETag, else its Last-Modified); all None when
+        there is nothing to revalidate (a digest, no blob, no validator)."""
+        if expected is not None:
+            return None, None, None
+        cached, etag, modified = indexed(self.store, url)
+        if cached is None or (etag is None and modified is None):
+            return None, None, None  # nothing to revalidate it with: download again
+        _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
+        return cached, etag, modified
 
     def _admit(self, url: str, result: DownloadResult, *, sync: bool) -> CacheEntry:
         """Installs the verified download `result` as its blob and records it in the URL
