@@ -278,7 +278,8 @@ def test_the_default_adds_connections_only_while_they_help(
     slow = sf.download(url + "?throttle=4000000", tmp_path / "slow")
     assert (tmp_path / "slow").read_bytes() == ADAPTIVE
     assert slow.bytes_transferred == len(ADAPTIVE)
-    assert server.connections >= 8
+    # Eight connections carried it (some perhaps kept alive from the first download).
+    assert len({r.client_port for r in server.requests}) >= 8
     # The first answer was streamed until connections joined, then cut: no byte
     # crossed the wire twice beyond a slice in flight.
     assert len(ADAPTIVE) <= server.bytes_sent <= len(ADAPTIVE) + 16384

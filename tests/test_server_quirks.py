@@ -127,7 +127,7 @@ def test_ranges_are_used_when_they_work(server: FaultServer, tmp_path: Path) -> 
     ranges = [r.range for r in server.requests]
     assert ranges[0] == "bytes=0-"  # never a huge end
     assert len(ranges) > 4 and all(r is not None for r in ranges)
-    assert server.connections >= 4
+    assert len({r.client_port for r in server.requests}) >= 4  # four connections carried it
     # The first answer (bytes=0-) is dropped after its unit: what the socket
     # buffers held by then is the only waste.
     assert BIG <= server.bytes_sent < 2 * BIG

@@ -118,7 +118,14 @@ class _Handler(BaseHTTPRequestHandler):
         state = self._state
         split = urlsplit(self.path)
         name = unquote(split.path).lstrip("/")
-        number = state.record(self.command, self.path, name, split.query, _lower_headers(self))
+        number = state.record(
+            self.command,
+            self.path,
+            name,
+            split.query,
+            _lower_headers(self),
+            client_port=self.client_address[1],
+        )
         try:
             faults = parse_faults(split.query)
         except ValueError as exc:

@@ -30,6 +30,8 @@ class RecordedRequest:
             joined with ``", "``).
         range: The ``Range`` header, or None.
         time: `time.monotonic` when the request line was read.
+        client_port: The client's port: requests with the same one came on the same
+            connection (a keep-alive connection reused, even from before a reset).
     """
 
     method: str
@@ -39,6 +41,7 @@ class RecordedRequest:
     headers: dict[str, str]
     range: str | None
     time: float
+    client_port: int = 0
 
 
 class ServerState:
@@ -96,7 +99,13 @@ class ServerState:
     # -- records and counters ----------------------------------------------
 
     def record(
-        self, method: str, target: str, name: str, query: str, headers: dict[str, str]
+        self,
+        method: str,
+        target: str,
+        name: str,
+        query: str,
+        headers: dict[str, str],
+        client_port: int = 0,
     ) -> int:
         """Record a request; return its 1-based number for (method, target).
 
@@ -106,6 +115,7 @@ class ServerState:
             name: The percent-decoded path without its leading ``/``.
             query: The raw query string.
             headers: The request headers, names in lower case.
+            client_port: The client's port (which connection it came on).
         """
         record = RecordedRequest(
             method=method,
@@ -115,6 +125,7 @@ class ServerState:
             headers=headers,
             range=headers.get("range"),
             time=time.monotonic(),
+            client_port=client_port,
         )
         key = (method, target)
         with self._lock:
