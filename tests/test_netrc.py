@@ -93,3 +93,18 @@ def test_a_broken_netrc_is_a_clear_usage_error(
     assert str(path) in done.stderr and "--no-netrc" in done.stderr
     assert "s3cret" not in done.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_a_changed_netrc_is_read_again(server: FaultServer, netrc: Path, tmp_path: Path) -> None:
+    """The parsed file is kept while it is unchanged (a batch asks once per URL)."""
+    url = server.url_for("x", echo_headers=1)
+    sf.download(url, tmp_path / "a")
+    assert _sent(tmp_path / "a")["authorization"] == BASIC
+    netrc.write_text("machine 127.0.0.1 login alice password n3w\n")
+    sf.download(url, tmp_path / "b")
+    assert (
+        _sent(tmp_path / "b")["authorization"] == "Basic " + base64.b64encode(b"alice:n3w").decode()
+    )
+    netrc.unlink()
+    sf.download(url, tmp_path / "c")
+    assert "authorization" not in _sent(tmp_path / "c")

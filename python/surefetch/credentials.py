@@ -12,11 +12,15 @@ from __future__ import annotations
 import base64
 import netrc
 import os
+import stat
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["netrc_headers", "netrc_path"]
+
+# The last netrc file parsed: its path, (mtime, size, inode) then, and its entries.
+_last: tuple[Path, tuple[int, int, int], netrc.netrc] | None = None
 
 
 def netrc_path() -> Path:
@@ -40,10 +44,11 @@ def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]
     if parts.username or not parts.hostname:
         return result
     path = netrc_path()
-    if not path.is_file():
-        return result
     try:
-        found = netrc.netrc(str(path)).authenticators(parts.hostname)
+        found = _parsed(path)
+        if found is None:
+            return result
+        entry = found.authenticators(parts.hostname)
     except netrc.NetrcParseError as exc:
         raise ValueError(
             f"{exc.filename or path}:{exc.lineno}: cannot read it ({exc.msg}); fix it, or turn "
@@ -53,9 +58,31 @@ def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]
         raise ValueError(
             f"cannot read {path}: {exc.strerror}; or turn it off (--no-netrc)"
         ) from None
-    if found is None:
+    if entry is None:
         return result
-    login, _, password = found
+    login, _, password = entry
     token = base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
     result["Authorization"] = f"Basic {token}"
     return result
+
+
+def _parsed(path: Path) -> netrc.netrc | None:
+    """The netrc file at `path`, parsed once for as long as it does not change (a batch
+    asks once per URL); None when there is none.
+
+    Raises:
+        netrc.NetrcParseError, OSError: as `netrc.netrc`.
+    """
+    global _last
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    version = (st.st_mtime_ns, st.st_size, st.st_ino)
+    if _last is not None and _last[0] == path and _last[1] == version:
+        return _last[2]
+    parsed = netrc.netrc(str(path))
+    _last = (path, version, parsed)
+    return parsed
