@@ -101,6 +101,20 @@ def test_claims_fill_the_least_loaded_slots_oldest_job_first(queue: JobQueue) ->
     assert [j.id for j in q.list()] == ids
 
 
+def test_counts_per_state_are_the_owners(queue: JobQueue) -> None:
+    q = queue
+    mine = [q.submit("u", "get", get_spec(i)).id for i in range(4)]
+    q.submit("other", "get", get_spec(9))
+    q.claim("h", {"w0": 2}, ttl=30)
+    q.start(mine[0], "h", "w0", 4242)
+    q.start(mine[1], "h", "w0", 4242)
+    assert q.complete(mine[1], "h", "w0", "failed", error="x")
+    counts = {"queued": 2, "running": 1, "succeeded": 0, "failed": 1, "cancelled": 0}
+    assert q.counts("u") == counts
+    assert q.counts() == {**counts, "queued": 3}
+    assert sum(q.counts().values()) == len(q.list())
+
+
 def test_a_worker_only_starts_and_finishes_its_own_jobs(queue: JobQueue) -> None:
     q, store = queue, queue.store
     job = q.submit("u", "get", get_spec())

@@ -215,6 +215,12 @@ def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
         "state": "succeeded",
     }
     assert job["worker"] in ("w0", "w1") and jobs[job_id]["result"]["size"] == len(data)
+    summary = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary", "--json"])
+    assert summary.returncode == 0, summary.stderr
+    counts = {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    assert json.loads(summary.stdout) == {"counts": counts}
+    text = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary"]).stdout
+    assert text == "queued 0  running 0  succeeded 1  failed 0  cancelled 0\n"
 
     workers = json.loads(
         run_cli(["ctl", "--socket", str(sup.socket), "list-workers", "--json"]).stdout

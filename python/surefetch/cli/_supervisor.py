@@ -80,6 +80,11 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
                 choices=("queued", "running", "succeeded", "failed", "cancelled"),
                 help="only jobs in this state",
             )
+            action.add_argument(
+                "--summary",
+                action="store_true",
+                help="only how many jobs are in each state (cheap to poll)",
+            )
             add_history_limits(action, "jobs")
     cancel = csub.add_parser("cancel", help="cancel one of your jobs")
     cancel.add_argument("id", metavar="ID")
@@ -154,6 +159,8 @@ def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "submit", "kind": args.kind, "spec": spec}
     if args.ctl_command == "cancel":
         return {"op": "cancel", "id": args.id}
+    if args.ctl_command == "jobs" and args.summary:
+        return {"op": "jobs", "summary": True}
     if args.ctl_command == "jobs":
         return {"op": "jobs", "state": args.state, "limit": history_limit(args)}
     return {"op": args.ctl_command}
@@ -196,6 +203,8 @@ def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any])
             )
             if w["reason"]:
                 print(f"      {w['reason']}")
+    elif command == "jobs" and "counts" in reply:
+        print("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
     elif command == "jobs":
         print(f"{'ID':<32}  {'KIND':<4}  {'STATE':<9}  {'WORKER':<8}  WHAT")
         for job in reply["jobs"]:

@@ -150,6 +150,20 @@ class JobQueue:
         rows = self._rows(f"SELECT {COLUMNS} FROM {FROM} WHERE j.session_id = ?", (job_id,))
         return row_to_job(rows[0]) if rows else None
 
+    def counts(self, owner: str | None = None) -> dict[str, int]:
+        """How many jobs (all, or ``owner``'s) are in each state (`JOB_STATES`): what a
+        client waiting for a batch asks, without reading every job."""
+        sql = f"SELECT s.status, count(*) FROM {FROM}"
+        params: tuple[Any, ...] = ()
+        if owner is not None:
+            sql += " WHERE s.owner = ?"
+            params = (owner,)
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for status, count in self._rows(sql + " GROUP BY s.status", params):
+            state = "queued" if status == "pending" else status
+            counts[state] = counts.get(state, 0) + int(count)
+        return counts
+
     def list(
         self, owner: str | None = None, *, state: str | None = None, limit: int | None = None
     ) -> builtins.list[Job]:

@@ -199,6 +199,9 @@ class Supervisor:
         try:
             if op == "list-workers":
                 return {"ok": True, "workers": [slot.to_dict() for slot in self.slots]}
+            if op == "jobs" and message.get("summary"):
+                counts = await self._db(functools.partial(self.queue.counts, user))
+                return {"ok": True, "counts": counts}
             if op == "jobs":
                 state, limit = message.get("state"), message.get("limit")
                 try:
