@@ -119,7 +119,7 @@ pub async fn download_batch(
         while workers.try_join_next().is_some() {} // the finished ones, not to keep them
         if cancel.is_cancelled() {
             // Not started: nothing of it is on disk, and its result says so at once.
-            finish(&results, &progress, index, Err(Error::Cancelled));
+            finish(&results, &progress, index, Err(Error::CancelledBeforeStart));
             continue;
         }
         let cancel = cancel.child();

@@ -60,7 +60,7 @@ impl From<PyEngineError> for PyErr {
                 DownloadTimeout::new_err((message, kind))
             }
             Error::System { .. } | Error::Internal(_) => SurefetchError::new_err(message),
-            Error::Cancelled => Cancelled::new_err(message),
+            Error::Cancelled | Error::CancelledBeforeStart => Cancelled::new_err(message),
             Error::ChecksumMismatch {
                 algorithm,
                 expected,

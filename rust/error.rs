@@ -38,6 +38,8 @@ pub enum Error {
         after: Duration,
     },
     Cancelled,
+    /// A batch was cancelled before this item started: nothing of it is on disk.
+    CancelledBeforeStart,
     ChecksumMismatch {
         algorithm: &'static str,
         expected: String,
@@ -208,6 +210,7 @@ impl Clone for Error {
                 after: *after,
             },
             Error::Cancelled => Error::Cancelled,
+            Error::CancelledBeforeStart => Error::CancelledBeforeStart,
             Error::ChecksumMismatch {
                 algorithm,
                 expected,
@@ -289,6 +292,9 @@ impl fmt::Display for Error {
                 }
             }
             Error::Cancelled => f.write_str("the download was cancelled; its part file is kept for resume"),
+            Error::CancelledBeforeStart => f.write_str(
+                "the batch was cancelled before this download started: nothing of it was written",
+            ),
             Error::ChecksumMismatch {
                 algorithm,
                 expected,

@@ -93,7 +93,7 @@ def test_names_are_checked_before_anything_is_fetched(
 def test_a_cancel_stops_every_item_and_keeps_their_parts(
     server: FaultServer, tmp_path: Path
 ) -> None:
-    slow = [server.add(f"s{i}.bin", LARGE) + "?throttle=2000000" for i in range(3)]
+    slow = [server.add(f"s{i}.bin", LARGE) + "?throttle=2000000" for i in range(5)]
     token = sf.CancelToken()
 
     def cancel_soon(*_: int) -> None:
@@ -105,8 +105,12 @@ def test_a_cancel_stops_every_item_and_keeps_their_parts(
     results = download_many(slow, tmp_path, jobs=3, cancel=token, progress=cancel_soon)
     assert time.monotonic() - started < 3
     assert all(isinstance(r, sf.Cancelled) for r in results)
-    assert not any((tmp_path / f"s{i}.bin").exists() for i in range(3))
+    assert not any((tmp_path / f"s{i}.bin").exists() for i in range(5))
     assert all((part_dir(tmp_path / "x") / f"s{i}.bin.part").exists() for i in range(3))
+    # The two that never started say so, and left nothing.
+    assert all("part file is kept" in str(r) for r in results[:3])
+    assert all("before this download started" in str(r) for r in results[3:])
+    assert not any((part_dir(tmp_path / "x") / f"s{i}.bin.part").exists() for i in (3, 4))
 
 
 def test_input_files_parse_like_aria2s() -> None:
