@@ -254,6 +254,8 @@ class BlobStore:
         blob = self.blob_path(digest)
         if self._holds(blob, digest):
             tmp.unlink()
+            with contextlib.suppress(OSError):  # used now (the LRU order of `gc`)
+                os.utime(blob)
         else:
             directory = self.directory("blobs", "sha256", digest[:2])
             os.rename(tmp, blob)
