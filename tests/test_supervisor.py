@@ -221,6 +221,8 @@ def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
     assert json.loads(summary.stdout) == {"counts": counts}
     text = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary"]).stdout
     assert text == "queued 0  running 0  succeeded 1  failed 0  cancelled 0\n"
+    both = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary", "--state", "queued"])
+    assert both.returncode == 2 and "drop --state" in both.stderr, both.stderr
 
     workers = json.loads(
         run_cli(["ctl", "--socket", str(sup.socket), "list-workers", "--json"]).stdout

@@ -160,6 +160,11 @@ def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
     if args.ctl_command == "cancel":
         return {"op": "cancel", "id": args.id}
     if args.ctl_command == "jobs" and args.summary:
+        if args.state is not None or args.limit is not None or args.all:
+            raise CommandError(
+                "--summary counts the jobs in every state: drop --state, --limit and --all",
+                EXIT_USAGE,
+            )
         return {"op": "jobs", "summary": True}
     if args.ctl_command == "jobs":
         return {"op": "jobs", "state": args.state, "limit": history_limit(args)}
