@@ -50,6 +50,9 @@ def test_job_spec_checks_what_it_runs() -> None:
         "dest": "/b",
         "sha256": "ab" * 32,
     }
+    # "DIR/" stays a directory (as `get -o DIR/`); sync's paths are plain.
+    assert job_spec("get", {"url": "https://h/x", "dest": "/a/../b/"})["dest"] == "/b/"
+    assert job_spec("sync", {"manifest": "/m", "lock": "/l", "dest": "/d/"})["dest"] == "/d"
     for kind, fields, message in (
         ("get", {"url": "file:///etc/passwd", "dest": "/x"}, "only http:// and https://"),
         ("get", {"url": "http://h/x", "dest": "rel/x"}, "is relative"),

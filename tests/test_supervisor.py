@@ -205,10 +205,14 @@ def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
     job_id = submitted.stdout.strip()
     jobs = sup.wait_jobs([job_id], "succeeded")
     assert (out / "model.bin").read_bytes() == data  # -o defaults to ctl's working directory
+    into = run_cli(["ctl", "--socket", str(sup.socket), "submit", "get", url, "-o", "new/"], out)
+    assert into.returncode == 0, into.stderr
+    sup.wait_jobs([into.stdout.strip()], "succeeded")
+    assert (out / "new" / "model.bin").read_bytes() == data  # "DIR/": a directory, as for get
 
     listed = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--json"])
     assert listed.returncode == 0, listed.stderr
-    job = json.loads(listed.stdout)["jobs"][0]
+    (job,) = [j for j in json.loads(listed.stdout)["jobs"] if j["id"] == job_id]
     assert {k: job[k] for k in ("id", "kind", "state")} == {
         "id": job_id,
         "kind": "get",
@@ -217,10 +221,10 @@ def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
     assert job["worker"] in ("w0", "w1") and jobs[job_id]["result"]["size"] == len(data)
     summary = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary", "--json"])
     assert summary.returncode == 0, summary.stderr
-    counts = {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    counts = {"queued": 0, "running": 0, "succeeded": 2, "failed": 0, "cancelled": 0}
     assert json.loads(summary.stdout) == {"counts": counts}
     text = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary"]).stdout
-    assert text == "queued 0  running 0  succeeded 1  failed 0  cancelled 0\n"
+    assert text == "queued 0  running 0  succeeded 2  failed 0  cancelled 0\n"
     both = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary", "--state", "queued"])
     assert both.returncode == 2 and "drop --state" in both.stderr, both.stderr
 

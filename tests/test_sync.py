@@ -133,6 +133,53 @@ def test_a_damaged_installed_file_is_restored_from_the_cache(
     assert (project.dest / "b").read_bytes() == B
 
 
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_blob_damaged_behind_the_caches_back_is_fetched_again(
+    server: FaultServer, project: Project, pinned: bool
+) -> None:
+    """Its copy does not match: the blob is hashed again, goes to quarantine, and the
+    artifact is fetched again within the same sync (not "changed while it was copied")."""
+    entry: dict[str, object] = {"name": "a", "url": server.add("a", A)}
+    if pinned:
+        entry["sha256"] = _sha(A)
+    project.write(entry)
+    project.sync()
+    blob = project.cache / "blobs" / "sha256" / _sha(A)[:2] / _sha(A)
+    blob.write_bytes(bytes(len(A)))  # same size: only re-hashing can tell
+    (project.dest / "a").unlink()
+    result = project.sync()
+    assert result.installed == ("a",) and result.bytes_transferred == len(A)
+    assert (project.dest / "a").read_bytes() == A and blob.read_bytes() == A
+    assert [p.read_bytes() for p in (project.cache / "quarantine").iterdir()] == [bytes(len(A))]
+
+
+def test_a_fresh_download_mends_a_damaged_blob(server: FaultServer, project: Project) -> None:
+    url = server.add("a", A) + "?no_validators=1"
+    cache = sf.Cache(project.cache)
+    blob = cache.fetch_entry(url).path
+    blob.write_bytes(bytes(len(A)))
+    again = cache.fetch_entry(url)  # nothing to revalidate with: a full 200
+    assert again.path == blob and blob.read_bytes() == A
+
+
+def test_offline_sync_installs_from_the_cache_or_fails(
+    server: FaultServer, project: Project
+) -> None:
+    project.write({"name": "a", "url": server.add("a", A)})
+    project.sync()
+    server.reset_counters()
+    other = Project(project.root / "other")
+    other.root.mkdir()
+    other.manifest.write_text(project.manifest.read_text())
+    offline = sf.Cache(project.cache, offline=True)
+    sf.sync(other.manifest, other.lock, other.dest, cache=offline)
+    assert (other.dest / "a").read_bytes() == A and server.requests == []
+    other.write({"name": "a", "url": server.add("new", B)})
+    with pytest.raises(sf.NetworkError, match="never fetched"):
+        sf.sync(other.manifest, other.lock, other.dest, cache=offline)
+    assert server.requests == [] and (other.dest / "a").read_bytes() == A
+
+
 def test_merge_keeps_unchanged_entries_drops_removed_and_resolves_new(
     server: FaultServer, project: Project
 ) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 __all__ = ["netrc_headers", "netrc_path"]
 
-# The last netrc file parsed: its path, (mtime, size, inode) then, and its entries.
-_last: tuple[Path, tuple[int, int, int], netrc.netrc] | None = None
+# The last netrc file parsed: its path, (mtime, ctime, size, inode) then, its entries.
+_last: tuple[Path, tuple[int, int, int, int], netrc.netrc] | None = None
 
 
 def netrc_path() -> Path:
@@ -80,7 +80,7 @@ def _parsed(path: Path) -> netrc.netrc | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    version = (st.st_mtime_ns, st.st_size, st.st_ino)
+    version = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
     if _last is not None and _last[0] == path and _last[1] == version:
         return _last[2]
     parsed = netrc.netrc(str(path))

@@ -4,6 +4,7 @@ staged (see `surefetch.transaction` for the transaction around it)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
@@ -28,6 +29,8 @@ from surefetch.manifest import Manifest, ManifestArtifact, StrPath
 
 if TYPE_CHECKING:
     from surefetch.cache import Cache, CacheEntry
+
+_log = logging.getLogger("surefetch.cache")
 
 __all__ = [
     "Item",
@@ -174,6 +177,12 @@ class LazyCache:
                 self._cache = given if isinstance(given, Cache) else Cache(given)
             return self._cache
 
+    def release(self) -> None:
+        """Closes the cache's catalog if this made the `Cache` (a caller's stays open)."""
+        with self._lock:
+            if self._cache is not None and self._cache is not self._given:
+                self._cache.close()
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -319,8 +328,43 @@ class Resolver:
         link_mode = self.link_mode
         if link_mode == "hardlink" and item.executable:
             link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
-        _stage(found.path, staged, entry, item.executable, link_mode)
+        try:
+            _stage(found.path, staged, entry, item.executable, link_mode)
+        except ChecksumMismatch:
+            staged.unlink(missing_ok=True)
+            found = self._mended(item, found)
+            _stage(found.path, staged, entry, item.executable, link_mode)
         return Outcome(item, entry, staged, found.bytes_transferred)
+
+    def _mended(self, item: Item, found: CacheEntry) -> CacheEntry:
+        """The blob `found`, whose copy did not match: when the blob itself no longer
+        matches its digest (damaged behind the cache's back), it goes to quarantine and
+        the artifact is fetched again, in this call; otherwise the copy changed while it
+        was made, and that is the error."""
+        cache = self.cache.get()
+        if cache.recheck(found.sha256) is not None:
+            raise ChecksumMismatch(
+                f"{item.name}: the cached copy changed while it was copied; sync again",
+                "xxh3_128",
+                found.xxh3_128,
+                "",
+            )
+        _log.warning(
+            "%s: the cached blob %s did not match its digest (moved to quarantine); "
+            "fetching it again",
+            item.name,
+            found.sha256,
+        )
+        try:
+            return cache.fetch_entry(
+                item.url,
+                sha256=found.sha256,
+                size=found.size,
+                options=self.transfer,
+                cancel=self.token,
+            )
+        except SurefetchError as exc:
+            raise self._failure(item, exc) from exc
 
     def _failure(self, item: Item, exc: Exception) -> SurefetchError:
         limit = self.transfer.timeout

@@ -389,11 +389,12 @@ def sync(
             remove_stale_temporaries(lock_path)
             staging = state / f"sync-{secrets.token_hex(8)}"
             staging.mkdir(mode=0o700)
+            lazy_cache = LazyCache(cache)
             try:
                 resolver = Resolver(
                     root,
                     staging,
-                    LazyCache(cache),
+                    lazy_cache,
                     token,
                     TransferOptions.of(options, timeout=timeout_per_item)
                     if timeout_per_item is not None
@@ -411,6 +412,7 @@ def sync(
                 if not_durable is not None:
                     raise not_durable
             finally:
+                lazy_cache.release()
                 shutil.rmtree(staging, ignore_errors=True)
     finally:
         with contextlib.suppress(OSError):

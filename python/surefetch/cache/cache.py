@@ -216,6 +216,26 @@ class Cache:
         with self._store.storage():
             return self._store.lookup(digest, touch=True)
 
+    def recheck(self, sha256: str) -> CacheEntry | None:
+        """The cached blob with this SHA-256, hashed again even when its file is trusted
+        (`lookup` trusts the cache's own files without reading them).
+
+        Returns:
+            The entry, or None when absent, or found corrupt and moved to quarantine.
+
+        Raises:
+            ValueError: `sha256` is not 64 hex digits.
+            StorageError: a corrupt blob could not be moved to quarantine.
+        """
+        digest = check_sha256(sha256)
+        with self._store.storage():
+            return self._store.recheck(digest)
+
+    def close(self) -> None:
+        """Closes the cache's catalog database (its SQLite connection); the next use
+        opens it again. Until then a process keeps it open, as any SQLite user does."""
+        self._store.catalog.close()
+
     def _fetcher(self) -> Fetcher:
         return Fetcher(self._store, self.lock_timeout, self.offline)
 

@@ -98,6 +98,12 @@ class Catalog:
     def path(self) -> Path:
         return self._path
 
+    def close(self) -> None:
+        """Closes this process's connection (the next use opens it again)."""
+        with self._lock:
+            if self._pid == os.getpid():
+                self._close()
+
     def problem(self) -> str | None:
         """Why this process does not use the catalog (None: it does, or there is none yet)."""
         with self._lock:

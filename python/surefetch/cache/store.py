@@ -245,32 +245,27 @@ class BlobStore:
         self, tmp: Path, digest: str, size: int, xxh3_128: str, url: str, *, sync: bool = True
     ) -> Path:
         """Moves the verified download `tmp` (`size` bytes, with these digests, from `url`,
-        redacted) to its blob path, or drops it if that blob is there; records it in the
-        catalog. `sync`: fsync the blob's directory (else the caller makes it durable).
+        redacted) to its blob path, over the blob if one is there (fresh verified bytes
+        also mend one damaged behind the cache's back); records it in the catalog.
+        `sync`: fsync the blob's directory (else the caller makes it durable).
 
         Needs no lock: a blob's name is its content's digest, `tmp` is verified and
         durable, and the rename is atomic, so processes installing the same blob at once
-        leave the same bytes whichever rename lands last."""
+        leave the same bytes whichever rename lands last (and a reader of the old file
+        keeps reading it)."""
         blob = self.blob_path(digest)
-        if self._holds(blob, digest):
-            tmp.unlink()
-            with contextlib.suppress(OSError):  # used now (the LRU order of `gc`)
-                os.utime(blob)
-        else:
-            directory = self.directory("blobs", "sha256", digest[:2])
-            os.rename(tmp, blob)
-            if sync:
-                self._sync_blob_dir(blob, directory)
+        directory = self.directory("blobs", "sha256", digest[:2])
+        os.rename(tmp, blob)
+        if sync:
+            self._sync_blob_dir(blob, directory)
         self.catalog.put_blob(digest, size, xxh3_128, url)
         return blob
 
-    def _holds(self, blob: Path, digest: str) -> bool:
-        """Whether the blob `digest` is in place, at `blob`, and can be trusted."""
-        try:
-            st = blob.lstat()
-        except FileNotFoundError:
-            return False
-        return written_only_by_us(st) or self._rehash(blob, digest) is not None
+    def recheck(self, digest: str) -> CacheEntry | None:
+        """The blob `digest`, hashed again whoever wrote it: None when it is absent, or
+        did not match and was moved to ``quarantine/``."""
+        path = self.blob_path(digest)
+        return self._rehash(path, digest) if os.path.lexists(path) else None
 
     @staticmethod
     def _sync_blob_dir(blob: Path, directory: Path) -> None:

@@ -146,7 +146,10 @@ def _cmd_supervise(args: argparse.Namespace) -> int:
 def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
     if args.ctl_command == "submit":
         if args.kind == "get":
-            dest = os.path.abspath(args.output if args.output is not None else ".")
+            output = args.output if args.output is not None else "."
+            dest = os.path.abspath(output)
+            if output.endswith(("/", os.sep)):
+                dest = os.path.join(dest, "")  # still a directory, as `get -o DIR/` means
             spec: dict[str, Any] = {"url": args.url, "dest": dest}
             if args.sha256 is not None:
                 spec["sha256"] = args.sha256

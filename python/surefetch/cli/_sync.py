@@ -62,6 +62,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--upgrade", action="store_true", help="re-resolve every artifact, ignoring the pins"
     )
     sync.add_argument("--cache", metavar="DIR", help="cache directory (default: $SUREFETCH_CACHE)")
+    sync.add_argument(
+        "--offline",
+        action="store_true",
+        help="no network: every artifact from the cache, or fail (exit 4); also "
+        "SUREFETCH_OFFLINE=1",
+    )
     sync.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sync.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sync.set_defaults(handler=_run_sync, keeps_parts=True)
@@ -80,6 +86,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _run_sync(args: argparse.Namespace) -> int:
+    from surefetch.cache import Cache
     from surefetch.lockfile import sync
 
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
@@ -94,7 +101,7 @@ def _run_sync(args: argparse.Namespace) -> int:
             locked=args.locked,
             frozen=args.frozen,
             upgrade=args.upgrade,
-            cache=args.cache,
+            cache=Cache(args.cache, offline=True) if args.offline else args.cache,
             link_mode=args.link_mode,
             progress=progress,
             artifact_progress=artifact_progress,

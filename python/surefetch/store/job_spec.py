@@ -76,14 +76,19 @@ class Ending:
     result: Mapping[str, Any] | None = None
 
 
-def _absolute(name: str, value: object) -> str:
+def _absolute(name: str, value: object, *, directory_slash: bool = False) -> str:
+    """`value`, an absolute path, normalized; with `directory_slash` a trailing ``/``
+    stays (``get -o DIR/``: a directory, created if missing)."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a path")
     if "\x00" in value:
         raise ValueError(f"{name} contains a NUL character")
     if not os.path.isabs(value):
         raise ValueError(f"{name} {value!r} is relative; send an absolute path")
-    return os.path.normpath(value)
+    normal = os.path.normpath(value)
+    if directory_slash and value.endswith("/") and not normal.endswith("/"):
+        return normal + "/"
+    return normal
 
 
 def job_spec(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,7 +120,8 @@ def job_spec(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https") or not urlsplit(url).netloc:
         raise ValueError(f"unsupported URL {url!r}: only http:// and https:// URLs are fetched")
-    spec: dict[str, Any] = {"url": url, "dest": _absolute("dest", fields.get("dest"))}
+    dest = _absolute("dest", fields.get("dest"), directory_slash=True)
+    spec: dict[str, Any] = {"url": url, "dest": dest}
     sha256 = fields.get("sha256")
     if sha256 is not None:
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
