@@ -422,3 +422,19 @@ def test_verify_reports_every_difference(server: FaultServer, project: Project) 
     sha = next(d for d in verify(project.lock, project.dest) if d.kind == "sha256")
     assert (sha.expected, sha.actual) == (_sha(B), _sha(bytes(damaged)))
     assert sha.integrity and "expected" in str(sha)
+
+
+def test_sync_leaves_no_file_of_a_cache_it_opened_open(
+    server: FaultServer, project: Project
+) -> None:
+    """A cache given by path is sync's own: its catalog is closed at the end (so that,
+    for one, the filesystem under it can be unmounted)."""
+    project.write({"name": "a", "url": server.add("a", A)})
+    project.sync()
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            continue
+    assert not [path for path in held if path.startswith(str(project.cache))], held
