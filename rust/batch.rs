@@ -14,12 +14,12 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use std::sync::mpsc::Sender;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::cancel::CancelToken;
 use crate::download::{download_staged, Options, Outcome, Progress, Staged};
@@ -103,11 +103,14 @@ pub async fn download_batch(
 ) {
     let limit = Arc::new(Semaphore::new(jobs.max(1)));
     let (staged_tx, staged_rx) = mpsc::unbounded_channel::<(usize, Outcome, Staged)>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let committer = tokio::spawn(commit_groups(
         staged_rx,
         results.clone(),
-        Arc::clone(&progress),
+        Some(Arc::clone(&progress)),
         durable,
+        true,
+        Arc::clone(&in_flight),
     ));
     let mut workers = tokio::task::JoinSet::new();
     for (index, item) in items.into_iter().enumerate() {
@@ -119,47 +122,170 @@ pub async fn download_batch(
         while workers.try_join_next().is_some() {} // the finished ones, not to keep them
         if cancel.is_cancelled() {
             // Not started: nothing of it is on disk, and its result says so at once.
-            finish(&results, &progress, index, Err(Error::CancelledBeforeStart));
+            finish(
+                &results,
+                Some(&progress),
+                index,
+                Err(Error::CancelledBeforeStart),
+            );
             continue;
         }
-        let cancel = cancel.child();
-        let item_progress = Arc::clone(&progress.items[index]);
-        let batch = Arc::clone(&progress);
-        let results = results.clone();
-        let staged_tx = staged_tx.clone();
-        workers.spawn(async move {
-            let _permit = permit;
-            let Item { url, dest, options } = item;
-            let options = Options { durable, ..options };
-            // Staged, whether durable or not: the committer is where two items that
-            // would land on one file (names from servers) are told apart.
-            match download_staged(&url, &dest, &options, cancel, item_progress).await {
-                Ok((outcome, Some(staged))) => {
-                    let _ = staged_tx.send((index, outcome, staged));
-                }
-                // Revalidated (304): nothing written, nothing to commit.
-                Ok((outcome, None)) => finish(&results, &batch, index, Ok(outcome)),
-                Err(error) => finish(&results, &batch, index, Err(error)),
-            }
-        });
+        let started = Started {
+            index,
+            cancel: cancel.child(),
+            progress: Arc::clone(&progress.items[index]),
+            batch: Some(Arc::clone(&progress)),
+            permit,
+            in_flight: InFlight::new(&in_flight),
+        };
+        workers.spawn(run_item(
+            item,
+            started,
+            durable,
+            results.clone(),
+            staged_tx.clone(),
+        ));
     }
     drop(staged_tx);
-    while let Some(joined) = workers.join_next().await {
-        if joined.is_err() {
-            // A worker panicked: its item gets no result; the caller reports it.
-            continue;
-        }
-    }
+    while workers.join_next().await.is_some() {} // a panicked item gets no result
     let _ = committer.await;
+}
+
+/// One item submitted to a running batch (`download_stream`), with its own token.
+pub struct Submission {
+    pub index: usize,
+    pub item: Item,
+    pub cancel: CancelToken,
+}
+
+/// Like `download_batch`, for items that arrive while it runs (a supervisor worker's
+/// jobs): each starts, in the order submitted, once fewer than `jobs` are in flight,
+/// unless its token was cancelled first; its result is sent on `results` once final,
+/// after the group commit. Ends when `submissions` closes and every item is final.
+pub async fn download_stream(
+    mut submissions: mpsc::UnboundedReceiver<Submission>,
+    jobs: usize,
+    durable: bool,
+    results: Sender<ItemResult>,
+) {
+    let limit = Arc::new(Semaphore::new(jobs.max(1)));
+    let (staged_tx, staged_rx) = mpsc::unbounded_channel::<(usize, Outcome, Staged)>();
+    // A stream may download one destination again later: no "already installed" rule
+    // (two at once cannot both stage: the second finds the first's part lock).
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let committer = tokio::spawn(commit_groups(
+        staged_rx,
+        results.clone(),
+        None,
+        durable,
+        false,
+        Arc::clone(&in_flight),
+    ));
+    let mut workers = tokio::task::JoinSet::new();
+    while let Some(Submission {
+        index,
+        item,
+        cancel,
+    }) = submissions.recv().await
+    {
+        let permit = tokio::select! {
+            permit = Arc::clone(&limit).acquire_owned() => permit.ok(),
+            () = cancel.cancelled() => None,
+        };
+        while workers.try_join_next().is_some() {}
+        let Some(permit) = permit.filter(|_| !cancel.is_cancelled()) else {
+            finish(&results, None, index, Err(Error::CancelledBeforeStart));
+            continue;
+        };
+        let started = Started {
+            index,
+            cancel,
+            progress: Progress::new(),
+            batch: None,
+            permit,
+            in_flight: InFlight::new(&in_flight),
+        };
+        workers.spawn(run_item(
+            item,
+            started,
+            durable,
+            results.clone(),
+            staged_tx.clone(),
+        ));
+    }
+    drop(staged_tx);
+    while workers.join_next().await.is_some() {}
+    let _ = committer.await;
+}
+
+/// What an item that got its place in a batch runs with.
+struct Started {
+    index: usize,
+    cancel: CancelToken,
+    progress: Arc<Progress>,
+    batch: Option<Arc<BatchProgress>>,
+    permit: OwnedSemaphorePermit,
+    in_flight: InFlight,
+}
+
+/// Counts an item as downloading until dropped (the committer waits for such items).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Downloads one item and stages it for the committer (or sends its result: a
+/// failure, or a `304` that leaves nothing to commit).
+async fn run_item(
+    item: Item,
+    started: Started,
+    durable: bool,
+    results: Sender<ItemResult>,
+    staged_tx: mpsc::UnboundedSender<(usize, Outcome, Staged)>,
+) {
+    let Started {
+        index,
+        cancel,
+        progress,
+        batch,
+        permit: _permit,
+        in_flight,
+    } = started;
+    let Item { url, dest, options } = item;
+    let options = Options { durable, ..options };
+    // Staged, whether durable or not: the committer is where two items that would land
+    // on one file (names from servers) are told apart.
+    let downloaded = download_staged(&url, &dest, &options, cancel, progress).await;
+    drop(in_flight); // before the committer can see it: no longer one to wait for
+    match downloaded {
+        Ok((outcome, Some(staged))) => {
+            let _ = staged_tx.send((index, outcome, staged));
+        }
+        // Revalidated (304): nothing written, nothing to commit.
+        Ok((outcome, None)) => finish(&results, batch.as_deref(), index, Ok(outcome)),
+        Err(error) => finish(&results, batch.as_deref(), index, Err(error)),
+    }
 }
 
 fn finish(
     results: &Sender<ItemResult>,
-    progress: &BatchProgress,
+    progress: Option<&BatchProgress>,
     index: usize,
     result: Result<Outcome>,
 ) {
-    progress.finished.fetch_add(1, Ordering::Relaxed);
+    if let Some(progress) = progress {
+        progress.finished.fetch_add(1, Ordering::Relaxed);
+    }
     let _ = results.send((index, result));
 }
 
@@ -168,18 +294,27 @@ fn finish(
 async fn commit_groups(
     mut staged: mpsc::UnboundedReceiver<(usize, Outcome, Staged)>,
     results: Sender<ItemResult>,
-    progress: Arc<BatchProgress>,
+    progress: Option<Arc<BatchProgress>>,
     durable: bool,
+    refuse_repeats: bool,
+    in_flight: Arc<AtomicUsize>,
 ) {
     let mut installed = HashSet::new();
     let mut part_dirs = BTreeSet::new();
     while let Some(first) = staged.recv().await {
         let mut group = vec![first];
         // Like a database's commit_delay: a moment for the items finishing
-        // alongside to join, so that one sync serves them all.
+        // alongside to join, so that one sync serves them all; and, as its
+        // commit_siblings, none when no other item is still downloading.
         let gather = tokio::time::sleep(COMMIT_DELAY);
         tokio::pin!(gather);
         loop {
+            while let Ok(more) = staged.try_recv() {
+                group.push(more);
+            }
+            if in_flight.load(Ordering::SeqCst) == 0 {
+                break;
+            }
             tokio::select! {
                 more = staged.recv() => match more {
                     Some(more) => group.push(more),
@@ -191,13 +326,16 @@ async fn commit_groups(
         part_dirs.extend(group.iter().map(|(_, _, staged)| staged.part_dir.clone()));
         let (committed, kept) = tokio::task::spawn_blocking(move || {
             let committed = commit(group, durable, &mut installed);
+            if !refuse_repeats {
+                installed.clear();
+            }
             (committed, installed)
         })
         .await
         .unwrap_or_default();
         installed = kept;
         for (index, result) in committed {
-            finish(&results, &progress, index, result);
+            finish(&results, progress.as_deref(), index, result);
         }
     }
     // Tidy once the batch is over (not after each group, which would only have the

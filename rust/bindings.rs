@@ -571,6 +571,113 @@ fn download_many<'py>(
     }
 }
 
+/// A batch that takes items while it runs (a supervisor worker's jobs): `submit`
+/// starts an item when fewer than `jobs` are in flight, `results` hands back the
+/// final ones, each after the group commit that made it durable.
+#[pyclass(module = "surefetch._core", frozen)]
+struct Batch {
+    submissions: Mutex<Option<tokio::sync::mpsc::UnboundedSender<batch::Submission>>>,
+    results: Mutex<mpsc::Receiver<batch::ItemResult>>,
+    next: AtomicUsize,
+    generation: u64,
+}
+
+#[pymethods]
+impl Batch {
+    #[new]
+    #[pyo3(signature = (*, jobs=8, durable=true))]
+    fn new(jobs: usize, durable: bool) -> PyResult<Self> {
+        if jobs == 0 {
+            return Err(PyValueError::new_err("jobs must be at least 1"));
+        }
+        let (submit_tx, submit_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
+        let (runtime, generation) = runtime()?;
+        runtime.spawn(async move {
+            let stream = async move {
+                batch::download_stream(submit_rx, jobs, durable, tx).await;
+                Ok(())
+            };
+            let _ = Caught::new("the batch", stream).await;
+        });
+        Ok(Self {
+            submissions: Mutex::new(Some(submit_tx)),
+            results: Mutex::new(rx),
+            next: AtomicUsize::new(0),
+            generation,
+        })
+    }
+
+    /// Queues a download (options as `download`'s); returns its index in `results`.
+    #[pyo3(signature = (url, dest, options, cancel=None))]
+    fn submit(
+        &self,
+        url: String,
+        dest: PathBuf,
+        options: &Bound<'_, PyDict>,
+        cancel: Option<PyRef<'_, CancelToken>>,
+    ) -> PyResult<usize> {
+        let item = batch::Item {
+            url,
+            dest,
+            options: options_from_dict(options)?,
+        };
+        let cancel = match &cancel {
+            Some(token) => token.inner.child(),
+            None => cancel::CancelToken::new(),
+        };
+        let index = self.next.fetch_add(1, Ordering::Relaxed);
+        let submissions = self.submissions.lock().unwrap_or_else(|e| e.into_inner());
+        let submission = batch::Submission {
+            index,
+            item,
+            cancel,
+        };
+        match submissions.as_ref() {
+            Some(tx) if tx.send(submission).is_ok() => Ok(index),
+            _ => Err(PyValueError::new_err("the batch is closed")),
+        }
+    }
+
+    /// The items that became final, as `(index, result dict or exception)`, waiting
+    /// at most `timeout` seconds for the first.
+    fn results(&self, py: Python<'_>, timeout: f64) -> PyResult<Vec<(usize, Py<PyAny>)>> {
+        let wait = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(POLL);
+        let got: Vec<batch::ItemResult> = py.detach(|| {
+            let receiver = self.results.lock().unwrap_or_else(|e| e.into_inner());
+            let mut got = Vec::new();
+            if let Ok(first) = receiver.recv_timeout(wait) {
+                got.push(first);
+                got.extend(receiver.try_iter());
+            }
+            got
+        });
+        log_engine_notes(py);
+        if got.is_empty() {
+            if let Some(text) = panics::runtime_panic(self.generation) {
+                return Err(PyEngineError(panics::broken_runtime(&text)).into());
+            }
+        }
+        got.into_iter()
+            .map(|(index, result)| {
+                let value = match result {
+                    Ok(outcome) => outcome_dict(py, outcome)?.into_any().unbind(),
+                    Err(error) => PyErr::from(PyEngineError(error)).into_value(py).into_any(),
+                };
+                Ok((index, value))
+            })
+            .collect()
+    }
+
+    /// Takes no more items; those submitted still finish.
+    fn close(&self) {
+        self.submissions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
 /// Makes everything written to the filesystem holding `path` durable (`syncfs`):
 /// one call for a group of files; raises the `OSError` it gets.
 #[pyfunction]
@@ -682,6 +789,7 @@ fn outcome_dict(py: Python<'_>, outcome: Outcome) -> PyResult<Bound<'_, PyDict>>
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<CancelToken>()?;
+    m.add_class::<Batch>()?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(download_many, m)?)?;
     m.add_function(wrap_pyfunction!(default_options, m)?)?;

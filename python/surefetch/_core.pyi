@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, final
 
 __all__ = [
+    "Batch",
     "CancelToken",
     "__version__",
     "bare_name",
@@ -27,6 +28,19 @@ class CancelToken:
     @property
     def cancelled(self) -> bool: ...
     def child(self) -> CancelToken: ...
+
+@final
+class Batch:
+    def __new__(cls, *, jobs: int = 8, durable: bool = True) -> Batch: ...
+    def submit(
+        self,
+        url: str,
+        dest: str | PathLike[str],
+        options: dict[str, Any],
+        cancel: CancelToken | None = None,
+    ) -> int: ...
+    def results(self, timeout: float) -> list[tuple[int, dict[str, Any] | BaseException]]: ...
+    def close(self) -> None: ...
 
 def download(
     url: str,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from surefetch import _core
+from surefetch._core import Batch as Batch  # for surefetch.streaming (one importer of _core)
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 from surefetch.transfer import TransferOptions
@@ -107,7 +108,7 @@ def name_from_url(url: str) -> str:
     return _core.bare_name(segment) or "index"
 
 
-def _destination(url: str, dest: StrPath | None) -> tuple[Path, bool]:
+def destination_for(url: str, dest: StrPath | None) -> tuple[Path, bool]:
     """The file to write, and whether it is in a directory the caller named (so that
     its name is ours to choose: from the URL, or the server with Content-Disposition).
 
@@ -254,7 +255,7 @@ def download(
     }
     given = {name: value for name, value in keywords.items() if value is not FROM_OPTIONS}
     transfer = TransferOptions.of(options, **given)
-    path, in_directory = _destination(url, dest)
+    path, in_directory = destination_for(url, dest)
     raw = _core.download(
         url,
         path,
@@ -273,10 +274,10 @@ def download(
         cancel=cancel,
         progress=progress,
     )
-    return _result(raw)
+    return result_from_engine(raw)
 
 
-def _result(raw: dict[str, Any]) -> DownloadResult:
+def result_from_engine(raw: dict[str, Any]) -> DownloadResult:
     return DownloadResult(
         path=Path(raw["path"]),
         size=raw["size"],
@@ -506,7 +507,7 @@ def download_many(
     def collect(index: int, raw: dict[str, Any] | BaseException) -> None:
         if isinstance(raw, BaseException) and not isinstance(raw, Exception):
             raise raw
-        result = raw if isinstance(raw, Exception) else _result(raw)
+        result = raw if isinstance(raw, Exception) else result_from_engine(raw)
         results[index] = result
         if on_result is not None:
             on_result(index, result)

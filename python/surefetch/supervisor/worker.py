@@ -17,7 +17,10 @@ worker runs N jobs at a time and keeps N more started, ready to run: a job's
 download ends, the next one's begins, and the first job's end is committed
 meanwhile; each commit that frees a place claims queued jobs for the slot (for
 ``claim_ttl`` seconds) until it holds 2N, so the worker needs no round trip to
-its supervisor to go on.
+its supervisor to go on. Its ``get`` jobs all run in one engine batch
+(`surefetch.streaming.DownloadStream`): connections reused, and the files of jobs
+finishing together made durable together (group commit) before their ends are
+committed to the store.
 
 Events: ``hello``, ``pong``, ``taken`` (``ids``: jobs a commit claimed and started
 for the slot, waiting for a place), ``started`` (a job runs: a crash of the worker
@@ -46,12 +49,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from surefetch import CancelToken
 from surefetch.errors import Cancelled, SessionCancelled, SurefetchError
 from surefetch.store import Job, JobQueue, SessionStore
 from surefetch.store.jobs import Ending
+
+if TYPE_CHECKING:
+    from surefetch.streaming import DownloadStream
 
 __all__ = ["EXIT_CONFIG", "main"]
 
@@ -244,6 +250,7 @@ class Worker:
         self._early_cancels: set[str] = set()  # cancels of jobs not (yet) running here
         self._commits = _GroupCommit(queue, host, slot, self.pid, self._take)
         self._runners = _Runners(self._run)
+        self._downloads = _Downloads()
 
     # -- protocol --
 
@@ -263,6 +270,7 @@ class Worker:
             if isinstance(ttl, (int, float)) and isinstance(jobs, int) and _positive(ttl, jobs):
                 # Runs `jobs` at a time and holds as many more, started, to run next.
                 self._permits = _Permits(jobs)
+                self._downloads.jobs = jobs
                 self._commits.ttl = float(ttl)
                 self._commits.hold = 2 * jobs
             self.send("hello", pid=self.pid, slot=self.slot)
@@ -377,7 +385,7 @@ class Worker:
                 raise Cancelled("cancelled while waiting for its turn")
             self.send("started", id=job.id)
             try:
-                result = _perform(job, entry.token)
+                result = _perform(job, entry.token, self._downloads)
             finally:
                 # Before its end is committed: the next job runs while this one's is.
                 self._permits.release()
@@ -390,16 +398,34 @@ class Worker:
         return "succeeded", None, result
 
 
-def _perform(job: Job, token: CancelToken) -> dict[str, Any]:
+def _perform(job: Job, token: CancelToken, downloads: _Downloads) -> dict[str, Any]:
     spec = job.spec
     if job.kind == "get":
-        from surefetch.download import download
-
-        result = download(spec["url"], spec["dest"], sha256=spec.get("sha256"), cancel=token)
+        stream = downloads.stream()
+        result = stream.download(spec["url"], spec["dest"], sha256=spec.get("sha256"), cancel=token)
         return result.to_dict()
     from surefetch.transaction import sync
 
     return sync(spec["manifest"], spec["lock"], spec["dest"], cancel=token).to_dict()
+
+
+class _Downloads:
+    """The worker's `get` jobs all run in one engine batch (`DownloadStream`), made on
+    first use once the handshake said how many run at once: connections are reused,
+    and the files of jobs finishing together are made durable together."""
+
+    def __init__(self) -> None:
+        self.jobs = 4
+        self._stream: DownloadStream | None = None
+        self._lock = threading.Lock()
+
+    def stream(self) -> DownloadStream:
+        with self._lock:
+            if self._stream is None:
+                from surefetch.streaming import DownloadStream
+
+                self._stream = DownloadStream(self.jobs)
+            return self._stream
 
 
 # --- process set-up ----------------------------------------------------------------
