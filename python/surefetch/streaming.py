@@ -44,6 +44,12 @@ class DownloadStream:
         self._lock = threading.Lock()
         threading.Thread(target=self._deliver, name="stream-results", daemon=True).start()
 
+    @property
+    def broken(self) -> bool:
+        """Whether the engine failed under this stream (every download then fails: make
+        a new stream)."""
+        return self._broken is not None
+
     def download(
         self,
         url: str,

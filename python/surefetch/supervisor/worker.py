@@ -421,7 +421,7 @@ class _Downloads:
 
     def stream(self) -> DownloadStream:
         with self._lock:
-            if self._stream is None:
+            if self._stream is None or self._stream.broken:
                 from surefetch.streaming import DownloadStream
 
                 self._stream = DownloadStream(self.jobs)
