@@ -160,7 +160,8 @@ pub struct Submission {
 
 /// Like `download_batch`, for items that arrive while it runs (a supervisor worker's
 /// jobs): each starts, in the order submitted, once fewer than `jobs` are in flight,
-/// unless its token was cancelled first; its result is sent on `results` once final,
+/// unless its token was cancelled first (an item behind one still waiting for a place
+/// is looked at when its turn comes); its result is sent on `results` once final,
 /// after the group commit. Ends when `submissions` closes and every item is final.
 pub async fn download_stream(
     mut submissions: mpsc::UnboundedReceiver<Submission>,
