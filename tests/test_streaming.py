@@ -47,6 +47,9 @@ def test_downloads_from_many_threads_each_get_their_own_result(
     with pytest.raises(sf.ChecksumMismatch):
         stream.download(urls[1], tmp_path / "bad", sha256="0" * 64)
     assert not (tmp_path / "bad").exists()
+    stream.close()
+    with pytest.raises(ValueError, match="closed"):
+        stream.download(urls[0], tmp_path / "late")
 
 
 def test_a_cancel_ends_a_waiting_download_at_once_and_a_running_one_soon(
@@ -77,4 +80,5 @@ def test_a_cancel_ends_a_waiting_download_at_once_and_a_running_one_soon(
     running.cancel()
     first.join(5)
     assert isinstance(errors["first"], sf.Cancelled) and "part file is kept" in str(errors["first"])
+    stream.close()
     assert not (tmp_path / "first").exists() and not (tmp_path / "second").exists()

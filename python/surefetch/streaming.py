@@ -41,6 +41,7 @@ class DownloadStream:
         self._batch = Batch(jobs=jobs, durable=True)
         self._waiting: dict[int, Future[Any]] = {}
         self._broken: BaseException | None = None
+        self._closed = False
         self._lock = threading.Lock()
         threading.Thread(target=self._deliver, name="stream-results", daemon=True).start()
 
@@ -73,6 +74,8 @@ class DownloadStream:
         with self._lock:  # registered before the delivering thread can see its result
             if self._broken is not None:
                 raise self._broken
+            if self._closed:
+                raise ValueError("the download stream is closed")
             index = self._batch.submit(url, path, fields, cancel)
             self._waiting[index] = future
         value = future.result()
@@ -80,8 +83,18 @@ class DownloadStream:
             raise value
         return result_from_engine(value)
 
+    def close(self) -> None:
+        """Takes no more downloads; those under way still finish, and then the thread
+        that hands out results ends."""
+        with self._lock:
+            self._closed = True
+        self._batch.close()
+
     def _deliver(self) -> None:
         while True:
+            with self._lock:
+                if self._closed and not self._waiting:
+                    return
             try:
                 got = self._batch.results(_WAIT_S)
             except Exception as exc:  # the engine's runtime broke: fail who waits
