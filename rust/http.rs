@@ -216,15 +216,64 @@ fn status_error(response: &Response, url: &Url) -> Error {
     }
 }
 
-/// `url` as it may be shown: a password in its userinfo becomes `***`, so that no
-/// message, log line or file another user can read carries it.
+/// `url` as it may be shown: a password in its userinfo, and the values of query
+/// parameters named like credentials (`CREDENTIAL_PARAMETERS`: presigned URLs'
+/// signatures, `token`, `api_key`...), become `***`, so that no message, log line
+/// or file another user can read carries them. The same rule as Python's
+/// `surefetch.errors.redact_url`.
 pub fn redact(url: &Url) -> String {
-    if url.password().is_none() {
+    let query = url.query().map(redact_query);
+    if url.password().is_none() && query.as_deref() == url.query() {
         return url.to_string();
     }
     let mut shown = url.clone();
-    let _ = shown.set_password(Some("***"));
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    shown.set_query(query.as_deref());
     shown.to_string()
+}
+
+/// Query parameters whose values are credentials (compared without case).
+const CREDENTIAL_PARAMETERS: &[&str] = &[
+    "access_token",
+    "api_key",
+    "apikey",
+    "auth",
+    "client_secret",
+    "key",
+    "password",
+    "passwd",
+    "secret",
+    "sig",
+    "signature",
+    "token",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-amz-signature",
+    "x-goog-credential",
+    "x-goog-signature",
+];
+
+/// A query string with the values of credential parameters replaced by `***`.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) if !value.is_empty() && is_credential(name) => {
+                format!("{name}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn is_credential(name: &str) -> bool {
+    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    CREDENTIAL_PARAMETERS
+        .iter()
+        .any(|known| name.eq_ignore_ascii_case(known))
 }
 
 /// `url` (possibly unparsable text) as it may be shown; see `redact`.
@@ -437,6 +486,24 @@ fn parse_content_range(value: &str) -> Option<ContentRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_in_urls_are_redacted() {
+        for (url, shown) in [
+            ("http://user:pw@h/x", "http://user:***@h/x"),
+            ("http://h/x?token=abc&a=1", "http://h/x?token=***&a=1"),
+            (
+                "https://b.s3/x?X-Amz-Signature=zz&X-Amz-Credential=cc#f",
+                "https://b.s3/x?X-Amz-Signature=***&X-Amz-Credential=***#f",
+            ),
+            ("http://h/x?Api%5FKey=s", "http://h/x?Api%5FKey=***"),
+            ("http://h/x?throttle=1&cut=2", "http://h/x?throttle=1&cut=2"),
+            ("http://h/x?key=", "http://h/x?key="),
+            ("http://u:p@h/x?sig=1", "http://u:***@h/x?sig=***"),
+        ] {
+            assert_eq!(redact(&Url::parse(url).unwrap()), shown, "{url}");
+        }
+    }
 
     #[test]
     fn content_ranges() {

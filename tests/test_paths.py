@@ -539,11 +539,34 @@ def _with_password(url: str) -> str:
         ("http://user@h/x", "http://user@h/x"),
         ("http://h/x?next=a:b@c", "http://h/x?next=a:b@c"),
         ("not a url", "not a url"),
+        # Credentials in the query, as presigned URLs and token links carry them.
+        ("http://h/x?token=abc&a=1", "http://h/x?token=***&a=1"),
+        (
+            "https://b.s3/x?X-Amz-Signature=zz&X-Amz-Credential=cc#f",
+            "https://b.s3/x?X-Amz-Signature=***&X-Amz-Credential=***#f",
+        ),
+        ("http://h/x?Api%5FKey=s", "http://h/x?Api%5FKey=***"),
+        ("http://h/x?throttle=1&cut=2", "http://h/x?throttle=1&cut=2"),
+        ("http://h/x?key=", "http://h/x?key="),
+        ("http://u:p@h/x?sig=1", "http://u:***@h/x?sig=***"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
     assert redact_urls(f"got ({url}): x") == f"got ({expected}): x"
+
+
+def test_query_credentials_are_never_shown_nor_stored(server: FaultServer, tmp_path: Path) -> None:
+    url = server.add("t.bin", b"x" * 1000) + "?token=sekret"
+    missing = server.url_for("missing") + "?X-Amz-Signature=sekret"
+    done = run_cli(["get", missing, "--retries", "0"], cwd=tmp_path)
+    assert done.returncode == 4 and "X-Amz-Signature=***" in done.stderr, done.stderr
+    assert "sekret" not in done.stderr + done.stdout
+    fetched = run_cli(["fetch", url, "--cache", "cache", "-v"], cwd=tmp_path)
+    assert fetched.returncode == 0, fetched.stderr
+    listed = run_cli(["cache", "ls", "--cache", "cache"], cwd=tmp_path)
+    assert "token=***" in listed.stdout and "sekret" not in fetched.stderr + listed.stdout
+    assert b"sekret" not in (tmp_path / "cache" / "catalog.db").read_bytes()
 
 
 def test_cli_errors_never_show_the_password(server: FaultServer, tmp_path: Path) -> None:

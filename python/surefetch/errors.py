@@ -30,6 +30,7 @@ from here), so callers never see a bare ``RuntimeError``.
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 __all__ = [
     "Cancelled",
@@ -192,11 +193,14 @@ class NotOwner(SurefetchError):
 
 
 def redact_url(url: str) -> str:
-    """`url` with the password of its userinfo replaced: ``https://user:***@host/...``.
+    """`url` with its secrets replaced by ``***``: the password of its userinfo
+    (``https://user:***@host/...``) and the values of query parameters named like
+    credentials (``token``, ``access_token``, ``api_key``, ``sig``,
+    ``X-Amz-Signature``...: `CREDENTIAL_PARAMETERS`), as in presigned URLs.
 
-    Everything else is kept as it was; a URL without a password comes back
-    unchanged, and so does text that is not a URL. Every message that shows a
-    URL goes through this (or `redact_urls`).
+    Everything else is kept as it was; a URL without secrets comes back unchanged,
+    and so does text that is not a URL. Every message that shows a URL goes through
+    this (or `redact_urls`); the engine applies the same rule (``rust/http.rs``).
     """
     scheme, sep, rest = url.partition("://")
     if not sep or not _SCHEME.fullmatch(scheme):
@@ -204,15 +208,55 @@ def redact_url(url: str) -> str:
     end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
     userinfo, at, host = rest[:end].rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    if not at or not colon:
-        return url
-    return f"{scheme}://{user}:***@{host}{rest[end:]}"
+    authority = f"{user}:***@{host}" if at and colon else rest[:end]
+    return f"{scheme}://{authority}{_redact_query(rest[end:])}"
+
+
+#: Query parameters whose values are credentials (compared without case).
+CREDENTIAL_PARAMETERS = frozenset(
+    {
+        "access_token",
+        "api_key",
+        "apikey",
+        "auth",
+        "client_secret",
+        "key",
+        "password",
+        "passwd",
+        "secret",
+        "sig",
+        "signature",
+        "token",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-amz-signature",
+        "x-goog-credential",
+        "x-goog-signature",
+    }
+)
+
+
+def _redact_query(tail: str) -> str:
+    """The path, query and fragment `tail` of a URL with credential values hidden."""
+    before, question, after = tail.partition("?")
+    if not question:
+        return tail
+    query, hash_, fragment = after.partition("#")
+    pairs = []
+    for pair in query.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and value and urllib.parse.unquote(name).lower() in CREDENTIAL_PARAMETERS:
+            pair = f"{name}=***"
+        pairs.append(pair)
+    return f"{before}?{'&'.join(pairs)}{hash_}{fragment}"
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-_URL_WITH_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@]*@[^\s]*")
+# A URL in free text, up to white space; what a message puts after it (`)`, `:`...)
+# is not part of it.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s]*?(?=[)\]>,;:.'\"]*(?:\s|$))")
 
 
 def redact_urls(text: str) -> str:
-    """`text` with `redact_url` applied to every URL in it that carries userinfo."""
-    return _URL_WITH_USERINFO.sub(lambda m: redact_url(m[0]), text)
+    """`text` with `redact_url` applied to every URL in it."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]), text)

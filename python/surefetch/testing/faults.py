@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Final
 from urllib.parse import parse_qsl
 
+from surefetch.errors import CREDENTIAL_PARAMETERS
+
 __all__ = ["Faults", "parse_faults"]
 
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
@@ -185,8 +187,8 @@ def parse_faults(query: str) -> Faults:
     """Parse a query string into faults; raise ValueError naming the culprit."""
     values: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
-        if key.startswith("_"):
-            continue
+        if key.startswith("_") or key.lower() in CREDENTIAL_PARAMETERS:
+            continue  # a cache-buster, or a token, as presigned URLs carry: not a fault
         parser = _PARSERS.get(key)
         if parser is None:
             known = ", ".join(sorted(_PARSERS))
