@@ -101,54 +101,17 @@ pub async fn download_batch(
     progress: Arc<BatchProgress>,
     results: Sender<ItemResult>,
 ) {
-    let limit = Arc::new(Semaphore::new(jobs.max(1)));
-    let (staged_tx, staged_rx) = mpsc::unbounded_channel::<(usize, Outcome, Staged)>();
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let committer = tokio::spawn(commit_groups(
-        staged_rx,
-        results.clone(),
-        Some(Arc::clone(&progress)),
-        durable,
-        true,
-        Arc::clone(&in_flight),
-    ));
-    let mut workers = tokio::task::JoinSet::new();
+    let (submit, submissions) = mpsc::unbounded_channel();
     for (index, item) in items.into_iter().enumerate() {
-        // Items start in their order, `jobs` at a time: a place first, then the item's
-        // task (so only the running items hold a download's state).
-        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
-            break;
-        };
-        while workers.try_join_next().is_some() {} // the finished ones, not to keep them
-        if cancel.is_cancelled() {
-            // Not started: nothing of it is on disk, and its result says so at once.
-            finish(
-                &results,
-                Some(&progress),
-                index,
-                Err(Error::CancelledBeforeStart),
-            );
-            continue;
-        }
-        let started = Started {
+        let cancel = cancel.child();
+        let _ = submit.send(Submission {
             index,
-            cancel: cancel.child(),
-            progress: Arc::clone(&progress.items[index]),
-            batch: Some(Arc::clone(&progress)),
-            permit,
-            in_flight: InFlight::new(&in_flight),
-        };
-        workers.spawn(run_item(
             item,
-            started,
-            durable,
-            results.clone(),
-            staged_tx.clone(),
-        ));
+            cancel,
+        });
     }
-    drop(staged_tx);
-    while workers.join_next().await.is_some() {} // a panicked item gets no result
-    let _ = committer.await;
+    drop(submit);
+    drive(submissions, jobs, durable, results, Some(progress)).await;
 }
 
 /// One item submitted to a running batch (`download_stream`), with its own token.
@@ -164,22 +127,37 @@ pub struct Submission {
 /// is looked at when its turn comes); its result is sent on `results` once final,
 /// after the group commit. Ends when `submissions` closes and every item is final.
 pub async fn download_stream(
-    mut submissions: mpsc::UnboundedReceiver<Submission>,
+    submissions: mpsc::UnboundedReceiver<Submission>,
     jobs: usize,
     durable: bool,
     results: Sender<ItemResult>,
 ) {
+    drive(submissions, jobs, durable, results, None).await;
+}
+
+/// The batch itself: items start in the order submitted, `jobs` at a time (a place
+/// first, then the item's task, so that only the running items hold a download's
+/// state); one cancelled before it got a place ends at once, nothing of it on disk.
+/// `progress`: a batch known in advance, whose items report progress and where no
+/// two items may land on one file; None: a stream, which may download one
+/// destination again later (two at once cannot both stage: the second finds the
+/// first's part lock).
+async fn drive(
+    mut submissions: mpsc::UnboundedReceiver<Submission>,
+    jobs: usize,
+    durable: bool,
+    results: Sender<ItemResult>,
+    progress: Option<Arc<BatchProgress>>,
+) {
     let limit = Arc::new(Semaphore::new(jobs.max(1)));
     let (staged_tx, staged_rx) = mpsc::unbounded_channel::<(usize, Outcome, Staged)>();
-    // A stream may download one destination again later: no "already installed" rule
-    // (two at once cannot both stage: the second finds the first's part lock).
     let in_flight = Arc::new(AtomicUsize::new(0));
     let committer = tokio::spawn(commit_groups(
         staged_rx,
         results.clone(),
-        None,
+        progress.clone(),
         durable,
-        false,
+        progress.is_some(),
         Arc::clone(&in_flight),
     ));
     let mut workers = tokio::task::JoinSet::new();
@@ -193,16 +171,19 @@ pub async fn download_stream(
             permit = Arc::clone(&limit).acquire_owned() => permit.ok(),
             () = cancel.cancelled() => None,
         };
-        while workers.try_join_next().is_some() {}
+        while workers.try_join_next().is_some() {} // the finished ones, not to keep them
         let Some(permit) = permit.filter(|_| !cancel.is_cancelled()) else {
-            finish(&results, None, index, Err(Error::CancelledBeforeStart));
+            let batch = progress.as_deref();
+            finish(&results, batch, index, Err(Error::CancelledBeforeStart));
             continue;
         };
         let started = Started {
             index,
             cancel,
-            progress: Progress::new(),
-            batch: None,
+            progress: progress
+                .as_ref()
+                .map_or_else(Progress::new, |p| Arc::clone(&p.items[index])),
+            batch: progress.clone(),
             permit,
             in_flight: InFlight::new(&in_flight),
         };
@@ -215,7 +196,7 @@ pub async fn download_stream(
         ));
     }
     drop(staged_tx);
-    while workers.join_next().await.is_some() {}
+    while workers.join_next().await.is_some() {} // a panicked item gets no result
     let _ = committer.await;
 }
 
