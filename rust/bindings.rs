@@ -790,6 +790,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<CancelToken>()?;
     m.add_class::<Batch>()?;
+    // The engine's half of the redaction rule (Python's: surefetch.errors), compared in a test.
+    m.add(
+        "CREDENTIAL_PARAMETERS",
+        http::CREDENTIAL_PARAMETERS.to_vec(),
+    )?;
     m.add_function(wrap_pyfunction!(download, m)?)?;
     m.add_function(wrap_pyfunction!(download_many, m)?)?;
     m.add_function(wrap_pyfunction!(default_options, m)?)?;

@@ -235,7 +235,7 @@ pub fn redact(url: &Url) -> String {
 }
 
 /// Query parameters whose values are credentials (compared without case).
-const CREDENTIAL_PARAMETERS: &[&str] = &[
+pub const CREDENTIAL_PARAMETERS: &[&str] = &[
     "access_token",
     "api_key",
     "apikey",

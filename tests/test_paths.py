@@ -556,6 +556,13 @@ def test_redact_url(url: str, expected: str) -> None:
     assert redact_urls(f"got ({url}): x") == f"got ({expected}): x"
 
 
+def test_the_engine_and_python_hide_the_same_query_parameters() -> None:
+    from surefetch import _core
+    from surefetch.errors import CREDENTIAL_PARAMETERS
+
+    assert set(_core.CREDENTIAL_PARAMETERS) == CREDENTIAL_PARAMETERS
+
+
 def test_query_credentials_are_never_shown_nor_stored(server: FaultServer, tmp_path: Path) -> None:
     url = server.add("t.bin", b"x" * 1000) + "?token=sekret"
     missing = server.url_for("missing") + "?X-Amz-Signature=sekret"

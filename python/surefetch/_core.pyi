@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, final
 
 __all__ = [
+    "CREDENTIAL_PARAMETERS",
     "Batch",
     "CancelToken",
     "__version__",
@@ -20,6 +21,7 @@ __all__ = [
 ]
 
 __version__: str
+CREDENTIAL_PARAMETERS: list[str]
 
 @final
 class CancelToken:
