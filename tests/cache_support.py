@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from surefetch._fs import try_range_lock
+from surefetch.cache.locks import lock_offset
 
 from support import SUREFETCH, restore_default_signals
 
@@ -18,12 +22,8 @@ def blob_path(root: Path, sha: str) -> Path:
     return root / "blobs" / "sha256" / sha[:2] / sha
 
 
-def lock_path(root: Path, sha: str) -> Path:
-    return root / "locks" / f"sha256-{sha}.lock"
-
-
 def part_path(root: Path, sha: str) -> Path:
-    return root / "tmp" / ".surefetch" / f"sha256-{sha}.part"
+    return root / "tmp" / "v2" / ".surefetch" / f"sha256-{sha}.part"
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -59,12 +59,24 @@ def start_fetch(
     )
 
 
-def holder_pid(lock: Path) -> int | None:
-    """The pid written into a cache lock file by its holder, if any."""
+def holder_pid(root: Path, sha: str) -> int | None:
+    """The pid that says, in the cache's catalog, that it holds the lock of blob `sha`."""
     try:
-        return int(json.loads(lock.read_text() or "{}").get("pid"))
-    except (OSError, ValueError, TypeError):
+        with contextlib.closing(sqlite3.connect(root / "catalog.db", timeout=5)) as db:
+            row = db.execute("SELECT pid FROM holders WHERE key = ?", (f"sha256-{sha}",)).fetchone()
+    except sqlite3.Error:
         return None
+    return int(row[0]) if row is not None else None
+
+
+def hold_artifact_lock(root: Path, key: str) -> int:
+    """Takes the artifact lock `key` of the cache at `root` as another holder would (a
+    descriptor of its own: open file description locks exclude each other within one
+    process too); the caller closes it."""
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    fd = try_range_lock(root / "locks" / "artifacts", lock_offset(key), create=True)
+    assert fd is not None, f"the lock {key} is already held"
+    return fd
 
 
 def wait_for_download(proc: subprocess.Popen[str], part: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import signal
@@ -16,16 +15,16 @@ import pytest
 import xxhash
 
 import surefetch as sf
-from surefetch.cache import Cache, default_cache_root
+from surefetch.cache import Cache, CacheEntry, FetchRequest, default_cache_root
 from surefetch.testing import FaultServer
 
 from cache_support import (
     blob_files,
     blob_path,
     dead_url,
+    hold_artifact_lock,
     hold_flock,
     holder_pid,
-    lock_path,
     part_path,
     start_fetch,
     stop,
@@ -106,7 +105,7 @@ def test_a_killed_holder_releases_its_lock_and_its_part_is_finished(
     child = start_fetch(f"{url}?throttle={SLOW}", cache.root, "--sha256", SHA)
     try:
         wait_for_download(child, part_path(cache.root, SHA))
-        wait_until(lambda: holder_pid(lock_path(cache.root, SHA)) == child.pid, "the holder")
+        wait_until(lambda: holder_pid(cache.root, SHA) == child.pid, "the holder")
         child.send_signal(signal.SIGKILL)
         child.wait()
     finally:
@@ -126,7 +125,7 @@ def test_a_killed_holder_releases_its_lock_and_its_part_is_finished(
 def holder(cache: Cache, url: str) -> Iterator[subprocess.Popen[str]]:
     """A child `surefetch fetch` downloading DATA slowly, holding its lock."""
     child = start_fetch(f"{url}?throttle={SLOW}", cache.root, "--sha256", SHA)
-    wait_until(lambda: holder_pid(lock_path(cache.root, SHA)) == child.pid, "the holder")
+    wait_until(lambda: holder_pid(cache.root, SHA) == child.pid, "the holder")
     yield child
     stop([child])
 
@@ -180,7 +179,7 @@ def test_a_waiter_uses_the_blob_of_the_process_it_waited_for(
 ) -> None:
     child = start_fetch(f"{url}?throttle=1000000", cache.root, "--sha256", SHA)
     try:
-        wait_until(lambda: holder_pid(lock_path(cache.root, SHA)) == child.pid, "the holder")
+        wait_until(lambda: holder_pid(cache.root, SHA) == child.pid, "the holder")
         waits: list[str] = []
         entry = cache.fetch_entry(url, sha256=SHA, on_wait=waits.append, timeout=10)
         out, err = child.communicate(timeout=10)
@@ -234,9 +233,8 @@ def test_gc_evicts_the_least_recently_used(cache: Cache, server: FaultServer) ->
 
 def test_gc_keeps_a_blob_whose_lock_is_held(cache: Cache, server: FaultServer) -> None:
     oldest, middle, newest = _three_blobs(cache, server)
-    fd = os.open(lock_path(cache.root, oldest.sha256), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = hold_artifact_lock(cache.root, f"sha256-{oldest.sha256}")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         report = cache.gc(max_size=200_000)
     finally:
         os.close(fd)
@@ -253,26 +251,33 @@ def _old(*paths: Path, age: float = 7200) -> None:
         os.utime(path, (then, then))
 
 
-def test_clean_removes_old_dead_parts_only(cache: Cache) -> None:
-    parts = cache.root / "tmp" / ".surefetch"
+@pytest.mark.parametrize("generation", ["table", "flock files (before the table)"])
+def test_clean_removes_old_dead_parts_only(cache: Cache, generation: str) -> None:
+    tmp = cache.root / "tmp" / ("v2" if generation == "table" else "")
+    parts = tmp / ".surefetch"
     dead = [parts / "dead.part", parts / "dead.part.json"]
     live = [parts / "live.part", parts / "live.part.json"]
     batched = parts / f"sha256-{SHA}.part"
     young = parts / "young.part"
-    stray = cache.root / "tmp" / "sha256-stray"
+    stray = tmp / "sha256-stray"
     _old(*dead, *live, batched, stray)
     young.write_bytes(b"y")
     quarantined = cache.root / "quarantine" / "q"
     _old(quarantined)
     (cache.root / "locks").mkdir()
-    holders = [
-        hold_flock(parts / "live.lock"),  # a live download holds its engine lock
-        hold_flock(lock_path(cache.root, SHA)),  # a batch of the cache: the artifact lock
-    ]
+    holders = [hold_flock(parts / "live.lock")]  # a live download holds its engine lock
+    held = None
+    # A batch of the cache downloads under the artifact lock alone.
+    if generation == "table":
+        held = hold_artifact_lock(cache.root, f"sha256-{SHA}")
+    else:
+        holders.append(hold_flock(cache.root / "locks" / f"sha256-{SHA}.lock"))
     try:
         report = cache.clean(older_than=3600)
     finally:
         stop(holders)
+        if held is not None:
+            os.close(held)
     assert sorted(report.removed) == sorted([*dead, stray])
     assert (report.freed, report.live) == (3000, 2)
     assert all(p.exists() for p in [*live, batched]) and young.exists() and quarantined.exists()
@@ -417,3 +422,28 @@ def test_a_batch_writes_its_records_as_it_goes(tmp_path: Path) -> None:
         assert reader.blob(f"{255:064x}") is not None  # two groups of 128 are in
         assert reader.blob(f"{299:064x}") is None  # the last group waits for the end
     assert reader.blob(f"{299:064x}") is not None
+
+
+def test_a_batch_locks_each_artifact_in_the_lock_table(server: FaultServer, tmp_path: Path) -> None:
+    """A batch takes one lock per artifact without creating a file per artifact; one
+    whose lock another holder has waits for it (here: gives up, alone), and what the
+    batch said of its locks in the catalog is withdrawn when it ends."""
+    datas = [payload(4_096, seed=200 + i) for i in range(12)]
+    shas = [hashlib.sha256(d).hexdigest() for d in datas]
+    urls = [server.add(f"t{i}.bin", d) for i, d in enumerate(datas)]
+    cache = Cache(tmp_path / "cache", lock_timeout=0.3)
+    held = hold_artifact_lock(cache.root, f"sha256-{shas[3]}")
+    try:
+        results = cache.fetch_many([FetchRequest(u, sha256=s) for u, s in zip(urls, shas)])
+    finally:
+        os.close(held)
+    assert isinstance(results[3], sf.LockTimeout), results[3]
+    assert "another process" in str(results[3])
+    fetched = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, CacheEntry) for r in fetched), fetched
+    assert [r.path.read_bytes() for r in fetched if isinstance(r, CacheEntry)] == [
+        *datas[:3],
+        *datas[4:],
+    ]
+    assert sorted(os.listdir(cache.root / "locks")) == ["artifacts"]
+    assert holder_pid(cache.root, shas[0]) is None

@@ -20,7 +20,6 @@ from cache_support import (
     blob_path,
     dead_url,
     holder_pid,
-    lock_path,
     part_path,
     start_fetch,
     stop,
@@ -90,7 +89,7 @@ def test_a_wrong_digest_exits_3_and_caches_nothing(url: str, root: Path) -> None
 def test_a_lock_wait_timeout_exits_1_naming_the_holder(url: str, root: Path) -> None:
     holder = start_fetch(f"{url}?throttle=100000", root, "--sha256", SHA)
     try:
-        wait_until(lambda: holder_pid(lock_path(root, SHA)) == holder.pid, "the holder")
+        wait_until(lambda: holder_pid(root, SHA) == holder.pid, "the holder")
         out = run_cli(
             ["fetch", url, "--sha256", SHA, "--cache", str(root), "--lock-timeout", "0.3"]
         )
@@ -107,7 +106,7 @@ def test_ctrl_c_while_waiting_exits_130(url: str, root: Path) -> None:
     holder = start_fetch(f"{url}?throttle=100000", root, "--sha256", SHA)
     waiter = None
     try:
-        wait_until(lambda: holder_pid(lock_path(root, SHA)) == holder.pid, "the holder")
+        wait_until(lambda: holder_pid(root, SHA) == holder.pid, "the holder")
         waiter = start_fetch(url, root, "--sha256", SHA)
         assert waiter.stderr is not None
         assert waiter.stderr.readline().startswith("surefetch: waiting for pid ")
@@ -195,7 +194,7 @@ def test_modes_follow_the_umask(
     modes = {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
     assert {name for name, mode in modes.items() if mode not in (file_mode, dir_mode)} == set()
     assert modes[str(blob_path(root, SHA).relative_to(root))] == file_mode
-    assert modes[f"locks/sha256-{SHA}.lock"] == file_mode
+    assert modes["locks/artifacts"] == file_mode
     assert modes["blobs/sha256"] == dir_mode
     assert modes["catalog.db"] == file_mode
 

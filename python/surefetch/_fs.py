@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import stat
+import struct
 import time
 from pathlib import Path
 from typing import Final, Literal
@@ -204,6 +205,44 @@ def try_flock(path: Path, mode: int = 0o644) -> int | None:
         if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
             return fd
         os.close(fd)
+
+
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (32 bytes).
+_FLOCK_STRUCT: Final = "hhqqi4x"
+RANGE_LOCK_LIMIT: Final = 1 << 62  # offsets below this leave l_start + l_len in range
+
+
+def try_range_lock(path: Path, offset: int, *, create: bool, mode: int = 0o644) -> int | None:
+    """An exclusive lock on byte `offset` of the file at `path`: a descriptor that holds
+    it until closed, or None while another holder has it.
+
+    An open file description lock (``F_OFD_SETLK``): like ``flock``, it belongs to this
+    descriptor (so two holders in one process exclude each other too, unlike POSIX
+    ``fcntl`` locks), is released by the kernel when its holder dies, and is never
+    followed through a symlink; unlike ``flock``, one file holds any number of them, so
+    a lock costs no file of its own. The file is created (`mode` minus the umask) only
+    with `create`.
+
+    Raises:
+        OSError: the file cannot be opened (``FileNotFoundError``: missing and not
+            `create`; ``PermissionError``: this user may not write it).
+    """
+    if not 0 <= offset < RANGE_LOCK_LIMIT:
+        raise ValueError(f"a range lock's offset must be in [0, 2**62), not {offset}")
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, mode)
+    request = struct.pack(_FLOCK_STRUCT, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_json_atomic(target: Path, value: object, *, durable: bool, mode: int = 0o644) -> None:

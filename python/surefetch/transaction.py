@@ -168,16 +168,28 @@ def _inside(root: str, path: str) -> bool:
 
 
 def _safe_target(
-    root: str, target: str, file: Path, name: str, error: type[SurefetchError]
+    root: str,
+    target: str,
+    file: Path,
+    name: str,
+    error: type[SurefetchError],
+    parents_inside: set[str] | None = None,
 ) -> Path:
-    """The absolute target path, refusing symlinks that lead out of `root` and directories."""
+    """The absolute target path, refusing symlinks that lead out of `root` and directories.
+
+    `parents_inside`: directories already found inside `root` in this pass (each is
+    resolved once, not once per file in it); the checked parent is added."""
     full = Path(root, target)
-    parent = os.path.realpath(full.parent)
-    if not _inside(root, parent):
-        raise error(
-            f"{file}: artifact {name!r}: {target!r} leads outside the destination {root} "
-            f"(through a symlink, to {parent}); remove the symlink or change 'path'"
-        )
+    unresolved = os.path.dirname(full)
+    if parents_inside is None or unresolved not in parents_inside:
+        parent = os.path.realpath(unresolved)
+        if not _inside(root, parent):
+            raise error(
+                f"{file}: artifact {name!r}: {target!r} leads outside the destination {root} "
+                f"(through a symlink, to {parent}); remove the symlink or change 'path'"
+            )
+        if parents_inside is not None:
+            parents_inside.add(unresolved)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISDIR(os.lstat(full).st_mode):
             raise error(
@@ -244,6 +256,7 @@ def _install(
     their durability is unknown), for the caller to raise once the lockfile matches them.
     """
     touched: set[Path] = set()
+    parents_inside: set[str] = set()
     staged = [o for o in outcomes if o.staged is not None]
     for installed, outcome in enumerate(staged):
         item = outcome.item
@@ -252,7 +265,8 @@ def _install(
         try:
             if target.parent not in touched:  # each directory once, not once per file
                 target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            _safe_target(root, item.target, file, item.name, error)  # again, now it exists
+            # Again, now that it exists (each directory once).
+            _safe_target(root, item.target, file, item.name, error, parents_inside)
             os.replace(outcome.staged, target)
         except OSError as exc:
             what = f"{item.name}: cannot install {target}"
@@ -373,8 +387,9 @@ def sync(
         if locked:
             check_locked(items, removed, old_bytes, lock_path)
     root = _prepare_dest(Path(os.fspath(dest)))
+    parents_inside: set[str] = set()
     for item in items:
-        _safe_target(root, item.target, source, item.name, error)
+        _safe_target(root, item.target, source, item.name, error, parents_inside)
     token = cancel.child() if cancel is not None else CancelToken()
     state = Path(root, STATE_DIR)
     try:
@@ -462,8 +477,11 @@ def verify(lock: StrPath = "surefetch.lock", dest: StrPath = ".") -> list[Differ
         ) from None
     root = os.path.realpath(os.fspath(dest))
     found: list[Difference] = []
+    parents_inside: set[str] = set()
     for entry in locked.artifacts:
-        target = _safe_target(root, entry.target, lock_path, entry.name, LockfileError)
+        target = _safe_target(
+            root, entry.target, lock_path, entry.name, LockfileError, parents_inside
+        )
         found.extend(_differences(entry, target))
     return found
 

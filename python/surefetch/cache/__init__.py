@@ -1,4 +1,4 @@
-"""A content-addressed download cache with one cross-process lock per artifact.
+"""A content-addressed download cache with a cross-process lock per artifact.
 
 Layout under the root (``$SUREFETCH_CACHE``, else ``$XDG_CACHE_HOME/surefetch``,
 else ``~/.cache/surefetch``)::
@@ -6,17 +6,21 @@ else ``~/.cache/surefetch``)::
     blobs/sha256/<2 hex>/<64 hex>    verified blobs, named by their SHA-256
     catalog.db                       SQLite: size, xxh3_128 and the last URL of each
                                      blob; which blob each URL gave, and its validators
-    locks/<key>.lock                 one flock per artifact (key: sha256-<hex> or url-<hash>)
-    tmp/<key>                        downloads in flight; the engine keeps its part
-                                     files in tmp/.surefetch/ (resumed by the next fetch)
+    locks/artifacts                  the lock table: one byte-range lock per artifact
+                                     (key: sha256-<hex> or url-<hash>)
+    tmp/v2/<key>                     downloads in flight; the engine keeps its part
+                                     files in tmp/v2/.surefetch/ (resumed by the next fetch)
     quarantine/                      blobs that did not match their digest
 
-A fetch takes the artifact's lock (``flock``, released by the kernel when its
-holder dies, so it can never go stale), looks for the blob, and downloads only
-when it is missing; the engine verifies the bytes, then the file is renamed into
-``blobs/`` and the directory fsynced, so nothing partial is ever visible there.
-A waiting process learns whom it waits for from the lock file's content (pid,
-host, URL, since when), which the holder writes when it takes the lock.
+A fetch takes the artifact's lock (an open file description lock on one byte of
+the lock table, released by the kernel when its holder dies, so it can never go
+stale; no file per artifact), looks for the blob, and downloads only when it is
+missing; the engine verifies the bytes, then the file is renamed into ``blobs/``
+and the directory fsynced, so nothing partial is ever visible there. A waiting
+process learns whom it waits for (pid, host, URL, since when) from the catalog,
+where the holder says it when it takes the lock. Caches of earlier versions
+locked ``locks/<key>.lock`` and downloaded into ``tmp/``; `cache clean` still
+tidies both (see `surefetch.cache.locks`).
 
 Trust model (a cache shared by several users): a blob enters ``blobs/`` only
 after its digest was verified. A blob file is trusted without re-hashing only
@@ -40,7 +44,7 @@ symlink: each must be a real directory, and one that belongs to another user
 bit; the root may be a symlink, but the same ownership rule applies to it.
 Anything else raises `StorageError` naming the directory. Lock files are opened
 with ``O_NOFOLLOW``. No file of the cache holds a password: the URLs in the
-metadata and in lock files are redacted (`surefetch.errors.redact_url`).
+metadata and in what lock holders say are redacted (`surefetch.errors.redact_url`).
 
 Timeouts: ``lock_timeout`` bounds each wait for another process's lock and
 raises `LockTimeout` naming the holder; the overall ``timeout`` of a fetch

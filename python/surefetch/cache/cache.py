@@ -285,9 +285,10 @@ class Cache:
     def clean(self, older_than: float = 7 * 86400, *, quarantine: bool = False) -> CleanReport:
         """Remove part files of dead downloads older than `older_than` seconds.
 
-        A part whose download is alive (its engine lock is held) is never touched;
-        neither is a young part, which the next fetch of its artifact resumes.
-        Stray files in ``tmp/`` and idle lock files of that age go too.
+        A part whose download is alive (its artifact lock or engine lock is held) is
+        never touched; neither is a young part, which the next fetch of its artifact
+        resumes. Stray files in ``tmp/`` and the idle lock files of earlier versions
+        (``locks/<key>.lock``) of that age go too.
 
         Args:
             older_than: minimum age in seconds (by modification time).

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from surefetch._fs import written_only_by_us
 
-__all__ = ["BlobRecord", "Catalog", "UrlRecord"]
+__all__ = ["BlobRecord", "Catalog", "Holder", "UrlRecord"]
 
 _log = logging.getLogger("surefetch.cache")
 
@@ -50,6 +50,13 @@ CREATE TABLE IF NOT EXISTS urls (
     last_modified TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS urls_by_blob ON urls (sha256);
+CREATE TABLE IF NOT EXISTS holders (
+    key TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    url TEXT NOT NULL,
+    since REAL NOT NULL
+) WITHOUT ROWID;
 """
 _BUSY_TIMEOUT_S = 10.0
 # A batch's deferred records are written at least this often (so that a killed batch
@@ -80,6 +87,17 @@ class UrlRecord:
     sha256: str
     etag: str | None
     last_modified: str | None
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who said it holds an artifact lock: a process (`pid` on `host`) fetching `url`
+    (redacted) since `since` (seconds since the epoch)."""
+
+    pid: int
+    host: str
+    url: str
+    since: float
 
 
 class Catalog:
@@ -151,6 +169,46 @@ class Catalog:
             "VALUES (?, ?, ?, ?, ?)",
             (key, record.url, record.sha256, record.etag, record.last_modified),
         )
+
+    def hold(self, keys: list[tuple[str, str]], holder: tuple[int, str, float]) -> None:
+        """Says that this process (`holder`: pid, host, since) holds the artifact locks
+        `keys` (key, redacted URL), for a waiter to name it; written at once, in one
+        transaction, whatever `deferred` says."""
+        pid, host, since = holder
+        self._execute_all(
+            [
+                (
+                    "INSERT OR REPLACE INTO holders (key, pid, host, url, since) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (key, pid, host, url, since),
+                )
+                for key, url in keys
+            ]
+        )
+
+    def released(self, keys: list[str], pid: int, host: str) -> None:
+        """Withdraws what `hold` said of `keys` for this process (pid on host)."""
+        self._execute_all(
+            [
+                ("DELETE FROM holders WHERE key = ? AND pid = ? AND host = ?", (key, pid, host))
+                for key in keys
+            ]
+        )
+
+    def holder(self, key: str) -> Holder | None:
+        """Who last said it holds the artifact lock `key`, or None."""
+        row = self._read("SELECT pid, host, url, since FROM holders WHERE key = ?", (key,))
+        if row is None:
+            return None
+        pid, host, url, since = row
+        if not (
+            isinstance(pid, int)
+            and isinstance(host, str)
+            and isinstance(url, str)
+            and isinstance(since, (int, float))
+        ):
+            return None
+        return Holder(pid, host, url, float(since))
 
     def forget_blob(self, digest: str) -> None:
         """Drops the records of a blob that left the cache (evicted, quarantined), and of

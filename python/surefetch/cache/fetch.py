@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surefetch.cache.index import indexed, offline_entry, url_key, write_index
-from surefetch.cache.locks import locked, take_if_free
+from surefetch.cache.locks import PARTS, announce, locked, take_if_free, withdraw
 from surefetch.cache.store import BlobStore, CacheEntry, check_sha256, check_size
 from surefetch.download import (
     BatchProgressCallback,
@@ -143,13 +143,16 @@ class Fetcher:
                         settle(index, exc)
                     continue
                 key = f"sha256-{expected}" if expected else f"url-{url_key(request.url)}"
-                fd = take_if_free(store, key, request.url)
+                fd = take_if_free(store, key)
                 if fd is None:  # another process (or an earlier request here) has it
                     waiting.append(index)
                     continue
                 held.callback(os.close, fd)
                 batch.append((index, key, expected))
             if batch:
+                keys = [key for _, key, _ in batch]
+                announce(store, [(key, requests[i].url) for i, key, _ in batch])
+                held.callback(withdraw, store, keys)
                 per_request = None
                 if item_progress is not None:
                     report = item_progress
@@ -234,14 +237,14 @@ class Fetcher:
 
         download_many(
             items,
-            self.store.directory("tmp"),
+            self.store.directory(*PARTS),
             jobs=jobs,
             cancel=cancel,
             on_result=one,
             progress=progress,
             item_progress=item_progress,
             options=transfer,
-            lock_parts=False,  # the artifact locks, held for the batch, cover tmp/<key>
+            lock_parts=False,  # the artifact locks, held for the batch, cover tmp/v2/<key>
         )
         if placed:
             # The blobs' data was durable before their renames; one syncfs makes the
@@ -267,7 +270,7 @@ class Fetcher:
         If-None-Match with its strong ETag, else If-Modified-Since): a ``304`` reuses it
         with no body transferred."""
         remaining = _remaining(deadline, url)
-        tmp = self.store.directory("tmp") / key
+        tmp = self.store.directory(*PARTS) / key
         cached, etag, modified = self._revalidation(url, expected)
         result = download(
             url,

@@ -1,27 +1,51 @@
-"""The artifact locks: one ``flock`` per artifact in ``locks/`` (key: ``sha256-<hex>``
-or ``url-<hash>``), so that at most one process fetches an artifact at a time. The
-kernel releases a lock when its holder dies, so none can go stale; the holder writes
-who it is into the lock file, and a waiter names it in its messages."""
+"""The artifact locks, so that at most one process fetches an artifact at a time.
+
+An artifact's lock is one byte of the lock table ``locks/artifacts``, at an offset
+derived from its key (``sha256-<hex>`` or ``url-<hash>``): an open file description
+lock (`surefetch._fs.try_range_lock`), so that a batch takes a lock per artifact
+without creating a file per artifact. The kernel releases a lock when its holder
+dies, so none can go stale. A holder says in the catalog who it is
+(`Catalog.hold`), and a waiter names it in its messages.
+
+Caches of surefetch before the table were locked with one ``flock`` file per
+artifact, ``locks/<key>.lock``, and their downloads ran in ``tmp/``. This version's
+run in ``tmp/v2/`` (`PARTS`): a process of each kind on one cache can at worst
+fetch an artifact twice, never write into the other's part file."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
+import hashlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
-from surefetch._fs import try_flock
+from surefetch._fs import RANGE_LOCK_LIMIT, try_flock, try_range_lock
 from surefetch.cache.store import FILE_MODE, BlobStore, printable
 from surefetch.download import CancelToken
 from surefetch.errors import Cancelled, DownloadTimeout, LockTimeout, redact_url
 
-__all__ = ["flocked_if_free", "locked", "locked_if_free", "take_if_free"]
+__all__ = [
+    "PARTS",
+    "TABLE",
+    "announce",
+    "flocked_if_free",
+    "lock_offset",
+    "locked",
+    "locked_if_free",
+    "take_if_free",
+    "withdraw",
+]
 
 _log = logging.getLogger("surefetch.cache")
 _POLL_S = 0.05
+TABLE: Final = "artifacts"  # in locks/
+PARTS: Final = ("tmp", "v2")  # where downloads under the table's locks run
 
 
 @contextlib.contextmanager
@@ -36,32 +60,62 @@ def locked(
 ) -> Iterator[None]:
     """Holds the artifact lock `key`, waiting for its holder if needed (see
     `_wait_for_lock`)."""
-    path = store.directory("locks") / f"{key}.lock"
-    fd = _wait_for_lock(path, url, deadline, lock_timeout, cancel, on_wait)
+    fd = _wait_for_lock(store, key, url, deadline, lock_timeout, cancel, on_wait)
     try:
-        _write_holder(fd, url)
+        announce(store, [(key, url)])
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        withdraw(store, [key])
         os.close(fd)
 
 
-def take_if_free(store: BlobStore, key: str, url: str) -> int | None:
-    """The descriptor that now holds the artifact lock `key` (its holder told: fetching
-    `url`), for the caller to close; None when another process (or an earlier request of
-    this one) has it."""
-    fd = _flock_nb(store.directory("locks") / f"{key}.lock")
-    if fd is not None:
-        _write_holder(fd, url)
-    return fd
+def take_if_free(store: BlobStore, key: str) -> int | None:
+    """The descriptor that now holds the artifact lock `key`, for the caller to close
+    (after `announce`, and `withdraw` before closing); None when another process (or an
+    earlier request of this one) has it."""
+    return try_range_lock(
+        store.directory("locks") / TABLE, lock_offset(key), create=True, mode=FILE_MODE
+    )
+
+
+def announce(store: BlobStore, held: list[tuple[str, str]]) -> None:
+    """Says in the catalog that this process holds the locks of `held` (key, URL), for
+    waiters to name it (best effort; the URLs are redacted: others may read it)."""
+    if held:
+        store.catalog.hold([(key, redact_url(url)) for key, url in held], _identity())
+
+
+def withdraw(store: BlobStore, keys: list[str]) -> None:
+    """Takes back what `announce` said of `keys`."""
+    if keys:
+        pid, host, _ = _identity()
+        store.catalog.released(keys, pid, host)
+
+
+def lock_offset(key: str) -> int:
+    """The byte of the lock table that is the artifact lock `key` (62 bits of its
+    BLAKE2b: two keys share one with odds of 2**-62, and then only wait for each other)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % RANGE_LOCK_LIMIT
 
 
 @contextlib.contextmanager
 def locked_if_free(store: BlobStore, key: str) -> Iterator[bool]:
-    """Holds the artifact lock `key` if nobody else does; yields whether it does."""
-    with flocked_if_free(store.checked("locks") / f"{key}.lock", unlink=False) as ok:
-        yield ok
+    """Holds the artifact lock `key` if nobody else does; yields whether it does (a
+    cache with no lock table has no holder)."""
+    table = store.checked("locks") / TABLE
+    try:
+        fd = try_range_lock(table, lock_offset(key), create=False)
+    except FileNotFoundError:
+        yield True
+        return
+    if fd is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -98,35 +152,36 @@ def _flock_nb(path: Path) -> int | None:
 
 
 def _wait_for_lock(
-    path: Path,
+    store: BlobStore,
+    key: str,
     url: str,
     deadline: float | None,
     lock_timeout: float,
     cancel: CancelToken | None,
     on_wait: Callable[[str], None] | None,
 ) -> int:
-    """Polls the flock on `path` until it is ours, the time runs out, or `cancel` fires."""
+    """Polls the artifact lock `key` until it is ours, the time runs out, or `cancel` fires."""
     started = time.monotonic()
     lock_deadline = started + lock_timeout
     told = False
     while True:
         if cancel is not None and cancel.cancelled:
             raise Cancelled(
-                f"cancelled while waiting for {_holder(path)} to finish {redact_url(url)}"
+                f"cancelled while waiting for {_holder(store, key)} to finish {redact_url(url)}"
             )
-        fd = _flock_nb(path)
+        fd = take_if_free(store, key)
         if fd is not None:
             return fd
         now = time.monotonic()
         if not told:
             told = True
-            _log.info("waiting for %s (cache lock of %s)", _holder(path), redact_url(url))
+            _log.info("waiting for %s (cache lock of %s)", _holder(store, key), redact_url(url))
             if on_wait is not None:
-                on_wait(_holder(path))
+                on_wait(_holder(store, key))
         waited = now - started
         if deadline is not None and now >= deadline and deadline <= lock_deadline:
             raise DownloadTimeout(
-                f"the timeout ran out after {waited:.1f} s waiting for {_holder(path)} "
+                f"the timeout ran out after {waited:.1f} s waiting for {_holder(store, key)} "
                 f"to finish {redact_url(url)}; allow more time (timeout / --timeout) or stop "
                 "that process"
             )
@@ -134,42 +189,41 @@ def _wait_for_lock(
             raise LockTimeout(
                 f"gave up after {waited:.1f} s waiting for the cache lock on {redact_url(url)}, "
                 "held by "
-                f"{_holder(path)}; if that process is stuck stop it (its lock goes with it), "
+                f"{_holder(store, key)}; if that process is stuck stop it (its lock goes with it), "
                 f"or wait longer (lock_timeout / --lock-timeout)"
             )
         time.sleep(_POLL_S)
 
 
-def _write_holder(fd: int, url: str) -> None:
-    """Tells waiters who holds the lock (best effort: another user's file is read-only).
-
-    Others may read the lock file: the URL's password is not written.
-    """
-    import socket
-
-    record = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "url": redact_url(url),
-        "since": time.time(),
-    }
-    with contextlib.suppress(OSError):
-        data = json.dumps(record).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+@functools.cache
+def _host() -> str:
+    return socket.gethostname()
 
 
-def _holder(path: Path) -> str:
-    """``pid 12 on host h (fetching URL since 12:00:01)``, from the lock file's content."""
+def _identity() -> tuple[int, str, float]:
+    """This process as a lock holder: pid, host, and now (seconds since the epoch)."""
+    return os.getpid(), _host(), time.time()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (a killed holder leaves what it said)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            record = json.loads(os.read(fd, 8192) or b"{}")
-        finally:
-            os.close(fd)
-        pid, host = int(record["pid"]), printable(str(record["host"]))
-        url = printable(redact_url(str(record["url"])))
-        since = time.strftime("%H:%M:%S", time.localtime(float(record["since"])))
-    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _holder(store: BlobStore, key: str) -> str:
+    """``pid 12 on host h (fetching URL since 12:00:01)``, from what the holder said."""
+    said = store.catalog.holder(key)
+    if said is None or (said.host == _host() and not _alive(said.pid)):
         return "another process (it has not said which)"
-    return f"pid {pid} on host {host} (fetching {url} since {since})"
+    try:
+        since = time.strftime("%H:%M:%S", time.localtime(said.since))
+    except (ValueError, OverflowError, OSError):
+        return "another process (it has not said which)"
+    host, url = printable(said.host), printable(redact_url(said.url))
+    return f"pid {said.pid} on host {host} (fetching {url} since {since})"

@@ -8,10 +8,13 @@ import contextlib
 import re
 import stat
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from surefetch.cache.locks import flocked_if_free, locked_if_free
+from surefetch.cache.locks import PARTS, flocked_if_free, locked_if_free
 from surefetch.cache.store import BlobStore, printable, read_json
 from surefetch.download import CancelToken, hash_file
 from surefetch.errors import redact_url
@@ -153,36 +156,58 @@ def clean(store: BlobStore, older_than: float, *, quarantine: bool) -> CleanRepo
     cutoff = time.time() - older_than
     removed: list[tuple[Path, int]] = []
     live = 0
-    parts = store.checked("tmp", ".surefetch")
-    for base, group in _part_groups(parts).items():
-        if _newest_mtime(group) > cutoff:
-            continue
-        # A batch of the cache downloads under the artifact lock alone (no engine lock).
-        with (
-            locked_if_free(store, base) as artifact_free,
-            flocked_if_free(parts / f"{base}.lock", unlink=True) as part_free,
-        ):
-            if not (artifact_free and part_free):
-                live += 1
-                continue
-            removed += _remove(group)
-    tmp = store.checked("tmp")
-    for stray in sorted(tmp.iterdir()) if tmp.is_dir() else []:
-        if stray.is_file() and _newest_mtime([stray]) <= cutoff:
-            with locked_if_free(store, stray.name) as ok:
-                if ok:
-                    removed += _remove([stray])
     locks = store.checked("locks")
+
+    def legacy_lock_free(key: str) -> AbstractContextManager[bool]:
+        return flocked_if_free(locks / f"{key}.lock", unlink=False)
+
+    # This version's downloads (under the lock table), then those of caches before it.
+    for where, artifact_free in (
+        (PARTS, partial(locked_if_free, store)),
+        (("tmp",), legacy_lock_free),
+    ):
+        gone, kept = _clean_downloads(store.checked(*where), artifact_free, cutoff)
+        removed += gone
+        live += kept
     for lock in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
-        if _newest_mtime([lock]) <= cutoff:
+        if _newest_mtime([lock]) <= cutoff:  # a lock file of a cache before the table
             with flocked_if_free(lock, unlink=True):
                 pass
     quarantined = store.checked("quarantine")
     if quarantine and quarantined.is_dir():
         removed += _remove(sorted(quarantined.iterdir()))
+    return CleanReport([p for p, _ in removed], sum(n for _, n in removed), live)
+
+
+def _clean_downloads(
+    tmp: Path, artifact_free: Callable[[str], AbstractContextManager[bool]], cutoff: float
+) -> tuple[list[tuple[Path, int]], int]:
+    """Removes the downloads in `tmp` that nobody has touched since `cutoff` and whose
+    locks are free: the engine's part files (in ``.surefetch/``) and finished downloads
+    not yet moved into ``blobs/``. Returns what it removed and how many live parts it kept."""
+    removed: list[tuple[Path, int]] = []
+    live = 0
+    parts = tmp / ".surefetch"
+    for base, group in _part_groups(parts).items():
+        if _newest_mtime(group) > cutoff:
+            continue
+        # A batch of the cache downloads under the artifact lock alone (no engine lock).
+        with (
+            artifact_free(base) as artifact_is_free,
+            flocked_if_free(parts / f"{base}.lock", unlink=True) as part_is_free,
+        ):
+            if not (artifact_is_free and part_is_free):
+                live += 1
+                continue
+            removed += _remove(group)
+    for stray in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+        if stray.is_file() and _newest_mtime([stray]) <= cutoff:
+            with artifact_free(stray.name) as ok:
+                if ok:
+                    removed += _remove([stray])
     with contextlib.suppress(OSError):
         parts.rmdir()  # only when empty
-    return CleanReport([p for p, _ in removed], sum(n for _, n in removed), live)
+    return removed, live
 
 
 def _newest_mtime(paths: list[Path]) -> float:
