@@ -172,6 +172,25 @@ pub fn part_dir(parent: &Path) -> Result<PathBuf> {
     if fs::symlink_metadata(&dir).is_ok_and(|meta| meta.is_dir() && owned_by_me_or_root(&meta)) {
         return Ok(dir); // the common case, without a mkdir of each level
     }
+    // Another download that found the directory empty may remove it at any moment
+    // (`remove_dir` when it ends): create it again when it vanished under us.
+    let mut tries = 0;
+    let meta = loop {
+        match create_part_dir(parent, &dir) {
+            Err(Error::Storage { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && tries < 100 =>
+            {
+                tries += 1;
+            }
+            other => break other?,
+        }
+    };
+    check_part_dir(dir, &meta)
+}
+
+/// Creates `parent` (each missing level) and the part directory `dir` in it; what is
+/// now at `dir`, not followed through a symlink.
+fn create_part_dir(parent: &Path, dir: &Path) -> Result<fs::Metadata> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
@@ -185,18 +204,22 @@ pub fn part_dir(parent: &Path) -> Result<PathBuf> {
             ),
             None => Error::storage("creating", parent, e),
         })?;
-    match fs::DirBuilder::new().mode(0o755).create(&dir) {
+    match fs::DirBuilder::new().mode(0o755).create(dir) {
         Ok(()) => {}
-        // Checked below: a directory (ours or not), a file, a symlink...
+        // Checked by the caller: a directory (ours or not), a file, a symlink...
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::storage("creating", &dir, e)),
+        Err(e) => return Err(Error::storage("creating", dir, e)),
     }
-    let meta = fs::symlink_metadata(&dir).map_err(|e| Error::storage("creating", &dir, e))?;
+    fs::symlink_metadata(dir).map_err(|e| Error::storage("creating", dir, e))
+}
+
+/// `dir` when `meta` shows a real directory of ours (or root's); else why not.
+fn check_part_dir(dir: PathBuf, meta: &fs::Metadata) -> Result<PathBuf> {
     let problem = if meta.file_type().is_symlink() {
         "it is a symbolic link, which surefetch never follows to its part files".to_owned()
     } else if !meta.is_dir() {
         "it is not a directory".to_owned()
-    } else if !owned_by_me_or_root(&meta) {
+    } else if !owned_by_me_or_root(meta) {
         format!(
             "it belongs to another user (uid {}), not to you",
             meta.uid()
@@ -351,6 +374,10 @@ impl Drop for PartLock {
 const DIRECT_ALIGN: u64 = 4096;
 /// Files smaller than this are not worth the synchronous device writes of `O_DIRECT`.
 const DIRECT_MIN_SIZE: u64 = 16 << 20;
+/// Files up to this size are not preallocated: one write allocates them anyway (and
+/// fails as early when the disk is full), while `fallocate` would add an unwritten
+/// extent for the journal to convert.
+const PREALLOCATE_MIN_SIZE: u64 = 1 << 20;
 
 /// The part file being written: one buffered descriptor, and a second one with
 /// `O_DIRECT` for page-aligned writes where the filesystem supports it.
@@ -370,7 +397,7 @@ pub struct PartFile {
 
 impl PartFile {
     /// Creates a new, empty part file (removing any previous one), 0644 minus the umask,
-    /// preallocated to `size` when it is known. Large files are written with
+    /// preallocated to `size` when it is known and over 1 MiB. Large files are written with
     /// `O_DIRECT` where the filesystem supports it.
     pub fn create(path: &Path, size: Option<u64>, durable: bool) -> Result<Self> {
         match fs::remove_file(path) {
@@ -401,7 +428,7 @@ impl PartFile {
         let file = created.map_err(|e| Error::storage("creating", path, e))?;
         let mut part = Self::with_file(file, path, size, durable);
         part.created_here = true;
-        if let Some(size) = size.filter(|s| *s > 0) {
+        if let Some(size) = size.filter(|s| *s > PREALLOCATE_MIN_SIZE) {
             part.preallocate(size)?;
         }
         Ok(part)
@@ -617,6 +644,28 @@ pub fn file_mode(executable: bool) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A download that ends removes the part directory when it is empty; one that
+    /// starts at that moment creates it again instead of failing with ENOENT.
+    #[test]
+    fn part_dir_survives_a_concurrent_tidy() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join(PART_DIR);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tidier = {
+            let (dir, stop) = (dir.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::remove_dir(&dir);
+                }
+            })
+        };
+        let results: Vec<_> = (0..20000).map(|_| part_dir(parent.path())).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tidier.join().unwrap();
+        let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
 
     #[test]
     fn paths_live_in_the_part_dir() {

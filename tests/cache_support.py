@@ -80,11 +80,12 @@ def hold_artifact_lock(root: Path, key: str) -> int:
 
 
 def wait_for_download(proc: subprocess.Popen[str], part: Path) -> None:
-    """Waits until `proc` has written some bytes into its part file."""
+    """Waits until `proc` has created its part file (a body that fits one block is
+    written into it at once when it has all arrived, so it may still be empty)."""
 
     def started() -> bool:
         assert proc.poll() is None, proc.communicate()
-        return part.exists() and part.stat().st_size > 0
+        return part.exists()
 
     wait_until(started, "the download to start")
 

@@ -20,13 +20,17 @@ from pathlib import Path
 __all__ = ["netrc_headers", "netrc_path"]
 
 # The last netrc file parsed: its path, (mtime, ctime, size, inode) then, its entries.
-_last: tuple[Path, tuple[int, int, int, int], netrc.netrc] | None = None
+_last: tuple[str, tuple[int, int, int, int], netrc.netrc] | None = None
 
 
 def netrc_path() -> Path:
     """``$NETRC`` if set, else ``~/.netrc``."""
-    configured = os.environ.get("NETRC")
-    return Path(configured) if configured else Path.home() / ".netrc"
+    return Path(_netrc_path())
+
+
+def _netrc_path() -> str:
+    # A string, not a Path: asked once per download (a worker's every job).
+    return os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
 
 
 def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -43,7 +47,7 @@ def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]
     parts = urllib.parse.urlsplit(url)
     if parts.username or not parts.hostname:
         return result
-    path = netrc_path()
+    path = _netrc_path()
     try:
         found = _parsed(path)
         if found is None:
@@ -66,7 +70,7 @@ def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]
     return result
 
 
-def _parsed(path: Path) -> netrc.netrc | None:
+def _parsed(path: str) -> netrc.netrc | None:
     """The netrc file at `path`, parsed once for as long as it does not change (a batch
     asks once per URL); None when there is none.
 
@@ -75,7 +79,7 @@ def _parsed(path: Path) -> netrc.netrc | None:
     """
     global _last
     try:
-        st = path.stat()
+        st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     if not stat.S_ISREG(st.st_mode):
@@ -83,6 +87,6 @@ def _parsed(path: Path) -> netrc.netrc | None:
     version = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
     if _last is not None and _last[0] == path and _last[1] == version:
         return _last[2]
-    parsed = netrc.netrc(str(path))
+    parsed = netrc.netrc(path)
     _last = (path, version, parsed)
     return parsed
