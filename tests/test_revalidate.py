@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,36 @@ def test_sync_upgrade_revalidates_unpinned_artifacts(server: FaultServer, tmp_pa
     assert upgraded.returncode == 0, upgraded.stderr
     assert server.bytes_sent == 0 and len(server.requests) == len(names)
     assert (tmp_path / "surefetch.lock").read_bytes() == lock
+
+
+@pytest.mark.parametrize("how", ["fetch", "batch"])
+def test_a_304_for_a_blob_evicted_meanwhile_downloads_it_again(
+    server: FaultServer, tmp_path: Path, how: str
+) -> None:
+    """`cache gc` in another process evicts by the blob's lock, not the URL's that a
+    revalidation holds: when the blob left while the server answered 304, the fetch
+    downloads it again in the same call instead of returning a path that is gone."""
+    data = payload(30_000, seed=77)
+    url = server.add("evicted.bin", data) + "?hang_headers=0.6"
+    root = tmp_path / "cache"
+    cache = sf.Cache(root)
+    first = cache.fetch_entry(url)
+    server.reset_counters()
+
+    def gc_meanwhile() -> None:
+        time.sleep(0.3)  # while the server holds back its 304
+        out = run_cli(["cache", "gc", "--cache", str(root), "--max-size", "0"])
+        assert out.returncode == 0, out.stderr
+
+    evicting = threading.Thread(target=gc_meanwhile)
+    evicting.start()
+    if how == "fetch":
+        again = cache.fetch_entry(url)
+    else:
+        (result,) = cache.fetch_many([FetchRequest(url)])
+        assert isinstance(result, CacheEntry), result
+        again = result
+    evicting.join()
+    assert again.path == first.path and again.path.read_bytes() == data
+    conditional = ["if-none-match" in r.headers for r in server.requests]
+    assert conditional == [True, False]  # the 304, then the download again

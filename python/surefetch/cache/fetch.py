@@ -68,7 +68,7 @@ class Fetcher:
         timeout = transfer.timeout
         deadline = time.monotonic() + timeout if timeout is not None else None
         expected = check_sha256(sha256) if sha256 is not None else None
-        key = f"sha256-{expected}" if expected else f"url-{url_key(url)}"
+        key = f"sha256-{expected}" if expected else _key(url)
         store = self.store
         with store.storage():
             hit = store.lookup(expected, touch=True) if expected is not None else None
@@ -142,7 +142,7 @@ class Fetcher:
                     except SurefetchError as exc:
                         settle(index, exc)
                     continue
-                key = f"sha256-{expected}" if expected else f"url-{url_key(request.url)}"
+                key = f"sha256-{expected}" if expected else _key(request.url)
                 fd = take_if_free(store, key)
                 if fd is None:  # another process (or an earlier request here) has it
                     waiting.append(index)
@@ -216,6 +216,7 @@ class Fetcher:
             for (i, key, expected), (_, etag, modified) in zip(batch, revalidations)
         ]
         placed: list[tuple[int, CacheEntry]] = []
+        evicted: list[int] = []
 
         def one(position: int, result: DownloadResult | Exception) -> None:
             index = batch[position][0]
@@ -224,9 +225,11 @@ class Fetcher:
                 return
             cached = revalidations[position][0]
             if result.not_modified and cached is not None:
-                url = redact_url(requests[index].url)
-                _log.info("%s not modified: the cached copy is used", url)
-                settle(index, cached)
+                kept = self._still_cached(requests[index].url, cached)
+                if kept is None:
+                    evicted.append(index)  # fetched again once the batch is over
+                else:
+                    settle(index, kept)
                 return
             try:
                 entry = self._admit(requests[index].url, result, sync=False)
@@ -252,6 +255,23 @@ class Fetcher:
             sync_filesystem(self.store.directory("blobs"))
         for index, entry in placed:
             settle(index, entry)
+        for index in evicted:  # still under its lock: no revalidation this time
+            request = requests[index]
+            try:
+                fetched: CacheEntry | Exception = self._download(
+                    request.url,
+                    _key(request.url),
+                    None,
+                    None,
+                    cancel,
+                    None,
+                    transfer,
+                    revalidate=False,
+                    size=request.size,
+                )
+            except (SurefetchError, OSError) as exc:
+                fetched = exc
+            settle(index, fetched)
 
     def _download(
         self,
@@ -262,16 +282,21 @@ class Fetcher:
         cancel: CancelToken | None,
         on_wait: Callable[[str], None] | None,
         transfer: TransferOptions,
+        *,
+        revalidate: bool = True,
         **options: Any,
     ) -> CacheEntry:
         """Downloads into tmp/ (resuming a part left there) and moves the blob into place.
 
         Without a digest, a blob this URL gave before is revalidated (RFC 9110 §13.1:
-        If-None-Match with its strong ETag, else If-Modified-Since): a ``304`` reuses it
-        with no body transferred."""
+        If-None-Match with its strong ETag, else If-Modified-Since) unless not
+        `revalidate`: a ``304`` reuses it with no body transferred, or when it was
+        evicted meanwhile, is followed by a plain download."""
         remaining = _remaining(deadline, url)
         tmp = self.store.directory(*PARTS) / key
-        cached, etag, modified = self._revalidation(url, expected)
+        cached, etag, modified = (
+            self._revalidation(url, expected) if revalidate else (None, None, None)
+        )
         result = download(
             url,
             tmp,
@@ -283,9 +308,35 @@ class Fetcher:
             **options,
         )
         if result.not_modified and cached is not None:
-            _log.info("%s not modified: the cached copy is used", redact_url(url))
-            return cached
+            kept = self._still_cached(url, cached)
+            if kept is not None:
+                return kept
+            return self._download(
+                url,
+                key,
+                expected,
+                deadline,
+                cancel,
+                on_wait,
+                transfer,
+                revalidate=False,
+                **options,
+            )
         return self._admit(url, result, sync=True)
+
+    def _still_cached(self, url: str, cached: CacheEntry) -> CacheEntry | None:
+        """The blob a ``304`` said is current, when it is still in the cache; None when
+        it left meanwhile (a `gc` in another process evicts by the blob's lock, not the
+        URL's that a revalidation holds): the caller then downloads it again."""
+        kept = self.store.lookup(cached.sha256, touch=True)
+        if kept is None:
+            _log.info(
+                "%s not modified, but its cached copy was evicted meanwhile: downloading it again",
+                redact_url(url),
+            )
+            return None
+        _log.info("%s not modified: the cached copy is used", redact_url(url))
+        return kept
 
     def _revalidation(
         self, url: str, expected: str | None
@@ -315,6 +366,11 @@ class Fetcher:
         return CacheEntry(
             path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
         )
+
+
+def _key(url: str) -> str:
+    """The artifact key (lock, part file) of a fetch of `url` without a digest."""
+    return f"url-{url_key(url)}"
 
 
 def _remaining(deadline: float | None, url: str) -> float | None:
