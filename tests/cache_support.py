@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from surefetch._fs import try_range_lock
-from surefetch.cache.locks import lock_offset
+from surefetch.cache.locks import lock_place
 
 from support import SUREFETCH, restore_default_signals
 
@@ -74,7 +74,8 @@ def hold_artifact_lock(root: Path, key: str) -> int:
     descriptor of its own: open file description locks exclude each other within one
     process too); the caller closes it."""
     (root / "locks").mkdir(parents=True, exist_ok=True)
-    fd = try_range_lock(root / "locks" / "artifacts", lock_offset(key), create=True)
+    name, offset = lock_place(key)
+    fd = try_range_lock(root / "locks" / name, offset, create=True)
     assert fd is not None, f"the lock {key} is already held"
     return fd
 

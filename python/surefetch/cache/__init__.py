@@ -6,8 +6,8 @@ else ``~/.cache/surefetch``)::
     blobs/sha256/<2 hex>/<64 hex>    verified blobs, named by their SHA-256
     catalog.db                       SQLite: size, xxh3_128 and the last URL of each
                                      blob; which blob each URL gave, and its validators
-    locks/artifacts                  the lock table: one byte-range lock per artifact
-                                     (key: sha256-<hex> or url-<hash>)
+    locks/artifacts.NN               the lock table (32 files): one byte-range lock per
+                                     artifact (key: sha256-<hex> or url-<hash>)
     tmp/v2/<key>                     downloads in flight; the engine keeps its part
                                      files in tmp/v2/.surefetch/ (resumed by the next fetch)
     quarantine/                      blobs that did not match their digest
