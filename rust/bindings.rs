@@ -414,6 +414,11 @@ fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
                     .extract::<Option<Vec<(String, String)>>>()?
                     .unwrap_or_default()
             }
+            "host_credentials" => {
+                options.host_credentials = value
+                    .extract::<Option<Vec<(String, String)>>>()?
+                    .unwrap_or_default()
+            }
             "connections" => options.connections = value.extract()?,
             "resume" => options.resume = value.extract()?,
             "speed_limit" => options.speed_limit = value.extract()?,

@@ -227,6 +227,7 @@ struct Job<'a> {
     expected_sha256: Option<String>,
     expected_xxh3: Option<String>,
     headers: HeaderMap,
+    host_credentials: http::HostCredentials,
     http: Http,
     guard: Guard,
     progress: Arc<Progress>,
@@ -282,6 +283,7 @@ impl<'a> Job<'a> {
         Ok(Self {
             paths: PartPaths::new(final_path)?,
             headers: http::request_headers(&options.headers)?,
+            host_credentials: http::HostCredentials::parse(&options.host_credentials)?,
             http: Http::shared(options.connect_timeout)?,
             guard: Guard::new(cancel, options.timeout, idle),
             shown_url: http::redact(&url),

@@ -80,9 +80,16 @@ impl Http {
         })
     }
 
-    /// Sends a GET and follows up to `MAX_REDIRECTS` redirects, checking each hop.
-    /// Non-success statuses become `Error::Http`.
-    pub async fn open(&self, url: &Url, headers: &HeaderMap, guard: &Guard) -> Result<Opened> {
+    /// Sends a GET and follows up to `MAX_REDIRECTS` redirects, checking each hop: one
+    /// that leaves the origin drops the credential headers, and carries instead the
+    /// `credentials` of its host, if any. Non-success statuses become `Error::Http`.
+    pub async fn open(
+        &self,
+        url: &Url,
+        headers: &HeaderMap,
+        credentials: &HostCredentials,
+        guard: &Guard,
+    ) -> Result<Opened> {
         let mut url = url.clone();
         let mut headers = headers.clone();
         for _ in 0..=MAX_REDIRECTS {
@@ -119,6 +126,16 @@ impl Http {
                 if !same_origin(&url, &next) {
                     for name in &CREDENTIAL_HEADERS {
                         headers.remove(name);
+                    }
+                    if let Some(value) = next.host_str().and_then(|h| credentials.for_host(h)) {
+                        journal::note(
+                            journal::Level::Info,
+                            format!(
+                                "using the netrc entry for {}",
+                                next.host_str().unwrap_or("")
+                            ),
+                        );
+                        headers.insert(header::AUTHORIZATION, value.clone());
                     }
                 }
                 url = next;
@@ -323,6 +340,35 @@ pub fn request_headers(extra: &[(String, String)]) -> Result<HeaderMap> {
         HeaderValue::from_static("identity"),
     );
     Ok(headers)
+}
+
+/// `Authorization` values by host, for the hops of a redirect that leave the origin
+/// (from netrc: one per machine; the host `""` stands for its `default` entry), as
+/// requests applies netrc to where a redirect leads.
+#[derive(Debug, Clone, Default)]
+pub struct HostCredentials(Vec<(String, HeaderValue)>);
+
+impl HostCredentials {
+    /// From `(host, value)` pairs; a value that cannot be sent is an
+    /// `InvalidArgument` that names the host, never the value.
+    pub fn parse(pairs: &[(String, String)]) -> Result<Self> {
+        let mut parsed = Vec::with_capacity(pairs.len());
+        for (host, value) in pairs {
+            let mut value = HeaderValue::from_str(value).map_err(|_| {
+                Error::InvalidArgument(format!("invalid credentials for host {host:?}"))
+            })?;
+            value.set_sensitive(true);
+            parsed.push((host.to_ascii_lowercase(), value));
+        }
+        Ok(Self(parsed))
+    }
+
+    /// The value for `host`: its own entry, else the default one.
+    fn for_host(&self, host: &str) -> Option<&HeaderValue> {
+        let host = host.to_ascii_lowercase();
+        let find = |wanted: &str| self.0.iter().find(|(h, _)| h == wanted).map(|(_, v)| v);
+        find(&host).or_else(|| find(""))
+    }
 }
 
 /// The response that ends a redirect chain, the URL that gave it, and the
@@ -562,6 +608,26 @@ mod tests {
         assert_eq!(h.get_all(header::ACCEPT_ENCODING).iter().count(), 1);
         assert_eq!(h[header::ACCEPT_ENCODING], "identity");
         assert!(request_headers(&[("bad name".into(), "v".into())]).is_err());
+    }
+
+    #[test]
+    fn credentials_are_found_by_host_else_by_the_default_entry() {
+        let pairs = |list: &[(&str, &str)]| {
+            list.iter()
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let own = HostCredentials::parse(&pairs(&[("Mirror.Example", "Basic bQ==")])).unwrap();
+        assert_eq!(own.for_host("mirror.example").unwrap(), "Basic bQ==");
+        assert!(own.for_host("other.example").is_none());
+        let with_default =
+            HostCredentials::parse(&pairs(&[("a.example", "Basic YQ=="), ("", "Basic ZA==")]))
+                .unwrap();
+        assert_eq!(with_default.for_host("a.example").unwrap(), "Basic YQ==");
+        assert_eq!(with_default.for_host("b.example").unwrap(), "Basic ZA==");
+        assert!(with_default.for_host("b.example").unwrap().is_sensitive());
+        let bad = HostCredentials::parse(&pairs(&[("h", "Basic s3cret\n")])).unwrap_err();
+        assert!(!bad.to_string().contains("s3cret"), "{bad}");
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct Options {
     pub retries: u32,
     pub backoff: Backoff,
     pub headers: Vec<(String, String)>,
+    /// `Authorization` values by host (`""`: any other) for redirects that leave
+    /// the origin: netrc's entries (`http::HostCredentials`).
+    pub host_credentials: Vec<(String, String)>,
     /// Parallel ranged connections; `None` chooses (one for small files).
     pub connections: Option<u32>,
     /// Continue a part file an earlier call left, when it is safe to.
@@ -59,6 +62,7 @@ impl Default for Options {
             retries: 3,
             backoff: Backoff::default(),
             headers: Vec::new(),
+            host_credentials: Vec::new(),
             connections: None,
             resume: true,
             content_disposition: false,

@@ -60,12 +60,62 @@ def test_no_entry_no_header(
     assert "authorization" not in _sent(tmp_path / "a")
 
 
+def _on_localhost(url: str) -> str:
+    """`url` under another host name: another host as netrc sees it."""
+    return url.replace("://127.0.0.1:", "://localhost:")
+
+
 def test_never_sent_to_another_host_after_a_redirect(
     server: FaultServer, other_server: FaultServer, netrc: Path, tmp_path: Path
 ) -> None:
-    elsewhere = other_server.url_for("x", echo_headers=1)
+    elsewhere = _on_localhost(other_server.url_for("x", echo_headers=1))
     sf.download(server.url_for("x", redirect_to=elsewhere), tmp_path / "a")
     assert "authorization" not in _sent(tmp_path / "a")
+    mine = {"Authorization": "Bearer mine"}
+    sf.download(server.url_for("x", redirect_to=elsewhere), tmp_path / "b", headers=mine)
+    assert "authorization" not in _sent(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "entries, expected",
+    [
+        # The entry of the host the redirect leads to (as requests applies netrc again).
+        (
+            "machine 127.0.0.1 login alice password s3cret\nmachine localhost login c password d\n",
+            "c:d",
+        ),
+        # The default entry stands for any host.
+        ("machine 127.0.0.1 login alice password s3cret\ndefault login e password f\n", "e:f"),
+    ],
+    ids=["its-own-entry", "the-default-entry"],
+)
+def test_the_entry_of_the_host_a_redirect_leads_to_is_sent_there(
+    server: FaultServer,
+    other_server: FaultServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    entries: str,
+    expected: str,
+) -> None:
+    path = tmp_path / "netrc"
+    path.write_text(entries)
+    monkeypatch.setenv("NETRC", str(path))
+    elsewhere = _on_localhost(other_server.url_for("x", echo_headers=1))
+    start = server.url_for("x", redirect_to=elsewhere)
+    sf.download(start, tmp_path / "a")
+    assert (
+        _sent(tmp_path / "a")["authorization"]
+        == "Basic " + base64.b64encode(expected.encode()).decode()
+    )
+    assert server.requests[-1].headers["authorization"] == BASIC  # the first hop: alice's
+    items = [sf.DownloadItem(start, out="1")]
+    (result,) = sf.download_many(items, tmp_path / "many")
+    assert isinstance(result, sf.DownloadResult), result
+    assert _sent(result.path)["authorization"].endswith(
+        base64.b64encode(expected.encode()).decode()
+    )
+    sf.download(start, tmp_path / "off", netrc=False)
+    assert "authorization" not in _sent(tmp_path / "off")
 
 
 def test_the_cli_uses_it_and_never_prints_it(

@@ -3,8 +3,9 @@
 The entry for a URL's host (else the ``default`` entry) becomes an
 ``Authorization: Basic`` header for that request — unless the URL carries its own
 user, or the caller set ``Authorization``. The engine drops the header on a redirect
-to another host (``rust/http.rs``), so the password never leaves its host, and it is
-never printed or logged.
+to another host (``rust/http.rs``), so the password never leaves its host, and sends
+there that host's own entry, if any (`netrc_credentials`; requests does the same).
+No password is ever printed or logged.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["netrc_headers", "netrc_path"]
+__all__ = ["netrc_credentials", "netrc_headers", "netrc_path"]
 
 # The last netrc file parsed: its path, (mtime, ctime, size, inode) then, its entries.
 _last: tuple[str, tuple[int, int, int, int], netrc.netrc] | None = None
@@ -41,18 +42,59 @@ def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]
         ValueError: the netrc file does not parse (the message says where; it never
             contains a password).
     """
+    return _with_entry(url, headers, _read(_netrc_path()))
+
+
+def netrc_credentials(
+    url: str, headers: Mapping[str, str] | None
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """`netrc_headers`, and ``(host, Authorization value)`` for each machine of the
+    netrc file (``("", value)`` for its ``default`` entry): for the engine to use on
+    the host a redirect leads to when it leaves the origin (where requests, too,
+    applies netrc again). The file is read once for both.
+
+    Raises:
+        ValueError: as `netrc_headers`.
+    """
+    found = _read(_netrc_path())
+    return _with_entry(url, headers, found), _by_host(found)
+
+
+def _with_entry(
+    url: str, headers: Mapping[str, str] | None, found: netrc.netrc | None
+) -> dict[str, str]:
     result = dict(headers or {})
-    if any(name.lower() == "authorization" for name in result):
+    if found is None or any(name.lower() == "authorization" for name in result):
         return result
     parts = urllib.parse.urlsplit(url)
     if parts.username or not parts.hostname:
         return result
-    path = _netrc_path()
+    entry = found.authenticators(parts.hostname)
+    if entry is None:
+        return result
+    login, _, password = entry
+    result["Authorization"] = _basic(login, password)
+    return result
+
+
+def _by_host(found: netrc.netrc | None) -> list[tuple[str, str]]:
+    if found is None:
+        return []
+    return [
+        ("" if host == "default" else host, _basic(login, password))  # netrc's name for it
+        for host, (login, _, password) in found.hosts.items()
+    ]
+
+
+def _basic(login: str, password: str | None) -> str:
+    token = base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
+    return f"Basic {token}"
+
+
+def _read(path: str) -> netrc.netrc | None:
+    """`_parsed`, its errors as `ValueError`s that say what to do."""
     try:
-        found = _parsed(path)
-        if found is None:
-            return result
-        entry = found.authenticators(parts.hostname)
+        return _parsed(path)
     except netrc.NetrcParseError as exc:
         raise ValueError(
             f"{exc.filename or path}:{exc.lineno}: cannot read it ({exc.msg}); fix it, or turn "
@@ -62,12 +104,6 @@ def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]
         raise ValueError(
             f"cannot read {path}: {exc.strerror}; or turn it off (--no-netrc)"
         ) from None
-    if entry is None:
-        return result
-    login, _, password = entry
-    token = base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
-    result["Authorization"] = f"Basic {token}"
-    return result
 
 
 def _parsed(path: str) -> netrc.netrc | None:

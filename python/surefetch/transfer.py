@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from surefetch.credentials import netrc_headers
+from surefetch.credentials import netrc_credentials
 
 __all__ = ["TransferOptions"]
 
@@ -103,8 +103,12 @@ class TransferOptions:
 
     def engine_options(self, url: str) -> dict[str, Any]:
         """The engine's keywords for a transfer of `url`: every field but `netrc`, whose
-        credentials (if any) join the headers as ``Authorization``."""
-        headers = netrc_headers(url, self.headers) if self.netrc else dict(self.headers)
+        credentials (if any) join the headers as ``Authorization``, and go with the
+        transfer for the hosts a redirect may lead to."""
+        if self.netrc:
+            headers, host_credentials = netrc_credentials(url, self.headers)
+        else:
+            headers, host_credentials = dict(self.headers), []
         return {
             "connections": self.connections,
             "resume": self.resume,
@@ -115,6 +119,7 @@ class TransferOptions:
             "speed_limit": self.speed_limit,
             "speed_time": self.speed_time,
             "headers": list(headers.items()),
+            "host_credentials": host_credentials,
         }
 
 

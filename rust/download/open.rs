@@ -68,7 +68,11 @@ impl Job<'_> {
             ),
         );
         let headers = Self::ranged(&self.headers, &(missing.start..end), Some(&validator));
-        let opened = match self.http.open(&self.url, &headers, &self.guard).await {
+        let opened = match self
+            .http
+            .open(&self.url, &headers, &self.host_credentials, &self.guard)
+            .await
+        {
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
                 return Ok((self.open_plain().await?, None));
             }
@@ -158,7 +162,11 @@ impl Job<'_> {
             max_skip: 0,
         };
         let headers = self.conditional(Self::ranged(&self.headers, &whole, None));
-        let opened = match self.http.open(&self.url, &headers, &self.guard).await {
+        let opened = match self
+            .http
+            .open(&self.url, &headers, &self.host_credentials, &self.guard)
+            .await
+        {
             // Ranges unusable here: ask once more without one.
             Err(Error::Http { status, .. }) if ranges_refused(status) => {
                 return self.open_plain().await
@@ -205,7 +213,10 @@ impl Job<'_> {
     pub(super) async fn open_plain(&self) -> Result<Start> {
         let known = self.known();
         let headers = self.conditional(self.headers.clone());
-        let opened = self.http.open(&self.url, &headers, &self.guard).await?;
+        let opened = self
+            .http
+            .open(&self.url, &headers, &self.host_credentials, &self.guard)
+            .await?;
         if opened.response.status() == StatusCode::NOT_MODIFIED {
             return Err(Error::NotModified);
         }
@@ -244,12 +255,19 @@ impl Job<'_> {
         let range = unit.start..if unit.end >= size { u64::MAX } else { unit.end };
         let target = transfer.target();
         let headers = Self::ranged(&target.headers, &range, Some(&transfer.validator));
-        let opened = match self.http.open(&target.url, &headers, &self.guard).await {
+        let opened = match self
+            .http
+            .open(&target.url, &headers, &self.host_credentials, &self.guard)
+            .await
+        {
             Err(Error::Http { status, .. })
                 if matches!(status, 401 | 403 | 410) && target.url != self.url =>
             {
                 let headers = Self::ranged(&self.headers, &range, Some(&transfer.validator));
-                let opened = self.http.open(&self.url, &headers, &self.guard).await;
+                let opened = self
+                    .http
+                    .open(&self.url, &headers, &self.host_credentials, &self.guard)
+                    .await;
                 if let Ok(opened) = &opened {
                     transfer.retarget(Target {
                         url: opened.url.clone(),
