@@ -291,7 +291,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_sessions(tmp_path: Path) ->
     )
     conn.close()
     with SessionStore(f"sqlite:///{path}") as s:
-        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.schema_version() == SCHEMA_VERSION == 3
         assert s.get(old, "u").title == "from before"
         assert JobQueue(s).submit("u", "get", get_spec()).state == "queued"
 

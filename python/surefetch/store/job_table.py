@@ -72,6 +72,24 @@ register_migration(
 )
 
 
+register_migration(
+    Migration(
+        version=3,
+        step=0,
+        owner="surefetch.store.jobs",
+        statements=(
+            # The queue, oldest first: a worker's group commit and the supervisor's claim
+            # take the next jobs from it in order, instead of reading and sorting every
+            # queued job each time (a batch of n jobs cost n² rows). The index by host
+            # leaves the queue out, so that no planner takes it for the queue.
+            "CREATE INDEX jobs_queued ON jobs (created_at, session_id) WHERE host IS NULL",
+            "DROP INDEX jobs_host_worker",
+            "CREATE INDEX jobs_host_worker ON jobs (host, worker) WHERE host IS NOT NULL",
+        ),
+    )
+)
+
+
 def row_to_job(row: Sequence[Any]) -> Job:
     """The job a row of `COLUMNS` describes."""
     status = row[4]
