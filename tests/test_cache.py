@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
+import stat
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +20,7 @@ import xxhash
 
 import surefetch as sf
 from surefetch.cache import Cache, CacheEntry, FetchRequest, default_cache_root
+from surefetch.cache.locks import lock_place, take_if_free
 from surefetch.testing import FaultServer
 
 from cache_support import (
@@ -448,3 +453,82 @@ def test_a_batch_locks_each_artifact_in_the_lock_table(server: FaultServer, tmp_
     tables = {f"artifacts.{n:02d}" for n in range(32)}
     assert set(os.listdir(cache.root / "locks")) <= tables  # no file of its own per artifact
     assert holder_pid(cache.root, shas[0]) is None
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-directory", "own-directory"])
+def test_the_lock_table_lets_whoever_shares_the_cache_take_locks(
+    request: pytest.FixtureRequest, shared: bool
+) -> None:
+    """A lock needs its table file open for writing (flock did not): a file one user
+    creates in a locks/ directory others may write is made writable by them too, or
+    their fetches would fail on each file another user happened to create first."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.fail("this test needs root and setpriv (util-linux) to run as another user")
+    # Where the other user can reach it (pytest's own directories are 0700).
+    reachable = Path(tempfile.mkdtemp(prefix="surefetch-shared-"))
+    request.addfinalizer(lambda: shutil.rmtree(reachable, ignore_errors=True))
+    root = reachable / "cache"
+    (root / "locks").mkdir(parents=True)
+    for directory in (reachable, root, root / "locks"):
+        directory.chmod(0o777 if shared else 0o755)
+    store = sf.cache.store.BlobStore(root)
+    fd = take_if_free(store, "sha256-" + SHA)
+    assert fd is not None
+    os.close(fd)
+    name, offset = lock_place("sha256-" + SHA)
+    table = root / "locks" / name
+    assert stat.S_IMODE(table.stat().st_mode) == (0o666 if shared else 0o644)
+    other_user = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            TAKE_LOCK,
+            str(table),
+            str(offset),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert other_user.returncode == (0 if shared else 1), other_user.stderr
+    assert other_user.stdout.strip() == ("locked" if shared else "")
+
+
+TAKE_LOCK = """
+import sys
+from pathlib import Path
+from surefetch._fs import try_range_lock
+try:
+    fd = try_range_lock(Path(sys.argv[1]), int(sys.argv[2]), create=False)
+except PermissionError:
+    sys.exit(1)
+print("locked" if fd is not None else "busy")
+"""
+
+
+def test_a_symlink_in_the_lock_table_is_named_and_never_followed(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A fetch refuses it in one line that names it; gc and clean take its artifacts as
+    in use and go on with the rest."""
+    root = tmp_path / "cache"
+    (root / "locks").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    name, _ = lock_place("sha256-" + SHA)
+    (root / "locks" / name).symlink_to(victim)
+    url = server.add("d.bin", DATA)
+    with pytest.raises(sf.StorageError) as raised:
+        Cache(root).fetch(url, sha256=SHA)
+    message = str(raised.value)
+    assert "is a symbolic link" in message and name in message and "\n" not in message
+    assert victim.read_bytes() == b"untouched"
+    # A blob of another key is cached; the symlinked table file hides nothing else.
+    other = payload(1000, seed=9)
+    Cache(root).fetch(server.add("o.bin", other), sha256=hashlib.sha256(other).hexdigest())
+    report = Cache(root).gc(max_size=0)
+    assert report.remaining == 0 and victim.read_bytes() == b"untouched"

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import time
@@ -275,3 +276,31 @@ def test_a_damaged_catalog_is_named_once_and_verify_replaces_it(url: str, root: 
     listed = run_cli(["cache", "ls", "--cache", str(root), "--json"])
     assert listed.returncode == 0 and "catalog" not in listed.stderr, listed.stderr
     assert [b["sha256"] for b in json.loads(listed.stdout)["blobs"]] == [SHA]
+
+
+def test_a_catalog_another_process_keeps_busy_delays_nothing(url: str, root: Path) -> None:
+    """The catalog is best effort: while another process holds it (an exclusive SQLite
+    transaction) a fetch neither waits for it nor misses a Ctrl+C; what it would have
+    recorded is dropped (the next use hashes the blob again)."""
+    root.mkdir(parents=True)
+    busy = sqlite3.connect(root / "catalog.db", isolation_level=None)
+    busy.execute("PRAGMA journal_mode=WAL")
+    busy.execute("CREATE TABLE IF NOT EXISTS blobs (sha256 TEXT PRIMARY KEY)")
+    busy.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        out = run_cli(["fetch", url, "--sha256", SHA, "--cache", str(root), "--timeout", "5"])
+        took = time.monotonic() - started
+        slow = start_fetch(f"{url}?throttle=100000", root, "--sha256", "0" * 64)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        slow.send_signal(signal.SIGINT)
+        slow.wait(10)
+        interrupted_after = time.monotonic() - sent
+    finally:
+        busy.execute("ROLLBACK")
+        busy.close()
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).read_bytes() == DATA
+    assert took < 4, took  # it used to wait 10 s per write
+    assert slow.returncode == 130 and interrupted_after < 1, interrupted_after

@@ -153,6 +153,33 @@ def test_a_blob_damaged_behind_the_caches_back_is_fetched_again(
     assert [p.read_bytes() for p in (project.cache / "quarantine").iterdir()] == [bytes(len(A))]
 
 
+def test_a_blob_a_gc_evicts_before_it_is_staged_is_fetched_again(
+    server: FaultServer, project: Project
+) -> None:
+    """A cached artifact needs no lock to be found, so `cache gc` in another process may
+    evict it while the rest of the sync downloads: it is fetched again, in the same call,
+    instead of failing with "cannot stage"."""
+    a = {"name": "a", "url": server.add("a", A), "sha256": _sha(A)}
+    project.write(a)
+    project.sync()  # a is cached
+    slow = {"name": "b", "url": server.add("b", B) + "?throttle=7000"}  # about a second
+    project.write(a, slow)
+    (project.dest / "a").unlink()
+    server.reset_counters()
+
+    def gc_meanwhile() -> None:
+        time.sleep(0.4)  # while b downloads: its blob is locked, a's is not
+        report = sf.Cache(project.cache).gc(max_size=0)
+        assert [p.name for p in report.evicted] == [_sha(A)]
+
+    evicting = threading.Thread(target=gc_meanwhile)
+    evicting.start()
+    result = project.sync()
+    evicting.join()
+    assert (project.dest / "a").read_bytes() == A and (project.dest / "b").read_bytes() == B
+    assert result.bytes_transferred == len(A) + len(B)  # a once more
+
+
 def test_a_fresh_download_mends_a_damaged_blob(server: FaultServer, project: Project) -> None:
     url = server.add("a", A) + "?no_validators=1"
     cache = sf.Cache(project.cache)

@@ -212,7 +212,9 @@ _FLOCK_STRUCT: Final = "hhqqi4x"
 RANGE_LOCK_LIMIT: Final = 1 << 62  # offsets below this leave l_start + l_len in range
 
 
-def try_range_lock(path: Path, offset: int, *, create: bool, mode: int = 0o644) -> int | None:
+def try_range_lock(
+    path: Path, offset: int, *, create: bool, mode: int = 0o644, share: int = 0
+) -> int | None:
     """An exclusive lock on byte `offset` of the file at `path`: a descriptor that holds
     it until closed, or None while another holder has it.
 
@@ -220,17 +222,18 @@ def try_range_lock(path: Path, offset: int, *, create: bool, mode: int = 0o644) 
     descriptor (so two holders in one process exclude each other too, unlike POSIX
     ``fcntl`` locks), is released by the kernel when its holder dies, and is never
     followed through a symlink; unlike ``flock``, one file holds any number of them, so
-    a lock costs no file of its own. The file is created (`mode` minus the umask) only
-    with `create`.
+    a lock costs no file of its own. It needs the file open for writing: a file this
+    call creates (only with `create`; `mode` minus the umask) is also given the
+    permission bits `share` (e.g. group read-write where the group shares the cache).
 
     Raises:
         OSError: the file cannot be opened (``FileNotFoundError``: missing and not
-            `create`; ``PermissionError``: this user may not write it).
+            `create`; ``PermissionError``: this user may not write it; ``ELOOP``: a
+            symlink; ``EISDIR``/``EINVAL``: not a regular file).
     """
     if not 0 <= offset < RANGE_LOCK_LIMIT:
         raise ValueError(f"a range lock's offset must be in [0, 2**62), not {offset}")
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
-    fd = os.open(path, flags, mode)
+    fd = _open_for_range_locks(path, create, mode, share)
     request = struct.pack(_FLOCK_STRUCT, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
@@ -243,6 +246,27 @@ def try_range_lock(path: Path, offset: int, *, create: bool, mode: int = 0o644) 
         os.close(fd)
         raise
     return fd
+
+
+def _open_for_range_locks(path: Path, create: bool, mode: int, share: int) -> int:
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    while True:
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if not create:
+                raise
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                continue  # another process created it meanwhile: open theirs
+            if share:
+                with contextlib.suppress(OSError):
+                    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | share)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return fd
 
 
 def write_json_atomic(target: Path, value: object, *, durable: bool, mode: int = 0o644) -> None:

@@ -23,12 +23,26 @@ def machine_name() -> str:
     return os.uname().nodename
 
 
+# This process's own start time (pid, ticks): it cannot change while we run, and a
+# worker gives it with each of its group commits.
+_own_start: tuple[int, int | None] | None = None
+
+
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), to detect pid reuse.
 
     Returns:
         The start time, or None when there is no such process or /proc cannot say.
     """
+    global _own_start
+    if pid == os.getpid():
+        if _own_start is None or _own_start[0] != pid:  # first use, or a forked child
+            _own_start = (pid, _read_start_time(pid))
+        return _own_start[1]
+    return _read_start_time(pid)
+
+
+def _read_start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()

@@ -4,6 +4,7 @@ staged (see `surefetch.transaction` for the transaction around it)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -21,6 +22,7 @@ from surefetch.errors import (
     LockfileOutdated,
     ManifestError,
     SizeMismatch,
+    StorageError,
     SurefetchError,
     redact_url,
 )
@@ -328,13 +330,44 @@ class Resolver:
         link_mode = self.link_mode
         if link_mode == "hardlink" and item.executable:
             link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
-        try:
-            _stage(found.path, staged, entry, item.executable, link_mode)
-        except ChecksumMismatch:
-            staged.unlink(missing_ok=True)
-            found = self._mended(item, found)
-            _stage(found.path, staged, entry, item.executable, link_mode)
+        mended = evictions = 0
+        while True:
+            try:
+                _stage(found.path, staged, entry, item.executable, link_mode)
+                break
+            except ChecksumMismatch:
+                staged.unlink(missing_ok=True)
+                if mended:
+                    raise
+                mended += 1
+                found = self._mended(item, found)
+            except _Evicted as exc:
+                evictions += 1
+                if evictions == _EVICTED_TRIES:
+                    raise StorageError(
+                        errno.ENOENT,
+                        f"{item.name}: its cached copy was evicted (by `surefetch cache gc` in "
+                        f"another process) each of {_EVICTED_TRIES} times before it could be "
+                        "staged; nothing was installed: sync again once no gc runs",
+                        str(exc.blob),
+                    ) from None
+                found = self._fetched_again(item, found)
         return Outcome(item, entry, staged, found.bytes_transferred)
+
+    def _fetched_again(self, item: Item, found: CacheEntry) -> CacheEntry:
+        """The blob `found` again, after another process's `gc` evicted it between its
+        fetch and its staging (an artifact's lock covers its fetch, not what follows)."""
+        _log.info("%s: its cached copy was evicted meanwhile: fetching it again", item.name)
+        try:
+            return self.cache.get().fetch_entry(
+                item.url,
+                sha256=found.sha256,
+                size=found.size,
+                options=self.transfer,
+                cancel=self.token,
+            )
+        except SurefetchError as exc:
+            raise self._failure(item, exc) from exc
 
     def _mended(self, item: Item, found: CacheEntry) -> CacheEntry:
         """The blob `found`, whose copy did not match: when the blob itself no longer
@@ -402,6 +435,17 @@ class Resolver:
         return SizeMismatch(message, exc.expected, exc.actual)
 
 
+_EVICTED_TRIES = 3
+
+
+class _Evicted(Exception):
+    """The cache blob to stage is gone: another process's `gc` evicted it."""
+
+    def __init__(self, blob: Path) -> None:
+        super().__init__(str(blob))
+        self.blob = blob
+
+
 def _named(exc: SurefetchError, name: str) -> SurefetchError:
     """`exc` with the artifact's name in front of its message (errno-style OSErrors, with
     two arguments, keep theirs)."""
@@ -420,6 +464,8 @@ def _stage(
     try:
         how = place(blob, staged, mode, link_mode)
     except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and not os.path.lexists(blob):
+            raise _Evicted(blob) from exc
         raise storage_error(exc, f"{entry.name}: cannot stage {staged} ({link_mode})") from exc
     if how == "hardlink":
         return  # the same inode as the verified blob

@@ -58,7 +58,13 @@ CREATE TABLE IF NOT EXISTS holders (
     since REAL NOT NULL
 ) WITHOUT ROWID;
 """
-_BUSY_TIMEOUT_S = 10.0
+# Each SQLite call waits at most this long for another process's lock, so that a
+# Ctrl+C or a deadline is never held up; a write tries again (`_execute_all`) for up
+# to its patience, then is dropped (the catalog is best effort).
+_BUSY_TIMEOUT_S = 0.05
+_RETRY_S = 0.01
+_RECORDS_PATIENCE_S = 2.0
+_HOLDERS_PATIENCE_S = 0.2
 # A batch's deferred records are written at least this often (so that a killed batch
 # loses few): every this many records, and after this many seconds.
 _FLUSH_RECORDS = 128
@@ -183,7 +189,8 @@ class Catalog:
                     (key, pid, host, url, since),
                 )
                 for key, url in keys
-            ]
+            ],
+            _HOLDERS_PATIENCE_S,
         )
 
     def released(self, keys: list[str], pid: int, host: str) -> None:
@@ -192,7 +199,8 @@ class Catalog:
             [
                 ("DELETE FROM holders WHERE key = ? AND pid = ? AND host = ?", (key, pid, host))
                 for key in keys
-            ]
+            ],
+            _HOLDERS_PATIENCE_S,
         )
 
     def holder(self, key: str) -> Holder | None:
@@ -280,19 +288,32 @@ class Catalog:
             self._deferred.writes, self._deferred.since = [], now
             self._execute_all(pending)
 
-    def _execute_all(self, writes: list[tuple[str, tuple[object, ...]]]) -> None:
+    def _execute_all(
+        self,
+        writes: list[tuple[str, tuple[object, ...]]],
+        patience: float = _RECORDS_PATIENCE_S,
+    ) -> None:
+        """Makes `writes` in one transaction, trying again while another process holds
+        the database for up to `patience` seconds (then they are dropped, and said so
+        at the info level). The waits are short sleeps, which a Ctrl+C interrupts."""
         if not writes:
             return
-        with self._lock:
-            connection = self._open()
-            if connection is None or not self._writable:
-                return
-            try:
-                with connection:  # one transaction
-                    for sql, parameters in writes:
-                        connection.execute(sql, parameters)
-            except sqlite3.Error as exc:
-                self._failed("write", exc)
+        deadline = time.monotonic() + patience
+        while True:
+            with self._lock:
+                connection = self._open()
+                if connection is None or not self._writable:
+                    return
+                try:
+                    with connection:  # one transaction
+                        for sql, parameters in writes:
+                            connection.execute(sql, parameters)
+                    return
+                except sqlite3.Error as exc:
+                    if not (_busy(exc) and time.monotonic() < deadline):
+                        self._failed("write", exc)
+                        return
+            time.sleep(_RETRY_S)
 
     def _open(self) -> sqlite3.Connection | None:
         """The connection of this process (opened, and the files checked, on first use);
@@ -310,6 +331,9 @@ class Catalog:
                 self._connection, self._writable = _connect(self._path)
                 return self._connection
             except sqlite3.Error as exc:
+                if _busy(exc):  # another process is setting it up or writing: next time
+                    _log.debug("the catalog %s is busy: %s", self._path, exc)
+                    return None
                 if not os.path.lexists(self._path):
                     _log.debug("no catalog at %s yet: %s", self._path, exc)
                     return None
@@ -373,6 +397,14 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
             _log.info("the cache's catalog %s is read only here (%s)", path, first)
             return connection, False
         raise
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """Whether `exc` says another connection holds the database (SQLITE_BUSY/LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (named from 3.11 on)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _untrusted(path: Path) -> str | None:

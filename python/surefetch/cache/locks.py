@@ -18,11 +18,13 @@ fetch an artifact twice, never write into the other's part file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Final
 from surefetch._fs import RANGE_LOCK_LIMIT, try_flock, try_range_lock
 from surefetch.cache.store import FILE_MODE, BlobStore, printable
 from surefetch.download import CancelToken
-from surefetch.errors import Cancelled, DownloadTimeout, LockTimeout, redact_url
+from surefetch.errors import Cancelled, DownloadTimeout, LockTimeout, StorageError, redact_url
 
 __all__ = [
     "PARTS",
@@ -77,7 +79,13 @@ def take_if_free(store: BlobStore, key: str) -> int | None:
     (after `announce`, and `withdraw` before closing); None when another process (or an
     earlier request of this one) has it."""
     name, offset = lock_place(key)
-    return try_range_lock(store.directory("locks") / name, offset, create=True, mode=FILE_MODE)
+    locks = store.directory("locks")
+    try:
+        return try_range_lock(
+            locks / name, offset, create=True, mode=FILE_MODE, share=_shared_bits(locks)
+        )
+    except OSError as exc:
+        raise _table_error(locks / name, exc) from exc
 
 
 def announce(store: BlobStore, held: list[tuple[str, str]]) -> None:
@@ -108,10 +116,15 @@ def locked_if_free(store: BlobStore, key: str) -> Iterator[bool]:
     """Holds the artifact lock `key` if nobody else does; yields whether it does (a
     cache with no lock table has no holder)."""
     name, offset = lock_place(key)
+    table = store.checked("locks") / name
     try:
-        fd = try_range_lock(store.checked("locks") / name, offset, create=False)
+        fd = try_range_lock(table, offset, create=False)
     except FileNotFoundError:
         yield True
+        return
+    except OSError as exc:  # cannot tell: taken as held, so nothing is removed
+        _warn_once(str(_table_error(table, exc)))
+        yield False
         return
     if fd is None:
         yield False
@@ -197,6 +210,49 @@ def _wait_for_lock(
                 f"or wait longer (lock_timeout / --lock-timeout)"
             )
         time.sleep(_POLL_S)
+
+
+_shared: dict[Path, int] = {}
+_warned: set[str] = set()
+
+
+def _shared_bits(locks: Path) -> int:
+    """The permission bits that let the others who may write `locks` (its group, or
+    everyone) take locks in a table file this process creates: a lock needs the file
+    open for writing, and the umask would leave it this user's alone."""
+    bits = _shared.get(locks)
+    if bits is None:
+        try:
+            mode = os.stat(locks).st_mode
+        except OSError:
+            mode = 0
+        bits = (0o060 if mode & stat.S_IWGRP else 0) | (0o006 if mode & stat.S_IWOTH else 0)
+        _shared[locks] = bits
+    return bits
+
+
+def _table_error(path: Path, exc: OSError) -> OSError:
+    """`exc`, which opening the lock table file `path` raised, as a `StorageError` that
+    says what to do."""
+    if exc.errno == errno.ELOOP:
+        problem = "is a symbolic link, which the cache never follows: remove it (the cache "
+        problem += "makes it again)"
+    elif exc.errno in (errno.EISDIR, errno.EINVAL):
+        problem = "is not a regular file: remove it (the cache makes it again)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        problem = (
+            "cannot be opened for writing, which taking a lock needs: let the users of "
+            "this cache write it (chmod g+w, or a+w), or use a cache of your own"
+        )
+    else:
+        return exc
+    return StorageError(exc.errno, f"the cache's lock table {path} {problem}", str(path))
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning("%s; its artifacts are taken as in use", message)
 
 
 @functools.cache
