@@ -376,3 +376,24 @@ def test_sync_takes_the_network_options_of_get(server: FaultServer, tmp_path: Pa
     assert all(r.headers.get("x-token") == "abc" for r in sent)
     bad = _sync(tmp_path, "--retries", "-1")
     assert bad.returncode == 2 and "--retries" in bad.stderr
+
+
+def test_sync_says_whom_it_waits_for(server: FaultServer, tmp_path: Path) -> None:
+    """An artifact another process is fetching into the cache is waited for, and sync
+    says for whom (as `fetch` does), then installs it without downloading it again."""
+    from cache_support import holder_pid, start_fetch, stop, wait_until
+
+    data = payload(300_000, seed=77)
+    sha = hashlib.sha256(data).hexdigest()
+    url = server.add("shared.bin", data)
+    holder = start_fetch(f"{url}?throttle=300000", tmp_path / "cache", "--sha256", sha)
+    try:
+        wait_until(lambda: holder_pid(tmp_path / "cache", sha) == holder.pid, "the holder")
+        _write_manifest(tmp_path, {"name": "shared.bin", "url": url, "sha256": sha})
+        out = run_cli(_sync_args(tmp_path))
+    finally:
+        stop([holder])
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith(f"surefetch: waiting for pid {holder.pid} on host "), out.stderr
+    assert (tmp_path / "dest" / "shared.bin").read_bytes() == data
+    assert [r.query for r in server.requests] == ["throttle=300000"]  # the holder's alone

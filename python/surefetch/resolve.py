@@ -210,6 +210,7 @@ class Resolver:
         lock_path: Path,
         link_mode: LinkMode,
         artifact_progress: Callable[[str, int, int | None], Any] | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.root = root
         self.staging = staging
@@ -219,6 +220,7 @@ class Resolver:
         self.lock_path = lock_path
         self.link_mode = link_mode
         self.artifact_progress = artifact_progress
+        self.on_wait = on_wait
 
     def run(self, items: list[Item], jobs: int, progress: SyncProgress | None) -> list[Outcome]:
         total, done = len(items), 0
@@ -273,6 +275,7 @@ class Resolver:
             options=self.transfer,
             cancel=self.token,
             on_result=fetched,
+            on_wait=self.on_wait,
             item_progress=per_item,
         )
         if first:
@@ -365,6 +368,7 @@ class Resolver:
                 size=found.size,
                 options=self.transfer,
                 cancel=self.token,
+                on_wait=self.on_wait,
             )
         except SurefetchError as exc:
             raise self._failure(item, exc) from exc
@@ -395,6 +399,7 @@ class Resolver:
                 size=found.size,
                 options=self.transfer,
                 cancel=self.token,
+                on_wait=self.on_wait,
             )
         except SurefetchError as exc:
             raise self._failure(item, exc) from exc

@@ -322,6 +322,7 @@ def sync(
     link_mode: LinkMode = "auto",
     artifact_progress: Callable[[str, int, int | None], Any] | None = None,
     options: TransferOptions | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> SyncResult:
     """Brings `dest` to exactly what the manifest (through the lockfile) pins: all or nothing.
 
@@ -347,6 +348,8 @@ def sync(
             artifacts download (about ten times a second, on the calling thread).
         options: how each download behaves (`TransferOptions`: retries, timeouts,
             headers, netrc...); `timeout_per_item`, when given, sets its ``timeout``.
+        on_wait: called with a description of the holder (pid, host, URL) when an
+            artifact waits for another process fetching it into the cache.
 
     Returns:
         A `SyncResult`.
@@ -417,6 +420,7 @@ def sync(
                     lock_path,
                     link_mode,
                     artifact_progress,
+                    on_wait,
                 )
                 outcomes = resolver.run(items, jobs, progress)
                 not_durable = _install(root, outcomes, source, error)

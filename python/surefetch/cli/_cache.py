@@ -271,8 +271,7 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        blobs = "blob" if report.checked == 1 else "blobs"
-        print(f"checked {report.checked} {blobs}, {len(bad)} did not match")
+        print(f"checked {_count(report.checked, 'blob')}, {len(bad)} did not match")
         if report.catalog:
             print(
                 f"the catalog could not be used: moved to {report.catalog[0]}; the blobs' "
@@ -302,7 +301,7 @@ def _cache_gc(cache: Any, args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"evicted {len(report.evicted)} blobs ({report.freed} bytes); "
+            f"evicted {_count(len(report.evicted), 'blob')} ({report.freed} bytes); "
             f"{report.remaining} bytes left"
             + (f"; {report.in_use} kept because in use" if report.in_use else "")
         )
@@ -321,7 +320,12 @@ def _cache_clean(cache: Any, args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"removed {len(report.removed)} files ({report.freed} bytes)"
-            + (f"; kept {report.live} parts of live downloads" if report.live else "")
+            f"removed {_count(len(report.removed), 'file')} ({report.freed} bytes)"
+            + (f"; kept {_count(report.live, 'part')} of live downloads" if report.live else "")
         )
     return EXIT_OK
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 blob``, ``2 blobs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -91,6 +91,10 @@ def _run_sync(args: argparse.Namespace) -> int:
 
     show_bar = not (args.quiet or args.json) and sys.stderr.isatty()
 
+    def on_wait(holder: str) -> None:
+        if not args.quiet:
+            print(f"surefetch: waiting for {holder}", file=sys.stderr, flush=True)
+
     with _sync_bar(show_bar) as (progress, artifact_progress):
         result = sync(
             manifest=args.manifest,
@@ -106,6 +110,7 @@ def _run_sync(args: argparse.Namespace) -> int:
             progress=progress,
             artifact_progress=artifact_progress,
             options=transfer_options(args),
+            on_wait=on_wait,
         )
     if args.json:
         print_json(result.to_dict())
