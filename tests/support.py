@@ -47,3 +47,7 @@ def part_dir(dest: Path) -> Path:
 def leftovers(directory: Path) -> list[str]:
     """Every file under `directory`, relative, sorted (to assert nothing partial remains)."""
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+# Root as another user would be: no capability to bypass file permissions (setpriv).
+WITHOUT_ROOT_POWERS = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]

@@ -27,7 +27,7 @@ from cache_support import (
     wait_for_download,
     wait_until,
 )
-from support import SUREFETCH, payload, run_cli
+from support import SUREFETCH, WITHOUT_ROOT_POWERS, payload, run_cli
 
 DATA = payload(400_000, seed=5)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -127,7 +127,7 @@ def test_cache_verify_exits_3_on_a_corrupted_blob(
     ok = run_cli(["cache", "verify", "--cache", str(root), "--json"])
     assert (ok.returncode, json.loads(ok.stdout)) == (
         0,
-        {"checked": 1, "quarantined": [], "catalog_quarantined": []},
+        {"checked": 1, "quarantined": [], "not_quarantined": [], "catalog_quarantined": []},
     )
     blob_path(root, SHA).write_bytes(DATA[:-1] + b"\0")
     bad = run_cli(["cache", "verify", "--cache", str(root)])
@@ -140,6 +140,34 @@ def test_cache_verify_exits_3_on_a_corrupted_blob(
     assert again.returncode == 0, again.stderr
     assert blob_path(root, SHA).read_bytes() == DATA
     assert server.request_count("model.bin") == 2
+
+
+def test_cache_verify_where_it_may_not_move_a_bad_blob_exits_3_naming_it(
+    url: str, root: Path
+) -> None:
+    """A cache this user may only read: a blob that does not match is named, with what
+    to do, and the exit is still 3 (integrity), not "cannot use the cache"."""
+    assert run_cli(["fetch", url, "--sha256", SHA, "--cache", str(root)]).returncode == 0
+    blob = blob_path(root, SHA)
+    blob.write_bytes(DATA[:-1] + b"\0")
+    read_only = [root, blob.parent]
+    for directory in read_only:
+        directory.chmod(0o555)
+    try:
+        bad = subprocess.run(
+            [*WITHOUT_ROOT_POWERS, SUREFETCH, "cache", "verify", "--cache", str(root)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        for directory in read_only:
+            directory.chmod(0o755)
+    assert bad.returncode == 3, bad.stderr
+    assert bad.stdout == "checked 1 blob, 1 did not match\n"
+    (line,) = bad.stderr.splitlines()
+    assert str(blob) in line and "could not be moved to quarantine" in line, line
+    assert blob.exists() and not (root / "quarantine").exists()
 
 
 def test_cache_ls_and_gc(server: FaultServer, root: Path) -> None:

@@ -18,11 +18,10 @@ import surefetch as sf
 from surefetch.cache import CacheEntry, FetchRequest
 from surefetch.testing import FaultServer
 
-from support import payload, run_cli
+from support import WITHOUT_ROOT_POWERS, payload, run_cli
 
 V1, V2 = payload(300_000, seed=31), payload(300_000, seed=32)
 # Root, but bound by file permissions (as another user would be).
-WITHOUT_ROOT_POWERS = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
 
 
 def test_a_304_reuses_the_blob_with_no_body(server: FaultServer, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from surefetch.cache.locks import PARTS, flocked_if_free, locked_if_free
 from surefetch.cache.store import BlobStore, printable, read_json
 from surefetch.download import CancelToken, hash_file
-from surefetch.errors import redact_url
+from surefetch.errors import StorageError, redact_url
 
 __all__ = [
     "CachedBlob",
@@ -44,14 +44,17 @@ class CachedBlob:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What `Cache.verify` found: how many blobs it checked and which it quarantined;
-    `catalog`: where it moved an unusable catalog (its blob records were then made
-    again; its URL index is lost), `catalog_problem` why, when it could not."""
+    """What `Cache.verify` found: how many blobs it checked and which it quarantined
+    (`not_quarantined`: those that did not match either but could not be moved, in a
+    cache this user may not change); `catalog`: where it moved an unusable catalog
+    (its blob records were then made again; its URL index is lost), `catalog_problem`
+    why, when it could not."""
 
     checked: int
     quarantined: list[Path]
     catalog: list[Path] = field(default_factory=list)
     catalog_problem: str | None = None
+    not_quarantined: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def verify(store: BlobStore, cancel: CancelToken | None = None) -> VerifyReport:
     """See `Cache.verify`."""
     checked = 0
     quarantined: list[Path] = []
+    not_quarantined: list[Path] = []
     moved, problem = _replace_an_unusable_catalog(store)
     for path, digest in store.blobs():
         try:
@@ -105,12 +109,15 @@ def verify(store: BlobStore, cancel: CancelToken | None = None) -> VerifyReport:
             continue
         checked += 1
         if sha != digest:
-            quarantined.append(store.quarantine(path, digest))
+            try:
+                quarantined.append(store.quarantine(path, digest))
+            except StorageError:
+                not_quarantined.append(path)
             continue
         record = store.catalog.blob(digest)
         if record is None or (record.size, record.xxh3_128) != (size, xxh3):
             store.record(digest, size, xxh3)
-    return VerifyReport(checked, quarantined, moved, problem)
+    return VerifyReport(checked, quarantined, moved, problem, not_quarantined)
 
 
 def _replace_an_unusable_catalog(store: BlobStore) -> tuple[list[Path], str | None]:

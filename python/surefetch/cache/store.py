@@ -223,14 +223,15 @@ class BlobStore:
 
     def quarantine(self, path: Path, digest: str) -> Path:
         """Moves the blob `path`, which does not match `digest`, to ``quarantine/``."""
-        target = self.directory("quarantine") / f"{digest}.{time.time_ns()}"
         try:
+            target = self.directory("quarantine") / f"{digest}.{time.time_ns()}"
             os.rename(path, target)
         except OSError as exc:
             raise StorageError(
                 exc.errno,
                 f"{path} does not match its digest and cannot be moved to quarantine "
                 f"({exc.strerror}); remove it as its owner or as root",
+                str(path),
             ) from exc
         self.forget(digest)
         return target

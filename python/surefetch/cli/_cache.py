@@ -262,16 +262,18 @@ def _cache_ls(cache: Any, args: argparse.Namespace) -> int:
 def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
     report = cache.verify()
     bad = [str(p) for p in report.quarantined]
+    stuck = [str(p) for p in report.not_quarantined]
     if args.json:
         print_json(
             {
                 "checked": report.checked,
                 "quarantined": bad,
+                "not_quarantined": stuck,
                 "catalog_quarantined": [str(p) for p in report.catalog],
             }
         )
     else:
-        print(f"checked {_count(report.checked, 'blob')}, {len(bad)} did not match")
+        print(f"checked {_count(report.checked, 'blob')}, {len(bad) + len(stuck)} did not match")
         if report.catalog:
             print(
                 f"the catalog could not be used: moved to {report.catalog[0]}; the blobs' "
@@ -279,6 +281,14 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
             )
     if report.catalog_problem is not None:
         print(f"surefetch: the catalog is not used: {report.catalog_problem}", file=sys.stderr)
+    if stuck:
+        moved = f"; {len(bad)} more were moved to quarantine" if bad else ""
+        raise CommandError(
+            f"{_count(len(stuck), 'blob')} did not match their digest and could not be moved "
+            f"to quarantine (you may not change this cache): {', '.join(stuck)}{moved}; have "
+            "the cache's owner run `surefetch cache verify`",
+            EXIT_INTEGRITY,
+        )
     if bad:
         raise CommandError(
             f"{len(bad)} blob(s) did not match their digest and were moved to "
