@@ -814,3 +814,28 @@ def test_an_enforcer_next_to_the_supervisor_leaves_its_worker_alone(
         if enforcer.poll() is None:
             with_signal(enforcer.pid, signal.SIGKILL)
             enforcer.wait(5)
+
+
+def test_the_control_socket_appears_only_once_it_listens(tmp_path: Path) -> None:
+    """A client that finds the socket can connect: it is bound under another name and
+    renamed into place after listen(). Here listen() is held back half a second (strace
+    fault injection); before, the path existed meanwhile and connections were refused."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("this test needs strace (scripts/system-deps installs it)")
+    sock = tmp_path / "late.sock"
+    argv = [SUREFETCH, "supervise", "--socket", str(sock), "--workers", "1"]
+    argv += ["--db", f"sqlite:///{tmp_path / 'jobs.db'}"]
+    proc = subprocess.Popen(
+        [strace, "-f", "-o", "/dev/null", "-e", "inject=listen:delay_enter=500000", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert wait_until(sock.exists, 15), proc.stderr
+        assert "workers" in request(sock, {"op": "list-workers"})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)

@@ -40,6 +40,7 @@ __all__ = ["MAX_LINE", "PROTOCOL", "ControlServer", "error_reply", "peer_user", 
 PROTOCOL = 1
 #: The longest line (request, answer or worker event) read, in bytes.
 MAX_LINE = 1 << 20
+_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, with its NUL
 
 #: Answers one request: ``(request, the user asking) -> answer``.
 Dispatch = Callable[[Mapping[str, Any], str], Awaitable[dict[str, Any]]]
@@ -121,16 +122,32 @@ class ControlServer:
         self._lock_fd = None
 
     async def listen(self) -> asyncio.AbstractServer:
-        """Creates the socket (mode 0600) and starts answering on it."""
-        old = os.umask(0o177)
+        """Creates the socket (mode 0600) and starts answering on it.
+
+        The socket is bound under a temporary name and renamed into place once it
+        listens: a client that sees the path can connect (between bind and listen it
+        would be refused, as if no supervisor ran)."""
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        if len(os.fsencode(temporary)) > _SOCKET_PATH_MAX:
+            temporary = str(self.path)  # no room for a longer name: bound in place
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            server = await asyncio.start_unix_server(
-                self._client, path=str(self.path), limit=MAX_LINE
-            )
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        return server
+            old = os.umask(0o177)
+            try:
+                sock.bind(temporary)
+            finally:
+                os.umask(old)
+            sock.listen(100)
+            os.chmod(temporary, 0o600)
+            os.rename(temporary, self.path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        return await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE)
 
     def close(self) -> None:
         """Removes the socket, then the lock (once the server stopped listening)."""

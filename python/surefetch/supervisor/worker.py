@@ -216,6 +216,7 @@ class _Permits:
                     return False
                 self._cond.wait()
             if token.cancelled:
+                self._cond.notify()  # the place it may have been woken for: to another
                 return False
             self._running += 1
             return True
@@ -223,7 +224,7 @@ class _Permits:
     def release(self) -> None:
         with self._cond:
             self._running -= 1
-            self._cond.notify_all()
+            self._cond.notify()  # one place, one waiter (all of them would only contend)
 
     def wake(self) -> None:
         """Lets the waiters check their tokens (one was cancelled)."""
