@@ -171,6 +171,28 @@ def test_a_group_commit_ends_jobs_and_takes_the_next_ones_up_to_hold(queue: JobQ
     assert job is not None and (job.state, job.error) == ("failed", "x")
 
 
+def test_what_a_worker_holds_never_counts_the_jobs_it_finished(queue: JobQueue) -> None:
+    """A finished job gives up its claim, so the store finds what a slot holds among its
+    unfinished jobs only (not every job it ever ran: each group commit and heartbeat
+    read them all); hold, heartbeat and re-queueing see the same jobs as before."""
+    q = queue
+    ids = [q.submit("u", "get", get_spec(i)).id for i in range(12)]
+    assert q.claim("h", {"w0": 2}, ttl=30) == {"w0": ids[:2]}
+    q.start_many(ids[:2], "h", "w0", 4242)
+    for done_id in ids[:2] + ids[2:8]:
+        ending = [Ending(done_id, "succeeded", result={"size": 1})]
+        q.commit_group("h", "w0", 4242, lambda e=ending: ([], e), hold=2, ttl=30)  # type: ignore[misc]
+    with q.db.connection() as conn:
+        held = q.db.execute(
+            conn, "SELECT session_id FROM jobs WHERE claim_expires IS NOT NULL"
+        ).fetchall()
+    assert sorted(row[0] for row in held) == sorted(ids[8:10])
+    assert sorted(j.id for j in q.assigned("h", "w0")) == sorted(ids[8:10])
+    q.heartbeat("h", ttl=30)
+    assert sorted(q.requeue_host("h", "w0")) == sorted(ids[8:10])
+    assert {q.get(i).state for i in ids[:8]} == {"succeeded"}  # type: ignore[union-attr]
+
+
 def test_a_group_commit_reads_its_requests_holding_the_write_lock(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     with SessionStore(f"sqlite:///{path}") as store:

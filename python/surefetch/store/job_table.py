@@ -38,6 +38,9 @@ __all__ = [
 
 #: SQL condition on ``s`` (the job's session): the job is not finished.
 UNFINISHED = "s.status IN ('pending', 'running')"
+#: A job assigned to a host, not known to be finished: a claim comes with each assignment
+#: and a job that finishes gives it up (rows of `jobs_host_worker`).
+HELD = "j.claim_expires IS NOT NULL"
 #: The columns a :class:`Job` is read from (over `FROM`), in the order `row_to_job` takes.
 COLUMNS = (
     "j.session_id, j.kind, j.spec, s.owner, s.status, s.cancellation_status, j.host, "
@@ -80,11 +83,15 @@ register_migration(
         statements=(
             # The queue, oldest first: a worker's group commit and the supervisor's claim
             # take the next jobs from it in order, instead of reading and sorting every
-            # queued job each time (a batch of n jobs cost n² rows). The index by host
-            # leaves the queue out, so that no planner takes it for the queue.
+            # queued job each time (a batch of n jobs cost n² rows).
             "CREATE INDEX jobs_queued ON jobs (created_at, session_id) WHERE host IS NULL",
+            # The jobs a host holds (`HELD`): a finished job gives up its claim, so that
+            # what a worker holds is found without reading every job it ever ran (each
+            # group commit and heartbeat did). It also leaves the queue out.
+            "UPDATE jobs SET claim_expires = NULL WHERE session_id IN "
+            "(SELECT id FROM sessions WHERE status NOT IN ('pending', 'running'))",
             "DROP INDEX jobs_host_worker",
-            "CREATE INDEX jobs_host_worker ON jobs (host, worker) WHERE host IS NOT NULL",
+            "CREATE INDEX jobs_host_worker ON jobs (host, worker) WHERE claim_expires IS NOT NULL",
         ),
     )
 )
@@ -230,7 +237,7 @@ def complete_jobs(
         for row in db.execute(
             conn,
             f"SELECT j.session_id FROM {FROM} WHERE j.session_id IN ({among}) "
-            f"AND j.host = ? AND j.worker = ? AND {UNFINISHED}{lock}",
+            f"AND j.host = ? AND j.worker = ? AND {HELD} AND {UNFINISHED}{lock}",
             (*ids, host, worker),
         ).fetchall()
     }
@@ -244,7 +251,11 @@ def complete_jobs(
             result = None if end.result is None else json.dumps(end.result)
             rows.append((end.error, result, end.job_id))
             by_status.setdefault(end.status, []).append(end.job_id)
-    db.execute_many(conn, "UPDATE jobs SET error = ?, result = ? WHERE session_id = ?", rows)
+    db.execute_many(
+        conn,
+        "UPDATE jobs SET error = ?, result = ?, claim_expires = NULL WHERE session_id = ?",
+        rows,
+    )
     for status, finished in by_status.items():
         end_sessions(db, conn, finished, status)
     return done
@@ -321,7 +332,8 @@ def complete_job(db: Database, conn: Any, end: Ending, host: str, worker: str) -
     result = None if end.result is None else json.dumps(end.result)
     cur = db.execute(
         conn,
-        "UPDATE jobs SET error = ?, result = ? WHERE session_id = ? AND host = ? "
+        "UPDATE jobs SET error = ?, result = ?, claim_expires = NULL "
+        "WHERE session_id = ? AND host = ? "
         "AND worker = ? AND session_id IN "
         "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
         (end.error, result, end.job_id, host, worker),

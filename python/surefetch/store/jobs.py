@@ -45,6 +45,7 @@ from surefetch.store.job_spec import JOB_KINDS, JOB_STATES, Ending, GroupOutcome
 from surefetch.store.job_table import (
     COLUMNS,
     FROM,
+    HELD,
     UNFINISHED,
     claim_queued,
     complete_job,
@@ -202,7 +203,7 @@ class JobQueue:
 
     def assigned(self, host: str, worker: str | None = None) -> builtins.list[Job]:
         """Unfinished jobs assigned to ``host`` (and to its slot ``worker`` if given)."""
-        sql = f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {UNFINISHED}"
+        sql = f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {HELD} AND {UNFINISHED}"
         params: tuple[Any, ...] = (host,)
         if worker is not None:
             sql += " AND j.worker = ?"
@@ -233,8 +234,8 @@ class JobQueue:
     def heartbeat(self, host: str, ttl: float) -> None:
         """Extends the claims of every unfinished job ``host`` holds."""
         self._run(
-            "UPDATE jobs SET claim_expires = ? WHERE host = ? AND session_id IN "
-            "(SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
+            "UPDATE jobs SET claim_expires = ? WHERE host = ? AND claim_expires IS NOT NULL "
+            "AND session_id IN (SELECT id FROM sessions WHERE status IN ('pending', 'running'))",
             (self.clock() + ttl, host),
         )
 
@@ -245,8 +246,8 @@ class JobQueue:
     def requeue_host(self, host: str, worker: str | None = None) -> builtins.list[str]:
         """Re-queues every unfinished job ``host`` (or one of its slots) holds."""
         if worker is None:
-            return self._requeue("j.host = ?", (host,))
-        return self._requeue("j.host = ? AND j.worker = ?", (host, worker))
+            return self._requeue(f"j.host = ? AND {HELD}", (host,))
+        return self._requeue(f"j.host = ? AND j.worker = ? AND {HELD}", (host, worker))
 
     def _requeue(self, condition: str, params: Sequence[Any]) -> builtins.list[str]:
         lock = " FOR UPDATE OF j SKIP LOCKED" if self._pg else ""
@@ -279,7 +280,7 @@ class JobQueue:
     def cancel_requested(self, host: str) -> builtins.list[Job]:
         """Unfinished jobs on ``host`` whose cancellation was requested."""
         rows = self._rows(
-            f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {UNFINISHED} "
+            f"SELECT {COLUMNS} FROM {FROM} WHERE j.host = ? AND {HELD} AND {UNFINISHED} "
             "AND s.cancellation_status = 'requested'",
             (host,),
         )
@@ -389,7 +390,7 @@ class JobQueue:
                 (held,) = db.execute(
                     conn,
                     f"SELECT COUNT(*) FROM {FROM} WHERE j.host = ? AND j.worker = ? "
-                    f"AND {UNFINISHED}",
+                    f"AND {HELD} AND {UNFINISHED}",
                     (host, worker),
                 ).fetchone()
                 room, expires = hold - int(held), now + ttl
