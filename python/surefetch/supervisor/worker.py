@@ -120,13 +120,15 @@ class _GroupCommit:
             raise outcome
         return outcome  # type: ignore[no-any-return]
 
-    def complete(self, end: Ending) -> bool:
-        """`JobQueue.complete`, shared with the other jobs ending now."""
+    def complete_later(self, end: Ending, then: Callable[[Future[Any]], None]) -> None:
+        """`JobQueue.complete`, shared with the other jobs ending now, without waiting:
+        `then` gets the future of its outcome (True: this commit finished the job), on
+        the commit thread."""
         future: Future[Any] = Future()
+        future.add_done_callback(then)
         with self._cond:
             self._ends.append((end, future))
             self._cond.notify()
-        return bool(future.result())
 
     def _run(self) -> None:
         while True:
@@ -358,20 +360,37 @@ class Worker:
     def _run(self, entry: _Running) -> None:
         job = entry.job
         try:
+            state, error, result = self._execute(entry)
+        except Exception as exc:  # a bug: fail the job rather than rerun it forever
+            traceback.print_exc()
+            state, error, result = "failed", f"internal error: {exc!r}", None
+        if state is None:
+            self._forget(entry)
+            return
+
+        def committed(future: Future[Any]) -> None:
+            # On the commit thread, once the ending is in the store: this runner thread
+            # has already gone on to its next job.
             try:
-                state, error, result = self._execute(entry)
-            except Exception as exc:  # a bug: fail the job rather than rerun it forever
+                if future.result():
+                    self.send("finished", id=job.id, state=state, error=error)
+            except Exception:
                 traceback.print_exc()
-                state, error, result = "failed", f"internal error: {exc!r}", None
-            if state is not None and self._commits.complete(Ending(job.id, state, error, result)):
-                self.send("finished", id=job.id, state=state, error=error)
+            finally:
+                self._forget(entry)
+
+        try:
+            self._commits.complete_later(Ending(job.id, state, error, result), committed)
         except Exception:
             traceback.print_exc()
-        finally:
-            # Only now: a resync in between must still see the job as running here.
-            with self._lock:
-                self._running.pop(job.id, None)
-            entry.done.set()
+            self._forget(entry)
+
+    def _forget(self, entry: _Running) -> None:
+        """The job ended here (its ending, if any, committed): only now, as a resync in
+        between must still see it running here."""
+        with self._lock:
+            self._running.pop(entry.job.id, None)
+        entry.done.set()
 
     def _execute(self, entry: _Running) -> tuple[str | None, str | None, dict[str, Any] | None]:
         job = entry.job
