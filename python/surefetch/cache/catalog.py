@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS holders (
 # to its patience, then is dropped (the catalog is best effort).
 _BUSY_TIMEOUT_S = 0.05
 _RETRY_S = 0.01
-_RECORDS_PATIENCE_S = 2.0
+_RECORDS_PATIENCE_S = 0.5
 _HOLDERS_PATIENCE_S = 0.2
 # A batch's deferred records are written at least this often (so that a killed batch
 # loses few): every this many records, and after this many seconds.
@@ -117,6 +117,8 @@ class Catalog:
         self._problem: str | None = None
         self._pid = os.getpid()
         self._deferred = threading.local()
+        # The last try to open it met another process's lock (not a lasting problem).
+        self._busy_at_open = False
 
     @property
     def path(self) -> Path:
@@ -302,17 +304,22 @@ class Catalog:
         while True:
             with self._lock:
                 connection = self._open()
-                if connection is None or not self._writable:
-                    return
-                try:
-                    with connection:  # one transaction
-                        for sql, parameters in writes:
-                            connection.execute(sql, parameters)
-                    return
-                except sqlite3.Error as exc:
-                    if not (_busy(exc) and time.monotonic() < deadline):
-                        self._failed("write", exc)
+                if connection is None:
+                    # Opening it met another process's lock: try again; else it has none.
+                    if not (self._busy_at_open and time.monotonic() < deadline):
                         return
+                elif not self._writable:
+                    return
+                else:
+                    try:
+                        with connection:  # one transaction
+                            for sql, parameters in writes:
+                                connection.execute(sql, parameters)
+                        return
+                    except sqlite3.Error as exc:
+                        if not (_busy(exc) and time.monotonic() < deadline):
+                            self._failed("write", exc)
+                            return
             time.sleep(_RETRY_S)
 
     def _open(self) -> sqlite3.Connection | None:
@@ -325,6 +332,7 @@ class Catalog:
             self._connection, self._problem, self._pid = None, None, os.getpid()
         if self._connection is not None or self._problem is not None:
             return self._connection
+        self._busy_at_open = False
         problem = _untrusted(self._path)
         if problem is None:
             try:
@@ -333,6 +341,7 @@ class Catalog:
             except sqlite3.Error as exc:
                 if _busy(exc):  # another process is setting it up or writing: next time
                     _log.debug("the catalog %s is busy: %s", self._path, exc)
+                    self._busy_at_open = True
                     return None
                 if not os.path.lexists(self._path):
                     _log.debug("no catalog at %s yet: %s", self._path, exc)
