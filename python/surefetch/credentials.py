@@ -16,45 +16,32 @@ import os
 import stat
 import urllib.parse
 from collections.abc import Mapping
-from pathlib import Path
 
-__all__ = ["netrc_credentials", "netrc_headers", "netrc_path"]
+__all__ = ["netrc_credentials"]
 
 # The last netrc file parsed: its path, (mtime, ctime, size, inode) then, its entries.
 _last: tuple[str, tuple[int, int, int, int], netrc.netrc] | None = None
 
 
-def netrc_path() -> Path:
-    """``$NETRC`` if set, else ``~/.netrc``."""
-    return Path(_netrc_path())
-
-
 def _netrc_path() -> str:
-    # A string, not a Path: asked once per download (a worker's every job).
+    """``$NETRC`` if set, else ``~/.netrc`` (a string, not a Path: asked once per
+    download, a worker's every job)."""
     return os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-
-
-def netrc_headers(url: str, headers: Mapping[str, str] | None) -> dict[str, str]:
-    """`headers`, plus ``Authorization`` from the netrc entry of `url`'s host when
-    there is one and nothing else authenticates the request.
-
-    Raises:
-        ValueError: the netrc file does not parse (the message says where; it never
-            contains a password).
-    """
-    return _with_entry(url, headers, _read(_netrc_path()))
 
 
 def netrc_credentials(
     url: str, headers: Mapping[str, str] | None
 ) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """`netrc_headers`, and ``(host, Authorization value)`` for each machine of the
-    netrc file (``("", value)`` for its ``default`` entry): for the engine to use on
-    the host a redirect leads to when it leaves the origin (where requests, too,
-    applies netrc again). The file is read once for both.
+    """`headers`, plus ``Authorization`` from the netrc entry of `url`'s host when
+    there is one and nothing else authenticates the request; and ``(host,
+    Authorization value)`` for each machine of the netrc file (``("", value)`` for its
+    ``default`` entry), for the engine to use on the host a redirect leads to when it
+    leaves the origin (where requests, too, applies netrc again). The file is read
+    once for both.
 
     Raises:
-        ValueError: as `netrc_headers`.
+        ValueError: the netrc file does not parse (the message says where; it never
+            contains a password).
     """
     found = _read(_netrc_path())
     return _with_entry(url, headers, found), _by_host(found)
