@@ -84,15 +84,7 @@ class Fetcher:
                         check_size(hit, size)
                         return hit
                 return self._download(
-                    url,
-                    key,
-                    expected,
-                    deadline,
-                    cancel,
-                    on_wait,
-                    transfer,
-                    size=size,
-                    progress=progress,
+                    url, key, expected, deadline, cancel, transfer, size=size, progress=progress
                 )
 
     def many(
@@ -264,7 +256,6 @@ class Fetcher:
                     None,
                     None,
                     cancel,
-                    None,
                     transfer,
                     revalidate=False,
                     size=request.size,
@@ -280,7 +271,6 @@ class Fetcher:
         expected: str | None,
         deadline: float | None,
         cancel: CancelToken | None,
-        on_wait: Callable[[str], None] | None,
         transfer: TransferOptions,
         *,
         revalidate: bool = True,
@@ -312,15 +302,7 @@ class Fetcher:
             if kept is not None:
                 return kept
             return self._download(
-                url,
-                key,
-                expected,
-                deadline,
-                cancel,
-                on_wait,
-                transfer,
-                revalidate=False,
-                **options,
+                url, key, expected, deadline, cancel, transfer, revalidate=False, **options
             )
         return self._admit(url, result, sync=True)
 
