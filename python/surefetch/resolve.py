@@ -354,13 +354,14 @@ class Resolver:
                         "staged; nothing was installed: sync again once no gc runs",
                         str(exc.blob),
                     ) from None
+                # Another process's gc evicted it between its fetch and its staging (an
+                # artifact's lock covers its fetch, not what follows).
+                _log.info("%s: its cached copy was evicted meanwhile: fetching it again", item.name)
                 found = self._fetched_again(item, found)
         return Outcome(item, entry, staged, found.bytes_transferred)
 
     def _fetched_again(self, item: Item, found: CacheEntry) -> CacheEntry:
-        """The blob `found` again, after another process's `gc` evicted it between its
-        fetch and its staging (an artifact's lock covers its fetch, not what follows)."""
-        _log.info("%s: its cached copy was evicted meanwhile: fetching it again", item.name)
+        """The blob `found` fetched again into the cache (it was evicted or damaged)."""
         try:
             return self.cache.get().fetch_entry(
                 item.url,
@@ -392,17 +393,7 @@ class Resolver:
             item.name,
             found.sha256,
         )
-        try:
-            return cache.fetch_entry(
-                item.url,
-                sha256=found.sha256,
-                size=found.size,
-                options=self.transfer,
-                cancel=self.token,
-                on_wait=self.on_wait,
-            )
-        except SurefetchError as exc:
-            raise self._failure(item, exc) from exc
+        return self._fetched_again(item, found)
 
     def _failure(self, item: Item, exc: Exception) -> SurefetchError:
         limit = self.transfer.timeout
