@@ -21,6 +21,7 @@ use crate::journal;
 use crate::names;
 use crate::panics::{self, Caught};
 use crate::part;
+use crate::place;
 
 pyo3::import_exception!(surefetch.errors, SurefetchError);
 pyo3::import_exception!(surefetch.errors, ChecksumMismatch);
@@ -757,6 +758,47 @@ fn plain_os_error(err: Error) -> PyErr {
     }
 }
 
+/// What `place_many` did for one item: how, and with `verify` the size and XXH3-128
+/// of the new file (None for a hardlink, which is the blob itself).
+type PlacedItem = (&'static str, Option<(u64, String)>);
+
+/// Places each blob at its target (`place::place`: `(blob, target, mode)`, mode
+/// minus the umask) in `link_mode`; with `verify`, hashes what landed. Returns, per
+/// item, `(how, (size, xxh3_128) or None)` or the `OSError` it met (not raised: the
+/// others are placed all the same).
+#[pyfunction]
+#[pyo3(signature = (items, link_mode, *, verify))]
+fn place_many(
+    py: Python<'_>,
+    items: Vec<(PathBuf, PathBuf, u32)>,
+    link_mode: &str,
+    verify: bool,
+) -> PyResult<Vec<Py<PyAny>>> {
+    let link = place::LinkMode::parse(link_mode)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown link mode {link_mode:?}")))?;
+    let placed: Vec<std::result::Result<PlacedItem, Error>> = py.detach(|| {
+        let token = cancel::CancelToken::new();
+        items
+            .iter()
+            .map(|(blob, target, mode)| {
+                let how = place::place(blob, target, *mode, link)?;
+                if !verify || how == place::Placed::Hardlink {
+                    return Ok((how.name(), None));
+                }
+                let digests = hash::hash_file(target, false, &token)?;
+                Ok((how.name(), Some((digests.size, digests.xxh3_128))))
+            })
+            .collect()
+    });
+    placed
+        .into_iter()
+        .map(|item| match item {
+            Ok(done) => Ok(done.into_pyobject(py)?.into_any().unbind()),
+            Err(error) => Ok(plain_os_error(error).into_value(py).into_any()),
+        })
+        .collect()
+}
+
 /// `raw` reduced to a bare file name, "" when nothing is left (`names::bare_name`).
 #[pyfunction]
 fn bare_name(raw: &str) -> String {
@@ -808,5 +850,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bare_name, m)?)?;
     m.add_function(wrap_pyfunction!(fit_name, m)?)?;
     m.add_function(wrap_pyfunction!(part_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(place_many, m)?)?;
     Ok(())
 }

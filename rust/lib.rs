@@ -16,6 +16,7 @@ pub mod names;
 pub mod options;
 pub mod panics;
 pub mod part;
+pub mod place;
 pub mod proxy;
 pub mod ranges;
 pub mod response;

@@ -417,16 +417,39 @@ def test_a_cache_from_before_the_catalog_keeps_its_metadata(
 def test_a_batch_writes_its_records_as_it_goes(tmp_path: Path) -> None:
     """Within `deferred` (a batch), records reach the catalog in groups, not only at the
     end: a batch killed midway loses only its last group."""
-    from surefetch.cache.catalog import Catalog
+    from surefetch.cache.catalog import _FLUSH_RECORDS, Catalog
 
     path = tmp_path / "catalog.db"
     writer, reader = Catalog(path), Catalog(path)
+    count = 2 * _FLUSH_RECORDS + 44
     with writer.deferred():
-        for i in range(300):
+        for i in range(count):
             writer.put_blob(f"{i:064x}", i, "0" * 32)
-        assert reader.blob(f"{255:064x}") is not None  # two groups of 128 are in
-        assert reader.blob(f"{299:064x}") is None  # the last group waits for the end
-    assert reader.blob(f"{299:064x}") is not None
+        assert reader.blob(f"{2 * _FLUSH_RECORDS - 1:064x}") is not None  # two groups are in
+        assert reader.blob(f"{count - 1:064x}") is None  # the last group waits for the end
+    assert reader.blob(f"{count - 1:064x}") is not None
+
+
+def test_a_group_of_records_keeps_the_order_of_its_deletes(tmp_path: Path) -> None:
+    """A group's writes are made statement by statement, but a blob forgotten within the
+    group takes with it only the records written before it, not those written after."""
+    from surefetch.cache.catalog import Catalog, UrlRecord
+
+    path = tmp_path / "catalog.db"
+    writer, reader = Catalog(path), Catalog(path)
+    digest, other = "a" * 64, "b" * 64
+    with writer.deferred():
+        writer.put_blob(digest, 1, "0" * 32)
+        writer.put_url("before", UrlRecord("http://h/before", digest, None, None))
+        writer.put_url("kept", UrlRecord("http://h/kept", other, None, None))
+        writer.forget_blob(digest)
+        writer.put_url("after", UrlRecord("http://h/after", digest, None, None))
+        writer.put_blob(digest, 2, "1" * 32)
+    assert reader.url("before") is None
+    assert reader.url("kept") is not None
+    assert reader.url("after") == UrlRecord("http://h/after", digest, None, None)
+    record = reader.blob(digest)
+    assert record is not None and record.size == 2
 
 
 def test_a_batch_locks_each_artifact_in_the_lock_table(server: FaultServer, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The private native core of surefetch (Rust). Use the public names in `surefetch`."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, final
@@ -17,6 +17,7 @@ __all__ = [
     "fit_name",
     "hash_file",
     "part_dir",
+    "place_many",
     "sync_filesystem",
 ]
 
@@ -70,3 +71,9 @@ def bare_name(raw: str) -> str: ...
 def fit_name(name: str | PathLike[str], suffix: str) -> str: ...
 def sync_filesystem(path: str | PathLike[str]) -> None: ...
 def part_dir(directory: str | PathLike[str]) -> Path: ...
+def place_many(
+    items: Sequence[tuple[str | PathLike[str], str | PathLike[str], int]],
+    link_mode: str,
+    *,
+    verify: bool,
+) -> list[tuple[str, tuple[int, str] | None] | OSError]: ...

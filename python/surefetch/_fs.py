@@ -21,24 +21,18 @@ import errno
 import fcntl
 import json
 import os
-import secrets
 import stat
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
 
+from surefetch import _core
 from surefetch.errors import StorageError
 
 LinkMode = Literal["auto", "reflink", "hardlink", "copy"]
 LINK_MODES: Final = ("auto", "reflink", "hardlink", "copy")
-
-# linux/fs.h: _IOW(0x94, 9, int)
-_FICLONE: Final = 0x40049409
-_CHUNK: Final = 1 << 30
-_NO_CLONE: Final = frozenset(
-    {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
-)
 
 
 def place(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -> str:
@@ -58,60 +52,41 @@ def place(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -> 
             a partly written `target` is removed.
         ValueError: an unknown `link_mode`.
     """
+    placed = place_many([(blob, target, mode)], link_mode, verify=False)[0]
+    if isinstance(placed, OSError):
+        raise placed
+    return placed[0]
+
+
+# Items placed per call of the engine, between which Ctrl+C is seen (each a few µs).
+_PLACE_GROUP: Final = 256
+
+
+def place_many(
+    items: Sequence[tuple[Path, Path, int]], link_mode: LinkMode, *, verify: bool
+) -> list[tuple[str, tuple[int, str] | None] | OSError]:
+    """`place` for each `(blob, target, mode)`, in the engine, a group at a time.
+
+    Args:
+        items: what to place where, as for `place`.
+        link_mode: see the module documentation.
+        verify: hash each new file (not a hardlink, which is the blob itself) as it lands.
+
+    Returns:
+        Per item: what was done with, when `verify`, the new file's (size in bytes,
+        XXH3-128), else None; or the `OSError` that item met (the others are placed
+        all the same).
+
+    Raises:
+        ValueError: an unknown `link_mode`.
+    """
     if link_mode not in LINK_MODES:
         raise ValueError(f"link mode must be one of {', '.join(LINK_MODES)}, not {link_mode!r}")
-    if link_mode == "hardlink":
-        os.link(blob, target)
-        return "hardlink"
-    src = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            done = _clone_or_copy(src, dst, link_mode)
-        except BaseException:
-            os.close(dst)
-            os.unlink(target)
-            raise
-        os.close(dst)
-    finally:
-        os.close(src)
-    return done
-
-
-def _clone_or_copy(src: int, dst: int, link_mode: LinkMode) -> str:
-    if link_mode in ("auto", "reflink"):
-        try:
-            fcntl.ioctl(dst, _FICLONE, src)
-            return "reflink"
-        except OSError as exc:
-            if link_mode == "reflink" or exc.errno not in _NO_CLONE:
-                raise
-    _copy_range(src, dst, os.fstat(src).st_size)
-    return "copy"
-
-
-def _copy_range(src: int, dst: int, size: int) -> None:
-    """The kernel copies `size` bytes (`copy_file_range`, else `sendfile`)."""
-    offset = 0
-    try:
-        while offset < size:
-            copied = os.copy_file_range(src, dst, min(size - offset, _CHUNK), offset, offset)
-            if copied == 0:
-                break
-            offset += copied
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        os.lseek(dst, offset, os.SEEK_SET)
-        while offset < size:  # across filesystems on older kernels
-            sent = os.sendfile(dst, src, offset, size - offset)
-            if sent == 0:
-                break
-            offset += sent
-    if offset != size:
-        raise OSError(
-            errno.EIO, f"the source shrank while it was copied ({offset} of {size} bytes)"
-        )
+    placed: list[tuple[str, tuple[int, str] | None] | OSError] = []
+    for start in range(0, len(items), _PLACE_GROUP):
+        group = items[start : start + _PLACE_GROUP]
+        placed.extend(_core.place_many(group, link_mode, verify=verify))
+    return placed
 
 
 def install(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -> str:
@@ -125,7 +100,7 @@ def install(blob: Path, target: Path, mode: int, link_mode: LinkMode = "auto") -
     Raises:
         OSError: as `place`, or the fsync or rename failed (nothing at `target` changed).
     """
-    temp = target.with_name(f".{target.name[:200]}.{secrets.token_hex(6)}.surefetch-tmp")
+    temp = target.with_name(f".{target.name[:200]}.{os.urandom(6).hex()}.surefetch-tmp")
     how = place(blob, temp, mode, link_mode)
     try:
         if how != "hardlink":

@@ -205,7 +205,8 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or not _SCHEME.fullmatch(scheme):
         return url
-    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    found = _AUTHORITY_END.search(rest)
+    end = found.start() if found is not None else len(rest)
     userinfo, at, host = rest[:end].rpartition("@")
     user, colon, _ = userinfo.partition(":")
     authority = f"{user}:***@{host}" if at and colon else rest[:end]
@@ -252,6 +253,7 @@ def _redact_query(tail: str) -> str:
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_AUTHORITY_END = re.compile(r"[/?#]")
 # A URL in free text, up to white space; what a message puts after it (`)`, `:`...)
 # is not part of it.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s]*?(?=[)\]>,;:.'\"]*(?:\s|$))")

@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +276,7 @@ def _new_temporary(file: Path, mode: int = 0o644) -> tuple[int, Path]:
     import fcntl
 
     while True:
-        temp = file.parent / _temporary_name(file, secrets.token_hex(6))
+        temp = file.parent / _temporary_name(file, os.urandom(6).hex())
         fd = os.open(
             temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from surefetch._fs import LinkMode, place, storage_error
+from surefetch._fs import LinkMode, place_many, storage_error
 from surefetch.download import CancelToken, TransferOptions, hash_file, sync_filesystem
 from surefetch.errors import (
     Cancelled,
@@ -280,15 +280,11 @@ class Resolver:
         )
         if first:
             raise first[0]
-        staged_any = False
-        for item, entry in zip(to_fetch, found):
-            if isinstance(entry, Exception):  # only after a cancel
-                raise self._failure(item, entry)
-            outcome = self._stage(item, entry)
-            staged_any = staged_any or outcome.staged is not None
+        staged = self._stage_all(to_fetch, found)
+        for outcome in staged:
             outcomes.append(outcome)
             advance()
-        if staged_any:
+        if any(outcome.staged is not None for outcome in staged):
             try:
                 sync_filesystem(self.staging)
             except OSError as exc:
@@ -315,8 +311,39 @@ class Resolver:
         found = dict(zip((i.index for i in pinned), checked))
         return [found.get(item.index, False) for item in items]
 
-    def _stage(self, item: Item, found: CacheEntry) -> Outcome:
-        entry = item.entry(found.sha256, found.xxh3_128, found.size)
+    def _stage_all(self, items: list[Item], found: list[CacheEntry | Exception]) -> list[Outcome]:
+        """Places each fetched blob in the staging directory, all in a few calls of the
+        engine (`place_many`), and checks what landed; an item whose placing failed is
+        settled alone (`_staged`)."""
+        outcomes: list[Outcome | None] = []
+        # Per link mode: (position, item, blob, its entry, staged path).
+        to_place: dict[LinkMode, list[tuple[int, Item, CacheEntry, LockedArtifact, Path]]] = {}
+        for position, (item, entry) in enumerate(zip(items, found)):
+            if isinstance(entry, Exception):  # only after a cancel
+                raise self._failure(item, entry)
+            pinned = self._checked_against_pin(item, entry)
+            target = Path(self.root, item.target)
+            if item.pin is None and installed_matches(target, pinned, item.executable, self.token):
+                outcomes.append(Outcome(item, pinned, None, entry.bytes_transferred))
+                continue
+            outcomes.append(None)
+            link_mode = self.link_mode
+            if link_mode == "hardlink" and item.executable:
+                link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
+            staged = self.staging / str(item.index)
+            to_place.setdefault(link_mode, []).append((position, item, entry, pinned, staged))
+        for link_mode, group in to_place.items():
+            placed = place_many(
+                [(entry.path, staged, _mode(item)) for _, item, entry, _, staged in group],
+                link_mode,
+                verify=True,
+            )
+            for (position, item, entry, pinned, staged), attempt in zip(group, placed):
+                outcomes[position] = self._staged(item, entry, pinned, staged, link_mode, attempt)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _checked_against_pin(self, item: Item, found: CacheEntry) -> LockedArtifact:
+        """The lockfile entry of `found`, which must match the item's pin (if any)."""
         if item.pin is not None and found.xxh3_128 != item.pin.xxh3_128:
             raise ChecksumMismatch(
                 f"{item.name}: xxh3_128 of the download differs from {self.lock_path}: expected "
@@ -326,17 +353,23 @@ class Resolver:
                 item.pin.xxh3_128,
                 found.xxh3_128,
             )
-        target = Path(self.root, item.target)
-        if item.pin is None and installed_matches(target, entry, item.executable, self.token):
-            return Outcome(item, entry, None, found.bytes_transferred)
-        staged = self.staging / str(item.index)
-        link_mode = self.link_mode
-        if link_mode == "hardlink" and item.executable:
-            link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
+        return item.entry(found.sha256, found.xxh3_128, found.size)
+
+    def _staged(
+        self,
+        item: Item,
+        found: CacheEntry,
+        entry: LockedArtifact,
+        staged: Path,
+        link_mode: LinkMode,
+        attempt: Placed,
+    ) -> Outcome:
+        """The item staged, once its placing (`attempt`) is checked; a blob damaged or
+        evicted meanwhile is fetched again and placed again, in this call."""
         mended = evictions = 0
         while True:
             try:
-                _stage(found.path, staged, entry, item.executable, link_mode)
+                _check_placed(attempt, found.path, staged, entry, link_mode)
                 break
             except ChecksumMismatch:
                 staged.unlink(missing_ok=True)
@@ -358,6 +391,7 @@ class Resolver:
                 # artifact's lock covers its fetch, not what follows).
                 _log.info("%s: its cached copy was evicted meanwhile: fetching it again", item.name)
                 found = self._fetched_again(item, found)
+            attempt = place_many([(found.path, staged, _mode(item))], link_mode, verify=True)[0]
         return Outcome(item, entry, staged, found.bytes_transferred)
 
     def _fetched_again(self, item: Item, found: CacheEntry) -> CacheEntry:
@@ -451,22 +485,29 @@ def _named(exc: SurefetchError, name: str) -> SurefetchError:
     return exc
 
 
-def _stage(
-    blob: Path, staged: Path, entry: LockedArtifact, executable: bool, link_mode: LinkMode
+#: What `place_many` did for one item: how and what landed, or the error it met.
+Placed = tuple[str, "tuple[int, str] | None"] | OSError
+
+
+def _mode(item: Item) -> int:
+    return 0o755 if item.executable else 0o644
+
+
+def _check_placed(
+    attempt: Placed, blob: Path, staged: Path, entry: LockedArtifact, link_mode: LinkMode
 ) -> None:
-    """Places the cache blob in the staging dir (reflink, kernel copy or, when asked,
-    hardlink; made durable later with the whole group) and checks what landed there."""
-    mode = 0o755 if executable else 0o644
-    try:
-        how = place(blob, staged, mode, link_mode)
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError) and not os.path.lexists(blob):
-            raise _Evicted(blob) from exc
-        raise storage_error(exc, f"{entry.name}: cannot stage {staged} ({link_mode})") from exc
-    if how == "hardlink":
-        return  # the same inode as the verified blob
-    size, xxh3, _ = hash_file(staged, sha256=False)
-    if (size, xxh3) != (entry.size, entry.xxh3_128):
+    """Checks that placing the cache blob in the staging dir (reflink, kernel copy or,
+    when asked, hardlink; made durable later with the whole group) worked, and that what
+    landed there has the entry's size and XXH3-128 (a hardlink is the verified blob)."""
+    if isinstance(attempt, OSError):
+        if isinstance(attempt, FileNotFoundError) and not os.path.lexists(blob):
+            raise _Evicted(blob) from attempt
+        raise storage_error(
+            attempt, f"{entry.name}: cannot stage {staged} ({link_mode})"
+        ) from attempt
+    _, landed = attempt
+    if landed is not None and landed != (entry.size, entry.xxh3_128):
+        xxh3 = landed[1]
         raise ChecksumMismatch(
             f"{entry.name}: the cached copy changed while it was copied (xxh3_128 "
             f"{xxh3}, expected {entry.xxh3_128}); run `surefetch cache verify`, then sync again",

@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import shutil
 import stat
 import time
@@ -405,7 +404,7 @@ def sync(
         with _dest_lock(state, token):
             _remove_stale_staging(state)
             remove_stale_temporaries(lock_path)
-            staging = state / f"sync-{secrets.token_hex(8)}"
+            staging = state / f"sync-{os.urandom(8).hex()}"
             staging.mkdir(mode=0o700)
             lazy_cache = LazyCache(cache)
             try:

@@ -67,7 +67,7 @@ _RECORDS_PATIENCE_S = 0.5
 _HOLDERS_PATIENCE_S = 0.2
 # A batch's deferred records are written at least this often (so that a killed batch
 # loses few): every this many records, and after this many seconds.
-_FLUSH_RECORDS = 128
+_FLUSH_RECORDS = 1024
 _FLUSH_S = 1.0
 _warned: set[Path] = set()
 # Connections a forked child inherited: kept from the garbage collector (SQLite: a
@@ -313,8 +313,8 @@ class Catalog:
                 else:
                     try:
                         with connection:  # one transaction
-                            for sql, parameters in writes:
-                                connection.execute(sql, parameters)
+                            for sql, rows in _runs(writes):
+                                connection.executemany(sql, rows)
                         return
                     except sqlite3.Error as exc:
                         if not (_busy(exc) and time.monotonic() < deadline):
@@ -406,6 +406,35 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
             _log.info("the cache's catalog %s is read only here (%s)", path, first)
             return connection, False
         raise
+
+
+def _runs(
+    writes: list[tuple[str, tuple[object, ...]]],
+) -> Iterator[tuple[str, list[tuple[object, ...]]]]:
+    """`writes` as runs of one statement each (one `executemany` per run). The rows of
+    a statement keep their order, and a DELETE keeps its place between the writes before
+    and after it; the other writes are gathered by statement, which is safe because each
+    of those upserts a table of its own."""
+    upserts: dict[str, list[tuple[object, ...]]] = {}
+    deletes: list[tuple[object, ...]] = []
+    delete = ""
+    for sql, parameters in writes:
+        if not sql.startswith("DELETE"):
+            if deletes:
+                yield delete, deletes
+                deletes = []
+            upserts.setdefault(sql, []).append(parameters)
+            continue
+        yield from upserts.items()
+        upserts = {}
+        if deletes and sql != delete:
+            yield delete, deletes
+            deletes = []
+        delete = sql
+        deletes.append(parameters)
+    if deletes:
+        yield delete, deletes
+    yield from upserts.items()
 
 
 def _busy(exc: sqlite3.Error) -> bool:

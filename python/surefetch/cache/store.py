@@ -78,8 +78,9 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self._root = root
         self.catalog = Catalog(root / "catalog.db")
-        # Directories already checked by `directory`/`checked` in `checks_remembered`.
-        self._checked_dirs: set[Path] | None = None
+        # Directories (by their parts below the root) that exist and were checked by
+        # `directory`/`checked` within `checks_remembered`; the root is ().
+        self._checked_dirs: dict[tuple[str, ...], Path] | None = None
 
     @property
     def root(self) -> Path:
@@ -89,7 +90,7 @@ class BlobStore:
     @contextlib.contextmanager
     def checks_remembered(self) -> Iterator[None]:
         """Within the block (a batch) each directory is checked once, not once per blob."""
-        self._checked_dirs = set()
+        self._checked_dirs = {}
         try:
             yield
         finally:
@@ -113,34 +114,37 @@ class BlobStore:
         """``root/parts...``, created 0755 minus the umask, level by level, each
         level checked (`_check_dir`)."""
         checked = self._checked_dirs
-        whole = self._root.joinpath(*parts)
-        if checked is not None and whole in checked:
-            return whole
+        if checked is not None:
+            known = checked.get(parts)
+            if known is not None:
+                return known
         path = self._root
-        if checked is None or path not in checked:
+        if checked is None or () not in checked:
             if not path.is_dir():
                 path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             _check_dir(path, os.stat(path), root=True)
-        for part in parts:
-            path = path / part
-            if checked is not None and path in checked:
+            if checked is not None:
+                checked[()] = path
+        for level in range(1, len(parts) + 1):
+            path = path / parts[level - 1]
+            if checked is not None and parts[:level] in checked:
                 continue  # a level an earlier call of the batch created and checked
             with contextlib.suppress(FileExistsError):
                 path.mkdir(mode=_DIR_MODE)
             _check_dir(path, os.lstat(path))
             if checked is not None:
-                checked.add(path)
-        if checked is not None:
-            checked.add(self._root)
+                checked[parts[:level]] = path
         return path
 
     def checked(self, *parts: str) -> Path:
         """``root/parts...``, not created; every level of it that exists is checked
         (`_check_dir`)."""
-        whole = self._root.joinpath(*parts)
         checked = self._checked_dirs
-        if checked is not None and whole in checked:
-            return whole
+        if checked is not None:
+            known = checked.get(parts)
+            if known is not None:
+                return known
+        whole = self._root.joinpath(*parts)
         path = self._root
         try:
             _check_dir(path, os.stat(path), root=True)
@@ -150,7 +154,7 @@ class BlobStore:
         except FileNotFoundError:
             return whole
         if checked is not None:
-            checked.add(whole)
+            checked[parts] = whole
         return whole
 
     def blob_path(self, digest: str) -> Path:
@@ -254,8 +258,8 @@ class BlobStore:
         durable, and the rename is atomic, so processes installing the same blob at once
         leave the same bytes whichever rename lands last (and a reader of the old file
         keeps reading it)."""
-        blob = self.blob_path(digest)
         directory = self.directory("blobs", "sha256", digest[:2])
+        blob = directory / digest
         os.rename(tmp, blob)
         if sync:
             self._sync_blob_dir(blob, directory)

@@ -1,0 +1,161 @@
+//! Putting a verified cache blob at a new path without passing its bytes through
+//! user space: a copy-on-write clone (`FICLONE`), a kernel copy (`copy_file_range`,
+//! through `std::io::copy`), or, only when asked, a hardlink. The link modes are
+//! uv's `--link-mode`; `surefetch._fs` documents them for users.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// How a blob may be placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkMode {
+    /// A clone where the filesystem can, else a kernel copy.
+    Auto,
+    /// A clone, or an error.
+    Reflink,
+    /// The blob's own inode.
+    Hardlink,
+    /// A kernel copy.
+    Copy,
+}
+
+impl LinkMode {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "reflink" => Some(Self::Reflink),
+            "hardlink" => Some(Self::Hardlink),
+            "copy" => Some(Self::Copy),
+            _ => None,
+        }
+    }
+}
+
+/// What was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placed {
+    Reflink,
+    Copy,
+    Hardlink,
+}
+
+impl Placed {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reflink => "reflink",
+            Self::Copy => "copy",
+            Self::Hardlink => "hardlink",
+        }
+    }
+}
+
+/// linux/fs.h: `_IOW(0x94, 9, int)`.
+const FICLONE: u64 = 0x4004_9409;
+
+/// Creates `target`, which must not exist, with the bytes of `blob`: a clone or copy
+/// with the permission bits `mode` (minus the umask), or a hardlink to `blob`. A
+/// partly written `target` is removed; the error names the file it is about.
+pub fn place(blob: &Path, target: &Path, mode: u32, link: LinkMode) -> Result<Placed> {
+    if link == LinkMode::Hardlink {
+        std::fs::hard_link(blob, target).map_err(|e| Error::storage("link", target, e))?;
+        return Ok(Placed::Hardlink);
+    }
+    let source = File::open(blob).map_err(|e| Error::storage("open", blob, e))?;
+    let mut copy = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(target)
+        .map_err(|e| Error::storage("create", target, e))?;
+    let placed = clone_or_copy(&source, &mut copy, link);
+    drop(copy);
+    placed.map_err(|e| {
+        let _ = std::fs::remove_file(target);
+        Error::storage("copy into", target, e)
+    })
+}
+
+fn clone_or_copy(source: &File, copy: &mut File, link: LinkMode) -> io::Result<Placed> {
+    if matches!(link, LinkMode::Auto | LinkMode::Reflink) {
+        // SAFETY: both descriptors are open for the duration of the call.
+        let cloned = unsafe { libc::ioctl(copy.as_raw_fd(), FICLONE as _, source.as_raw_fd()) };
+        if cloned == 0 {
+            return Ok(Placed::Reflink);
+        }
+        let error = io::Error::last_os_error();
+        if link == LinkMode::Reflink || !cannot_clone(&error) {
+            return Err(error);
+        }
+    }
+    let size = source.metadata()?.len();
+    // copy_file_range, else sendfile, else read/write (across filesystems on older kernels).
+    let copied = io::copy(&mut &*source, copy)?;
+    if copied != size {
+        return Err(io::Error::other(format!(
+            "the source changed size while it was copied ({copied} of {size} bytes)"
+        )));
+    }
+    Ok(Placed::Copy)
+}
+
+/// The errors by which a filesystem (or a pair of them) says it cannot clone.
+fn cannot_clone(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::EOPNOTSUPP
+                | libc::ENOTTY
+                | libc::EXDEV
+                | libc::EINVAL
+                | libc::ENOSYS
+                | libc::EPERM
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn each_mode_places_the_bytes_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, b"verified bytes").unwrap();
+        for (name, link) in [
+            ("auto", LinkMode::Auto),
+            ("copy", LinkMode::Copy),
+            ("hardlink", LinkMode::Hardlink),
+        ] {
+            let target = dir.path().join(name);
+            let placed = place(&blob, &target, 0o600, link).unwrap();
+            assert_eq!(std::fs::read(&target).unwrap(), b"verified bytes");
+            let same_inode = std::fs::metadata(&target).unwrap().ino()
+                == std::fs::metadata(&blob).unwrap().ino();
+            assert_eq!(same_inode, placed == Placed::Hardlink, "{name}");
+            if placed != Placed::Hardlink {
+                let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{name}");
+            }
+            let again = place(&blob, &target, 0o600, link).unwrap_err();
+            assert!(matches!(&again, Error::Storage { source, .. }
+                if source.kind() == io::ErrorKind::AlreadyExists));
+        }
+    }
+
+    #[test]
+    fn a_missing_blob_is_named_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("gone");
+        let target = dir.path().join("target");
+        let error = place(&blob, &target, 0o644, LinkMode::Auto).unwrap_err();
+        assert!(matches!(&error, Error::Storage { path, .. } if path == &blob));
+        assert!(!target.exists());
+    }
+}
