@@ -778,10 +778,11 @@ fn place_many(
         .ok_or_else(|| PyValueError::new_err(format!("unknown link mode {link_mode:?}")))?;
     let placed: Vec<std::result::Result<PlacedItem, Error>> = py.detach(|| {
         let token = cancel::CancelToken::new();
+        let mut placer = place::Placer::new(link);
         items
             .iter()
             .map(|(blob, target, mode)| {
-                let how = place::place(blob, target, *mode, link)?;
+                let how = placer.place(blob, target, *mode)?;
                 if !verify || how == place::Placed::Hardlink {
                     return Ok((how.name(), None));
                 }

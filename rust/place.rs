@@ -3,11 +3,12 @@
 //! through `std::io::copy`), or, only when asked, a hardlink. The link modes are
 //! uv's `--link-mode`; `surefetch._fs` documents them for users.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -61,46 +62,122 @@ const FICLONE: u64 = 0x4004_9409;
 /// with the permission bits `mode` (minus the umask), or a hardlink to `blob`. A
 /// partly written `target` is removed; the error names the file it is about.
 pub fn place(blob: &Path, target: &Path, mode: u32, link: LinkMode) -> Result<Placed> {
-    if link == LinkMode::Hardlink {
-        std::fs::hard_link(blob, target).map_err(|e| Error::storage("link", target, e))?;
-        return Ok(Placed::Hardlink);
-    }
-    let source = File::open(blob).map_err(|e| Error::storage("open", blob, e))?;
-    let mut copy = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(target)
-        .map_err(|e| Error::storage("create", target, e))?;
-    let placed = clone_or_copy(&source, &mut copy, link);
-    drop(copy);
-    placed.map_err(|e| {
-        let _ = std::fs::remove_file(target);
-        Error::storage("copy into", target, e)
-    })
+    Placer::new(link).place(blob, target, mode)
 }
 
-fn clone_or_copy(source: &File, copy: &mut File, link: LinkMode) -> io::Result<Placed> {
-    if matches!(link, LinkMode::Auto | LinkMode::Reflink) {
-        // SAFETY: both descriptors are open for the duration of the call.
-        let cloned = unsafe { libc::ioctl(copy.as_raw_fd(), FICLONE as _, source.as_raw_fd()) };
-        if cloned == 0 {
-            return Ok(Placed::Reflink);
-        }
-        let error = io::Error::last_os_error();
-        if link == LinkMode::Reflink || !cannot_clone(&error) {
-            return Err(error);
+/// Places many blobs in one link mode, remembering which pairs of filesystems cannot
+/// clone (in `auto` mode, not asking them again for each file).
+pub struct Placer {
+    link: LinkMode,
+    /// (source device, target directory) pairs whose clone failed as unsupported.
+    no_clone: HashSet<(u64, PathBuf)>,
+}
+
+impl Placer {
+    pub fn new(link: LinkMode) -> Self {
+        Self {
+            link,
+            no_clone: HashSet::new(),
         }
     }
-    let size = source.metadata()?.len();
-    // copy_file_range, else sendfile, else read/write (across filesystems on older kernels).
-    let copied = io::copy(&mut &*source, copy)?;
-    if copied != size {
+
+    /// See `place`.
+    pub fn place(&mut self, blob: &Path, target: &Path, mode: u32) -> Result<Placed> {
+        if self.link == LinkMode::Hardlink {
+            std::fs::hard_link(blob, target).map_err(|e| Error::storage("link", target, e))?;
+            return Ok(Placed::Hardlink);
+        }
+        let source = File::open(blob).map_err(|e| Error::storage("open", blob, e))?;
+        let mut copy = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(target)
+            .map_err(|e| Error::storage("create", target, e))?;
+        let placed = self.clone_or_copy(&source, &mut copy, target);
+        drop(copy);
+        placed.map_err(|e| {
+            let _ = std::fs::remove_file(target);
+            Error::storage("copy into", target, e)
+        })
+    }
+
+    fn clone_or_copy(
+        &mut self,
+        source: &File,
+        copy: &mut File,
+        target: &Path,
+    ) -> io::Result<Placed> {
+        let meta = source.metadata()?;
+        let pair = (
+            meta.dev(),
+            target.parent().unwrap_or(Path::new("")).to_path_buf(),
+        );
+        let try_clone = match self.link {
+            LinkMode::Reflink => true,
+            LinkMode::Auto => !self.no_clone.contains(&pair),
+            _ => false,
+        };
+        if try_clone {
+            // SAFETY: both descriptors are open for the duration of the call.
+            let cloned = unsafe { libc::ioctl(copy.as_raw_fd(), FICLONE as _, source.as_raw_fd()) };
+            if cloned == 0 {
+                return Ok(Placed::Reflink);
+            }
+            let error = io::Error::last_os_error();
+            if self.link == LinkMode::Reflink || !cannot_clone(&error) {
+                return Err(error);
+            }
+            self.no_clone.insert(pair);
+        }
+        copy_exactly(source, copy, meta.len())?;
+        Ok(Placed::Copy)
+    }
+}
+
+/// Copies the first `size` bytes of `source` into `copy` in the kernel
+/// (`copy_file_range`; where that is not supported, `std::io::copy`, which falls back
+/// to `sendfile` and then to read/write).
+fn copy_exactly(source: &File, copy: &mut File, size: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < size {
+        let left = usize::try_from(size - done)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: the descriptors are open; null offsets use and advance the file positions.
+        let copied = unsafe {
+            libc::copy_file_range(
+                source.as_raw_fd(),
+                std::ptr::null_mut(),
+                copy.as_raw_fd(),
+                std::ptr::null_mut(),
+                left,
+                0,
+            )
+        };
+        match copied {
+            0 => break,
+            n if n > 0 => done += n as u64,
+            _ => {
+                let error = io::Error::last_os_error();
+                let unsupported = matches!(
+                    error.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                );
+                if !unsupported || done > 0 {
+                    return Err(error);
+                }
+                done = io::copy(&mut source.take(size), copy)?;
+                break;
+            }
+        }
+    }
+    if done != size {
         return Err(io::Error::other(format!(
-            "the source changed size while it was copied ({copied} of {size} bytes)"
+            "the source changed size while it was copied ({done} of {size} bytes)"
         )));
     }
-    Ok(Placed::Copy)
+    Ok(())
 }
 
 /// The errors by which a filesystem (or a pair of them) says it cannot clone.
@@ -121,7 +198,7 @@ fn cannot_clone(error: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn each_mode_places_the_bytes_and_never_overwrites() {

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 
 __all__ = ["host_id", "machine_name", "process_start_time", "process_state", "send_signal"]
 
 
 def host_id() -> str:
     """This machine's host id: ``$SUREFETCH_HOST_ID``, else the hostname."""
-    return os.environ.get("SUREFETCH_HOST_ID") or socket.gethostname()
+    return os.environ.get("SUREFETCH_HOST_ID") or machine_name()
 
 
 def machine_name() -> str:
-    """The machine's own name, told apart from the configurable host id."""
+    """The machine's own name (its hostname: `uname`'s node name, as gethostname(2)
+    returns it on Linux), told apart from the configurable host id."""
     return os.uname().nodename
 
 

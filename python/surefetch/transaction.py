@@ -178,7 +178,19 @@ def _safe_target(
 
     `parents_inside`: directories already found inside `root` in this pass (each is
     resolved once, not once per file in it); the checked parent is added."""
-    full = Path(root, target)
+    return Path(_checked_target(root, target, file, name, error, parents_inside))
+
+
+def _checked_target(
+    root: str,
+    target: str,
+    file: Path,
+    name: str,
+    error: type[SurefetchError],
+    parents_inside: set[str] | None = None,
+) -> str:
+    """`_safe_target` as a string (a batch's thousands of paths cost less so)."""
+    full = os.path.join(root, target)
     unresolved = os.path.dirname(full)
     if parents_inside is None or unresolved not in parents_inside:
         parent = os.path.realpath(unresolved)
@@ -254,18 +266,19 @@ def _install(
     Returns the error of a directory fsync that failed (the files are in place then, but
     their durability is unknown), for the caller to raise once the lockfile matches them.
     """
-    touched: set[Path] = set()
+    touched: set[str] = set()
     parents_inside: set[str] = set()
     staged = [o for o in outcomes if o.staged is not None]
     for installed, outcome in enumerate(staged):
         item = outcome.item
-        target = Path(root, item.target)
         assert outcome.staged is not None
+        target = os.path.join(root, item.target)
+        directory = os.path.dirname(target)
         try:
-            if target.parent not in touched:  # each directory once, not once per file
-                target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if directory not in touched:  # each directory once, not once per file
+                os.makedirs(directory, mode=0o755, exist_ok=True)
             # Again, now that it exists (each directory once).
-            _safe_target(root, item.target, file, item.name, error, parents_inside)
+            _checked_target(root, item.target, file, item.name, error, parents_inside)
             os.replace(outcome.staged, target)
         except OSError as exc:
             what = f"{item.name}: cannot install {target}"
@@ -275,17 +288,16 @@ def _install(
                     "verified; the lockfile is unchanged)"
                 )
             raise storage_error(exc, what) from exc
-        directory = target.parent
-        while _inside(root, str(directory)) and directory not in touched:
+        while _inside(root, directory) and directory not in touched:
             touched.add(directory)
-            directory = directory.parent
-    for directory in sorted(touched, key=lambda p: -len(p.parts)):
+            directory = os.path.dirname(directory)
+    for changed in sorted(touched, key=lambda d: -d.count("/")):
         try:
-            fsync_dir(directory)
+            fsync_dir(Path(changed))
         except OSError as exc:
             many = len(staged) != 1
             done = f"{len(staged)} artifact{'s' if many else ''} installed in {root}"
-            return not_durable(exc, done, directory, many=many)
+            return not_durable(exc, done, Path(changed), many=many)
     return None
 
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import logging
 import os
-import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from surefetch._fs import RANGE_LOCK_LIMIT, try_flock, try_range_lock
+from surefetch._procs import machine_name
 from surefetch.cache.store import FILE_MODE, BlobStore, printable
 from surefetch.download import CancelToken
 from surefetch.errors import Cancelled, DownloadTimeout, LockTimeout, StorageError, redact_url
@@ -255,14 +254,9 @@ def _warn_once(message: str) -> None:
         _log.warning("%s; its artifacts are taken as in use", message)
 
 
-@functools.cache
-def _host() -> str:
-    return socket.gethostname()
-
-
 def _identity() -> tuple[int, str, float]:
     """This process as a lock holder: pid, host, and now (seconds since the epoch)."""
-    return os.getpid(), _host(), time.time()
+    return os.getpid(), machine_name(), time.time()
 
 
 def _alive(pid: int) -> bool:
@@ -279,7 +273,7 @@ def _alive(pid: int) -> bool:
 def _holder(store: BlobStore, key: str) -> str:
     """``pid 12 on host h (fetching URL since 12:00:01)``, from what the holder said."""
     said = store.catalog.holder(key)
-    if said is None or (said.host == _host() and not _alive(said.pid)):
+    if said is None or (said.host == machine_name() and not _alive(said.pid)):
         return "another process (it has not said which)"
     try:
         since = time.strftime("%H:%M:%S", time.localtime(said.since))

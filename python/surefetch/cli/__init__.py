@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, Callable, NoReturn, cast
 
 from surefetch.cli import _cache, _demo, _get, _sessions, _supervisor, _sync
@@ -92,7 +93,21 @@ def version_line() -> str:
     return f"surefetch {package} (its native core is {core}: reinstall surefetch)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The command groups, and the commands each registers (`_command_group`).
+_GROUPS = {
+    _get: ("get",),
+    _cache: ("fetch", "cache"),
+    _demo: ("demo",),
+    _sync: ("sync", "verify"),
+    _sessions: ("sessions", "users", "serve", "enforce"),
+    _supervisor: ("supervise", "ctl"),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; given the `argv` to parse, only that of its command
+    group when it names one (building all the others costs several milliseconds at
+    every start)."""
     parser = _Parser(prog="surefetch", description="Downloads that cannot corrupt anything.")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument("-V", "--version", action=_VersionAction, help="print the version and exit")
@@ -100,13 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
     )
-    _get.add_commands(sub)
-    _cache.add_commands(sub)
-    _demo.add_commands(sub)
-    _sync.add_commands(sub)
-    _sessions.add_commands(sub)
-    _supervisor.add_commands(sub)
+    group = _command_group(argv) if argv is not None else None
+    for module in _GROUPS if group is None else (group,):
+        module.add_commands(sub)
     return parser
+
+
+def _command_group(argv: Sequence[str]) -> ModuleType | None:
+    """The module of the command `argv` names (its first word that is not an option), or
+    None (no command, or an unknown one: the full parser then says what there is)."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    return next((module for module, names in _GROUPS.items() if command in names), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Every handler runs in `run_reporting_errors`: the one error path (see `_common`).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(words).parse_args(words)
     quiet = getattr(args, "quiet", False)
     log_to_stderr(verbose=(args.verbose or getattr(args, "verbose_here", False)) and not quiet)
     handler: Callable[[argparse.Namespace], int] = args.handler

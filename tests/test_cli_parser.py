@@ -1,0 +1,29 @@
+"""The command line's parser, built for one command group at a time."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from surefetch.cli import _GROUPS, build_parser
+
+
+def _commands(parser: argparse.ArgumentParser) -> set[str]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
+def test_each_group_registers_exactly_the_commands_it_is_listed_with() -> None:
+    """The table that picks a command's group cannot drift from what the groups register."""
+    everything = _commands(build_parser())
+    listed = [name for names in _GROUPS.values() for name in names]
+    assert sorted(listed) == sorted(everything)
+    for names in _GROUPS.values():
+        for name in names:
+            assert _commands(build_parser(["-v", name, "--help"])) == set(names)
+
+
+@pytest.mark.parametrize("argv", [[], ["--version"], ["bogus"], ["-v"]])
+def test_without_a_known_command_every_command_is_there(argv: list[str]) -> None:
+    assert _commands(build_parser(argv)) == _commands(build_parser())
