@@ -15,7 +15,7 @@ import pytest
 import tomli_w
 
 import surefetch as sf
-from surefetch._fs import place
+from surefetch.linking import place
 from surefetch.testing import FaultServer
 
 from support import payload, run_cli

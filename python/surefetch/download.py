@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from surefetch import _core
 from surefetch._core import Batch as Batch  # for surefetch.streaming (one importer of _core)
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
+from surefetch._core import place_many as engine_place_many  # for surefetch.linking
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 from surefetch.transfer import TransferOptions
 
@@ -33,6 +34,7 @@ __all__ = [
     "adownload",
     "download",
     "download_many",
+    "engine_place_many",
     "fit_name",
     "hash_file",
     "name_from_url",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from surefetch._fs import LinkMode, place_many, storage_error
+from surefetch._fs import storage_error
 from surefetch.download import CancelToken, TransferOptions, hash_file, sync_filesystem
 from surefetch.errors import (
     Cancelled,
@@ -26,6 +26,7 @@ from surefetch.errors import (
     SurefetchError,
     redact_url,
 )
+from surefetch.linking import LinkMode, place_many
 from surefetch.lockfile import LockedArtifact, Lockfile, render_lockfile
 from surefetch.manifest import Manifest, ManifestArtifact, StrPath
 

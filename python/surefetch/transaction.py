@@ -60,8 +60,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surefetch._fs import (
-    LINK_MODES,
-    LinkMode,
     fsync_dir,
     not_durable,
     storage_error,
@@ -77,6 +75,7 @@ from surefetch.errors import (
     StorageError,
     SurefetchError,
 )
+from surefetch.linking import LINK_MODES, LinkMode
 from surefetch.lockfile import (
     LockedArtifact,
     Lockfile,

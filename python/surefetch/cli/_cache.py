@@ -196,8 +196,8 @@ def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
     import dataclasses
     from pathlib import Path
 
-    from surefetch._fs import install
     from surefetch.download import name_from_url
+    from surefetch.linking import install
 
     target = Path(output)
     if output.endswith(("/", os.sep)) or target.is_dir():
