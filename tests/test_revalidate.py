@@ -200,3 +200,46 @@ def test_a_304_for_a_blob_evicted_meanwhile_downloads_it_again(
     assert again.path == first.path and again.path.read_bytes() == data
     conditional = ["if-none-match" in r.headers for r in server.requests]
     assert conditional == [True, False]  # the 304, then the download again
+
+
+def test_a_batch_revalidates_from_the_catalog_and_the_old_index_files(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A batch reads the URL index for all its URLs at once (more than one query's worth
+    of keys): those the catalog knows, and one that only an index file from before the
+    catalog knows, are revalidated (304, no body); those never fetched are downloaded."""
+    import sqlite3
+
+    from surefetch.cache.catalog import _KEYS_PER_QUERY
+    from surefetch.cache.index import url_key
+
+    count = _KEYS_PER_QUERY + 20
+    urls = [server.add(f"r{i}.bin", payload(64, seed=1000 + i)) for i in range(count)]
+    root = tmp_path / "cache"
+    first = sf.Cache(root)
+    assert all(
+        isinstance(r, CacheEntry) for r in first.fetch_many([FetchRequest(u) for u in urls[::2]])
+    )
+    first.close()
+    # The last URL fetched moves from the catalog into an index file of the first format.
+    key = url_key(urls[-2])
+    with sqlite3.connect(root / "catalog.db") as db:
+        (url, sha, etag, modified) = db.execute(
+            "SELECT url, sha256, etag, last_modified FROM urls WHERE key = ?", (key,)
+        ).fetchone()
+        db.execute("DELETE FROM urls WHERE key = ?", (key,))
+    db.close()
+    index = root / "urls" / key[:2] / f"{key}.json"
+    index.parent.mkdir(parents=True)
+    index.write_text(
+        json.dumps({"url": url, "sha256": sha, "etag": etag, "last_modified": modified})
+    )
+    server.reset_counters()
+    again = sf.Cache(root).fetch_many([FetchRequest(u) for u in urls])
+    assert all(isinstance(r, CacheEntry) for r in again)
+    downloaded = {
+        i for i, r in enumerate(again) if isinstance(r, CacheEntry) and r.bytes_transferred
+    }
+    assert downloaded == set(range(1, count, 2))
+    conditional = {r.name for r in server.requests if "if-none-match" in r.headers}
+    assert len(conditional) == len(range(0, count, 2))

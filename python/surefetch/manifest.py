@@ -36,6 +36,7 @@ StrPath = Union[str, "os.PathLike[str]"]
 STATE_DIR = ".surefetch"
 """Reserved in every destination: part files and sync's staging live there."""
 HEX = re.compile(r"[0-9a-fA-F]+")
+_CONTROL = re.compile(r"[\x00-\x1f]")
 MANIFEST_KEYS = frozenset({"name", "url", "sha256", "size", "path", "executable"})
 LOCK_KEYS = frozenset({"name", "url", "size", "sha256", "xxh3_128", "executable", "path"})
 
@@ -105,7 +106,7 @@ class TableChecker:
             return None
         if not isinstance(value, str) or not value:
             self.fail(f"{key!r} must be a non-empty string")
-        if any(ord(c) < 32 for c in value):
+        if _CONTROL.search(value):
             self.fail(f"{key!r} must not contain control characters")
         return value
 

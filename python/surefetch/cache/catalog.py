@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,8 @@ _HOLDERS_PATIENCE_S = 0.2
 # loses few): every this many records, and after this many seconds.
 _FLUSH_RECORDS = 1024
 _FLUSH_S = 1.0
+# Keys per query of `Catalog.urls` (SQLite allows 32,766 parameters since 3.32, 999 before).
+_KEYS_PER_QUERY = 500
 _warned: set[Path] = set()
 # Connections a forked child inherited: kept from the garbage collector (SQLite: a
 # connection must not be carried across fork, and that includes closing it there).
@@ -149,17 +151,24 @@ class Catalog:
     def url(self, key: str) -> UrlRecord | None:
         """The record of the URL with key `key` (`surefetch.cache.index.url_key`), or None."""
         row = self._read("SELECT url, sha256, etag, last_modified FROM urls WHERE key = ?", (key,))
-        if row is None:
-            return None
-        url, digest, etag, modified = row
-        if not isinstance(url, str) or not isinstance(digest, str):
-            return None
-        return UrlRecord(
-            url,
-            digest,
-            etag if isinstance(etag, str) else None,
-            modified if isinstance(modified, str) else None,
-        )
+        return _url_record(*row) if row is not None else None
+
+    def urls(self, keys: Sequence[str]) -> dict[str, UrlRecord]:
+        """The records of the URLs with these keys that the catalog has (a few queries for
+        a whole batch, not one per URL)."""
+        found: dict[str, UrlRecord] = {}
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
+            rows = self._read_all(
+                "SELECT key, url, sha256, etag, last_modified FROM urls WHERE key IN "
+                f"({', '.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
+            for key, *fields in rows:
+                record = _url_record(*fields)
+                if isinstance(key, str) and record is not None:
+                    found[key] = record
+        return found
 
     def put_blob(self, digest: str, size: int, xxh3_128: str, url: str | None = None) -> None:
         """Records a blob (keeping its last URL when `url` is None)."""
@@ -276,6 +285,18 @@ class Catalog:
                 self._failed("read", exc)
                 return None
         return tuple(row) if row is not None else None
+
+    def _read_all(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[object, ...]]:
+        with self._lock:
+            connection = self._open()
+            if connection is None:
+                return []
+            try:
+                rows = connection.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                self._failed("read", exc)
+                return []
+        return [tuple(row) for row in rows]
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> None:
         pending: list[tuple[str, tuple[object, ...]]] | None = getattr(
@@ -406,6 +427,18 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
             _log.info("the cache's catalog %s is read only here (%s)", path, first)
             return connection, False
         raise
+
+
+def _url_record(url: object, digest: object, etag: object, modified: object) -> UrlRecord | None:
+    """A row of the ``urls`` table as its record (None when a field has the wrong type)."""
+    if not isinstance(url, str) or not isinstance(digest, str):
+        return None
+    return UrlRecord(
+        url,
+        digest,
+        etag if isinstance(etag, str) else None,
+        modified if isinstance(modified, str) else None,
+    )
 
 
 def _runs(

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from surefetch.cache.index import indexed, offline_entry, url_key, write_index
+from surefetch.cache.index import indexed_many, offline_entry, url_key, write_index
 from surefetch.cache.locks import PARTS, announce, locked, take_if_free, withdraw
 from surefetch.cache.store import BlobStore, CacheEntry, check_sha256, check_size
 from surefetch.download import (
@@ -195,7 +195,9 @@ class Fetcher:
     ) -> None:
         """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
         place and syncs the blob directories once for all."""
-        revalidations = [self._revalidation(requests[i].url, expected) for i, _, expected in batch]
+        revalidations = self._revalidations(
+            [(requests[i].url, expected) for i, _, expected in batch]
+        )
         items = [
             DownloadItem(
                 requests[i].url,
@@ -326,13 +328,23 @@ class Fetcher:
         """For a fetch without a digest: the blob `url` gave last time and what revalidates
         it (RFC 9110 §13.1: its strong ETag, else its Last-Modified); all None when
         there is nothing to revalidate (a digest, no blob, no validator)."""
-        if expected is not None:
-            return None, None, None
-        cached, etag, modified = indexed(self.store, url)
-        if cached is None or (etag is None and modified is None):
-            return None, None, None  # nothing to revalidate it with: download again
-        _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
-        return cached, etag, modified
+        return self._revalidations([(url, expected)])[0]
+
+    def _revalidations(
+        self, fetches: Sequence[tuple[str, str | None]]
+    ) -> list[tuple[CacheEntry | None, str | None, str | None]]:
+        """`_revalidation` of each (url, expected digest), the index read once for all."""
+        unpinned = [url for url, expected in fetches if expected is None]
+        found = iter(indexed_many(self.store, unpinned) if unpinned else [])
+        revalidations: list[tuple[CacheEntry | None, str | None, str | None]] = []
+        for url, expected in fetches:
+            cached, etag, modified = (None, None, None) if expected is not None else next(found)
+            if cached is None or (etag is None and modified is None):
+                revalidations.append((None, None, None))  # nothing to revalidate it with
+                continue
+            _log.info("revalidating %s (%s)", redact_url(url), etag or modified)
+            revalidations.append((cached, etag, modified))
+        return revalidations
 
     def _admit(self, url: str, result: DownloadResult, *, sync: bool) -> CacheEntry:
         """Installs the verified download `result` as its blob and records it in the URL

@@ -4,6 +4,8 @@ downloading it again, and ``--offline`` can answer it without any network access
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from surefetch.cache.catalog import UrlRecord
 from surefetch.cache.store import (
     SHA256,
@@ -15,7 +17,7 @@ from surefetch.cache.store import (
 )
 from surefetch.errors import NetworkError, redact_url
 
-__all__ = ["indexed", "offline_entry", "url_key", "write_index"]
+__all__ = ["indexed_many", "offline_entry", "url_key", "write_index"]
 
 
 def url_key(url: str) -> str:
@@ -25,10 +27,24 @@ def url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:40]
 
 
-def indexed(store: BlobStore, url: str) -> tuple[CacheEntry | None, str | None, str | None]:
-    """The blob this URL gave last time (checked as any lookup), and what revalidates
-    it: its strong ETag, else its Last-Modified date (both None when it had neither)."""
-    record = _record(store, url_key(url))
+def indexed_many(
+    store: BlobStore, urls: Sequence[str]
+) -> list[tuple[CacheEntry | None, str | None, str | None]]:
+    """For each of `urls`: the blob it gave last time (checked as any lookup), and what
+    revalidates it: its strong ETag, else its Last-Modified date (both None when it had
+    neither). The catalog is read in a few queries for them all."""
+    keys = [url_key(url) for url in urls]
+    records = store.catalog.urls(keys)
+    legacy = store.has_legacy_index()
+    return [
+        _revalidation(store, records.get(key) or (_legacy_record(store, key) if legacy else None))
+        for key in keys
+    ]
+
+
+def _revalidation(
+    store: BlobStore, record: UrlRecord | None
+) -> tuple[CacheEntry | None, str | None, str | None]:
     if record is None or not SHA256.fullmatch(record.sha256):
         return None, None, None
     entry = store.lookup(record.sha256, touch=True)
@@ -41,9 +57,11 @@ def indexed(store: BlobStore, url: str) -> tuple[CacheEntry | None, str | None, 
 
 def _record(store: BlobStore, key: str) -> UrlRecord | None:
     """The catalog's record of the URL `key`, else that of a cache's older index file."""
-    record = store.catalog.url(key)
-    if record is not None:
-        return record
+    return store.catalog.url(key) or _legacy_record(store, key)
+
+
+def _legacy_record(store: BlobStore, key: str) -> UrlRecord | None:
+    """The record of the URL `key` in the index files of caches before the catalog."""
     path = store.checked("urls", key[:2]) / f"{key}.json"
     legacy = read_json(path) if trusted_path(path) else {}
     url, digest = legacy.get("url"), legacy.get("sha256")

@@ -160,6 +160,11 @@ class BlobStore:
     def blob_path(self, digest: str) -> Path:
         return self.checked("blobs", "sha256", digest[:2]) / digest
 
+    def has_legacy_index(self) -> bool:
+        """Whether the cache has the URL index files of caches before the catalog
+        (``urls/``): when it has none, a URL the catalog lacks is not looked for there."""
+        return os.path.lexists(self._root / "urls")
+
     def legacy_meta_path(self, digest: str) -> Path:
         """Where caches before the catalog kept a blob's metadata (read, never written)."""
         return self.checked("meta", digest[:2]) / f"{digest}.json"
