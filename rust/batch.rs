@@ -248,6 +248,10 @@ async fn run_item(
     // Staged, whether durable or not: the committer is where two items that would land
     // on one file (names from servers) are told apart.
     let downloaded = download_staged(&url, &dest, &options, cancel, progress).await;
+    let downloaded = match (downloaded, &options.install_by_digest) {
+        (Ok((outcome, Some(staged))), Some(store)) => by_digest(outcome, staged, store),
+        (other, _) => other,
+    };
     drop(in_flight); // before the committer can see it: no longer one to wait for
     match downloaded {
         Ok((outcome, Some(staged))) => {
@@ -257,6 +261,25 @@ async fn run_item(
         Ok((outcome, None)) => finish(&results, batch.as_deref(), index, Ok(outcome)),
         Err(error) => finish(&results, batch.as_deref(), index, Err(error)),
     }
+}
+
+/// The verified download `staged` bound for its content address in `store`
+/// (`Options::install_by_digest`) instead of its destination.
+fn by_digest(
+    mut outcome: Outcome,
+    mut staged: Staged,
+    store: &Path,
+) -> Result<(Outcome, Option<Staged>)> {
+    let Some(sha256) = outcome.sha256.as_deref().filter(|s| s.len() > 2) else {
+        let _ = std::fs::remove_file(&staged.part);
+        return Err(Error::InvalidArgument(
+            "install_by_digest needs the SHA-256 of the download (compute_sha256)".into(),
+        ));
+    };
+    staged.destination = store.join(&sha256[..2]).join(sha256);
+    staged.content_addressed = true;
+    outcome.path = staged.destination.clone();
+    Ok((outcome, Some(staged)))
 }
 
 fn finish(
@@ -348,7 +371,7 @@ fn commit(
     let mut results = Vec::with_capacity(group.len());
     let mut renamed: Vec<(usize, Outcome, PathBuf)> = Vec::new();
     for ((index, outcome, staged), synced) in group.into_iter().zip(synced) {
-        let taken = !installed.insert(staged.destination.clone());
+        let taken = !staged.content_addressed && !installed.insert(staged.destination.clone());
         let synced = synced.and_then(|()| match taken {
             false => Ok(()),
             true => Err(Error::InvalidArgument(format!(
@@ -376,11 +399,12 @@ fn commit(
         let dir = parent_of(&destination);
         by_dir.entry(dir).or_default().push((index, outcome));
     }
-    for (dir, items) in by_dir {
-        let synced = match durable {
-            true => File::open(&dir).and_then(|d| d.sync_all()),
-            false => Ok(()),
-        };
+    let dirs: Vec<&Path> = by_dir.keys().map(PathBuf::as_path).collect();
+    let synced: Vec<std::io::Result<()>> = match durable {
+        true => sync_dirs(&dirs),
+        false => dirs.iter().map(|_| Ok(())).collect(),
+    };
+    for ((_, items), synced) in by_dir.into_iter().zip(synced) {
         for (index, outcome) in items {
             let result = match &synced {
                 Ok(()) => Ok(outcome),
@@ -388,6 +412,36 @@ fn commit(
                 Err(e) => Err(Error::not_durable(&outcome.path, same_error(e))),
             };
             results.push((index, result));
+        }
+    }
+    results
+}
+
+/// fsyncs each directory; from `GROUP_SYNCFS_MIN` of them on (a content-addressed
+/// store's shards), one `syncfs` per filesystem instead.
+fn sync_dirs(dirs: &[&Path]) -> Vec<std::io::Result<()>> {
+    if dirs.len() < GROUP_SYNCFS_MIN {
+        return dirs
+            .iter()
+            .map(|dir| File::open(dir).and_then(|d| d.sync_all()))
+            .collect();
+    }
+    let mut by_device: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    let mut results: Vec<std::io::Result<()>> = Vec::with_capacity(dirs.len());
+    for (i, dir) in dirs.iter().enumerate() {
+        match std::fs::metadata(dir) {
+            Ok(meta) => {
+                by_device.entry(meta.dev()).or_default().push(i);
+                results.push(Ok(()));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    for members in by_device.values() {
+        if let Err(error) = syncfs(dirs[members[0]]) {
+            for &i in members {
+                results[i] = Err(same_error(&error));
+            }
         }
     }
     results

@@ -430,6 +430,7 @@ fn options_from_dict(item: &Bound<'_, PyDict>) -> PyResult<Options> {
             "content_disposition" => options.content_disposition = value.extract()?,
             "durable" => options.durable = value.extract()?,
             "part_lock" => options.part_lock = value.extract()?,
+            "install_by_digest" => options.install_by_digest = value.extract()?,
             "if_none_match" => options.if_none_match = value.extract()?,
             "if_modified_since" => options.if_modified_since = value.extract()?,
             other => {

@@ -49,6 +49,9 @@ pub struct Staged {
     pub part: PathBuf,
     pub destination: PathBuf,
     pub part_dir: PathBuf,
+    /// The destination is named by the content's digest (`Options::install_by_digest`):
+    /// two items that land on it bring the same bytes.
+    pub content_addressed: bool,
     _lock: Option<PartLock>,
 }
 
@@ -111,6 +114,7 @@ async fn fetch_verified(
             part: job.paths.part.clone(),
             destination: job.paths.destination().to_path_buf(),
             part_dir: job.paths.dir.clone(),
+            content_addressed: false,
             _lock: lock,
         }),
         _ => {

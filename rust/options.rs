@@ -45,6 +45,11 @@ pub struct Options {
     /// holds a lock that covers this destination (the cache's artifact lock), so a
     /// lock file of the engine's own would only cost a file creation.
     pub part_lock: bool,
+    /// In a batch (`batch::download_batch`), install the verified file at
+    /// `<dir>/<its SHA-256's first two hex digits>/<its SHA-256>` instead of its
+    /// destination: a content-addressed store, whose shard directories the caller has
+    /// created and checked. Needs `compute_sha256`.
+    pub install_by_digest: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -71,6 +76,7 @@ impl Default for Options {
             speed_limit: 1024,
             speed_time: Duration::from_secs(30),
             part_lock: true,
+            install_by_digest: None,
         }
     }
 }

@@ -452,6 +452,26 @@ def test_a_group_of_records_keeps_the_order_of_its_deletes(tmp_path: Path) -> No
     assert record is not None and record.size == 2
 
 
+def test_a_batch_installs_each_blob_at_its_digest_once(server: FaultServer, tmp_path: Path) -> None:
+    """The engine renames each verified download of a batch straight to its blob path:
+    nothing is left in tmp/, two URLs with the same bytes share one blob (neither fails as
+    a repeat), and every blob directory exists for the next batch."""
+    same = payload(4_096, seed=300)
+    other = payload(4_096, seed=301)
+    urls = [server.add("a.bin", same), server.add("b.bin", same), server.add("c.bin", other)]
+    cache = Cache(tmp_path / "cache")
+    results = cache.fetch_many([FetchRequest(u) for u in urls])
+    assert all(isinstance(r, CacheEntry) for r in results), results
+    a, b, c = (r for r in results if isinstance(r, CacheEntry))
+    assert a.path == b.path == cache.root / "blobs" / "sha256" / a.sha256[:2] / a.sha256
+    assert a.path.read_bytes() == same and c.path.read_bytes() == other
+    tmp = cache.root / "tmp" / "v2"
+    assert not tmp.exists() or [p for p in tmp.rglob("*") if p.is_file()] == []
+    shards = sorted(p.name for p in (cache.root / "blobs" / "sha256").iterdir())
+    assert shards == [f"{i:02x}" for i in range(256)]
+    assert [b.sha256 for b in cache.ls()] == sorted({a.sha256, c.sha256})
+
+
 def test_a_batch_locks_each_artifact_in_the_lock_table(server: FaultServer, tmp_path: Path) -> None:
     """A batch takes one lock per artifact without creating a file per artifact; one
     whose lock another holder has waits for it (here: gives up, alone), and what the

@@ -431,6 +431,7 @@ def download_many(
     executable: bool = False,
     content_disposition: bool = False,
     lock_parts: bool = True,
+    install_by_digest: StrPath | None = None,
     **changes: Any,
 ) -> list[DownloadResult | Exception]:
     """Download many URLs into the directory `dest`, at most `jobs` at a time, in one
@@ -454,6 +455,10 @@ def download_many(
         lock_parts: take the engine's lock beside each part file. False only when the
             caller holds a lock of its own that covers each item's destination (as the
             cache's artifact locks do): one file creation fewer per item.
+        install_by_digest: a content-addressed store: each verified file is installed at
+            ``<it>/<first two hex digits of its SHA-256>/<its SHA-256>`` (directories the
+            caller has created and checked) instead of in `dest`, which then only names
+            its part file; its result's `path` says where.
         changes: fields of `TransferOptions` (``retries=5``, ``headers=...``) that
             override `options`.
 
@@ -500,6 +505,7 @@ def download_many(
             "executable": executable,
             "content_disposition": content_disposition,
             "part_lock": lock_parts,
+            "install_by_digest": os.fspath(install_by_digest) if install_by_digest else None,
             "if_none_match": item.if_none_match,
             "if_modified_since": item.if_modified_since,
         }

@@ -25,7 +25,6 @@ from surefetch.download import (
     TransferOptions,
     download,
     download_many,
-    sync_filesystem,
 )
 from surefetch.errors import DownloadTimeout, SurefetchError, redact_url
 
@@ -225,12 +224,7 @@ class Fetcher:
                 else:
                     settle(index, kept)
                 return
-            try:
-                entry = self._admit(requests[index].url, result, sync=False)
-            except OSError as exc:
-                settle(index, exc)
-                return
-            placed.append((index, entry))
+            placed.append((index, self._admit(requests[index].url, result, installed=True)))
 
         download_many(
             items,
@@ -242,11 +236,10 @@ class Fetcher:
             item_progress=item_progress,
             options=transfer,
             lock_parts=False,  # the artifact locks, held for the batch, cover tmp/v2/<key>
+            # The engine renames each verified blob into place, made durable with the
+            # group (its data before the rename, the renames in one syncfs).
+            install_by_digest=self.store.shards(),
         )
-        if placed:
-            # The blobs' data was durable before their renames; one syncfs makes the
-            # renames (in up to 256 directories) durable too.
-            sync_filesystem(self.store.directory("blobs"))
         for index, entry in placed:
             settle(index, entry)
         for index in evicted:  # still under its lock: no revalidation this time
@@ -306,7 +299,7 @@ class Fetcher:
             return self._download(
                 url, key, expected, deadline, cancel, transfer, revalidate=False, **options
             )
-        return self._admit(url, result, sync=True)
+        return self._admit(url, result, installed=False)
 
     def _still_cached(self, url: str, cached: CacheEntry) -> CacheEntry | None:
         """The blob a ``304`` said is current, when it is still in the cache; None when
@@ -346,20 +339,21 @@ class Fetcher:
             revalidations.append((cached, etag, modified))
         return revalidations
 
-    def _admit(self, url: str, result: DownloadResult, *, sync: bool) -> CacheEntry:
-        """Installs the verified download `result` as its blob and records it in the URL
-        index; `sync`: make the blob's directory durable now (else the caller does, for a
-        whole batch)."""
+    def _admit(self, url: str, result: DownloadResult, *, installed: bool) -> CacheEntry:
+        """The blob of the verified download `result`, recorded in the catalog and the URL
+        index. `installed`: the engine put it at its path already (a batch, see
+        `BlobStore.shards`); else it is moved there from `result.path`, its directory
+        synced."""
         assert result.sha256 is not None  # computed whenever none was expected
-        path = self.store.install(
-            result.path, result.sha256, result.size, result.xxh3_128, redact_url(url), sync=sync
-        )
+        digest, shown = result.sha256, redact_url(url)
+        if installed:
+            path = self.store.installed(digest, result.size, result.xxh3_128, shown)
+        else:
+            path = self.store.install(result.path, digest, result.size, result.xxh3_128, shown)
         # Also when fetched by digest: `--offline URL` and a later fetch without the
         # digest then know the blob (and revalidate it with its validators).
-        write_index(self.store, url, result.sha256, result.etag, result.last_modified)
-        return CacheEntry(
-            path, result.size, result.sha256, result.xxh3_128, result.bytes_transferred
-        )
+        write_index(self.store, url, digest, result.etag, result.last_modified)
+        return CacheEntry(path, result.size, digest, result.xxh3_128, result.bytes_transferred)
 
 
 def _key(url: str) -> str:

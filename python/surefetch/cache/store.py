@@ -39,6 +39,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 _XXH3_128 = re.compile(r"[0-9a-f]{32}")
 FILE_MODE = 0o644
 _DIR_MODE = 0o755
+# The directories under blobs/sha256, by the first two hex digits of their blobs' digests.
+_SHARDS = tuple(f"{i:02x}" for i in range(256))
 
 
 @dataclass(frozen=True)
@@ -251,13 +253,11 @@ class BlobStore:
         with contextlib.suppress(OSError):
             self.legacy_meta_path(digest).unlink()
 
-    def install(
-        self, tmp: Path, digest: str, size: int, xxh3_128: str, url: str, *, sync: bool = True
-    ) -> Path:
+    def install(self, tmp: Path, digest: str, size: int, xxh3_128: str, url: str) -> Path:
         """Moves the verified download `tmp` (`size` bytes, with these digests, from `url`,
         redacted) to its blob path, over the blob if one is there (fresh verified bytes
-        also mend one damaged behind the cache's back); records it in the catalog.
-        `sync`: fsync the blob's directory (else the caller makes it durable).
+        also mend one damaged behind the cache's back), fsyncs its directory, and records
+        it in the catalog.
 
         Needs no lock: a blob's name is its content's digest, `tmp` is verified and
         durable, and the rename is atomic, so processes installing the same blob at once
@@ -266,10 +266,34 @@ class BlobStore:
         directory = self.directory("blobs", "sha256", digest[:2])
         blob = directory / digest
         os.rename(tmp, blob)
-        if sync:
-            self._sync_blob_dir(blob, directory)
+        self._sync_blob_dir(blob, directory)
         self.catalog.put_blob(digest, size, xxh3_128, url)
         return blob
+
+    def shards(self) -> Path:
+        """``blobs/sha256``, with all 256 directories a blob may go in created and checked
+        (`directory`), for a batch whose downloads the engine installs by digest."""
+        top = self.directory("blobs", "sha256")
+        checked = self._checked_dirs
+        present = set(os.listdir(top))
+        for prefix in _SHARDS:
+            parts = ("blobs", "sha256", prefix)
+            if checked is not None and parts in checked:
+                continue
+            path = top / prefix
+            if prefix not in present:
+                with contextlib.suppress(FileExistsError):
+                    path.mkdir(mode=_DIR_MODE)
+            _check_dir(path, os.lstat(path))
+            if checked is not None:
+                checked[parts] = path
+        return top
+
+    def installed(self, digest: str, size: int, xxh3_128: str, url: str) -> Path:
+        """Records the blob that the engine installed at its path (`shards`); see
+        `install`."""
+        self.catalog.put_blob(digest, size, xxh3_128, url)
+        return self.blob_path(digest)
 
     def recheck(self, digest: str) -> CacheEntry | None:
         """The blob `digest`, hashed again whoever wrote it: None when it is absent, or
