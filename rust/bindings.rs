@@ -778,17 +778,12 @@ fn place_many(
     let link = place::LinkMode::parse(link_mode)
         .ok_or_else(|| PyValueError::new_err(format!("unknown link mode {link_mode:?}")))?;
     let placed: Vec<std::result::Result<PlacedItem, Error>> = py.detach(|| {
-        let token = cancel::CancelToken::new();
         let mut placer = place::Placer::new(link);
         items
             .iter()
             .map(|(blob, target, mode)| {
-                let how = placer.place(blob, target, *mode)?;
-                if !verify || how == place::Placed::Hardlink {
-                    return Ok((how.name(), None));
-                }
-                let digests = hash::hash_file(target, false, &token)?;
-                Ok((how.name(), Some((digests.size, digests.xxh3_128))))
+                let (how, landed) = placer.place_checked(blob, target, *mode, verify)?;
+                Ok((how.name(), landed))
             })
             .collect()
     });

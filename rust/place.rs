@@ -7,10 +7,11 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::hash::{hash_prefix, Xxh3Hasher};
 
 /// How a blob may be placed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,18 +84,37 @@ impl Placer {
 
     /// See `place`.
     pub fn place(&mut self, blob: &Path, target: &Path, mode: u32) -> Result<Placed> {
+        self.place_checked(blob, target, mode, false)
+            .map(|(how, _)| how)
+    }
+
+    /// `place`, and with `verify` the size and XXH3-128 of what landed (read back
+    /// through the descriptor that wrote it; None for a hardlink, which is the blob).
+    pub fn place_checked(
+        &mut self,
+        blob: &Path,
+        target: &Path,
+        mode: u32,
+        verify: bool,
+    ) -> Result<(Placed, Option<(u64, String)>)> {
         if self.link == LinkMode::Hardlink {
             std::fs::hard_link(blob, target).map_err(|e| Error::storage("link", target, e))?;
-            return Ok(Placed::Hardlink);
+            return Ok((Placed::Hardlink, None));
         }
         let source = File::open(blob).map_err(|e| Error::storage("open", blob, e))?;
         let mut copy = OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(target)
             .map_err(|e| Error::storage("create", target, e))?;
-        let placed = self.clone_or_copy(&source, &mut copy, target);
+        let placed = self
+            .clone_or_copy(&source, &mut copy, target)
+            .and_then(|how| {
+                let landed = verify.then(|| digests_of(&copy)).transpose()?;
+                Ok((how, landed))
+            });
         drop(copy);
         placed.map_err(|e| {
             let _ = std::fs::remove_file(target);
@@ -180,6 +200,28 @@ fn copy_exactly(source: &File, copy: &mut File, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Size and XXH3-128 of the whole of `file`, read from its start (its position unused).
+fn digests_of(file: &File) -> io::Result<(u64, String)> {
+    let mut reader = ReadAt { file, offset: 0 };
+    let mut xxh = Xxh3Hasher::default();
+    let size = hash_prefix(&mut reader, u64::MAX, &mut xxh, None)?;
+    Ok((size, xxh.finish_hex()))
+}
+
+/// Reads a file with `pread`, from `offset` on.
+struct ReadAt<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
 /// The errors by which a filesystem (or a pair of them) says it cannot clone.
 fn cannot_clone(error: &io::Error) -> bool {
     matches!(
@@ -224,6 +266,26 @@ mod tests {
             assert!(matches!(&again, Error::Storage { source, .. }
                 if source.kind() == io::ErrorKind::AlreadyExists));
         }
+    }
+
+    #[test]
+    fn a_checked_copy_reports_what_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        let bytes = vec![7u8; 10_000];
+        std::fs::write(&blob, &bytes).unwrap();
+        let mut placer = Placer::new(LinkMode::Auto);
+        let (_, landed) = placer
+            .place_checked(&blob, &dir.path().join("copy"), 0o644, true)
+            .unwrap();
+        let mut xxh = Xxh3Hasher::default();
+        xxh.update(&bytes);
+        assert_eq!(landed, Some((10_000, xxh.finish_hex())));
+        let mut linker = Placer::new(LinkMode::Hardlink);
+        let (how, landed) = linker
+            .place_checked(&blob, &dir.path().join("link"), 0o644, true)
+            .unwrap();
+        assert_eq!((how, landed), (Placed::Hardlink, None));
     }
 
     #[test]
