@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -381,7 +381,7 @@ fn commit(
             ))),
         });
         let done = synced.and_then(|()| {
-            std::fs::rename(&staged.part, &staged.destination)
+            rename_into_place(&staged)
                 .map_err(|e| Error::storage("renaming into", &staged.destination, e))
         });
         match done {
@@ -445,6 +445,32 @@ fn sync_dirs(dirs: &[&Path]) -> Vec<std::io::Result<()>> {
         }
     }
     results
+}
+
+/// Renames the staged file to its destination; a content address whose directory is
+/// missing gets it (0755 minus the umask), and one that appeared meanwhile is used only
+/// when it is a real directory of this user's or root's.
+fn rename_into_place(staged: &Staged) -> std::io::Result<()> {
+    let renamed = std::fs::rename(&staged.part, &staged.destination);
+    let missing = matches!(&renamed, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    if !(staged.content_addressed && missing && staged.part.exists()) {
+        return renamed;
+    }
+    let shard = parent_of(&staged.destination);
+    match std::fs::DirBuilder::new().mode(0o755).create(&shard) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(&shard)?;
+            if !meta.is_dir() || !crate::part::owned_by_me_or_root(&meta) {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory of this user's: the cache will not put a blob in it",
+                    shard.display()
+                )));
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    std::fs::rename(&staged.part, &staged.destination)
 }
 
 /// fsyncs a lone file; for a group, one `syncfs` per filesystem, which writes

@@ -143,7 +143,7 @@ impl PartPaths {
     }
 }
 
-fn owned_by_me_or_root(meta: &fs::Metadata) -> bool {
+pub(crate) fn owned_by_me_or_root(meta: &fs::Metadata) -> bool {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
     meta.uid() == me || meta.uid() == 0

@@ -40,7 +40,7 @@ _XXH3_128 = re.compile(r"[0-9a-f]{32}")
 FILE_MODE = 0o644
 _DIR_MODE = 0o755
 # The directories under blobs/sha256, by the first two hex digits of their blobs' digests.
-_SHARDS = tuple(f"{i:02x}" for i in range(256))
+_SHARDS = frozenset(f"{i:02x}" for i in range(256))
 
 
 @dataclass(frozen=True)
@@ -271,22 +271,18 @@ class BlobStore:
         return blob
 
     def shards(self) -> Path:
-        """``blobs/sha256``, with all 256 directories a blob may go in created and checked
-        (`directory`), for a batch whose downloads the engine installs by digest."""
+        """``blobs/sha256``, every directory a blob may go in that exists checked
+        (`_check_dir`), for a batch whose downloads the engine installs by digest (it
+        creates the missing ones, 0755 minus the umask, as their first blobs arrive)."""
         top = self.directory("blobs", "sha256")
         checked = self._checked_dirs
-        present = set(os.listdir(top))
-        for prefix in _SHARDS:
-            parts = ("blobs", "sha256", prefix)
-            if checked is not None and parts in checked:
-                continue
-            path = top / prefix
-            if prefix not in present:
-                with contextlib.suppress(FileExistsError):
-                    path.mkdir(mode=_DIR_MODE)
-            _check_dir(path, os.lstat(path))
-            if checked is not None:
-                checked[parts] = path
+        for entry in os.scandir(top):
+            parts = ("blobs", "sha256", entry.name)
+            if entry.name in _SHARDS and (checked is None or parts not in checked):
+                path = top / entry.name
+                _check_dir(path, os.lstat(path))
+                if checked is not None:
+                    checked[parts] = path
         return top
 
     def installed(self, digest: str, size: int, xxh3_128: str, url: str) -> Path:
