@@ -132,14 +132,14 @@ impl PartPaths {
 
     /// Removes the part file and its sidecar; a missing file is not an error.
     pub fn discard(&self) {
-        let _ = fs::remove_file(&self.part);
+        let _ = remove_if_present(&self.part);
         self.remove_sidecar();
     }
 
     /// Removes the sidecar and a temporary one a killed process may have left.
     pub fn remove_sidecar(&self) {
-        let _ = fs::remove_file(&self.sidecar);
-        let _ = fs::remove_file(Sidecar::temporary(&self.sidecar));
+        let _ = remove_if_present(&self.sidecar);
+        let _ = remove_if_present(&Sidecar::temporary(&self.sidecar));
     }
 }
 
@@ -252,6 +252,21 @@ fn open_error(operation: &'static str, path: &Path, err: io::Error) -> Error {
     Error::storage(operation, path, err)
 }
 
+/// Removes the file at `path` (not following a symlink); nothing there is no error.
+/// Looks first: an unlink takes its directory's lock even when there is nothing to
+/// remove, and a batch's downloads creating their part files in one directory would
+/// wait on each other for nothing.
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => match fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Flags for every open of a file of ours.
 const OWN_FILE_FLAGS: i32 = libc::O_CLOEXEC | libc::O_NOFOLLOW;
 
@@ -294,10 +309,7 @@ impl Sidecar {
     /// digests of a resumed file cover every byte.
     pub fn store(&self, path: &Path, durable: bool) -> io::Result<()> {
         let tmp = Self::temporary(path);
-        match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        remove_if_present(&tmp)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -400,11 +412,7 @@ impl PartFile {
     /// preallocated to `size` when it is known and over 1 MiB. Large files are written with
     /// `O_DIRECT` where the filesystem supports it.
     pub fn create(path: &Path, size: Option<u64>, durable: bool) -> Result<Self> {
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::storage("removing", path, e)),
-        }
+        remove_if_present(path).map_err(|e| Error::storage("removing", path, e))?;
         let create = || {
             OpenOptions::new()
                 .write(true)
