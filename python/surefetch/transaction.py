@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -246,12 +245,22 @@ def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
         os.close(fd)
 
 
+def _remove_tree(path: str | Path) -> None:
+    """Removes the directory `path` and what is in it, if it can (best effort)."""
+    try:
+        os.rmdir(path)  # the common case: a staging dir emptied by the install
+    except OSError:
+        import shutil  # lazily: ~1 ms of start-up that a successful sync does not need
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove_stale_staging(state: Path) -> None:
     """Staging dirs left by a killed sync (we hold the destination's lock: none is live)."""
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(state):
             if entry.name.startswith("sync-") and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                _remove_tree(entry.path)
 
 
 # --- installing -------------------------------------------------------------------------------
@@ -442,7 +451,7 @@ def sync(
                     raise not_durable
             finally:
                 lazy_cache.release()
-                shutil.rmtree(staging, ignore_errors=True)
+                _remove_tree(staging)
     finally:
         with contextlib.suppress(OSError):
             state.rmdir()  # only when empty: part files of other downloads stay
