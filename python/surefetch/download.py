@@ -279,9 +279,14 @@ def download(
     return result_from_engine(raw)
 
 
+def _as_path(path: Path | str) -> Path:
+    # The engine's paths arrive as Paths already: a batch of thousands need not copy each.
+    return path if isinstance(path, Path) else Path(path)
+
+
 def result_from_engine(raw: dict[str, Any]) -> DownloadResult:
     return DownloadResult(
-        path=Path(raw["path"]),
+        path=_as_path(raw["path"]),
         size=raw["size"],
         sha256=raw["sha256"],
         xxh3_128=raw["xxh3_128"],

@@ -411,7 +411,7 @@ def sync(
     root = _prepare_dest(Path(os.fspath(dest)))
     parents_inside: set[str] = set()
     for item in items:
-        _safe_target(root, item.target, source, item.name, error, parents_inside)
+        _checked_target(root, item.target, source, item.name, error, parents_inside)
     token = cancel.child() if cancel is not None else CancelToken()
     state = Path(root, STATE_DIR)
     try:

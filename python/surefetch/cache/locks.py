@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -79,12 +80,16 @@ def take_if_free(store: BlobStore, key: str) -> int | None:
     earlier request of this one) has it."""
     name, offset = lock_place(key)
     locks = store.directory("locks")
+    table = _table_path(locks, name)
     try:
-        return try_range_lock(
-            locks / name, offset, create=True, mode=FILE_MODE, share=_shared_bits(locks)
-        )
+        return try_range_lock(table, offset, create=True, mode=FILE_MODE, share=_shared_bits(locks))
     except OSError as exc:
-        raise _table_error(locks / name, exc) from exc
+        raise _table_error(table, exc) from exc
+
+
+@functools.lru_cache(maxsize=4 * TABLE_FILES)
+def _table_path(locks: Path, name: str) -> Path:
+    return locks / name
 
 
 def announce(store: BlobStore, held: list[tuple[str, str]]) -> None:
