@@ -9,9 +9,13 @@
 //! a few files), renames each into place, then fsyncs each directory once. While it works, more items stage
 //! and form the next group. A file is never renamed before its data is durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::CString;
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -363,6 +367,7 @@ fn commit(
     installed: &mut HashSet<PathBuf>,
 ) -> Vec<ItemResult> {
     let parts: Vec<&Path> = group.iter().map(|(_, _, s)| s.part.as_path()).collect();
+    let mut shards = HashMap::new();
     let synced = if durable {
         sync_files(&parts)
     } else {
@@ -381,7 +386,7 @@ fn commit(
             ))),
         });
         let done = synced.and_then(|()| {
-            rename_into_place(&staged)
+            rename_into_place(&staged, &mut shards)
                 .map_err(|e| Error::storage("renaming into", &staged.destination, e))
         });
         match done {
@@ -447,30 +452,86 @@ fn sync_dirs(dirs: &[&Path]) -> Vec<std::io::Result<()>> {
     results
 }
 
-/// Renames the staged file to its destination; a content address whose directory is
-/// missing gets it (0755 minus the umask), and one that appeared meanwhile is used only
-/// when it is a real directory of this user's or root's.
-fn rename_into_place(staged: &Staged) -> std::io::Result<()> {
-    let renamed = std::fs::rename(&staged.part, &staged.destination);
-    let missing = matches!(&renamed, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
-    if !(staged.content_addressed && missing && staged.part.exists()) {
-        return renamed;
+/// Renames the staged file to its destination. A content address goes into its blob
+/// directory through a descriptor of that directory opened without following a
+/// symlink (`open_shard`; `shards` keeps them for the group), so that a symlink or
+/// another user's directory that appeared there while the batch ran is never written
+/// through.
+fn rename_into_place(staged: &Staged, shards: &mut HashMap<PathBuf, File>) -> io::Result<()> {
+    if !staged.content_addressed {
+        return std::fs::rename(&staged.part, &staged.destination);
     }
-    let shard = parent_of(&staged.destination);
-    match std::fs::DirBuilder::new().mode(0o755).create(&shard) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::symlink_metadata(&shard)?;
-            if !meta.is_dir() || !crate::part::owned_by_me_or_root(&meta) {
-                return Err(std::io::Error::other(format!(
-                    "{} is not a directory of this user's: the cache will not put a blob in it",
-                    shard.display()
-                )));
+    let shard_path = parent_of(&staged.destination);
+    let shard = match shards.entry(shard_path) {
+        Entry::Occupied(open) => open.into_mut(),
+        Entry::Vacant(slot) => {
+            let opened = open_shard(slot.key())?;
+            slot.insert(opened)
+        }
+    };
+    let name = staged
+        .destination
+        .file_name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let from = CString::new(staged.part.as_os_str().as_bytes())?;
+    let to = CString::new(name.as_bytes())?;
+    // SAFETY: both strings are NUL-terminated and the directory descriptor is open.
+    let renamed = unsafe {
+        libc::renameat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            shard.as_raw_fd(),
+            to.as_ptr(),
+        )
+    };
+    match renamed {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The blob directory at `path` (made, 0755 minus the umask, when missing), opened
+/// without following a symlink, if the cache may put blobs in it: by the rule of
+/// `surefetch.cache.store._check_dir`, a real directory that is this user's or root's,
+/// or another user's that neither group nor others may write unless it is sticky.
+fn open_shard(path: &Path) -> io::Result<File> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let opened = match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match std::fs::DirBuilder::new().mode(0o755).create(path) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => open(),
             }
         }
-        Err(e) => return Err(e),
+        other => other,
+    };
+    let refused = |problem: String| {
+        io::Error::other(format!(
+            "{problem}: the cache never puts a blob there; remove it (as its owner or root)"
+        ))
+    };
+    let dir = opened.map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) => refused(format!(
+            "{} is a symbolic link or not a directory",
+            path.display()
+        )),
+        _ => e,
+    })?;
+    let meta = dir.metadata()?;
+    let shared_unsafely = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
+    if !crate::part::owned_by_me_or_root(&meta) && shared_unsafely {
+        return Err(refused(format!(
+            "{} belongs to another user (uid {}) and others may write it",
+            path.display(),
+            meta.uid()
+        )));
     }
-    std::fs::rename(&staged.part, &staged.destination)
+    Ok(dir)
 }
 
 /// fsyncs a lone file; for a group, one `syncfs` per filesystem, which writes

@@ -98,8 +98,14 @@ impl Placer {
         verify: bool,
     ) -> Result<(Placed, Option<(u64, String)>)> {
         if self.link == LinkMode::Hardlink {
-            std::fs::hard_link(blob, target).map_err(|e| Error::storage("link", target, e))?;
-            return Ok((Placed::Hardlink, None));
+            return match std::fs::hard_link(blob, target) {
+                Ok(()) => Ok((Placed::Hardlink, None)),
+                // Name the file that is missing: the blob (evicted), or the target's directory.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !blob.exists() => {
+                    Err(Error::storage("link", blob, e))
+                }
+                Err(e) => Err(Error::storage("link", target, e)),
+            };
         }
         let source = File::open(blob).map_err(|e| Error::storage("open", blob, e))?;
         let mut copy = OpenOptions::new()

@@ -472,6 +472,59 @@ def test_a_batch_installs_each_blob_at_its_digest_once(server: FaultServer, tmp_
     assert sorted(b.sha256 for b in cache.ls()) == sorted({a.sha256, c.sha256})
 
 
+@pytest.mark.parametrize(
+    ("planted", "refused"),
+    [("symlink", True), ("foreign, others may write", True), ("foreign, sticky", False)],
+)
+def test_a_blob_directory_planted_during_a_batch_is_judged_at_the_rename(
+    server: FaultServer, tmp_path: Path, planted: str, refused: bool
+) -> None:
+    """A blob directory that appears while a batch downloads (in a shared cache another
+    user may create one) is judged when the blob is renamed into it, by the cache's rule
+    for its directories: a symlink is never written through, another user's directory
+    only when it is sticky. The batch's other items are unaffected."""
+    fast, slow = payload(4_096, seed=400), payload(4_096, seed=401)
+    slow_sha = hashlib.sha256(slow).hexdigest()
+    urls = [server.add("fast.bin", fast), server.add("slow.bin", slow) + "?hang_headers=1"]
+    cache = Cache(tmp_path / "cache")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shard = cache.root / "blobs" / "sha256" / slow_sha[:2]
+
+    def plant() -> None:
+        deadline = time.monotonic() + 5
+        while not shard.parent.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the batch has checked the blob directories there are
+        if planted == "symlink":
+            shard.symlink_to(elsewhere)
+        else:
+            shard.mkdir(mode=0o777)
+            os.chmod(shard, 0o1777 if planted == "foreign, sticky" else 0o777)
+            os.chown(shard, 65534, 65534)
+
+    planter = threading.Thread(target=plant)
+    planter.start()
+    try:
+        results = cache.fetch_many(
+            [
+                FetchRequest(u, sha256=hashlib.sha256(d).hexdigest())
+                for u, d in zip(urls, (fast, slow))
+            ]
+        )
+    finally:
+        planter.join()
+    assert isinstance(results[0], CacheEntry) and results[0].path.read_bytes() == fast
+    assert list(elsewhere.iterdir()) == []
+    if refused:
+        assert isinstance(results[1], sf.SurefetchError), results[1]
+        assert "never puts a blob there" in str(results[1])
+        assert not (shard / slow_sha).exists()
+    else:
+        assert isinstance(results[1], CacheEntry), results[1]
+        assert results[1].path == shard / slow_sha and results[1].path.read_bytes() == slow
+
+
 def test_a_batch_locks_each_artifact_in_the_lock_table(server: FaultServer, tmp_path: Path) -> None:
     """A batch takes one lock per artifact without creating a file per artifact; one
     whose lock another holder has waits for it (here: gives up, alone), and what the

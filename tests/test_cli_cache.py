@@ -170,6 +170,47 @@ def test_cache_verify_where_it_may_not_move_a_bad_blob_exits_3_naming_it(
     assert blob.exists() and not (root / "quarantine").exists()
 
 
+def test_gc_where_the_lock_tables_may_not_be_written_warns_once(
+    server: FaultServer, root: Path
+) -> None:
+    """Lock table files this user may not open for writing: gc takes their artifacts as
+    in use (it cannot tell) and says so in one line for all the tables, not one each."""
+    for i in range(40):  # enough artifacts for their locks to fall in many table files
+        data = payload(1_000, seed=500 + i)
+        u = server.add(f"g{i}", data)
+        sha = hashlib.sha256(data).hexdigest()
+        assert run_cli(["fetch", u, "--sha256", sha, "--cache", str(root)]).returncode == 0
+    tables = sorted((root / "locks").glob("artifacts.*"))
+    assert len(tables) > 1
+    for table in tables:
+        table.chmod(0o444)
+    try:
+        done = subprocess.run(
+            [
+                *WITHOUT_ROOT_POWERS,
+                SUREFETCH,
+                "cache",
+                "gc",
+                "--max-size",
+                "0",
+                "--cache",
+                str(root),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        for table in tables:
+            table.chmod(0o644)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "lock table" in line]
+    assert len(warnings) == 1, done.stderr
+    assert "artifacts.*" in warnings[0] and "taken as in use" in warnings[0]
+    blobs = [p for p in (root / "blobs" / "sha256").rglob("*") if p.is_file()]
+    assert len(blobs) == 40  # nothing was evicted
+
+
 def test_cache_ls_and_gc(server: FaultServer, root: Path) -> None:
     shas = []
     for i in range(3):

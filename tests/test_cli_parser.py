@@ -24,6 +24,6 @@ def test_each_group_registers_exactly_the_commands_it_is_listed_with() -> None:
             assert _commands(build_parser(["-v", name, "--help"])) == set(names)
 
 
-@pytest.mark.parametrize("argv", [[], ["--version"], ["bogus"], ["-v"]])
+@pytest.mark.parametrize("argv", [[], ["--version"], ["bogus"], ["-v"], ["--", "sync", "--help"]])
 def test_without_a_known_command_every_command_is_there(argv: list[str]) -> None:
     assert _commands(build_parser(argv)) == _commands(build_parser())

@@ -104,6 +104,33 @@ def test_forced_reflink_where_it_cannot_be_fails_with_nothing_changed(
     assert not lock.exists() and not (tmp_path / "dest" / "tool").exists()
 
 
+def test_a_hardlink_across_filesystems_says_which_mode_to_use(
+    server: FaultServer, xfs: Path, tmp_path: Path
+) -> None:
+    """The cache on one filesystem and the destination on another: a hardlink cannot be
+    made, and the one line says so and names the link modes that work."""
+    manifest, lock = _project(tmp_path / "p", server.add("tool", DATA))
+    done = run_cli(
+        [
+            "sync",
+            "--manifest",
+            str(manifest),
+            "--lock",
+            str(lock),
+            "--dest",
+            str(xfs / "x"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--link-mode",
+            "hardlink",
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "is on another filesystem; use --link-mode auto or copy" in done.stderr
+    assert not lock.exists() and not (xfs / "x" / "tool").exists()
+
+
 def test_hardlink_only_when_asked_and_never_for_an_executable(
     server: FaultServer, tmp_path: Path
 ) -> None:

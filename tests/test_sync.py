@@ -180,6 +180,44 @@ def test_a_blob_a_gc_evicts_before_it_is_staged_is_fetched_again(
     assert result.bytes_transferred == len(A) + len(B)  # a once more
 
 
+@pytest.mark.parametrize(
+    ("case", "judged"),
+    [
+        ("blob evicted, fetched back since by another process", "evicted"),
+        ("blob evicted, still gone", "evicted"),
+        ("staging directory gone", "cannot stage"),
+        ("copy landed different bytes", "changed while it was copied"),
+    ],
+)
+def test_how_a_placing_is_judged(tmp_path: Path, case: str, judged: str) -> None:
+    """What the engine reports for one placing (`place_many`) decides what the sync
+    does: a blob missing when it was placed was evicted (fetch it again), even if
+    another process's fetch has brought it back by the time a batch gets to it; any
+    other failure is the destination's; different bytes are a changed copy."""
+    from surefetch.linking import place_many
+    from surefetch.lockfile import LockedArtifact
+    from surefetch.resolve import _check_placed, _Evicted
+
+    blob, staging = tmp_path / "blob", tmp_path / "staging"
+    staging.mkdir()
+    if case != "blob evicted, still gone" and not case.startswith("blob evicted, fetched"):
+        blob.write_bytes(A)
+    if case == "staging directory gone":
+        staging.rmdir()
+    attempt = place_many([(blob, staging / "0", 0o644)], "auto", verify=True)[0]
+    if case.startswith("blob evicted, fetched back"):
+        blob.write_bytes(A)
+    expected = B if case == "copy landed different bytes" else A
+    xxh3 = xxhash.xxh3_128_hexdigest(expected)
+    entry = LockedArtifact("a", "http://h/a", len(expected), _sha(expected), xxh3)
+    if judged == "evicted":
+        with pytest.raises(_Evicted):
+            _check_placed(attempt, blob, staging / "0", entry, "auto")
+    else:
+        with pytest.raises(sf.SurefetchError, match=judged):
+            _check_placed(attempt, blob, staging / "0", entry, "auto")
+
+
 def test_a_fresh_download_mends_a_damaged_blob(server: FaultServer, project: Project) -> None:
     url = server.add("a", A) + "?no_validators=1"
     cache = sf.Cache(project.cache)

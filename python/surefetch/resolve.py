@@ -501,8 +501,18 @@ def _check_placed(
     when asked, hardlink; made durable later with the whole group) worked, and that what
     landed there has the entry's size and XXH3-128 (a hardlink is the verified blob)."""
     if isinstance(attempt, OSError):
-        if isinstance(attempt, FileNotFoundError) and not os.path.lexists(blob):
+        # The blob was missing when the engine placed it (another process's gc evicted
+        # it), even if another fetch has brought it back since.
+        named = attempt.filename is not None and os.fspath(attempt.filename) == os.fspath(blob)
+        missing = named or not os.path.lexists(blob)
+        if isinstance(attempt, FileNotFoundError) and missing:
             raise _Evicted(blob) from attempt
+        if attempt.errno == errno.EXDEV and link_mode == "hardlink":
+            raise StorageError(
+                errno.EXDEV,
+                f"{entry.name}: cannot stage {staged} as a hardlink: the cache ({blob.parent}) "
+                "is on another filesystem; use --link-mode auto or copy",
+            ) from attempt
         raise storage_error(
             attempt, f"{entry.name}: cannot stage {staged} ({link_mode})"
         ) from attempt

@@ -127,7 +127,10 @@ def locked_if_free(store: BlobStore, key: str) -> Iterator[bool]:
         yield True
         return
     except OSError as exc:  # cannot tell: taken as held, so nothing is removed
-        _warn_once(str(_table_error(table, exc)))
+        if exc.errno in _NOT_WRITABLE:  # the same for every table file: said once for all
+            _warn_once(str(_table_error(table.parent / "artifacts.*", exc)))
+        else:
+            _warn_once(str(_table_error(table, exc)))
         yield False
         return
     if fd is None:
@@ -243,7 +246,7 @@ def _table_error(path: Path, exc: OSError) -> OSError:
         problem += "makes it again)"
     elif exc.errno in (errno.EISDIR, errno.EINVAL):
         problem = "is not a regular file: remove it (the cache makes it again)"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    elif exc.errno in _NOT_WRITABLE:
         problem = (
             "cannot be opened for writing, which taking a lock needs: let the users of "
             "this cache write it (chmod g+w, or a+w), or use a cache of your own"
@@ -251,6 +254,9 @@ def _table_error(path: Path, exc: OSError) -> OSError:
     else:
         return exc
     return StorageError(exc.errno, f"the cache's lock table {path} {problem}", str(path))
+
+
+_NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 def _warn_once(message: str) -> None:

@@ -153,8 +153,12 @@ _ONE_SHOT_GEN0 = 50_000
 def _command_group(argv: Sequence[str]) -> ModuleType | None:
     """The module of the command `argv` names (its first word that is not an option), or
     None (no command, or an unknown one: the full parser then says what there is)."""
-    command = next((word for word in argv if not word.startswith("-")), None)
-    return next((module for module, names in _GROUPS.items() if command in names), None)
+    for word in argv:
+        if word == "--":  # what follows is no command: the full parser says so
+            return None
+        if not word.startswith("-"):
+            return next((module for module, names in _GROUPS.items() if word in names), None)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
