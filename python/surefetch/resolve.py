@@ -317,30 +317,30 @@ class Resolver:
         engine (`place_many`), and checks what landed; an item whose placing failed is
         settled alone (`_staged`)."""
         outcomes: list[Outcome | None] = []
-        # Per link mode: (position, item, blob, its entry, staged path).
+        # Per link mode: (position, item, blob, its lockfile entry, staged path).
         to_place: dict[LinkMode, list[tuple[int, Item, CacheEntry, LockedArtifact, Path]]] = {}
         for position, (item, entry) in enumerate(zip(items, found)):
             if isinstance(entry, Exception):  # only after a cancel
                 raise self._failure(item, entry)
-            pinned = self._checked_against_pin(item, entry)
+            locked = self._checked_against_pin(item, entry)
             target = Path(self.root, item.target)
-            if item.pin is None and installed_matches(target, pinned, item.executable, self.token):
-                outcomes.append(Outcome(item, pinned, None, entry.bytes_transferred))
+            if item.pin is None and installed_matches(target, locked, item.executable, self.token):
+                outcomes.append(Outcome(item, locked, None, entry.bytes_transferred))
                 continue
             outcomes.append(None)
             link_mode = self.link_mode
             if link_mode == "hardlink" and item.executable:
                 link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
             staged = self.staging / str(item.index)
-            to_place.setdefault(link_mode, []).append((position, item, entry, pinned, staged))
+            to_place.setdefault(link_mode, []).append((position, item, entry, locked, staged))
         for link_mode, group in to_place.items():
             placed = place_many(
                 [(entry.path, staged, _mode(item)) for _, item, entry, _, staged in group],
                 link_mode,
                 verify=True,
             )
-            for (position, item, entry, pinned, staged), attempt in zip(group, placed):
-                outcomes[position] = self._staged(item, entry, pinned, staged, link_mode, attempt)
+            for (position, item, entry, locked, staged), attempt in zip(group, placed):
+                outcomes[position] = self._staged(item, entry, locked, staged, link_mode, attempt)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _checked_against_pin(self, item: Item, found: CacheEntry) -> LockedArtifact:

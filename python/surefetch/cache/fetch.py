@@ -192,8 +192,9 @@ class Fetcher:
         item_progress: Callable[[int, int, int | None], Any] | None,
         transfer: TransferOptions,
     ) -> None:
-        """Downloads `batch` into tmp/ (durable, in groups), then moves each blob into
-        place and syncs the blob directories once for all."""
+        """Downloads `batch` (part files in tmp/v2/), each verified blob made durable with
+        its group and renamed by the engine to its content address (`BlobStore.shards`);
+        records each in the catalog as its result arrives."""
         revalidations = self._revalidations(
             [(requests[i].url, expected) for i, _, expected in batch]
         )
@@ -224,7 +225,12 @@ class Fetcher:
                 else:
                     settle(index, kept)
                 return
-            placed.append((index, self._admit(requests[index].url, result, installed=True)))
+            try:
+                entry = self._admit(requests[index].url, result, installed=True)
+            except OSError as exc:  # its blob directory was found unusable meanwhile
+                settle(index, exc)
+                return
+            placed.append((index, entry))
 
         download_many(
             items,
