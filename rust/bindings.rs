@@ -760,7 +760,7 @@ fn plain_os_error(err: Error) -> PyErr {
 }
 
 /// What `place_many` did for one item: how, and with `verify` the size and XXH3-128
-/// of the new file (None for a hardlink, which is the blob itself).
+/// of what landed.
 type PlacedItem = (&'static str, Option<(u64, String)>);
 
 /// Places each blob at its target (`place::place`: `(blob, target, mode)`, mode

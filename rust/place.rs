@@ -88,8 +88,10 @@ impl Placer {
             .map(|(how, _)| how)
     }
 
-    /// `place`, and with `verify` the size and XXH3-128 of what landed (read back
-    /// through the descriptor that wrote it; None for a hardlink, which is the blob).
+    /// `place`, and with `verify` the size and XXH3-128 of what landed: a copy read back
+    /// through the descriptor that wrote it; a hardlink, which is the blob itself, read
+    /// once, since nothing else would notice a blob damaged in the cache before it is
+    /// installed.
     pub fn place_checked(
         &mut self,
         blob: &Path,
@@ -99,6 +101,12 @@ impl Placer {
     ) -> Result<(Placed, Option<(u64, String)>)> {
         if self.link == LinkMode::Hardlink {
             return match std::fs::hard_link(blob, target) {
+                Ok(()) if verify => {
+                    let landed = File::open(target)
+                        .and_then(|linked| digests_of(&linked))
+                        .map_err(|e| Error::storage("read", target, e))?;
+                    Ok((Placed::Hardlink, Some(landed)))
+                }
                 Ok(()) => Ok((Placed::Hardlink, None)),
                 // Name the file that is missing: the blob (evicted), or the target's directory.
                 Err(e) if e.kind() == io::ErrorKind::NotFound && !blob.exists() => {
@@ -291,7 +299,8 @@ mod tests {
         let (how, landed) = linker
             .place_checked(&blob, &dir.path().join("link"), 0o644, true)
             .unwrap();
-        assert_eq!((how, landed), (Placed::Hardlink, None));
+        assert_eq!(how, Placed::Hardlink);
+        assert_eq!(landed.map(|(size, _)| size), Some(10_000));
     }
 
     #[test]

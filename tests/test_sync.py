@@ -133,12 +133,15 @@ def test_a_damaged_installed_file_is_restored_from_the_cache(
     assert (project.dest / "b").read_bytes() == B
 
 
-@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize(
+    ("pinned", "link_mode"), [(True, "auto"), (False, "auto"), (True, "hardlink")]
+)
 def test_a_blob_damaged_behind_the_caches_back_is_fetched_again(
-    server: FaultServer, project: Project, pinned: bool
+    server: FaultServer, project: Project, pinned: bool, link_mode: str
 ) -> None:
-    """Its copy does not match: the blob is hashed again, goes to quarantine, and the
-    artifact is fetched again within the same sync (not "changed while it was copied")."""
+    """What landed does not match (a copy, or a hardlink, which is the damaged blob
+    itself): the blob is hashed again, goes to quarantine, and the artifact is fetched
+    again within the same sync (not "changed while it was copied", not installed)."""
     entry: dict[str, object] = {"name": "a", "url": server.add("a", A)}
     if pinned:
         entry["sha256"] = _sha(A)
@@ -147,7 +150,7 @@ def test_a_blob_damaged_behind_the_caches_back_is_fetched_again(
     blob = project.cache / "blobs" / "sha256" / _sha(A)[:2] / _sha(A)
     blob.write_bytes(bytes(len(A)))  # same size: only re-hashing can tell
     (project.dest / "a").unlink()
-    result = project.sync()
+    result = project.sync(link_mode=link_mode)
     assert result.installed == ("a",) and result.bytes_transferred == len(A)
     assert (project.dest / "a").read_bytes() == A and blob.read_bytes() == A
     assert [p.read_bytes() for p in (project.cache / "quarantine").iterdir()] == [bytes(len(A))]

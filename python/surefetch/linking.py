@@ -66,7 +66,8 @@ def place_many(
     Args:
         items: what to place where, as for `place`.
         link_mode: see the module documentation.
-        verify: hash each new file (not a hardlink, which is the blob itself) as it lands.
+        verify: hash what lands (a hardlink too: it is the blob, which may have been
+            damaged in the cache).
 
     Returns:
         Per item: what was done with, when `verify`, the new file's (size in bytes,

@@ -499,7 +499,8 @@ def _check_placed(
 ) -> None:
     """Checks that placing the cache blob in the staging dir (reflink, kernel copy or,
     when asked, hardlink; made durable later with the whole group) worked, and that what
-    landed there has the entry's size and XXH3-128 (a hardlink is the verified blob)."""
+    landed there has the entry's size and XXH3-128 (a hardlink too: it is the blob, and
+    a blob damaged in the cache is then quarantined and fetched again)."""
     if isinstance(attempt, OSError):
         # The blob was missing when the engine placed it (another process's gc evicted
         # it), even if another fetch has brought it back since.
