@@ -778,13 +778,9 @@ fn place_many(
     let link = place::LinkMode::parse(link_mode)
         .ok_or_else(|| PyValueError::new_err(format!("unknown link mode {link_mode:?}")))?;
     let placed: Vec<std::result::Result<PlacedItem, Error>> = py.detach(|| {
-        let mut placer = place::Placer::new(link);
-        items
-            .iter()
-            .map(|(blob, target, mode)| {
-                let (how, landed) = placer.place_checked(blob, target, *mode, verify)?;
-                Ok((how.name(), landed))
-            })
+        place::place_all(&items, link, verify)
+            .into_iter()
+            .map(|checked| checked.map(|(how, landed)| (how.name(), landed)))
             .collect()
     });
     placed

@@ -214,6 +214,54 @@ fn copy_exactly(source: &File, copy: &mut File, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// What `Placer::place_checked` gives for one item.
+pub type Checked = Result<(Placed, Option<(u64, String)>)>;
+
+/// Items per thread below which a batch is placed on the calling thread alone.
+const ITEMS_PER_THREAD: usize = 64;
+
+/// `Placer::place_checked` for each `(blob, target, mode)`, in order, on up to one
+/// thread per core (copies and hashes overlap; creating the files in one directory
+/// does not). A thread that cannot start leaves its share to the calling thread.
+pub fn place_all(items: &[(PathBuf, PathBuf, u32)], link: LinkMode, verify: bool) -> Vec<Checked> {
+    let place_share = |share: &[(PathBuf, PathBuf, u32)]| -> Vec<Checked> {
+        let mut placer = Placer::new(link);
+        share
+            .iter()
+            .map(|(blob, target, mode)| placer.place_checked(blob, target, *mode, verify))
+            .collect()
+    };
+    let cores = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+    let threads = (items.len() / ITEMS_PER_THREAD).clamp(1, cores);
+    if threads == 1 {
+        return place_share(items);
+    }
+    let share = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let started: Vec<_> = items
+            .chunks(share)
+            .map(|chunk| {
+                let spawned = std::thread::Builder::new()
+                    .name("surefetch-place".into())
+                    .spawn_scoped(scope, move || place_share(chunk));
+                (chunk, spawned)
+            })
+            .collect();
+        started
+            .into_iter()
+            .flat_map(|(chunk, spawned)| match spawned {
+                Ok(handle) => handle.join().unwrap_or_else(|_| {
+                    let panicked = || Error::internal("a placing thread panicked");
+                    chunk.iter().map(|_| Err(panicked())).collect()
+                }),
+                Err(_) => place_share(chunk),
+            })
+            .collect()
+    })
+}
+
 /// Size and XXH3-128 of the whole of `file`, read from its start (its position unused).
 fn digests_of(file: &File) -> io::Result<(u64, String)> {
     let mut reader = ReadAt { file, offset: 0 };
@@ -301,6 +349,33 @@ mod tests {
             .unwrap();
         assert_eq!(how, Placed::Hardlink);
         assert_eq!(landed.map(|(size, _)| size), Some(10_000));
+    }
+
+    #[test]
+    fn a_batch_placed_on_several_threads_keeps_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let items: Vec<(PathBuf, PathBuf, u32)> = (0..300)
+            .map(|i| {
+                let blob = dir.path().join(format!("blob{i}"));
+                // Every fifth blob is missing: its error must stay at its place.
+                if i % 5 != 0 {
+                    std::fs::write(&blob, format!("bytes of {i}")).unwrap();
+                }
+                (blob, dir.path().join(format!("copy{i}")), 0o644)
+            })
+            .collect();
+        let placed = place_all(&items, LinkMode::Auto, true);
+        assert_eq!(placed.len(), items.len());
+        for (i, ((blob, copy, _), checked)) in items.iter().zip(&placed).enumerate() {
+            match checked {
+                Ok((_, Some((size, _)))) => {
+                    assert_eq!(*size, format!("bytes of {i}").len() as u64);
+                    assert_eq!(std::fs::read(copy).unwrap(), std::fs::read(blob).unwrap());
+                }
+                Err(Error::Storage { path, .. }) => assert!(i % 5 == 0 && path == blob),
+                other => panic!("item {i}: {other:?}"),
+            }
+        }
     }
 
     #[test]
