@@ -405,8 +405,11 @@ fn commit(
         by_dir.entry(dir).or_default().push((index, outcome));
     }
     let dirs: Vec<&Path> = by_dir.keys().map(PathBuf::as_path).collect();
-    let synced: Vec<std::io::Result<()>> = match durable {
-        true => sync_dirs(&dirs),
+    let synced: Vec<io::Result<()>> = match durable {
+        true => sync_paths(&dirs)
+            .into_iter()
+            .map(|synced| synced.map_err(|(_, e)| e))
+            .collect(),
         false => dirs.iter().map(|_| Ok(())).collect(),
     };
     for ((_, items), synced) in by_dir.into_iter().zip(synced) {
@@ -417,36 +420,6 @@ fn commit(
                 Err(e) => Err(Error::not_durable(&outcome.path, same_error(e))),
             };
             results.push((index, result));
-        }
-    }
-    results
-}
-
-/// fsyncs each directory; from `GROUP_SYNCFS_MIN` of them on (a content-addressed
-/// store's shards), one `syncfs` per filesystem instead.
-fn sync_dirs(dirs: &[&Path]) -> Vec<std::io::Result<()>> {
-    if dirs.len() < GROUP_SYNCFS_MIN {
-        return dirs
-            .iter()
-            .map(|dir| File::open(dir).and_then(|d| d.sync_all()))
-            .collect();
-    }
-    let mut by_device: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-    let mut results: Vec<std::io::Result<()>> = Vec::with_capacity(dirs.len());
-    for (i, dir) in dirs.iter().enumerate() {
-        match std::fs::metadata(dir) {
-            Ok(meta) => {
-                by_device.entry(meta.dev()).or_default().push(i);
-                results.push(Ok(()));
-            }
-            Err(e) => results.push(Err(e)),
-        }
-    }
-    for members in by_device.values() {
-        if let Err(error) = syncfs(dirs[members[0]]) {
-            for &i in members {
-                results[i] = Err(same_error(&error));
-            }
         }
     }
     results
@@ -537,29 +510,44 @@ fn open_shard(path: &Path) -> io::Result<File> {
 /// fsyncs a lone file; for a group, one `syncfs` per filesystem, which writes
 /// back every file of the group on it in one call.
 fn sync_files(parts: &[&Path]) -> Vec<Result<()>> {
-    if parts.len() < GROUP_SYNCFS_MIN {
-        return parts.iter().map(|p| fsync(p)).collect();
+    sync_paths(parts)
+        .into_iter()
+        .zip(parts)
+        .map(|(synced, part)| synced.map_err(|(what, e)| Error::storage(what, *part, e)))
+        .collect()
+}
+
+/// What failed in `sync_paths`: the path's own sync, or its filesystem's.
+type SyncFailure = (&'static str, io::Error);
+
+/// fsyncs each of `paths` (files or directories); from `GROUP_SYNCFS_MIN` of them on,
+/// one `syncfs` per filesystem instead.
+fn sync_paths(paths: &[&Path]) -> Vec<std::result::Result<(), SyncFailure>> {
+    if paths.len() < GROUP_SYNCFS_MIN {
+        return paths
+            .iter()
+            .map(|path| {
+                File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| ("syncing", e))
+            })
+            .collect();
     }
     let mut by_device: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
-    let mut results: Vec<Result<()>> = Vec::with_capacity(parts.len());
-    for (i, part) in parts.iter().enumerate() {
-        match std::fs::metadata(part) {
+    let mut results: Vec<std::result::Result<(), SyncFailure>> = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        match std::fs::metadata(path) {
             Ok(meta) => {
                 by_device.entry(meta.dev()).or_default().push(i);
                 results.push(Ok(()));
             }
-            Err(e) => results.push(Err(Error::storage("syncing", *part, e))),
+            Err(e) => results.push(Err(("syncing", e))),
         }
     }
     for members in by_device.values() {
-        let first = parts[members[0]];
-        if let Err(error) = syncfs(first) {
+        if let Err(error) = syncfs(paths[members[0]]) {
             for &i in members {
-                results[i] = Err(Error::storage(
-                    "syncing the filesystem of",
-                    parts[i],
-                    same_error(&error),
-                ));
+                results[i] = Err(("syncing the filesystem of", same_error(&error)));
             }
         }
     }
@@ -571,12 +559,6 @@ const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// From this many files on, a group is made durable with `syncfs`.
 const GROUP_SYNCFS_MIN: usize = 4;
-
-fn fsync(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::storage("syncing", path, e))
-}
 
 /// Writes back everything on the filesystem holding `path` (`syncfs(2)`).
 pub fn syncfs(path: &Path) -> std::io::Result<()> {
