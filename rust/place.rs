@@ -63,7 +63,9 @@ const FICLONE: u64 = 0x4004_9409;
 /// with the permission bits `mode` (minus the umask), or a hardlink to `blob`. A
 /// partly written `target` is removed; the error names the file it is about.
 pub fn place(blob: &Path, target: &Path, mode: u32, link: LinkMode) -> Result<Placed> {
-    Placer::new(link).place(blob, target, mode)
+    Placer::new(link)
+        .place_checked(blob, target, mode, false)
+        .map(|(how, _)| how)
 }
 
 /// Places many blobs in one link mode, remembering which pairs of filesystems cannot
@@ -80,12 +82,6 @@ impl Placer {
             link,
             no_clone: HashSet::new(),
         }
-    }
-
-    /// See `place`.
-    pub fn place(&mut self, blob: &Path, target: &Path, mode: u32) -> Result<Placed> {
-        self.place_checked(blob, target, mode, false)
-            .map(|(how, _)| how)
     }
 
     /// `place`, and with `verify` the size and XXH3-128 of what landed: a copy read back
