@@ -31,7 +31,7 @@ from pathlib import Path
 
 from surefetch._fs import written_only_by_us
 
-__all__ = ["BlobRecord", "Catalog", "Holder", "UrlRecord"]
+__all__ = ["BlobRecord", "Catalog", "Holder", "UrlRecord", "url_record"]
 
 _log = logging.getLogger("surefetch.cache")
 
@@ -151,7 +151,7 @@ class Catalog:
     def url(self, key: str) -> UrlRecord | None:
         """The record of the URL with key `key` (`surefetch.cache.index.url_key`), or None."""
         row = self._read("SELECT url, sha256, etag, last_modified FROM urls WHERE key = ?", (key,))
-        return _url_record(*row) if row is not None else None
+        return url_record(*row) if row is not None else None
 
     def urls(self, keys: Sequence[str]) -> dict[str, UrlRecord]:
         """The records of the URLs with these keys that the catalog has (a few queries for
@@ -165,7 +165,7 @@ class Catalog:
                 tuple(chunk),
             )
             for key, *fields in rows:
-                record = _url_record(*fields)
+                record = url_record(*fields)
                 if isinstance(key, str) and record is not None:
                     found[key] = record
         return found
@@ -429,8 +429,9 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
         raise
 
 
-def _url_record(url: object, digest: object, etag: object, modified: object) -> UrlRecord | None:
-    """A row of the ``urls`` table as its record (None when a field has the wrong type)."""
+def url_record(url: object, digest: object, etag: object, modified: object) -> UrlRecord | None:
+    """The fields of a URL's record (a row of the ``urls`` table, or an index file of the
+    first format) as its record; None when the URL or digest is not a string."""
     if not isinstance(url, str) or not isinstance(digest, str):
         return None
     return UrlRecord(

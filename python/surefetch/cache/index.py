@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from surefetch.cache.catalog import UrlRecord
+from surefetch.cache.catalog import UrlRecord, url_record
 from surefetch.cache.store import (
     SHA256,
     BlobStore,
@@ -64,16 +64,8 @@ def _legacy_record(store: BlobStore, key: str) -> UrlRecord | None:
     """The record of the URL `key` in the index files of caches before the catalog."""
     path = store.checked("urls", key[:2]) / f"{key}.json"
     legacy = read_json(path) if trusted_path(path) else {}
-    url, digest = legacy.get("url"), legacy.get("sha256")
-    if not isinstance(url, str) or not isinstance(digest, str):
-        return None
-    etag, modified = legacy.get("etag"), legacy.get("last_modified")
-    return UrlRecord(
-        url,
-        digest,
-        etag if isinstance(etag, str) else None,
-        modified if isinstance(modified, str) else None,
-    )
+    fields = ("url", "sha256", "etag", "last_modified")
+    return url_record(*(legacy.get(field) for field in fields))
 
 
 def write_index(
