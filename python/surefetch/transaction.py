@@ -164,21 +164,6 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _safe_target(
-    root: str,
-    target: str,
-    file: Path,
-    name: str,
-    error: type[SurefetchError],
-    parents_inside: set[str] | None = None,
-) -> Path:
-    """The absolute target path, refusing symlinks that lead out of `root` and directories.
-
-    `parents_inside`: directories already found inside `root` in this pass (each is
-    resolved once, not once per file in it); the checked parent is added."""
-    return Path(_checked_target(root, target, file, name, error, parents_inside))
-
-
 def _checked_target(
     root: str,
     target: str,
@@ -187,7 +172,11 @@ def _checked_target(
     error: type[SurefetchError],
     parents_inside: set[str] | None = None,
 ) -> str:
-    """`_safe_target` as a string (a batch's thousands of paths cost less so)."""
+    """The absolute target path, refusing symlinks that lead out of `root` and directories
+    (a string: a batch's thousands of paths cost less so).
+
+    `parents_inside`: directories already found inside `root` in this pass (each is
+    resolved once, not once per file in it); the checked parent is added."""
     full = os.path.join(root, target)
     unresolved = os.path.dirname(full)
     if parents_inside is None or unresolved not in parents_inside:
@@ -502,10 +491,10 @@ def verify(lock: StrPath = "surefetch.lock", dest: StrPath = ".") -> list[Differ
     found: list[Difference] = []
     parents_inside: set[str] = set()
     for entry in locked.artifacts:
-        target = _safe_target(
+        target = _checked_target(
             root, entry.target, lock_path, entry.name, LockfileError, parents_inside
         )
-        found.extend(_differences(entry, target))
+        found.extend(_differences(entry, Path(target)))
     return found
 
 
