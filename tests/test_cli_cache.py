@@ -142,6 +142,13 @@ def test_cache_verify_exits_3_on_a_corrupted_blob(
     assert server.request_count("model.bin") == 2
 
 
+def _as_another_user(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`surefetch ARGS` bound by file permissions as another user would be (root here)."""
+    return subprocess.run(
+        [*WITHOUT_ROOT_POWERS, SUREFETCH, *args], capture_output=True, text=True, timeout=30
+    )
+
+
 def test_cache_verify_where_it_may_not_move_a_bad_blob_exits_3_naming_it(
     url: str, root: Path
 ) -> None:
@@ -154,12 +161,7 @@ def test_cache_verify_where_it_may_not_move_a_bad_blob_exits_3_naming_it(
     for directory in read_only:
         directory.chmod(0o555)
     try:
-        bad = subprocess.run(
-            [*WITHOUT_ROOT_POWERS, SUREFETCH, "cache", "verify", "--cache", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        bad = _as_another_user(["cache", "verify", "--cache", str(root)])
     finally:
         for directory in read_only:
             directory.chmod(0o755)
@@ -185,21 +187,7 @@ def test_gc_where_the_lock_tables_may_not_be_written_warns_once(
     for table in tables:
         table.chmod(0o444)
     try:
-        done = subprocess.run(
-            [
-                *WITHOUT_ROOT_POWERS,
-                SUREFETCH,
-                "cache",
-                "gc",
-                "--max-size",
-                "0",
-                "--cache",
-                str(root),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = _as_another_user(["cache", "gc", "--max-size", "0", "--cache", str(root)])
     finally:
         for table in tables:
             table.chmod(0o644)

@@ -49,6 +49,14 @@ def _project(root: Path, url: str, executable: bool = False) -> tuple[Path, Path
     return manifest, root / "surefetch.lock"
 
 
+def _sync_cli(
+    manifest: Path, lock: Path, dest: str, cache: str, link_mode: str, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`surefetch sync` of `manifest` into `dest` through `cache`, in `link_mode`."""
+    options = ["--manifest", str(manifest), "--lock", str(lock), "--dest", dest]
+    return run_cli(["sync", *options, "--cache", cache, "--link-mode", link_mode], cwd)
+
+
 def _blob(cache: Path) -> Path:
     (blob,) = [p for p in (cache / "blobs").rglob("*") if p.is_file()]
     return blob
@@ -83,22 +91,7 @@ def test_forced_reflink_where_it_cannot_be_fails_with_nothing_changed(
     server: FaultServer, tmp_path: Path
 ) -> None:
     manifest, lock = _project(tmp_path, server.add("tool", DATA))
-    done = run_cli(
-        [
-            "sync",
-            "--manifest",
-            str(manifest),
-            "--lock",
-            str(lock),
-            "--dest",
-            "dest",
-            "--cache",
-            "cache",
-            "--link-mode",
-            "reflink",
-        ],
-        tmp_path,
-    )
+    done = _sync_cli(manifest, lock, "dest", "cache", "reflink", tmp_path)
     assert done.returncode == 1, done.stderr
     assert "reflink" in done.stderr
     assert not lock.exists() and not (tmp_path / "dest" / "tool").exists()
@@ -110,22 +103,7 @@ def test_a_hardlink_across_filesystems_says_which_mode_to_use(
     """The cache on one filesystem and the destination on another: a hardlink cannot be
     made, and the one line says so and names the link modes that work."""
     manifest, lock = _project(tmp_path / "p", server.add("tool", DATA))
-    done = run_cli(
-        [
-            "sync",
-            "--manifest",
-            str(manifest),
-            "--lock",
-            str(lock),
-            "--dest",
-            str(xfs / "x"),
-            "--cache",
-            str(tmp_path / "cache"),
-            "--link-mode",
-            "hardlink",
-        ],
-        tmp_path,
-    )
+    done = _sync_cli(manifest, lock, str(xfs / "x"), str(tmp_path / "cache"), "hardlink", tmp_path)
     assert done.returncode == 1, done.stderr
     assert "is on another filesystem; use --link-mode auto or copy" in done.stderr
     assert not lock.exists() and not (xfs / "x" / "tool").exists()
