@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,23 @@ def test_each_group_registers_exactly_the_commands_it_is_listed_with() -> None:
 @pytest.mark.parametrize("argv", [[], ["--version"], ["bogus"], ["-v"], ["--", "sync", "--help"]])
 def test_without_a_known_command_every_command_is_there(argv: list[str]) -> None:
     assert _commands(build_parser(argv)) == _commands(build_parser())
+
+
+def test_a_one_shot_command_leaves_the_collector_as_it_found_it(tmp_path: Path) -> None:
+    """A one-shot command changes the collector's settings while it runs
+    (`_fewer_collections`); an in-process caller of `main` gets them back afterwards,
+    nothing left frozen."""
+    import gc
+
+    from surefetch.cli import main
+
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+    gc.callbacks.append(lambda phase, info: seen.append(gc.get_threshold()))
+    try:
+        assert main(["cache", "ls", "--cache", str(tmp_path / "cache")]) == 0
+        gc.collect()
+    finally:
+        gc.callbacks.pop()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    assert seen and all(threshold == before for threshold in seen)
