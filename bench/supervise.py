@@ -20,9 +20,10 @@ socket with ``surefetch.supervisor.request``:
 2. Throughput: 1,000 distinct files of 16 KiB (quick: 200) from nginx on 127.0.0.1 (started
    as bench/run.py starts it). ``supervised``: ``--workers 4 --jobs-per-worker 4`` (16 at a
    time), all workers ready first; timed from one ``submit`` of the whole batch (queued
-   in one transaction) until ``jobs --summary`` (the counts per state, polled every 50 ms, as
-   a client waiting for its batch would) shows every job ``succeeded``, then the full list is
-   checked once; a job that fails fails the part. ``direct``: one Python process
+   in one transaction) until the answer to ``wait`` for the batch (what ``ctl wait`` asks:
+   the supervisor answers once the last job's end is in the store, woken by its worker's
+   report, not by polling) says every job ``succeeded``; then the full list is checked
+   once; a job that fails fails the part. ``direct``: one Python process
    (``python bench/supervise.py --direct LIST OUT``, timed inside, after its imports)
    calling ``surefetch.download(url, dest)`` from 16 threads, the same durable defaults.
    Each run writes into a fresh directory (emptied and ``sync``ed first); every file's size
@@ -87,7 +88,7 @@ FILE_SIZE = 16 << 10
 WORKERS, JOBS_PER_WORKER = 4, 4
 THREADS = WORKERS * JOBS_PER_WORKER
 BACKOFF_INITIAL, STABLE_AFTER, HEARTBEAT = 0.5, 0.3, 0.1
-RESTART_POLL_S, JOBS_POLL_S = 0.001, 0.05
+RESTART_POLL_S = 0.001
 RESTART_TARGET_MS, THROUGHPUT_TARGET = 100.0, 0.8
 # Was 0.23-0.46x while every job waited for three serialized SQLite commits (claim, attach,
 # finish). Workers now take their next jobs in the commits that end the last ones and keep
@@ -370,7 +371,6 @@ class Throughput:
     direct: dict[int, float] = field(default_factory=dict)  # round -> jobs/s
     supervised: dict[int, float] = field(default_factory=dict)
     submit_s: dict[int, float] = field(default_factory=dict)  # round -> seconds to submit all
-    jobs_poll_ms: list[float] = field(default_factory=list)  # each `jobs --summary`
     status: str | None = None
 
     def ratio(self) -> float | None:
@@ -413,21 +413,15 @@ def run_supervised(files: Files, out: Path, run_dir: Path, result: Throughput, r
         ]
         ids = set(sup.call({"op": "submit", "jobs": batch})["ids"])
         result.submit_s[r] = time.perf_counter() - started
-        deadline = started + 600
-        while True:  # as a client waiting for its batch: the counts, not every job
-            asked = time.perf_counter()
-            counts = sup.call({"op": "jobs", "summary": True})["counts"]
-            now = time.perf_counter()
-            result.jobs_poll_ms.append((now - asked) * 1000)
-            if counts["failed"] or counts["cancelled"]:
-                jobs = sup.call({"op": "jobs"})["jobs"]
-                bad = [j for j in jobs if j["state"] in ("failed", "cancelled")]
-                raise sup.fail(f"job {bad[0]['id']} {bad[0]['state']}: {bad[0]['error']}")
-            if counts["succeeded"] == len(ids):
-                break
-            if now > deadline:
-                raise sup.fail("the jobs did not all succeed within 600 s")
-            time.sleep(JOBS_POLL_S)
+        reply = sup.call({"op": "wait", "ids": sorted(ids), "timeout": 600}, timeout=630)
+        now = time.perf_counter()
+        counts = reply["counts"]
+        if not reply["done"]:
+            raise sup.fail(f"the jobs did not all finish within 600 s: {counts}")
+        if counts["succeeded"] != len(ids):
+            jobs = sup.call({"op": "jobs"})["jobs"]
+            bad = [j for j in jobs if j["id"] in ids and j["state"] != "succeeded"]
+            raise sup.fail(f"job {bad[0]['id']} {bad[0]['state']}: {bad[0]['error']}")
         seconds = now - started
         listed = [j for j in sup.call({"op": "jobs"})["jobs"] if j["id"] in ids]
         if len(listed) != len(ids) or any(j["state"] != "succeeded" for j in listed):
@@ -533,7 +527,6 @@ def throughput_report(res: Throughput | None, params: Params) -> tuple[list[str]
     )
     direct_what = f"`surefetch.download` from {THREADS} threads in one process"
     submit = list(res.submit_s.values())
-    polls = res.jobs_poll_ms
     body = [
         [
             "direct",
@@ -554,9 +547,8 @@ def throughput_report(res: Throughput | None, params: Params) -> tuple[list[str]
         body.append(["(failed)", "", "", "", _cell(res.status)])
     notes = (
         f"Queueing the {params.jobs} jobs (one batch `submit`) took "
-        f"{_med(submit, 2)} s (median; {_span(submit, 2)}); one `jobs --summary` poll took "
-        f"{_med(polls, 1)} ms (median; max {max(polls) if polls else 0:.1f}), every "
-        f"{JOBS_POLL_S * 1000:g} ms: the supervised times end up to one poll late."
+        f"{_med(submit, 2)} s (median; {_span(submit, 2)}); the end is the answer to one "
+        "`wait` for the batch (`ctl wait`), sent once the last job's end is in the store."
     )
     text = [
         f"Throughput: {params.jobs} files of {FILE_SIZE >> 10} KiB from nginx on 127.0.0.1, "

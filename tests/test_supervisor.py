@@ -284,6 +284,79 @@ def test_ctl_errors_are_one_line_with_documented_exit_codes(
     assert sup.proc.poll() is None and sup.worker()["state"] == "running"
 
 
+def test_ctl_wait_answers_once_the_jobs_end_with_the_worst_outcome(
+    start: Any, server: FaultServer, tmp_path: Path
+) -> None:
+    sup = start(workers=2)
+    data = payload(200_000)
+    url = server.add("w.bin", data)
+    sock = ["--socket", str(sup.socket)]
+
+    def wait(*ids: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        return run_cli(["ctl", *sock, "wait", *ids, *options], timeout=20)
+
+    # Two that succeed, slowly: the answer comes once both are in place.
+    slow = [
+        sup.submit_get(url + f"?throttle=400000&_={i}", tmp_path / f"ok{i}.bin", sha256(data))
+        for i in range(2)
+    ]
+    ok = wait(*slow, options=("--json",))
+    assert ok.returncode == 0, ok.stderr
+    counts = {"queued": 0, "running": 0, "succeeded": 2, "failed": 0, "cancelled": 0}
+    assert json.loads(ok.stdout) == {"done": True, "counts": counts}
+    assert all((tmp_path / f"ok{i}.bin").read_bytes() == data for i in range(2))
+    assert wait(slow[0]).stdout == "queued 0  running 0  succeeded 1  failed 0  cancelled 0\n"
+
+    # The exit code is the worst outcome: a failed job among good ones is exit 1, one line.
+    missing = sup.submit_get(server.url_for("nothing-here"), tmp_path / "missing.bin")
+    failed = wait(slow[0], missing)
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+    assert "1 of 2 job(s) failed" in failed.stderr and not (tmp_path / "missing.bin").exists()
+
+    # Out of time: exit 5 and what is still unfinished; the job itself goes on.
+    stalled = sup.submit_get(url + "?stall_after=1000&stall=30", tmp_path / "stalled.bin")
+    late = wait(stalled, "--timeout", "0.3", options=("--json",))
+    assert late.returncode == 5, late.stderr
+    assert json.loads(late.stdout)["done"] is False
+    assert "1 of 1 job(s) still queued or running after 0.3s" in late.stderr
+    assert sup.jobs()[stalled]["state"] in ("queued", "running")
+
+    # A cancelled job ends the wait too (exit 1).
+    assert sup.ask("cancel", id=stalled)["changed"]
+    cancelled = wait(stalled)
+    assert cancelled.returncode == 1 and "1 were cancelled" in cancelled.stderr
+
+    # Unknown ids and bad arguments are refused at once.
+    unknown = wait(slow[0], "nosuchjob")
+    assert unknown.returncode == 1 and "no job nosuchjob of yours" in unknown.stderr
+    negative = wait(slow[0], "--timeout", "-1")
+    assert negative.returncode == 2 and "--timeout" in negative.stderr
+    assert request(sup.socket, {"op": "wait", "ids": []})["exit"] == 2
+
+
+def test_ctl_wait_is_told_when_the_supervisor_stops(
+    start: Any, server: FaultServer, tmp_path: Path
+) -> None:
+    sup = start(workers=1)
+    url = server.add("long.bin", payload(4 << 20)) + "?throttle=500000"
+    job = sup.submit_get(url, tmp_path / "long.bin")
+    sup.wait_jobs([job], "running")
+    waiting = subprocess.Popen(
+        [SUREFETCH, "ctl", "--socket", str(sup.socket), "wait", job],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)  # the wait is under way
+    assert waiting.poll() is None
+    os.kill(sup.proc.pid, signal.SIGTERM)
+    _, err = waiting.communicate(timeout=10)
+    assert waiting.returncode == 1, err
+    assert "the supervisor is stopping before the jobs finished" in err
+    assert sup.proc.wait(5) == 0
+
+
 def test_socket_refuses_other_users(start: Any, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to run a client as another user")  # CI runs as root

@@ -7,7 +7,9 @@ import os
 from typing import Any
 
 from surefetch.cli._common import (
+    EXIT_ERROR,
     EXIT_OK,
+    EXIT_TIMEOUT,
     EXIT_USAGE,
     CommandError,
     add_history_limits,
@@ -86,6 +88,16 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
                 help="only how many jobs are in each state (cheap to poll)",
             )
             add_history_limits(action, "jobs")
+    wait = csub.add_parser(
+        "wait",
+        help="wait until jobs are finished: exit 0 if all succeeded, 1 if one failed or "
+        "was cancelled, 5 when --timeout ran out",
+    )
+    wait.add_argument("ids", nargs="+", metavar="ID", help="the jobs (ids `submit` printed)")
+    wait.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="give up after S seconds"
+    )
+    _add_ctl_options(wait, argparse.SUPPRESS)
     cancel = csub.add_parser("cancel", help="cancel one of your jobs")
     cancel.add_argument("id", metavar="ID")
     _add_ctl_options(cancel, argparse.SUPPRESS)
@@ -162,6 +174,12 @@ def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "submit", "kind": args.kind, "spec": spec}
     if args.ctl_command == "cancel":
         return {"op": "cancel", "id": args.id}
+    if args.ctl_command == "wait":
+        if args.timeout is not None and not args.timeout >= 0:
+            raise CommandError(
+                f"--timeout must be 0 or more seconds, not {args.timeout}", EXIT_USAGE
+            )
+        return {"op": "wait", "ids": args.ids, "timeout": args.timeout}
     if args.ctl_command == "jobs" and args.summary:
         if args.state is not None or args.limit is not None or args.all:
             raise CommandError(
@@ -181,8 +199,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     if not path:
         raise CommandError("ctl needs --socket PATH (or $SUREFETCH_SOCKET)", EXIT_USAGE)
     as_json = bool(getattr(args, "json", False))
-    timeout = 600.0 if args.ctl_command == "shutdown" else 30.0
-    reply = request(path, _ctl_request(args), timeout=timeout)
+    message = _ctl_request(args)
+    reply = request(path, message, timeout=_answer_within(message))
     if not reply.get("ok"):
         error = str(reply.get("error", "the supervisor refused"))
         raise CommandError(error, int(reply.get("exit", 1)))
@@ -195,7 +213,38 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         print_json(reply)
     else:
         _print_ctl_reply(args, path, reply)
+    if args.ctl_command == "wait":
+        _check_waited(reply, len(set(args.ids)), args.timeout)
     return EXIT_OK
+
+
+def _answer_within(message: dict[str, Any]) -> float | None:
+    """Seconds `ctl` waits for the supervisor's answer to `message` (None: no limit)."""
+    if message["op"] == "shutdown":
+        return 600.0
+    if message["op"] == "wait":
+        timeout = message["timeout"]
+        return None if timeout is None else timeout + 30.0
+    return 30.0
+
+
+def _check_waited(reply: dict[str, Any], jobs: int, timeout: float | None) -> None:
+    """`ctl wait`'s exit code: 0 when every job succeeded (raises otherwise)."""
+    counts: dict[str, int] = reply["counts"]
+    if not reply["done"]:
+        unfinished = counts["queued"] + counts["running"]
+        raise CommandError(
+            f"{unfinished} of {jobs} job(s) still queued or running after {timeout:g}s; "
+            "wait again, or see `surefetch ctl jobs`",
+            EXIT_TIMEOUT,
+        )
+    bad = counts["failed"] + counts["cancelled"]
+    if bad:
+        raise CommandError(
+            f"{counts['failed']} of {jobs} job(s) failed and {counts['cancelled']} were "
+            "cancelled; `surefetch ctl jobs --state failed` says why",
+            EXIT_ERROR,
+        )
 
 
 def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any]) -> None:
@@ -226,6 +275,8 @@ def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any])
             )
     elif command == "submit":
         print(reply["id"])
+    elif command == "wait":
+        print("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
     elif command == "cancel":
         if reply["changed"]:
             print(f"cancellation of job {args.id} requested")

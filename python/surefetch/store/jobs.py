@@ -60,6 +60,7 @@ from surefetch.store.sessions import SessionStore
 __all__ = ["JOB_KINDS", "JOB_STATES", "Ending", "GroupOutcome", "Job", "JobQueue", "job_spec"]
 
 _PARSED_FINISHED = 10_000  # finished jobs `JobQueue.list` keeps parsed
+_IDS_PER_QUERY = 500  # ids per query of `JobQueue.states` (SQLite before 3.32: 999 at most)
 
 
 class JobQueue:
@@ -164,6 +165,25 @@ class JobQueue:
             state = "queued" if status == "pending" else status
             counts[state] = counts.get(state, 0) + int(count)
         return counts
+
+    def states(self, job_ids: Collection[str], owner: str | None = None) -> dict[str, str]:
+        """The state (`JOB_STATES`) of each of `job_ids` that exists (and is ``owner``'s,
+        when given): what a client waiting for some jobs asks. Absent ids are left out."""
+        ids = builtins.list(job_ids)
+        states: dict[str, str] = {}
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            sql = (
+                f"SELECT s.id, s.status FROM sessions s "
+                f"WHERE s.id IN ({', '.join('?' * len(chunk))})"
+            )
+            params: tuple[Any, ...] = tuple(chunk)
+            if owner is not None:
+                sql += " AND s.owner = ?"
+                params += (owner,)
+            for job_id, status in self._rows(sql, params):
+                states[job_id] = "queued" if status == "pending" else status
+        return states
 
     def list(
         self, owner: str | None = None, *, state: str | None = None, limit: int | None = None

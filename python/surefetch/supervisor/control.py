@@ -5,7 +5,9 @@ bytes), answered by one JSON object on one line; a connection may carry several.
 Every answer has ``ok``; a refusal is ``{"ok": false, "error": MESSAGE, "exit":
 CODE}`` with the exit code ``surefetch ctl`` should end with (2 for a malformed
 request). Requests are ``{"op": ...}`` with ``list-workers``, ``jobs``,
-``submit``, ``cancel``, ``shutdown`` or ``ping``.
+``submit``, ``cancel``, ``wait`` (``ids``, optional ``timeout`` in seconds: answered
+once those jobs are finished or the time is up, with ``done`` and ``counts``),
+``shutdown`` or ``ping``.
 
 Who may ask: the socket is created mode 0600, and each connection's peer
 credentials (``SO_PEERCRED``) are checked: only the supervisor's own user or
@@ -191,14 +193,16 @@ class ControlServer:
 
 
 def request(
-    socket_path: str | os.PathLike[str], message: Mapping[str, Any], timeout: float = 30.0
+    socket_path: str | os.PathLike[str],
+    message: Mapping[str, Any],
+    timeout: float | None = 30.0,
 ) -> dict[str, Any]:
     """Sends one request to a supervisor and returns its answer.
 
     Args:
         socket_path: the supervisor's control socket.
         message: the request, e.g. ``{"op": "jobs"}``.
-        timeout: seconds to wait for the answer.
+        timeout: seconds to wait for the answer (None: as long as the connection lasts).
 
     Raises:
         SurefetchError: no supervisor listens there, it did not answer in time, or it

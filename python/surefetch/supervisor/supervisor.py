@@ -49,15 +49,17 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from surefetch._procs import host_id
 from surefetch.errors import NotOwner, SessionNotFound, SurefetchError
 from surefetch.store import JobQueue, SessionStore, default_db_url
+from surefetch.store.job_spec import JOB_STATES
 from surefetch.supervisor.config import SupervisorConfig
 from surefetch.supervisor.control import PROTOCOL, ControlServer, error_reply
 from surefetch.supervisor.slots import Slot, WorkerPool
+from surefetch.supervisor.waiters import Waiters
 
 __all__ = ["Supervisor"]
 
@@ -92,6 +94,7 @@ class Supervisor:
         self._queue: JobQueue | None = None
         self._last_claim_beat = 0.0
         self._full_round = False
+        self._waiters = Waiters()
 
     # -- entry point --
 
@@ -191,6 +194,7 @@ class Supervisor:
             self._exit_code = code
             log.info("stopping: cancelling jobs (their parts are kept), stopping workers")
             self._stop_requested.set()
+            self._waiters.recheck()  # they answer that the supervisor stops
 
     # -- requests on the control socket --
 
@@ -215,6 +219,8 @@ class Supervisor:
                 return await self._submit(message, user)
             if op == "cancel":
                 return await self._cancel(message.get("id"), user)
+            if op == "wait":
+                return await self._wait(message, user)
             if op == "shutdown":
                 self.request_stop(0)
                 assert self._stopped is not None
@@ -224,7 +230,7 @@ class Supervisor:
                 return {"ok": True, "protocol": PROTOCOL, "host": self.host, "pid": os.getpid()}
         except SurefetchError as exc:
             return error_reply(str(exc))
-        known = "list-workers, jobs, submit, cancel, shutdown"
+        known = "list-workers, jobs, submit, cancel, wait, shutdown"
         return error_reply(f"unknown request {op!r}; use {known}", 2)
 
     async def _submit(self, message: Mapping[str, Any], user: str) -> dict[str, Any]:
@@ -258,6 +264,41 @@ class Supervisor:
         self._poke(full=True)
         return {"ok": True, "changed": changed}
 
+    async def _wait(self, message: Mapping[str, Any], user: str) -> dict[str, Any]:
+        """Answers once every job of ``ids`` (the user's) is finished, or after
+        ``timeout`` seconds (no limit when absent): ``done`` says which, ``counts`` how
+        many of those jobs are in each state."""
+        ids, timeout = message.get("ids"), message.get("timeout")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            return error_reply("wait needs the ids of one or more jobs", 2)
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
+            return error_reply(f"timeout must be a number of seconds >= 0, not {timeout!r}", 2)
+        wanted = list(dict.fromkeys(ids))
+
+        async def states_of(job_ids: Sequence[str]) -> dict[str, str]:
+            return await self._db(self.queue.states, job_ids, user)
+
+        try:
+            states, done = await self._waiters.wait(
+                wanted, states_of, timeout, lambda: self._stopping or self._stop_requested_set()
+            )
+        except KeyError as exc:
+            return error_reply(f"no job {exc.args[0]} of yours: see `surefetch ctl jobs`")
+        if not done and self._stop_requested_set():
+            return error_reply(
+                "the supervisor is stopping before the jobs finished; the unfinished ones "
+                "go back to the queue and resume when a supervisor runs again"
+            )
+        counts = dict.fromkeys(JOB_STATES, 0)
+        for state in states.values():
+            counts[state] += 1
+        return {"ok": True, "done": done, "counts": counts}
+
+    def _stop_requested_set(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested.is_set()
+
     # -- what the worker pool tells (SlotEvents) --
 
     def worker_ready(self, slot: Slot) -> None:
@@ -285,6 +326,7 @@ class Supervisor:
         if job_id in slot.jobs:
             slot.jobs.remove(job_id)
         slot.waiting.discard(job_id)
+        self._waiters.ended(job_id)
 
     async def worker_exited(self, slot: Slot, permanent: bool) -> None:
         """A worker died: its cancelled jobs are done, its crash counts against its jobs,
@@ -305,6 +347,7 @@ class Supervisor:
         )
         for job_id in failed:
             log.error("job %s failed: its worker died while running it too often", job_id)
+        self._waiters.recheck()
         if slot.degraded:
             await self._release_jobs(slot)
 
@@ -381,7 +424,8 @@ class Supervisor:
             expired = await self._db(q.requeue_expired, self.host)
             if expired:
                 log.warning("re-queued %d job(s) of a silent host", len(expired))
-        await self._db(q.cancel_queued)
+        for job_id in await self._db(q.cancel_queued):
+            self._waiters.ended(job_id)
         await self._deliver_cancels()
         return True
 
@@ -399,6 +443,7 @@ class Supervisor:
                 # Not running in any process (assigned but not started, or its worker is
                 # dead or not ready yet): it never will be, attach refuses it.
                 await self._db(self.store.mark_cancelled, job.id)
+                self._waiters.recheck()
                 continue
             deadline = self._cancel_deadlines.get(job.id)
             if deadline is None:
