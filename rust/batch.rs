@@ -9,8 +9,7 @@
 //! a few files), renames each into place, then fsyncs each directory once. While it works, more items stage
 //! and form the next group. A file is never renamed before its data is durable.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
@@ -362,12 +361,15 @@ async fn commit_groups(
 /// earlier item of the batch took that path, fsyncs each directory once; returns
 /// each item's result.
 fn commit(
-    group: Vec<(usize, Outcome, Staged)>,
+    mut group: Vec<(usize, Outcome, Staged)>,
     durable: bool,
     installed: &mut HashSet<PathBuf>,
 ) -> Vec<ItemResult> {
+    // By directory (a stable sort: items bound for one file keep their order), so that
+    // one blob directory at a time is open, however many the group fills.
+    group.sort_by(|(_, _, a), (_, _, b)| a.destination.parent().cmp(&b.destination.parent()));
     let parts: Vec<&Path> = group.iter().map(|(_, _, s)| s.part.as_path()).collect();
-    let mut shards = HashMap::new();
+    let mut shard = None;
     let synced = if durable {
         sync_files(&parts)
     } else {
@@ -386,7 +388,7 @@ fn commit(
             ))),
         });
         let done = synced.and_then(|()| {
-            rename_into_place(&staged, &mut shards)
+            rename_into_place(&staged, &mut shard)
                 .map_err(|e| Error::storage("renaming into", &staged.destination, e))
         });
         match done {
@@ -427,21 +429,22 @@ fn commit(
 
 /// Renames the staged file to its destination. A content address goes into its blob
 /// directory through a descriptor of that directory opened without following a
-/// symlink (`open_shard`; `shards` keeps them for the group), so that a symlink or
-/// another user's directory that appeared there while the batch ran is never written
-/// through.
-fn rename_into_place(staged: &Staged, shards: &mut HashMap<PathBuf, File>) -> io::Result<()> {
+/// symlink (`open_shard`; `shard` keeps the last one open for the next item), so that
+/// a symlink or another user's directory that appeared there while the batch ran is
+/// never written through.
+fn rename_into_place(staged: &Staged, shard: &mut Option<(PathBuf, File)>) -> io::Result<()> {
     if !staged.content_addressed {
         return std::fs::rename(&staged.part, &staged.destination);
     }
     let shard_path = parent_of(&staged.destination);
-    let shard = match shards.entry(shard_path) {
-        Entry::Occupied(open) => open.into_mut(),
-        Entry::Vacant(slot) => {
-            let opened = open_shard(slot.key())?;
-            slot.insert(opened)
+    let shard = match shard.take() {
+        Some((path, dir)) if path == shard_path => shard.insert((path, dir)),
+        _ => {
+            let opened = open_shard(&shard_path)?;
+            shard.insert((shard_path, opened))
         }
     };
+    let shard = &shard.1;
     let name = staged
         .destination
         .file_name()

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -397,3 +398,44 @@ def test_sync_says_whom_it_waits_for(server: FaultServer, tmp_path: Path) -> Non
     assert out.stderr.startswith(f"surefetch: waiting for pid {holder.pid} on host "), out.stderr
     assert (tmp_path / "dest" / "shared.bin").read_bytes() == data
     assert [r.query for r in server.requests] == ["throttle=300000"]  # the holder's alone
+
+
+def _with_open_files_limit(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        restore_default_signals()
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+    return apply
+
+
+def test_a_batch_needs_no_open_file_per_artifact(server: FaultServer, tmp_path: Path) -> None:
+    """300 artifacts under a limit of 128 open files (the usual limit is 1,024, and
+    batches of 10,000 are common): the cache's locks and the engine's blob directories
+    take a bounded number of descriptors, not one per artifact."""
+    datas = [payload(4096, seed=1000 + i) for i in range(300)]
+    for i, data in enumerate(datas):
+        _serve(server, f"many{i}", data)
+    _write_manifest(
+        tmp_path, *({"name": f"m{i}", "url": server.url_for(f"many{i}")} for i in range(300))
+    )
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{server.url_for(f'many{i}')} out=g{i}\n" for i in range(300)))
+    runs = {
+        "sync": [SUREFETCH, *_sync_args(tmp_path, "--jobs", "8")],
+        "get": [SUREFETCH, "get", "-i", str(listing), "-o", str(tmp_path / "got") + "/"],
+    }
+    for what, argv in runs.items():
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            preexec_fn=_with_open_files_limit(128),
+        )
+        assert done.returncode == 0, (what, done.stderr)
+    for i, data in enumerate(datas):
+        assert (tmp_path / "dest" / f"m{i}").read_bytes() == data
+        assert (tmp_path / "got" / f"g{i}").read_bytes() == data
+    assert len(read_lockfile(tmp_path / "surefetch.lock").artifacts) == 300

@@ -105,24 +105,37 @@ def try_range_lock(
             `create`; ``PermissionError``: this user may not write it; ``ELOOP``: a
             symlink; ``EISDIR``/``EINVAL``: not a regular file).
     """
+    fd = open_range_lock_file(path, create=create, mode=mode, share=share)
+    try:
+        if lock_byte(fd, offset):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def lock_byte(fd: int, offset: int) -> bool:
+    """Takes byte `offset` of the file open as `fd` for this open file description
+    (``F_OFD_SETLK``, see `try_range_lock`): True when taken, False while another open
+    file description holds it. One description holds any number of bytes, all until it
+    is closed."""
     if not 0 <= offset < RANGE_LOCK_LIMIT:
         raise ValueError(f"a range lock's offset must be in [0, 2**62), not {offset}")
-    fd = _open_for_range_locks(path, create, mode, share)
     request = struct.pack(_FLOCK_STRUCT, fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
     except OSError as exc:
-        os.close(fd)
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return None
+            return False
         raise
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return True
 
 
-def _open_for_range_locks(path: Path, create: bool, mode: int, share: int) -> int:
+def open_range_lock_file(path: Path, *, create: bool, mode: int = 0o644, share: int = 0) -> int:
+    """A descriptor of the file at `path`, open for writing as range locks need (see
+    `try_range_lock` for `create`, `mode`, `share` and the errors raised)."""
     flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
     while True:
         try:

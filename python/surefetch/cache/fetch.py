@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surefetch.cache.index import indexed_many, offline_entry, url_key, write_index
-from surefetch.cache.locks import PARTS, announce, locked, take_if_free, withdraw
+from surefetch.cache.locks import PARTS, BatchLocks, announce, locked, withdraw
 from surefetch.cache.store import BlobStore, CacheEntry, check_sha256, check_size
 from surefetch.download import (
     BatchProgressCallback,
@@ -116,6 +115,7 @@ class Fetcher:
         ):
             batch: list[tuple[int, str, str | None]] = []  # (index, key, expected)
             waiting: list[int] = []
+            locks = held.enter_context(BatchLocks(store))
             for index, request in enumerate(requests):
                 try:
                     expected = check_sha256(request.sha256) if request.sha256 else None
@@ -134,11 +134,9 @@ class Fetcher:
                         settle(index, exc)
                     continue
                 key = f"sha256-{expected}" if expected else _key(request.url)
-                fd = take_if_free(store, key)
-                if fd is None:  # another process (or an earlier request here) has it
+                if not locks.take_if_free(key):  # another process or request has it
                     waiting.append(index)
                     continue
-                held.callback(os.close, fd)
                 batch.append((index, key, expected))
             if batch:
                 keys = [key for _, key, _ in batch]
