@@ -404,8 +404,10 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, bool]:
     try:
         connection = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            # NORMAL first: the switch to WAL and the schema of a new catalog are then
+            # written without the fsyncs of the default (FULL).
             connection.execute("PRAGMA synchronous=NORMAL")
+            connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)
         except sqlite3.Error:
             connection.close()
