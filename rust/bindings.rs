@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -202,7 +202,7 @@ where
     loop {
         match wait(py, POLL) {
             Ok(result) => {
-                log_engine_notes(py);
+                log_engine_notes(py)?;
                 let value = result.map_err(|e| PyErr::from(PyEngineError(e)))?;
                 if let Some(reporter) = reporter.as_mut() {
                     reporter.report(true)?;
@@ -216,9 +216,9 @@ where
                 return Err(PyEngineError(panics::broken_runtime(&text)).into());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                log_engine_notes(py);
                 let checked = py
                     .check_signals()
+                    .and_then(|()| log_engine_notes(py))
                     .and_then(|()| reporter.as_mut().map_or(Ok(()), |r| r.report(false)));
                 if let Err(err) = checked {
                     token.cancel();
@@ -235,25 +235,35 @@ where
 
 /// Hands the engine's notes (`crate::journal`) to Python's `logging`, logger
 /// `surefetch.engine`, on this (the calling) thread. A logging failure is not the
-/// download's: it is reported by `logging` itself or dropped.
-fn log_engine_notes(py: Python<'_>) {
+/// download's: it is reported by `logging` itself or dropped. But a signal handled
+/// while the logging code runs (KeyboardInterrupt, the CLI's SIGTERM) is raised there
+/// and must reach the caller, or that Ctrl+C is lost: such an error is returned.
+fn log_engine_notes(py: Python<'_>) -> PyResult<()> {
     let notes = journal::take();
     if notes.is_empty() {
-        return;
+        return Ok(());
     }
-    let Ok(logger) = py
+    let raised_by_a_signal = |err: PyErr| match err.is_instance_of::<PyException>(py) {
+        true => Ok(()),
+        false => Err(err),
+    };
+    let logger = match py
         .import("logging")
         .and_then(|logging| logging.call_method1("getLogger", ("surefetch.engine",)))
-    else {
-        return;
+    {
+        Ok(logger) => logger,
+        Err(err) => return raised_by_a_signal(err),
     };
     for (level, message) in notes {
         let method = match level {
             journal::Level::Info => "info",
             journal::Level::Warning => "warning",
         };
-        let _ = logger.call_method1(method, ("%s", message));
+        if let Err(err) = logger.call_method1(method, ("%s", message)) {
+            raised_by_a_signal(err)?;
+        }
     }
+    Ok(())
 }
 
 /// Calls a Python progress callback with `(done, total)`, at most every `PROGRESS_INTERVAL`.
@@ -546,16 +556,17 @@ fn download_many<'py>(
                 on_result.call1((index, value)).map(|_| ())
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                log_engine_notes(py);
                 if let Some(text) = panics::runtime_panic(generation) {
                     // The runtime lost a thread: the batch may never be polled again.
                     token.cancel();
                     return Err(PyEngineError(panics::broken_runtime(&text)).into());
                 }
-                py.check_signals().and_then(|()| report(false))
+                py.check_signals()
+                    .and_then(|()| log_engine_notes(py))
+                    .and_then(|()| report(false))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                log_engine_notes(py);
+                log_engine_notes(py)?;
                 return report(true);
             }
         };
@@ -659,7 +670,7 @@ impl Batch {
             }
             got
         });
-        log_engine_notes(py);
+        log_engine_notes(py)?;
         if got.is_empty() {
             if let Some(text) = panics::runtime_panic(self.generation) {
                 return Err(PyEngineError(panics::broken_runtime(&text)).into());
