@@ -1,4 +1,5 @@
-"""Disks that fail, and threads that die, under real processes.
+"""Disks that fail, signals at a chosen system call, and threads that die, under real
+processes.
 
 Failures are real: strace makes one chosen system call of a `surefetch` child process
 fail with a chosen errno (``-e inject=pwrite64:error=ENOSPC:when=2``, restricted with
@@ -28,7 +29,7 @@ import pytest
 import tomli_w
 
 import surefetch as sf
-from surefetch.lockfile import read_lockfile
+from surefetch.lockfile import read_lockfile, verify
 from surefetch.testing import FaultServer
 
 from support import SUREFETCH, leftovers, payload, restore_default_signals
@@ -307,6 +308,30 @@ def test_sync_says_the_files_are_installed_when_the_destination_sync_fails(
         [SUREFETCH, *_sync_args(tmp_path), "--locked"], capture_output=True, text=True, timeout=30
     )
     assert again.returncode == 0, again.stderr
+
+
+@needs_strace
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("at", [1, 5], ids=["first-rename", "last-rename"])
+def test_a_signal_during_the_install_waits_for_it_and_the_lockfile(
+    server: FaultServer, tmp_path: Path, sig: str, at: int
+) -> None:
+    """A Ctrl+C or SIGTERM that arrives at a rename into the destination (strace sends it
+    there) is held back until every artifact is in place and the lockfile matches them:
+    never half a sync. The command then exits as interrupted, and says what is done."""
+    names = _sync_setup(server, tmp_path, count=5)
+    dest = tmp_path / "dest"
+    # rename(2) is sync's own (the engine's are renameat): the 5 installs, then the lockfile.
+    out = run_traced(
+        _sync_args(tmp_path), ["-e", "trace=rename", "-e", f"inject=rename:signal={sig}:when={at}"]
+    )
+    assert out.returncode == (130 if sig == "SIGINT" else 143), out.stderr
+    what = "interrupted" if sig == "SIGINT" else "terminated"
+    assert_one_line_error(out, f"{what}, but the install had begun, and was completed first")
+    for i, name in enumerate(names):
+        assert (dest / name).read_bytes() == payload(200_000 + i, seed=70 + i)
+    assert sorted(a.name for a in read_lockfile(tmp_path / "surefetch.lock").artifacts) == names
+    assert verify(tmp_path / "surefetch.lock", dest) == []
 
 
 def test_sync_removes_a_temporary_lockfile_a_killed_sync_left(

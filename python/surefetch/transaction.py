@@ -32,13 +32,16 @@ files renamed into place (parents created, directories fsynced),
 then the lockfile is written (temporary file in its directory, fsync, rename, fsync of the
 directory; skipped when the bytes would be identical), then the staging directory goes.
 On any failure, Ctrl+C or SIGTERM the staging directory is removed and neither the
-destination nor the lockfile has changed. After a SIGKILL the next sync removes the staging
-directory and the temporary lockfile (``.<lock name>.<hex>.tmp``, flocked while in use) it
-left. The install step is a series of atomic renames, so even an interruption there leaves
-only whole, verified files, and the lockfile is then still the old one; the next sync finds
-those files by their digests. When only an fsync of a directory fails after its renames,
-the files (or the lockfile) are in place: the lockfile is still written to match them, and
-the `StorageError` says that they were installed but that their durability is unknown.
+destination nor the lockfile has changed. A Ctrl+C or SIGTERM that arrives once the
+renames have begun is held back until they are all done and the lockfile written
+(`surefetch._signals.held_back`): it then raises as usual, with the sync complete. After a
+SIGKILL the next sync removes the staging directory and the temporary lockfile
+(``.<lock name>.<hex>.tmp``, flocked while in use) it left; a SIGKILL during the renames
+leaves only whole, verified files (each rename is atomic), and the lockfile is then still
+the old one; the next sync finds those files by their digests. When only an fsync of a
+directory fails after its renames, the files (or the lockfile) are in place: the lockfile is
+still written to match them, and the `StorageError` says that they were installed but that
+their durability is unknown.
 
 ``locked=True`` fails with `LockfileOutdated` (exit 1) before any network access when the
 lockfile would change (a new, changed or removed artifact, or a lockfile that is missing or
@@ -64,6 +67,7 @@ from surefetch._fs import (
     storage_error,
     try_flock,
 )
+from surefetch._signals import held_back
 from surefetch.download import CancelToken, TransferOptions, hash_file, part_dir
 from surefetch.errors import (
     Cancelled,
@@ -431,11 +435,17 @@ def sync(
                     on_wait,
                 )
                 outcomes = resolver.run(items, jobs, progress)
-                not_durable = _install(root, outcomes, source, error)
-                changed = False
-                if not frozen:
-                    new = Lockfile(tuple(sorted((o.entry for o in outcomes), key=lambda a: a.name)))
-                    changed = write_lockfile(lock_path, new)
+                # From the first rename on, all of it: a Ctrl+C or SIGTERM takes effect
+                # once every file is in place and the lockfile matches them.
+                with held_back(
+                    f"the install had begun, and was completed first: every artifact is in "
+                    f"{root} and {lock_path} matches them"
+                ):
+                    not_durable = _install(root, outcomes, source, error)
+                    changed = False
+                    if not frozen:
+                        entries = sorted((o.entry for o in outcomes), key=lambda a: a.name)
+                        changed = write_lockfile(lock_path, Lockfile(tuple(entries)))
                 if not_durable is not None:
                     raise not_durable
             finally:

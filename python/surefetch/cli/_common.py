@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+from surefetch._signals import COMPLETED_FIRST
 from surefetch.errors import (
     DownloadTimeout,
     HTTPError,
@@ -141,6 +142,9 @@ def error_line(exc: BaseException, *, keeps_parts: bool = True) -> str:
     line tells a command that downloads (`keeps_parts`) how to continue."""
     if isinstance(exc, (KeyboardInterrupt, Terminated)):
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        completed = getattr(exc, COMPLETED_FIRST, None)
+        if completed is not None:  # held back until a step that cannot stop halfway ended
+            return f"{what}, but {completed}"
         return f"{what}; {PARTS_KEPT}" if keeps_parts else what
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
