@@ -153,7 +153,8 @@ async fn drive(
     progress: Option<Arc<BatchProgress>>,
 ) {
     let limit = Arc::new(Semaphore::new(jobs.max(1)));
-    let (staged_tx, staged_rx) = mpsc::unbounded_channel::<(usize, Outcome, Staged)>();
+    let room = Arc::new(Semaphore::new(staged_room()));
+    let (staged_tx, staged_rx) = mpsc::unbounded_channel::<Waiting>();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let committer = tokio::spawn(commit_groups(
         staged_rx,
@@ -170,12 +171,16 @@ async fn drive(
         cancel,
     }) = submissions.recv().await
     {
-        let permit = tokio::select! {
-            permit = Arc::clone(&limit).acquire_owned() => permit.ok(),
+        let permits = tokio::select! {
+            permits = async {
+                let room = Arc::clone(&room).acquire_owned().await.ok()?;
+                let permit = Arc::clone(&limit).acquire_owned().await.ok()?;
+                Some((room, permit))
+            } => permits,
             () = cancel.cancelled() => None,
         };
         while workers.try_join_next().is_some() {} // the finished ones, not to keep them
-        let Some(permit) = permit.filter(|_| !cancel.is_cancelled()) else {
+        let Some((room, permit)) = permits.filter(|_| !cancel.is_cancelled()) else {
             let batch = progress.as_deref();
             finish(&results, batch, index, Err(Error::CancelledBeforeStart));
             continue;
@@ -188,6 +193,7 @@ async fn drive(
                 .map_or_else(Progress::new, |p| Arc::clone(&p.items[index])),
             batch: progress.clone(),
             permit,
+            room,
             in_flight: InFlight::new(&in_flight),
         };
         workers.spawn(run_item(
@@ -210,7 +216,37 @@ struct Started {
     progress: Arc<Progress>,
     batch: Option<Arc<BatchProgress>>,
     permit: OwnedSemaphorePermit,
+    /// Its place among the items staged and not yet committed (`staged_room`).
+    room: OwnedSemaphorePermit,
     in_flight: InFlight,
+}
+
+/// A verified download waiting for its group commit, holding its place among them
+/// until the commit is over.
+struct Waiting {
+    index: usize,
+    outcome: Outcome,
+    staged: Staged,
+    room: OwnedSemaphorePermit,
+}
+
+/// How many items of a batch may be staged and waiting for their group commit at once:
+/// each keeps a descriptor (its part lock) until then, and a fast server stages them
+/// faster than a commit ends. A quarter of the soft limit on open files, from 16 to
+/// 1,024 (the usual soft limit, 1,024, allows 256).
+fn staged_room() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 1024,
+    };
+    usize::try_from(soft / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 1024)
 }
 
 /// Counts an item as downloading until dropped (the committer waits for such items).
@@ -236,7 +272,7 @@ async fn run_item(
     started: Started,
     durable: bool,
     results: Sender<ItemResult>,
-    staged_tx: mpsc::UnboundedSender<(usize, Outcome, Staged)>,
+    staged_tx: mpsc::UnboundedSender<Waiting>,
 ) {
     let Started {
         index,
@@ -244,6 +280,7 @@ async fn run_item(
         progress,
         batch,
         permit: _permit,
+        room,
         in_flight,
     } = started;
     let Item { url, dest, options } = item;
@@ -258,7 +295,12 @@ async fn run_item(
     drop(in_flight); // before the committer can see it: no longer one to wait for
     match downloaded {
         Ok((outcome, Some(staged))) => {
-            let _ = staged_tx.send((index, outcome, staged));
+            let _ = staged_tx.send(Waiting {
+                index,
+                outcome,
+                staged,
+                room,
+            });
         }
         // Revalidated (304): nothing written, nothing to commit.
         Ok((outcome, None)) => finish(&results, batch.as_deref(), index, Ok(outcome)),
@@ -300,7 +342,7 @@ fn finish(
 /// The committer: takes every item staged so far, commits them as one group,
 /// and repeats until no more can come.
 async fn commit_groups(
-    mut staged: mpsc::UnboundedReceiver<(usize, Outcome, Staged)>,
+    mut staged: mpsc::UnboundedReceiver<Waiting>,
     results: Sender<ItemResult>,
     progress: Option<Arc<BatchProgress>>,
     durable: bool,
@@ -331,9 +373,14 @@ async fn commit_groups(
                 () = &mut gather => break,
             }
         }
-        part_dirs.extend(group.iter().map(|(_, _, staged)| staged.part_dir.clone()));
+        part_dirs.extend(group.iter().map(|waiting| waiting.staged.part_dir.clone()));
+        let (group, rooms): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|w| ((w.index, w.outcome, w.staged), w.room))
+            .unzip();
         let (committed, kept) = tokio::task::spawn_blocking(move || {
             let committed = commit(group, durable, &mut installed);
+            drop(rooms); // their part locks are gone with the group: room for more
             if !refuse_repeats {
                 installed.clear();
             }
