@@ -280,10 +280,25 @@ fn redact_query(query: &str) -> String {
             Some((name, value)) if !value.is_empty() && is_credential(name) => {
                 format!("{name}=***")
             }
-            _ => pair.to_owned(),
+            Some((name, value)) => match nested_url_redacted(value) {
+                Some(shown) => format!("{name}={shown}"),
+                None => pair.to_owned(),
+            },
+            None => pair.to_owned(),
         })
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// A URL given as a query value (`?next=https://user:pw@...`, encoded or not) with its
+/// own secrets hidden, shown decoded; None when it has none (or is no URL).
+fn nested_url_redacted(value: &str) -> Option<String> {
+    let inner = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+    if !inner.contains("://") {
+        return None;
+    }
+    let shown = redact_text(&inner);
+    (shown != inner).then_some(shown)
 }
 
 fn is_credential(name: &str) -> bool {
@@ -546,6 +561,19 @@ mod tests {
             ("http://h/x?throttle=1&cut=2", "http://h/x?throttle=1&cut=2"),
             ("http://h/x?key=", "http://h/x?key="),
             ("http://u:p@h/x?sig=1", "http://u:***@h/x?sig=***"),
+            ("http://h/x?next=a:b@c", "http://h/x?next=a:b@c"),
+            (
+                "http://h/x?to=http://v:pw@h2/n&a=1",
+                "http://h/x?to=http://v:***@h2/n&a=1",
+            ),
+            (
+                "http://h/x?to=http%3A%2F%2Fv%3Apw%40h2%2Fn",
+                "http://h/x?to=http://v:***@h2/n",
+            ),
+            (
+                "http://h/x?to=http%3A%2F%2Fh2%2Fn",
+                "http://h/x?to=http%3A%2F%2Fh2%2Fn",
+            ),
         ] {
             assert_eq!(redact(&Url::parse(url).unwrap()), shown, "{url}");
         }

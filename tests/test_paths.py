@@ -549,6 +549,11 @@ def _with_password(url: str) -> str:
         ("http://h/x?throttle=1&cut=2", "http://h/x?throttle=1&cut=2"),
         ("http://h/x?key=", "http://h/x?key="),
         ("http://u:p@h/x?sig=1", "http://u:***@h/x?sig=***"),
+        # A URL as a query value has its own secrets, encoded or not.
+        ("http://h/x?to=http://v:pw@h2/n&a=1", "http://h/x?to=http://v:***@h2/n&a=1"),
+        ("http://h/x?to=http%3A%2F%2Fv%3Apw%40h2%2Fn", "http://h/x?to=http://v:***@h2/n"),
+        ("http://h/x?to=http%3A%2F%2Fh2%2Fn", "http://h/x?to=http%3A%2F%2Fh2%2Fn"),
+        ("http://h/x?to=http://h2/n?token=t", "http://h/x?to=http://h2/n?token=***"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

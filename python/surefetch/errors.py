@@ -248,6 +248,11 @@ def _redact_query(tail: str) -> str:
         name, equals, value = pair.partition("=")
         if equals and value and urllib.parse.unquote(name).lower() in CREDENTIAL_PARAMETERS:
             pair = f"{name}=***"
+        elif equals and "://" in (inner := urllib.parse.unquote(value)):
+            # A URL in a value (?next=, ?redirect_to=) has its own secrets: shown decoded.
+            shown = redact_url(inner)
+            if shown != inner:
+                pair = f"{name}={shown}"
         pairs.append(pair)
     return f"{before}?{'&'.join(pairs)}{hash_}{fragment}"
 
