@@ -55,6 +55,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -238,14 +239,32 @@ def _dest_lock(state: Path, cancel: CancelToken) -> Iterator[None]:
         os.close(fd)
 
 
-def _remove_tree(path: str | Path) -> None:
-    """Removes the directory `path` and what is in it, if it can (best effort)."""
+def _remove_tree(path: str | Path, *, within: float | None = None) -> None:
+    """Removes the directory `path` and what is in it, if it can (best effort); with
+    `within`, a staging directory (files only), for at most that many seconds."""
     try:
         os.rmdir(path)  # the common case: a staging dir emptied by the install
+        return
     except OSError:
+        pass
+    if within is None:
         import shutil  # lazily: ~1 ms of start-up that a successful sync does not need
 
         shutil.rmtree(path, ignore_errors=True)
+        return
+    deadline = time.monotonic() + within
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in entries:
+            if time.monotonic() > deadline:
+                return
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+# How long an interrupted sync spends removing its staging directory before it exits.
+_INTERRUPTED_TIDY_S = 0.03
 
 
 def _remove_stale_staging(state: Path) -> None:
@@ -450,7 +469,12 @@ def sync(
                     raise not_durable
             finally:
                 lazy_cache.release()
-                _remove_tree(staging)
+                # Interrupted: as much as a moment allows, not thousands of unlinks
+                # between a Ctrl+C and the exit; the next sync removes the rest.
+                interrupted = isinstance(sys.exc_info()[1], BaseException) and not isinstance(
+                    sys.exc_info()[1], Exception
+                )
+                _remove_tree(staging, within=_INTERRUPTED_TIDY_S if interrupted else None)
     finally:
         with contextlib.suppress(OSError):
             state.rmdir()  # only when empty: part files of other downloads stay
