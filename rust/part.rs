@@ -125,6 +125,12 @@ impl PartPaths {
                 {
                     tries += 1;
                 }
+                // The user knows the destination, not our lock file beside it.
+                Err(Error::Busy { .. }) => {
+                    return Err(Error::Busy {
+                        path: self.final_path.clone(),
+                    })
+                }
                 other => return other,
             }
         }
@@ -891,6 +897,21 @@ mod tests {
         drop(held);
         assert!(!path.exists());
         PartLock::acquire(&path).unwrap();
+    }
+
+    #[test]
+    fn a_busy_destination_is_named_not_its_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = PartPaths::new(&dir.path().join("model.bin")).unwrap();
+        let _held = paths.lock().unwrap();
+        match paths.lock() {
+            Err(error @ Error::Busy { .. }) => {
+                let message = error.to_string();
+                assert!(message.contains(&format!("{}", dir.path().join("model.bin").display())));
+                assert!(!message.contains(".lock"), "{message}");
+            }
+            other => panic!("expected Busy, got {:?}", other.map(|_| ())),
+        }
     }
 
     #[test]
