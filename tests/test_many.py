@@ -62,6 +62,7 @@ def test_items_fail_alone(server: FaultServer, urls: list[str], tmp_path: Path) 
             DownloadItem(urls[1], out="checked.bin", sha256="0" * 64),
             DownloadItem(urls[2], out="sized.bin", size=5),
             "ftp://example.org/x",
+            "http://u:pw@[::1/x",  # Python cannot even parse it: that item alone fails
             DownloadItem(urls[3], out="good.bin", size=4096),
         ],
         tmp_path,
@@ -73,8 +74,10 @@ def test_items_fail_alone(server: FaultServer, urls: list[str], tmp_path: Path) 
         "ChecksumMismatch",
         "SizeMismatch",
         "ValueError",
+        "ValueError",
         "DownloadResult",
     ]
+    assert str(results[5]).startswith("http://u:***@[::1/x is not a usable URL")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.bin", "good.bin"]
 
 
@@ -85,6 +88,10 @@ def test_names_are_checked_before_anything_is_fetched(
         download_many([urls[0], urls[0] + "?again=1"], tmp_path)
     with pytest.raises(ValueError, match="not a bare file name"):
         download_many([DownloadItem(urls[0], out="../escape.bin")], tmp_path)
+    with pytest.raises(ValueError, match="is empty: give a file name"):
+        download_many([DownloadItem(urls[0], out="")], tmp_path)
+    with pytest.raises(ValueError, match="is 300 bytes long; a file name has at most 255"):
+        download_many([DownloadItem(urls[0], out="x" * 300)], tmp_path)
     with pytest.raises(ValueError, match="per item"):
         download_many(urls[:2], tmp_path, sha256="0" * 64)
     assert server.requests == []
@@ -114,12 +121,22 @@ def test_a_cancel_stops_every_item_and_keeps_their_parts(
 
 
 def test_input_files_parse_like_aria2s() -> None:
-    text = "# models\n\nhttp://h/a out=x.bin sha256=ab size=3  # trailing\nhttp://h/b\n"
+    sha = "aB" * 32
+    text = f"# models\n\nhttp://h/a out=x.bin sha256={sha} size=3  # trailing\nhttp://h/b\n"
     assert parse_items(text.splitlines(), "list") == [
-        DownloadItem("http://h/a", out="x.bin", sha256="ab", size=3),
+        DownloadItem("http://h/a", out="x.bin", sha256=sha, size=3),
         DownloadItem("http://h/b"),
     ]
-    for bad in ["http://h/a out", "http://h/a color=red", "http://h/a size=big", "u out=1 out=2"]:
+    for bad in [
+        "http://h/a out",
+        "http://h/a color=red",
+        "http://h/a size=big",
+        "http://h/a size=-1",
+        "u out=1 out=2",
+        "http://h/a out=",
+        "http://h/a sha256=XYZ",
+        f"http://h/a sha256={sha}0",
+    ]:
         with pytest.raises(ValueError, match="list:1"):
             parse_items([bad], "list")
 

@@ -98,6 +98,25 @@ PART_DIR = ".surefetch"
 """The directory beside a destination where surefetch keeps part files (a reserved name)."""
 
 
+def _checked_out(out: str, url: str) -> str:
+    """`out`, the name an item asks for, if it is a bare file name (`name_from_url`).
+
+    Raises:
+        ValueError: it is not, saying why.
+    """
+    if not out:
+        raise ValueError(f"out= for {redact_url(url)} is empty: give a file name")
+    size = len(os.fsencode(out))
+    if size > 255:
+        raise ValueError(
+            f"out={out[:32]!r}... for {redact_url(url)} is {size} bytes long; a file name has "
+            "at most 255"
+        )
+    if _core.bare_name(out) != out:
+        raise ValueError(f"out={out!r} for {redact_url(url)} is not a bare file name")
+    return out
+
+
 def name_from_url(url: str) -> str:
     """The file name a URL suggests: its last path segment, percent-decoded, as a bare name.
 
@@ -385,6 +404,10 @@ class DownloadItem:
     if_modified_since: str | None = None
 
 
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def parse_items(lines: Iterable[str], source: str = "-i") -> list[DownloadItem]:
     """Items from an input file: one a line, ``URL [out=NAME] [sha256=HEX] [size=N]``;
     blank lines and ``#`` comments are skipped (aria2's input files, in short).
@@ -407,14 +430,18 @@ def parse_items(lines: Iterable[str], source: str = "-i") -> list[DownloadItem]:
                     f"not {field!r}"
                 )
             options[key] = value
-        size = options.get("size")
+        size, sha256 = options.get("size"), options.get("sha256")
         if size is not None and not size.isdigit():
             raise ValueError(f"{source}:{number}: size must be a number of bytes, not {size!r}")
+        if sha256 is not None and not (len(sha256) == 64 and _is_hex(sha256)):
+            raise ValueError(f"{source}:{number}: sha256 must be 64 hex digits, not {sha256!r}")
+        if options.get("out") == "":
+            raise ValueError(f"{source}:{number}: out= needs a file name")
         items.append(
             DownloadItem(
                 url,
                 out=options.get("out"),
-                sha256=options.get("sha256"),
+                sha256=sha256,
                 size=int(size) if size is not None else None,
             )
         )
@@ -490,11 +517,17 @@ def download_many(
     )
     batch = [DownloadItem(i) if isinstance(i, str) else i for i in items]
     raw_items: list[tuple[str, str | os.PathLike[str], dict[str, Any]]] = []
+    positions: list[int] = []  # of each raw item in `batch`
+    unusable: dict[int, Exception] = {}  # items whose URL cannot be parsed: their result
     seen: dict[Path, str] = {}
-    for item in batch:
-        name = _core.bare_name(item.out) if item.out is not None else name_from_url(item.url)
-        if item.out is not None and name != item.out:
-            raise ValueError(f"out={item.out!r} for {redact_url(item.url)} is not a bare file name")
+    for position, item in enumerate(batch):
+        out = _checked_out(item.out, item.url) if item.out is not None else None
+        try:
+            name = out if out is not None else name_from_url(item.url)
+            engine_options = transfer.engine_options(item.url)
+        except ValueError as exc:  # this item fails, the others go on
+            unusable[position] = ValueError(f"{redact_url(item.url)} is not a usable URL: {exc}")
+            continue
         path = _not_reserved(directory / name)
         if path in seen:
             raise ValueError(
@@ -503,7 +536,7 @@ def download_many(
             )
         seen[path] = item.url
         per_item = {
-            **transfer.engine_options(item.url),
+            **engine_options,
             "sha256": item.sha256,
             "size": item.size,
             "compute_sha256": compute_sha256,
@@ -515,15 +548,22 @@ def download_many(
             "if_modified_since": item.if_modified_since,
         }
         raw_items.append((item.url, path, per_item))
+        positions.append(position)
     results: list[DownloadResult | Exception | None] = [None] * len(batch)
 
     def collect(index: int, raw: dict[str, Any] | BaseException) -> None:
         if isinstance(raw, BaseException) and not isinstance(raw, Exception):
             raise raw
         result = raw if isinstance(raw, Exception) else result_from_engine(raw)
-        results[index] = result
+        position = positions[index]
+        results[position] = result
         if on_result is not None:
-            on_result(index, result)
+            on_result(position, result)
+
+    for position, error in unusable.items():
+        results[position] = error
+        if on_result is not None:
+            on_result(position, error)
 
     _core.download_many(
         raw_items,
