@@ -93,18 +93,22 @@ def test_forced_reflink_where_it_cannot_be_fails_with_nothing_changed(
     manifest, lock = _project(tmp_path, server.add("tool", DATA))
     done = _sync_cli(manifest, lock, "dest", "cache", "reflink", tmp_path)
     assert done.returncode == 1, done.stderr
-    assert "reflink" in done.stderr
+    assert "as a reflink: this filesystem cannot clone files; use --link-mode auto or copy" in (
+        done.stderr
+    )
     assert not lock.exists() and not (tmp_path / "dest" / "tool").exists()
 
 
-def test_a_hardlink_across_filesystems_says_which_mode_to_use(
-    server: FaultServer, xfs: Path, tmp_path: Path
+@pytest.mark.parametrize("mode", ["hardlink", "reflink"])
+def test_a_link_across_filesystems_says_which_mode_to_use(
+    server: FaultServer, xfs: Path, tmp_path: Path, mode: str
 ) -> None:
-    """The cache on one filesystem and the destination on another: a hardlink cannot be
-    made, and the one line says so and names the link modes that work."""
+    """The cache on one filesystem and the destination on another: neither a hardlink nor
+    a reflink can be made, and the one line says so and names the link modes that work."""
     manifest, lock = _project(tmp_path / "p", server.add("tool", DATA))
-    done = _sync_cli(manifest, lock, str(xfs / "x"), str(tmp_path / "cache"), "hardlink", tmp_path)
+    done = _sync_cli(manifest, lock, str(xfs / "x"), str(tmp_path / "cache"), mode, tmp_path)
     assert done.returncode == 1, done.stderr
+    assert f"as a {mode}: the cache ({tmp_path / 'cache'}" in done.stderr
     assert "is on another filesystem; use --link-mode auto or copy" in done.stderr
     assert not lock.exists() and not (xfs / "x" / "tool").exists()
 

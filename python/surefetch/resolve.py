@@ -494,6 +494,17 @@ def _mode(item: Item) -> int:
     return 0o755 if item.executable else 0o644
 
 
+# What a link mode the user asked for cannot do here, by errno (the cure is another mode).
+_UNLINKABLE = {
+    ("hardlink", errno.EXDEV): "the cache ({cache}) is on another filesystem",
+    ("reflink", errno.EXDEV): "the cache ({cache}) is on another filesystem",
+    **{
+        ("reflink", code): "this filesystem cannot clone files"
+        for code in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY)
+    },
+}
+
+
 def _check_placed(
     attempt: Placed, blob: Path, staged: Path, entry: LockedArtifact, link_mode: LinkMode
 ) -> None:
@@ -508,11 +519,12 @@ def _check_placed(
         missing = named or not os.path.lexists(blob)
         if isinstance(attempt, FileNotFoundError) and missing:
             raise _Evicted(blob) from attempt
-        if attempt.errno == errno.EXDEV and link_mode == "hardlink":
+        why = _UNLINKABLE.get((link_mode, attempt.errno or 0))
+        if why is not None:
             raise StorageError(
-                errno.EXDEV,
-                f"{entry.name}: cannot stage {staged} as a hardlink: the cache ({blob.parent}) "
-                "is on another filesystem; use --link-mode auto or copy",
+                attempt.errno,
+                f"{entry.name}: cannot stage {staged} as a {link_mode}: "
+                f"{why.format(cache=blob.parent)}; use --link-mode auto or copy",
             ) from attempt
         raise storage_error(
             attempt, f"{entry.name}: cannot stage {staged} ({link_mode})"
