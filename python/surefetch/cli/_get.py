@@ -130,6 +130,10 @@ def _run_get_many(args: argparse.Namespace) -> int:
         items += _read_items(args.input_file, parse_items)
     if not items:
         raise CommandError("no URL given: name some, or -i FILE", EXIT_USAGE)
+    if args.output is not None and os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise CommandError(
+            f"-o {args.output} is a file: with several URLs -o names a directory", EXIT_USAGE
+        )
     worst = EXIT_OK
     reported: set[int] = set()
 
