@@ -19,7 +19,8 @@ pub const NAME_MAX: usize = 255;
 /// - control characters (C0 and DEL) are dropped, surrounding whitespace trimmed;
 /// - leading `-` are dropped, so the name is never read as an option;
 /// - `.` and `..` are nothing;
-/// - a name longer than `NAME_MAX` bytes is cut there, on a character boundary.
+/// - a name longer than `NAME_MAX` bytes is cut to fit, on a character boundary,
+///   in the middle: its extensions (`.tar.gz`, up to `KEPT_EXTENSION` bytes) stay.
 pub fn bare_name(raw: &str) -> String {
     let clean: String = raw.chars().filter(|c| !is_control(*c)).collect();
     let last = clean.rsplit(['/', '\\']).next().unwrap_or_default();
@@ -29,8 +30,29 @@ pub fn bare_name(raw: &str) -> String {
     if name == "." || name == ".." {
         return String::new();
     }
-    let cut = char_boundary(name.as_bytes(), NAME_MAX);
-    name[..cut].trim_end().to_owned()
+    if name.len() <= NAME_MAX {
+        return name.to_owned();
+    }
+    let extension = extension_of(name);
+    let cut = char_boundary(name.as_bytes(), NAME_MAX - extension.len());
+    format!("{}{extension}", name[..cut].trim_end())
+}
+
+/// The longest an extension kept by a cut (`bare_name`) may be, in bytes.
+const KEPT_EXTENSION: usize = 32;
+
+/// What follows the first `.` of the last `KEPT_EXTENSION` bytes of `name` (the
+/// extensions, `.tar.gz`), or "" when there is none.
+fn extension_of(name: &str) -> &str {
+    let from = name.len() - KEPT_EXTENSION.min(name.len());
+    match name
+        .char_indices()
+        .skip_while(|(i, _)| *i < from)
+        .find(|(_, c)| *c == '.')
+    {
+        Some((at, _)) => &name[at..],
+        None => "",
+    }
 }
 
 /// Characters a name never keeps: C0 and C1 controls, DEL, and the invisible
@@ -235,6 +257,14 @@ mod tests {
             "cut before the character that would cross 255"
         );
         assert!(long.starts_with(&cut));
+        // A cut keeps the extensions: the name still says what the file is.
+        let archive = format!("{}.tar.gz", "r".repeat(300));
+        let kept = bare_name(&archive);
+        assert_eq!(kept.len(), NAME_MAX);
+        assert!(kept.ends_with("rrr.tar.gz"), "{kept}");
+        let dotted = format!("{}.{}", "a".repeat(260), "b".repeat(40)); // no short extension
+        assert_eq!(bare_name(&dotted).len(), NAME_MAX);
+        assert!(dotted.starts_with(&bare_name(&dotted)));
     }
 
     #[test]
