@@ -185,14 +185,6 @@ def test_cli_get_many_usage_errors(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_get_many_into_a_file_is_a_usage_error(urls: list[str], tmp_path: Path) -> None:
-    (tmp_path / "afile").write_bytes(b"kept")
-    done = run_cli(["get", urls[0], urls[1], "-o", "afile"], tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert "-o afile is a file: with several URLs -o names a directory" in done.stderr
-    assert (tmp_path / "afile").read_bytes() == b"kept" and len(list(tmp_path.iterdir())) == 1
-
-
 def test_cli_get_many_bad_input_line_is_a_usage_error(urls: list[str], tmp_path: Path) -> None:
     (tmp_path / "list.txt").write_text(f"{urls[0]}\n{urls[1]} colour=red\n")
     done = run_cli(["get", "-i", "list.txt"], tmp_path)

@@ -100,10 +100,10 @@ def test_a_file_where_the_directory_of_a_batch_should_be(url: str, tmp_path: Pat
     with pytest.raises(sf.StorageError, match="the files of a batch go into a directory"):
         sf.download_many([url, url + "?x=1"], tmp_path / "taken")
     done = run_cli(["get", url, url + "?x=1", "-o", "taken"], cwd=tmp_path)
-    assert done.returncode == 1
-    assert "the files of a batch go into a directory" in done.stderr, done.stderr
+    assert done.returncode == 2  # a usage error, said before anything is fetched
+    assert "-o taken is a file: with several URLs -o names a directory" in done.stderr
     assert "drop the /" not in done.stderr
-    assert (tmp_path / "taken").read_bytes() == b"mine"
+    assert (tmp_path / "taken").read_bytes() == b"mine" and len(list(tmp_path.iterdir())) == 1
 
 
 @pytest.mark.parametrize("below", ["taken/out", "taken/sub/out"])
