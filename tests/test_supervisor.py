@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -329,6 +330,11 @@ def test_ctl_wait_answers_once_the_jobs_end_with_the_worst_outcome(
     # Unknown ids and bad arguments are refused at once.
     unknown = wait(slow[0], "nosuchjob")
     assert unknown.returncode == 1 and "no job nosuchjob of yours" in unknown.stderr
+    store = SessionStore(sup_db(sup))  # a session of the user's that is no supervised job
+    plain = store.create(pwd.getpwuid(os.getuid()).pw_name, "not a job").id
+    store.close()
+    not_a_job = wait(plain)
+    assert not_a_job.returncode == 1 and f"no job {plain} of yours" in not_a_job.stderr
     negative = wait(slow[0], "--timeout", "-1")
     assert negative.returncode == 2 and "--timeout" in negative.stderr
     assert request(sup.socket, {"op": "wait", "ids": []})["exit"] == 2

@@ -173,10 +173,7 @@ class JobQueue:
         states: dict[str, str] = {}
         for start in range(0, len(ids), _IDS_PER_QUERY):
             chunk = ids[start : start + _IDS_PER_QUERY]
-            sql = (
-                f"SELECT s.id, s.status FROM sessions s "
-                f"WHERE s.id IN ({', '.join('?' * len(chunk))})"
-            )
+            sql = f"SELECT s.id, s.status FROM {FROM} WHERE s.id IN ({', '.join('?' * len(chunk))})"
             params: tuple[Any, ...] = tuple(chunk)
             if owner is not None:
                 sql += " AND s.owner = ?"

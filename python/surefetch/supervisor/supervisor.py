@@ -282,7 +282,7 @@ class Supervisor:
 
         try:
             states, done = await self._waiters.wait(
-                wanted, states_of, timeout, lambda: self._stopping or self._stop_requested_set()
+                wanted, states_of, timeout, self._stop_requested_set
             )
         except KeyError as exc:
             return error_reply(f"no job {exc.args[0]} of yours: see `surefetch ctl jobs`")
