@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -95,6 +96,8 @@ class _FromOptions:
 FROM_OPTIONS: Any = _FromOptions()
 
 PART_DIR = ".surefetch"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+"""A SHA-256 digest as surefetch writes it: 64 lowercase hex digits."""
 """The directory beside a destination where surefetch keeps part files (a reserved name)."""
 
 
@@ -404,10 +407,6 @@ class DownloadItem:
     if_modified_since: str | None = None
 
 
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
 def parse_items(lines: Iterable[str], source: str = "-i") -> list[DownloadItem]:
     """Items from an input file: one a line, ``URL [out=NAME] [sha256=HEX] [size=N]``;
     blank lines and ``#`` comments are skipped (aria2's input files, in short).
@@ -433,7 +432,7 @@ def parse_items(lines: Iterable[str], source: str = "-i") -> list[DownloadItem]:
         size, sha256 = options.get("size"), options.get("sha256")
         if size is not None and not size.isdigit():
             raise ValueError(f"{source}:{number}: size must be a number of bytes, not {size!r}")
-        if sha256 is not None and not (len(sha256) == 64 and _is_hex(sha256)):
+        if sha256 is not None and not SHA256_HEX.fullmatch(sha256.lower()):
             raise ValueError(f"{source}:{number}: sha256 must be 64 hex digits, not {sha256!r}")
         if options.get("out") == "":
             raise ValueError(f"{source}:{number}: out= needs a file name")

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any, Union
 
 from surefetch.download import (
+    SHA256_HEX,
     CancelToken,
     DownloadResult,
     ProgressCallback,
@@ -63,7 +64,7 @@ __all__ = ["SurefetchDownloader", "downloader"]
 
 OutputFile = Union[str, "os.PathLike[str]", IO[bytes]]
 
-_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "xxh3_128": re.compile(r"[0-9a-f]{32}")}
+_HEX = {"sha256": SHA256_HEX, "xxh3_128": re.compile(r"[0-9a-f]{32}")}
 
 
 class SurefetchDownloader:

@@ -19,7 +19,7 @@ from typing import Any
 
 from surefetch._fs import fsync_dir, written_only_by_us
 from surefetch.cache.catalog import Catalog
-from surefetch.download import hash_file
+from surefetch.download import SHA256_HEX, hash_file
 from surefetch.errors import SizeMismatch, StorageError, SurefetchError, redact_url
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "trusted_path",
 ]
 
-SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = SHA256_HEX
 _XXH3_128 = re.compile(r"[0-9a-f]{32}")
 FILE_MODE = 0o644
 _DIR_MODE = 0o755
