@@ -45,7 +45,7 @@ struct PyEngineError(Error);
 impl From<PyEngineError> for PyErr {
     fn from(PyEngineError(err): PyEngineError) -> PyErr {
         let message = err.to_string();
-        match err {
+        match err.unwrapped() {
             Error::InvalidArgument(_) => PyValueError::new_err(message),
             Error::Http { status, url, .. } => HTTPError::new_err((message, status, url)),
             Error::Network { .. } | Error::SourceChanged { .. } | Error::Unusable { .. } => {
@@ -76,6 +76,7 @@ impl From<PyEngineError> for PyErr {
             }
             Error::Busy { .. } => LockTimeout::new_err(message),
             Error::NotModified => SurefetchError::new_err(message),
+            Error::PartKept { .. } => unreachable!("unwrapped above"),
         }
     }
 }

@@ -98,17 +98,13 @@ async fn fetch_verified(
         other => other,
     };
     let result = match result {
-        Err(Error::Network { message, retryable }) => Err(Error::Network {
-            message: job.with_what_is_kept(message),
-            retryable,
-        }),
-        other => other,
+        Err(error) if error.keeps_part() => Err(job.what_is_kept(error)),
+        Err(error) => {
+            job.paths.discard();
+            Err(error)
+        }
+        ok => ok,
     };
-    match &result {
-        Ok(_) => {}
-        Err(e) if e.keeps_part() => {}
-        Err(_) => job.paths.discard(),
-    }
     let staged = match (&result, defer_commit && !not_modified) {
         (Ok(_), true) => Some(Staged {
             part: job.paths.part.clone(),
@@ -444,16 +440,23 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// `message` of a failure that keeps the part, saying what the part holds for
-    /// the next call to resume (a message tells the truth about what is on disk).
-    fn with_what_is_kept(&self, message: String) -> String {
+    /// `error`, one that keeps the part, with what the part holds for the next call
+    /// to resume; when it holds nothing a later call could resume (no sidecar: a small
+    /// body, or nothing received yet), the part is removed and `error` is as it was.
+    fn what_is_kept(&self, error: Error) -> Error {
         match self.load_kept() {
-            Ok(Some(kept)) if !kept.ranges.is_empty() => format!(
-                "{message}; the {} bytes received are kept in {}: run the same download again to resume",
-                kept.ranges.len(),
-                self.paths.part.display()
-            ),
-            _ => message,
+            Ok(Some(kept)) if !kept.ranges.is_empty() => Error::PartKept {
+                error: Box::new(error),
+                note: format!(
+                    "the {} bytes received are kept in {}: run the same download again to resume",
+                    kept.ranges.len(),
+                    self.paths.part.display()
+                ),
+            },
+            _ => {
+                self.paths.discard();
+                error
+            }
         }
     }
 

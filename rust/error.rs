@@ -86,6 +86,12 @@ pub enum Error {
     },
     /// A bug (a panic, a broken invariant), reported as such; the part is kept.
     Internal(String),
+    /// `error`, after which the part file holds what `note` says, for the next call
+    /// to resume (a message tells the truth about what is on disk).
+    PartKept {
+        error: Box<Error>,
+        note: String,
+    },
 }
 
 /// What a failed storage operation leaves on disk.
@@ -160,6 +166,7 @@ impl Error {
             Error::Network { retryable, .. } => *retryable,
             Error::Http { status, .. } => matches!(status, 408 | 429 | 500..=599),
             Error::Timeout { kind, .. } => *kind != TimeoutKind::Overall,
+            Error::PartKept { error, .. } => error.is_retryable(),
             _ => false,
         }
     }
@@ -175,7 +182,16 @@ impl Error {
                 | Error::Unusable { .. }
                 | Error::System { .. }
                 | Error::Internal(_)
+                | Error::PartKept { .. }
         )
+    }
+
+    /// The error itself, without what `PartKept` adds.
+    pub fn unwrapped(self) -> Error {
+        match self {
+            Error::PartKept { error, .. } => error.unwrapped(),
+            other => other,
+        }
     }
 }
 
@@ -246,6 +262,10 @@ impl Clone for Error {
                 unit: *unit,
             },
             Error::NotModified => Error::NotModified,
+            Error::PartKept { error, note } => Error::PartKept {
+                error: error.clone(),
+                note: note.clone(),
+            },
             Error::System { what, source } => Error::System {
                 what,
                 source: copy_io(source),
@@ -287,11 +307,11 @@ impl fmt::Display for Error {
                     ),
                     TimeoutKind::Overall => write!(
                         f,
-                        "the download did not finish within {secs:.3} s: raise the timeout; the part file is kept for resume"
+                        "the download did not finish within {secs:.3} s: raise the timeout"
                     ),
                 }
             }
-            Error::Cancelled => f.write_str("the download was cancelled; its part file is kept for resume"),
+            Error::Cancelled => f.write_str("the download was cancelled"),
             Error::CancelledBeforeStart => f.write_str(
                 "the batch was cancelled before this download started: nothing of it was written",
             ),
@@ -341,7 +361,7 @@ impl fmt::Display for Error {
             }
             Error::Unusable { url, detail, .. } => write!(
                 f,
-                "{url} answered in a way that cannot be used ({detail}); the part file is kept"
+                "{url} answered in a way that cannot be used ({detail})"
             ),
             Error::SourceChanged { url, detail } => write!(
                 f,
@@ -358,6 +378,7 @@ impl fmt::Display for Error {
                 "could not {what}: {source}; the system is short of memory or processes: retry later, or use fewer parallel jobs"
             ),
             Error::Internal(message) => f.write_str(message),
+            Error::PartKept { error, note } => write!(f, "{error}; {note}"),
         }
     }
 }

@@ -256,7 +256,8 @@ def download(
         NetworkError: the connection failed or broke (after retries), or a
             redirect was unsafe.
         DownloadTimeout: a connect, read or overall timeout expired.
-        Cancelled: `cancel` was cancelled; the part file is kept for resume.
+        Cancelled: `cancel` was cancelled; what was received is kept for resume (the
+            message says where).
         StorageError: the disk is full, failed, or the rename crossed filesystems;
             `dest` ends in ``/`` but is a file; ``<dest dir>/.surefetch`` is a
             symlink, not a directory, or another user's.

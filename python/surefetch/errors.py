@@ -127,7 +127,8 @@ class DownloadTimeout(SurefetchError, TimeoutError):
 
 
 class Cancelled(SurefetchError):
-    """The transfer's CancelToken was cancelled; its part file is kept for resume."""
+    """The transfer's CancelToken was cancelled; the message says what its part file keeps
+    for resume (when it received too little to resume, nothing is kept)."""
 
 
 class SessionCancelled(Cancelled):

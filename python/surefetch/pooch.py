@@ -130,9 +130,9 @@ class SurefetchDownloader:
                 argument (URL scheme, option).
             HTTPError, NetworkError: the download failed (after retries).
             DownloadTimeout: a timeout expired.
-            Cancelled: the `cancel` token was cancelled; the part file is kept.
+            Cancelled: the `cancel` token was cancelled; what was received is kept.
             StorageError: the file could not be written.
-            KeyboardInterrupt: Ctrl+C, within 100 ms; the part file is kept.
+            KeyboardInterrupt: Ctrl+C, within 100 ms; what was received is kept.
         """
         if check_only:
             return self._available(url)

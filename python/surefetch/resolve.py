@@ -433,9 +433,11 @@ class Resolver:
     def _failure(self, item: Item, exc: Exception) -> SurefetchError:
         limit = self.transfer.timeout
         if isinstance(exc, DownloadTimeout) and exc.kind == "overall" and limit:
+            received = "are kept in" in str(exc)  # the engine's note, when it kept any
+            kept = " (what it received is kept for the next sync)" if received else ""
             return DownloadTimeout(
-                f"{item.name}: did not finish within --timeout-per-item {limit:g} s "
-                "(its part file is kept for the next sync); raise the limit or check the server",
+                f"{item.name}: did not finish within --timeout-per-item {limit:g} s{kept}; "
+                "raise the limit or check the server",
                 "overall",
             )
         if isinstance(exc, (ChecksumMismatch, SizeMismatch)):

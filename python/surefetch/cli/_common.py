@@ -133,7 +133,7 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-PARTS_KEPT = "the part files are kept: run the same command again to continue"
+PARTS_KEPT = "run the same command again to continue from what was received"
 """What an interrupted download leaves, said after "interrupted" or "terminated"."""
 
 
