@@ -1,7 +1,5 @@
 """`python -m surefetch`: the command line."""
 
-import sys
+from surefetch.cli import run
 
-from surefetch.cli import main
-
-sys.exit(main())
+run()

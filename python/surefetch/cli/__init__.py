@@ -50,6 +50,7 @@ __all__ = [
     "build_parser",
     "exit_code_for",
     "main",
+    "run",
     "run_reporting_errors",
     "version_line",
 ]
@@ -151,14 +152,42 @@ _ONE_SHOT_GEN0 = 50_000
 
 
 def _command_group(argv: Sequence[str]) -> ModuleType | None:
-    """The module of the command `argv` names (its first word that is not an option), or
-    None (no command, or an unknown one: the full parser then says what there is)."""
+    """The module of the command `argv` names, or None (no command, or an unknown one:
+    the full parser then says what there is)."""
+    word = _command_word(argv)
+    return next((module for module, names in _GROUPS.items() if word in names), None)
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The first word of `argv` that is not an option (None before a ``--``: what follows
+    is no command)."""
     for word in argv:
-        if word == "--":  # what follows is no command: the full parser says so
+        if word == "--":
             return None
         if not word.startswith("-"):
-            return next((module for module, names in _GROUPS.items() if word in names), None)
+            return word
     return None
+
+
+def run() -> NoReturn:
+    """The console script (and ``python -m surefetch``): `main`, then the exit.
+
+    A one-shot command exits as soon as stdout and stderr are flushed, without Python's
+    finalization: freeing every object of the process one by one took ~10 ms after a
+    200-file sync, a tenth of it. Every file surefetch writes is closed (and fsynced)
+    before `main` returns, so nothing is left for finalization to do. A long-running
+    command (serve, enforce, supervise) exits as usual.
+    """
+    code = main()
+    if _command_word(sys.argv[1:]) in _LONG_RUNNING:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader went away, or the stream was closed
+            if stream is sys.stdout and code == EXIT_OK:
+                code = EXIT_ERROR  # what was printed did not all arrive
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
