@@ -455,7 +455,7 @@ fn commit(
     }
     let dirs: Vec<&Path> = by_dir.keys().map(PathBuf::as_path).collect();
     let synced: Vec<io::Result<()>> = match durable {
-        true => sync_paths(&dirs)
+        true => sync_paths(&dirs, &mut |dir| std::fs::metadata(dir).map(|m| m.dev()))
             .into_iter()
             .map(|synced| synced.map_err(|(_, e)| e))
             .collect(),
@@ -560,7 +560,19 @@ fn open_shard(path: &Path) -> io::Result<File> {
 /// fsyncs a lone file; for a group, one `syncfs` per filesystem, which writes
 /// back every file of the group on it in one call.
 fn sync_files(parts: &[&Path]) -> Vec<Result<()>> {
-    sync_paths(parts)
+    // A file of ours is on its directory's filesystem (it is no mount point): one stat
+    // per directory tells them apart, not one per file.
+    let mut devices: BTreeMap<PathBuf, u64> = BTreeMap::new();
+    let mut device_of = |part: &Path| -> io::Result<u64> {
+        let dir = part.parent().unwrap_or(Path::new("."));
+        if let Some(&device) = devices.get(dir) {
+            return Ok(device);
+        }
+        let device = std::fs::metadata(dir)?.dev();
+        devices.insert(dir.to_path_buf(), device);
+        Ok(device)
+    };
+    sync_paths(parts, &mut device_of)
         .into_iter()
         .zip(parts)
         .map(|(synced, part)| synced.map_err(|(what, e)| Error::storage(what, *part, e)))
@@ -571,8 +583,11 @@ fn sync_files(parts: &[&Path]) -> Vec<Result<()>> {
 type SyncFailure = (&'static str, io::Error);
 
 /// fsyncs each of `paths` (files or directories); from `GROUP_SYNCFS_MIN` of them on,
-/// one `syncfs` per filesystem instead.
-fn sync_paths(paths: &[&Path]) -> Vec<std::result::Result<(), SyncFailure>> {
+/// one `syncfs` per filesystem (told apart by `device_of`) instead.
+fn sync_paths(
+    paths: &[&Path],
+    device_of: &mut dyn FnMut(&Path) -> io::Result<u64>,
+) -> Vec<std::result::Result<(), SyncFailure>> {
     if paths.len() < GROUP_SYNCFS_MIN {
         return paths
             .iter()
@@ -586,9 +601,9 @@ fn sync_paths(paths: &[&Path]) -> Vec<std::result::Result<(), SyncFailure>> {
     let mut by_device: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     let mut results: Vec<std::result::Result<(), SyncFailure>> = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
-        match std::fs::metadata(path) {
-            Ok(meta) => {
-                by_device.entry(meta.dev()).or_default().push(i);
+        match device_of(path) {
+            Ok(device) => {
+                by_device.entry(device).or_default().push(i);
                 results.push(Ok(()));
             }
             Err(e) => results.push(Err(("syncing", e))),
@@ -640,7 +655,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn group_sync_covers_every_file_and_reports_missing_ones() {
+    fn group_sync_covers_every_file_and_reports_a_missing_directory() {
         let dir = tempfile::tempdir().unwrap();
         let files: Vec<PathBuf> = (0..6).map(|i| dir.path().join(format!("f{i}"))).collect();
         for f in &files {
@@ -648,12 +663,18 @@ mod tests {
         }
         let mut paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
         assert!(sync_files(&paths).iter().all(Result::is_ok));
-        let missing = dir.path().join("missing");
+        // One stat per directory: a file missing from a directory that exists is the
+        // rename's to report; a directory that is missing fails its files here.
+        let missing = dir.path().join("gone").join("f");
         paths.push(&missing);
         let results = sync_files(&paths);
         assert!(results[..6].iter().all(Result::is_ok));
         assert!(matches!(results[6], Err(Error::Storage { .. })));
         assert!(sync_files(&paths[..2]).iter().all(Result::is_ok));
+        // Fewer than GROUP_SYNCFS_MIN: each is fsynced, and a missing one reported.
+        let lone = [paths[0], paths[6]];
+        let results = sync_files(&lone);
+        assert!(results[0].is_ok() && matches!(results[1], Err(Error::Storage { .. })));
     }
 
     #[test]

@@ -494,7 +494,9 @@ impl<'a> Job<'a> {
             None
         };
         if kept.is_none() {
-            self.paths.discard();
+            // The sidecar goes first: it must never describe the new part. The old part
+            // itself is replaced when the new one is created (`PartFile::create`).
+            self.paths.remove_sidecar();
         }
         let (start, kept) = match kept {
             Some(kept) => self.open_kept(kept).await?,

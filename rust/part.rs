@@ -418,7 +418,6 @@ impl PartFile {
     /// preallocated to `size` when it is known and over 1 MiB. Large files are written with
     /// `O_DIRECT` where the filesystem supports it.
     pub fn create(path: &Path, size: Option<u64>, durable: bool) -> Result<Self> {
-        remove_if_present(path).map_err(|e| Error::storage("removing", path, e))?;
         let create = || {
             OpenOptions::new()
                 .write(true)
@@ -429,14 +428,20 @@ impl PartFile {
         };
         let mut created = create();
         for _ in 0..100 {
-            // Without a part lock in it (`Options::part_lock`), the part directory may
-            // have looked empty to another download tidying up: create it again.
             match &created {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // An earlier part (of a call that started over, or was killed): removed
+                // only now, as most calls find none.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    remove_if_present(path).map_err(|e| Error::storage("removing", path, e))?;
+                }
+                // Without a part lock in it (`Options::part_lock`), the part directory may
+                // have looked empty to another download tidying up: create it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let destination_dir = path.parent().and_then(Path::parent);
+                    part_dir(destination_dir.unwrap_or(Path::new(".")))?;
+                }
                 _ => break,
             }
-            let destination_dir = path.parent().and_then(Path::parent);
-            part_dir(destination_dir.unwrap_or(Path::new(".")))?;
             created = create();
         }
         let file = created.map_err(|e| Error::storage("creating", path, e))?;
@@ -912,6 +917,24 @@ mod tests {
             }
             other => panic!("expected Busy, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn a_new_part_replaces_an_old_one_and_never_writes_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.part");
+        fs::write(&path, b"left by a killed process").unwrap();
+        let mut part = PartFile::create(&path, None, false).unwrap();
+        part.write_at(b"new", 0).unwrap();
+        part.finish(Some(0o644)).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        PartFile::create(&path, None, false).unwrap();
+        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
     }
 
     #[test]

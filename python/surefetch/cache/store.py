@@ -149,14 +149,19 @@ class BlobStore:
         whole = self._root.joinpath(*parts)
         path = self._root
         try:
-            _check_dir(path, os.stat(path), root=True)
-            for part in parts:
-                path = path / part
+            if checked is None or () not in checked:
+                _check_dir(path, os.stat(path), root=True)
+                if checked is not None:
+                    checked[()] = path
+            for level in range(1, len(parts) + 1):
+                path = path / parts[level - 1]
+                if checked is not None and parts[:level] in checked:
+                    continue  # checked by an earlier call of the batch
                 _check_dir(path, os.lstat(path))
-        except FileNotFoundError:
+                if checked is not None:
+                    checked[parts[:level]] = path
+        except FileNotFoundError:  # not remembered: the batch may create it
             return whole
-        if checked is not None:
-            checked[parts] = whole
         return whole
 
     def blob_path(self, digest: str) -> Path:
