@@ -66,10 +66,29 @@ Modules, one concept each:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from surefetch.cache.cache import Cache
 from surefetch.cache.fetch import FetchRequest
-from surefetch.cache.maintenance import CachedBlob, CleanReport, GcReport, VerifyReport
 from surefetch.cache.store import CacheEntry, default_cache_root
+
+if TYPE_CHECKING:
+    from surefetch.cache.maintenance import CachedBlob, CleanReport, GcReport, VerifyReport
+
+# The reports of `ls`, `verify`, `gc` and `clean`, loaded when first asked for: a fetch or
+# a sync never needs them (nor the module, ~2 ms of every start).
+_MAINTENANCE = frozenset({"CachedBlob", "CleanReport", "GcReport", "VerifyReport"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MAINTENANCE:
+        raise AttributeError(f"module 'surefetch.cache' has no attribute {name!r}")
+    from surefetch.cache import maintenance
+
+    value = getattr(maintenance, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Cache",

@@ -7,11 +7,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-from surefetch.cache import maintenance
 from surefetch.cache.fetch import Fetcher, FetchRequest
-from surefetch.cache.maintenance import CachedBlob, CleanReport, GcReport, VerifyReport
 from surefetch.cache.store import BlobStore, CacheEntry, check_sha256, default_cache_root
 from surefetch.download import (
     BatchProgressCallback,
@@ -19,6 +17,9 @@ from surefetch.download import (
     ProgressCallback,
     TransferOptions,
 )
+
+if TYPE_CHECKING:
+    from surefetch.cache.maintenance import CachedBlob, CleanReport, GcReport, VerifyReport
 
 __all__ = ["Cache"]
 
@@ -243,6 +244,8 @@ class Cache:
 
     def ls(self) -> list[CachedBlob]:
         """Every blob in the cache, least recently used first."""
+        from surefetch.cache import maintenance  # lazily: fetches never need it
+
         return maintenance.ls(self._store)
 
     def verify(self, cancel: CancelToken | None = None) -> VerifyReport:
@@ -264,6 +267,8 @@ class Cache:
             Cancelled: `cancel` was cancelled.
             StorageError: a mismatched blob could not be moved to quarantine.
         """
+        from surefetch.cache import maintenance  # lazily: fetches never need it
+
         return maintenance.verify(self._store, cancel)
 
     def gc(self, max_size: int) -> GcReport:
@@ -280,6 +285,8 @@ class Cache:
         Raises:
             ValueError: `max_size` is negative.
         """
+        from surefetch.cache import maintenance  # lazily: fetches never need it
+
         return maintenance.gc(self._store, max_size)
 
     def clean(self, older_than: float = 7 * 86400, *, quarantine: bool = False) -> CleanReport:
@@ -300,4 +307,6 @@ class Cache:
         Raises:
             ValueError: `older_than` is negative.
         """
+        from surefetch.cache import maintenance  # lazily: fetches never need it
+
         return maintenance.clean(self._store, older_than, quarantine=quarantine)
