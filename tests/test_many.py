@@ -84,17 +84,19 @@ def test_items_fail_alone(server: FaultServer, urls: list[str], tmp_path: Path) 
 def test_names_are_checked_before_anything_is_fetched(
     server: FaultServer, urls: list[str], tmp_path: Path
 ) -> None:
+    new = tmp_path / "new" / "dir"  # a refused batch does not create it either
     with pytest.raises(ValueError, match="would both write"):
-        download_many([urls[0], urls[0] + "?again=1"], tmp_path)
+        download_many([urls[0], urls[0] + "?again=1"], new)
     with pytest.raises(ValueError, match="not a bare file name"):
-        download_many([DownloadItem(urls[0], out="../escape.bin")], tmp_path)
+        download_many([DownloadItem(urls[0], out="../escape.bin")], new)
     with pytest.raises(ValueError, match="is empty: give a file name"):
-        download_many([DownloadItem(urls[0], out="")], tmp_path)
+        download_many([DownloadItem(urls[0], out="")], new)
     with pytest.raises(ValueError, match="is 300 bytes long; a file name has at most 255"):
-        download_many([DownloadItem(urls[0], out="x" * 300)], tmp_path)
+        download_many([DownloadItem(urls[0], out="x" * 300)], new)
     with pytest.raises(ValueError, match="per item"):
-        download_many(urls[:2], tmp_path, sha256="0" * 64)
+        download_many(urls[:2], new, sha256="0" * 64)
     assert server.requests == []
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_cancel_stops_every_item_and_keeps_their_parts(

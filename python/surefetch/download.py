@@ -511,10 +511,6 @@ def download_many(
         raise ValueError(f"jobs must be at least 1, not {jobs}")
     transfer = TransferOptions.of(options, **changes)
     directory = Path.cwd() if dest is None else Path(os.fspath(dest))
-    _make_directory(
-        directory,
-        "the files of a batch go into a directory: name one (or a path to create)",
-    )
     batch = [DownloadItem(i) if isinstance(i, str) else i for i in items]
     raw_items: list[tuple[str, str | os.PathLike[str], dict[str, Any]]] = []
     positions: list[int] = []  # of each raw item in `batch`
@@ -549,6 +545,11 @@ def download_many(
         }
         raw_items.append((item.url, path, per_item))
         positions.append(position)
+    # Only once the items are known to be usable: a refused batch leaves nothing behind.
+    _make_directory(
+        directory,
+        "the files of a batch go into a directory: name one (or a path to create)",
+    )
     results: list[DownloadResult | Exception | None] = [None] * len(batch)
 
     def collect(index: int, raw: dict[str, Any] | BaseException) -> None:
