@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from surefetch.cli import _GROUPS, build_parser
+
+from support import SUREFETCH
 
 
 def _commands(parser: argparse.ArgumentParser) -> set[str]:
@@ -48,3 +53,22 @@ def test_a_one_shot_command_leaves_the_collector_as_it_found_it(tmp_path: Path) 
         gc.callbacks.pop()
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     assert seen and all(threshold == before for threshold in seen)
+
+
+def test_the_command_exits_at_once_with_all_it_printed_and_its_code(tmp_path: Path) -> None:
+    """The console script skips Python's finalization after a one-shot command
+    (`surefetch.cli.run`): what it printed to a pipe, block-buffered, still arrives whole,
+    and the exit code is the command's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [SUREFETCH, *args], capture_output=True, text=True, env=env, timeout=30, check=False
+        )
+
+    listed = run("cache", "ls", "--json", "--cache", str(tmp_path / "cache"))
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == {"blobs": [], "root": str(tmp_path / "cache")}
+    missing = run("verify", "--lock", str(tmp_path / "none.lock"), "--dest", str(tmp_path))
+    assert missing.returncode == 1
+    assert missing.stdout == "" and missing.stderr.startswith("surefetch: error: there is no lock")
