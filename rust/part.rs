@@ -933,7 +933,10 @@ mod tests {
         fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         PartFile::create(&path, None, false).unwrap();
-        assert!(!fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert!(!fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
     }
 
