@@ -97,8 +97,9 @@ def test_a_file_where_the_directory_should_be(url: str, tmp_path: Path) -> None:
 
 def test_a_file_where_the_directory_of_a_batch_should_be(url: str, tmp_path: Path) -> None:
     (tmp_path / "taken").write_bytes(b"mine")
+    items = [sf.DownloadItem(url, out="a.bin"), sf.DownloadItem(url + "?x=1", out="b.bin")]
     with pytest.raises(sf.StorageError, match="the files of a batch go into a directory"):
-        sf.download_many([url, url + "?x=1"], tmp_path / "taken")
+        sf.download_many(items, tmp_path / "taken")
     done = run_cli(["get", url, url + "?x=1", "-o", "taken"], cwd=tmp_path)
     assert done.returncode == 2  # a usage error, said before anything is fetched
     assert "-o taken is a file: with several URLs -o names a directory" in done.stderr
