@@ -72,3 +72,21 @@ def test_the_command_exits_at_once_with_all_it_printed_and_its_code(tmp_path: Pa
     missing = run("verify", "--lock", str(tmp_path / "none.lock"), "--dest", str(tmp_path))
     assert missing.returncode == 1
     assert missing.stdout == "" and missing.stderr.startswith("surefetch: error: there is no lock")
+    # Started with stdout or stderr closed (`>&-`): Python has no stream for it, and the
+    # exit code is still the command's.
+    for closed in (1, 2):
+        for args, code in (
+            (("cache", "ls", "--json", "--cache", str(tmp_path / "c")), 0),
+            (("verify", "--lock", str(tmp_path / "none.lock")), 1),
+        ):
+            done = subprocess.run(
+                [SUREFETCH, *args],
+                stdout=subprocess.PIPE if closed == 2 else None,
+                stderr=subprocess.PIPE if closed == 1 else None,
+                env=env,
+                timeout=30,
+                check=False,
+                preexec_fn=lambda fd=closed: os.close(fd),
+            )
+            assert done.returncode == code, (closed, args, done.stderr)
+            assert b"Traceback" not in (done.stderr or b"")

@@ -182,6 +182,8 @@ def run() -> NoReturn:
     if _command_word(sys.argv[1:]) in _LONG_RUNNING:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed: nothing was printed
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # the reader went away, or the stream was closed
