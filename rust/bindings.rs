@@ -223,7 +223,9 @@ where
                     .and_then(|()| reporter.as_mut().map_or(Ok(()), |r| r.report(false)));
                 if let Err(err) = checked {
                     token.cancel();
-                    let _ = wait(py, WIND_DOWN);
+                    if let Ok(Err(stopped)) = wait(py, WIND_DOWN) {
+                        tell_what_is_kept(py, &err, &stopped);
+                    }
                     return Err(err);
                 }
             }
@@ -232,6 +234,16 @@ where
             )),
         }
     }
+}
+
+/// The attribute of an exception that stopped a transfer (Ctrl+C, the CLI's SIGTERM) that
+/// says what its part file keeps: the engine's note, or None when it keeps nothing.
+const KEPT_ATTRIBUTE: &str = "surefetch_kept";
+
+/// Sets `KEPT_ATTRIBUTE` on `err` from how the transfer it stopped ended (`stopped`), so
+/// that the message of the interruption tells the truth about what is on disk.
+fn tell_what_is_kept(py: Python<'_>, err: &PyErr, stopped: &Error) {
+    let _ = err.value(py).setattr(KEPT_ATTRIBUTE, stopped.kept_note());
 }
 
 /// Hands the engine's notes (`crate::journal`) to Python's `logging`, logger
@@ -536,6 +548,16 @@ fn download_many<'py>(
         }
         Ok(())
     };
+    let deliver = |index: usize, result: crate::error::Result<Outcome>| -> PyResult<()> {
+        let value = match result {
+            Ok(outcome) => outcome_dict(py, outcome)?.into_any(),
+            Err(error) => PyErr::from(PyEngineError(error))
+                .into_value(py)
+                .into_bound(py)
+                .into_any(),
+        };
+        on_result.call1((index, value)).map(|_| ())
+    };
     loop {
         let Some(receiver) = rx.take() else {
             return Ok(());
@@ -546,16 +568,7 @@ fn download_many<'py>(
         });
         rx = Some(receiver);
         let step = match got {
-            Ok((index, result)) => {
-                let value = match result {
-                    Ok(outcome) => outcome_dict(py, outcome)?.into_any(),
-                    Err(error) => PyErr::from(PyEngineError(error))
-                        .into_value(py)
-                        .into_bound(py)
-                        .into_any(),
-                };
-                on_result.call1((index, value)).map(|_| ())
-            }
+            Ok((index, result)) => deliver(index, result),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Some(text) = panics::runtime_panic(generation) {
                     // The runtime lost a thread: the batch may never be polled again.
@@ -573,17 +586,30 @@ fn download_many<'py>(
         };
         if let Err(err) = step {
             token.cancel();
-            // Let the items wind down (their parts kept), without more callbacks.
+            // Let the items wind down (their parts kept), then hand over how the ones
+            // that had started ended (installed, or what each part keeps), so that the
+            // caller tells the truth about each before `err` is raised; those that never
+            // started are all alike, and may be thousands: not handed over.
+            let mut ended = Vec::new();
             if let Some(receiver) = rx.take() {
                 let deadline = Instant::now() + WIND_DOWN;
-                py.detach(move || {
+                ended = py.detach(move || {
+                    let mut ended = Vec::new();
                     while Instant::now() < deadline {
                         match receiver.recv_timeout(POLL) {
+                            Ok((_, Err(Error::CancelledBeforeStart))) => {}
+                            Ok(result) => ended.push(result),
                             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                            _ => continue,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
                         }
                     }
+                    ended
                 });
+            }
+            for (index, result) in ended {
+                if deliver(index, result).is_err() {
+                    break; // another interrupt, or a callback that fails: no more
+                }
             }
             return Err(err);
         }

@@ -186,6 +186,15 @@ impl Error {
         )
     }
 
+    /// What the part file keeps for a later call to resume, as `PartKept` says; None
+    /// when it keeps nothing (the engine then removed it).
+    pub fn kept_note(&self) -> Option<&str> {
+        match self {
+            Error::PartKept { note, .. } => Some(note),
+            _ => None,
+        }
+    }
+
     /// The error itself, without what `PartKept` adds.
     pub fn unwrapped(self) -> Error {
         match self {

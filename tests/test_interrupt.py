@@ -81,3 +81,55 @@ def test_an_interrupt_raised_while_the_engine_logs_reaches_the_caller(
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_an_interrupted_batch_still_hands_over_how_each_started_item_ended(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A Ctrl+C raised in the batch's result callback stops the batch; the items that
+    had started and ended meanwhile (installed, or cancelled with what their part keeps)
+    are still handed to the callback before the interrupt is raised, so that a caller
+    never reports an installed file as interrupted."""
+    urls = [server.add(f"h{i}.bin", payload(3000, seed=i)) for i in range(6)]
+    urls.append(server.add("slow.bin", payload(8 << 20, seed=9)) + "?throttle=2000000")
+    seen: dict[int, object] = {}
+
+    def on_result(index: int, result: object) -> None:
+        first = not seen
+        seen[index] = result
+        if first:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sf.download_many(urls, tmp_path, jobs=7, on_result=on_result)
+    for i in range(6):
+        if (tmp_path / f"h{i}.bin").exists():
+            assert isinstance(seen.get(i), sf.DownloadResult), (i, seen.get(i))
+    slow = seen.get(6)
+    assert isinstance(slow, sf.Cancelled), slow
+    kept = part_dir(tmp_path / "x") / "slow.bin.part"
+    assert ("bytes received are kept in" in str(slow)) == kept.exists()
+
+
+@pytest.mark.parametrize(("size", "kept"), [(300_000, False), (8 << 20, True)])
+def test_the_interrupt_says_what_the_part_file_keeps(
+    server: FaultServer, tmp_path: Path, size: int, kept: bool
+) -> None:
+    """`get` stopped by Ctrl+C says what is on disk: the bytes its part keeps, or that
+    nothing was kept (a small body is fetched whole or not at all)."""
+    url = server.add("f.bin", payload(size)) + "?throttle=200000"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "surefetch", "get", url, "-o", str(tmp_path / "f.bin")],
+        stderr=subprocess.PIPE,
+        preexec_fn=restore_default_signals,
+    )
+    time.sleep(0.8)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 130
+    part = part_dir(tmp_path / "f.bin") / "f.bin.part"
+    assert part.exists() == kept
+    if kept:
+        assert f"bytes received are kept in {part}" in stderr.decode()
+    else:
+        assert "nothing of the download was kept" in stderr.decode()

@@ -233,9 +233,11 @@ def test_cli_get_many_json_lists_the_interrupted_items_too(
     assert first["url"] == fast and first["size"] == 1000
     lines = [json.loads(line) for line in rest.splitlines()]
     assert sorted(line["url"] for line in lines) == sorted(slow)
-    for line in lines:
-        assert line["exit_code"] == 130 and line["error"].startswith("interrupted")
-    assert (tmp_path / ".surefetch" / "s0.bin.part").exists()
+    for line, name in zip(sorted(lines, key=lambda line: line["url"]), ("s0", "s1")):
+        # Each says what its part keeps, as the engine found it when it stopped.
+        part = tmp_path / ".surefetch" / f"{name}.bin.part"
+        assert line["exit_code"] == 130 and line["error"].startswith("interrupted: ")
+        assert (f"kept in {part}" in line["error"]) == part.exists()
 
 
 def test_a_durable_batch_syncs_in_groups_not_per_file(urls: list[str], tmp_path: Path) -> None:

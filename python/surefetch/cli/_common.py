@@ -133,8 +133,16 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-PARTS_KEPT = "run the same command again to continue from what was received"
-"""What an interrupted download leaves, said after "interrupted" or "terminated"."""
+PARTS_KEPT = "run the same command again: downloads that can resume continue from their part files"
+"""What to do after an interrupted command that downloads, said after "interrupted" or
+"terminated" when the engine did not say what it kept (a batch, a sync)."""
+
+_NOTHING_KEPT = "nothing of the download was kept: the same command starts over"
+
+_KEPT = "surefetch_kept"
+"""The attribute the engine sets on the exception that stopped one download: its note of
+what the part file keeps, or None when it keeps nothing (``KEPT_ATTRIBUTE`` in
+``rust/bindings.rs``)."""
 
 
 def error_line(exc: BaseException, *, keeps_parts: bool = True) -> str:
@@ -145,7 +153,12 @@ def error_line(exc: BaseException, *, keeps_parts: bool = True) -> str:
         completed = getattr(exc, COMPLETED_FIRST, None)
         if completed is not None:  # held back until a step that cannot stop halfway ended
             return f"{what}, but {completed}"
-        return f"{what}; {PARTS_KEPT}" if keeps_parts else what
+        if not keeps_parts:
+            return what
+        if hasattr(exc, _KEPT):  # one download, and the engine said what it kept
+            kept = getattr(exc, _KEPT) or _NOTHING_KEPT
+            return f"{what}; {kept}"
+        return f"{what}; {PARTS_KEPT}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -177,7 +190,10 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, sort_keys=True))
+    """`obj` as one line of JSON on stdout, in one write: a signal handled meanwhile
+    never leaves half a line that the next one would continue."""
+    if sys.stdout is not None:  # None: started with stdout closed (as `print` skips it)
+        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
 
 
 def positive_int(text: str) -> int:

@@ -23,7 +23,7 @@ from surefetch.cli._common import (
     transfer_options,
 )
 from surefetch.cli._progress import batch_progress_bar, progress_bar
-from surefetch.errors import redact_url, redact_urls
+from surefetch.errors import Cancelled, redact_url, redact_urls
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -135,25 +135,34 @@ def _run_get_many(args: argparse.Namespace) -> int:
             f"-o {args.output} is a file: with several URLs -o names a directory", EXIT_USAGE
         )
     worst = EXIT_OK
-    reported: set[int] = set()
+    cancelled: dict[int, Exception] = {}  # items the signal stopped: its handler says so
+    reported: set[int] = set()  # the items whose line is written
 
     def report(index: int, result: DownloadResult | Exception) -> None:
+        if isinstance(result, Cancelled):  # only a signal cancels the CLI's batch
+            cancelled[index] = result
+        else:
+            say(index, result)
+
+    def say(index: int, result: DownloadResult | Exception) -> None:
         nonlocal worst
-        reported.add(index)
+        reported.add(index)  # before writing: a signal during the write must not repeat it
         item = items[index]
         url = redact_url(item if isinstance(item, str) else item.url)
         if isinstance(result, DownloadResult):
             if args.json:
                 print_json({"url": url, **result.to_dict()})
-            elif not args.quiet:
-                print(result.path, flush=True)
-            return
-        code = exit_code_for(result)
-        worst = max(worst, code)
-        if args.json:
-            print_json({"url": url, "error": redact_urls(error_line(result)), "exit_code": code})
+            elif not args.quiet and sys.stdout is not None:
+                sys.stdout.write(f"{result.path}\n")  # one write: never half a line
+                sys.stdout.flush()
         else:
-            print(f"surefetch: {url}: {redact_urls(error_line(result))}", file=sys.stderr)
+            code = exit_code_for(result)
+            worst = max(worst, code)
+            line = redact_urls(error_line(result))
+            if args.json:
+                print_json({"url": url, "error": line, "exit_code": code})
+            else:
+                print(f"surefetch: {url}: {line}", file=sys.stderr)
 
     try:
         with batch_progress_bar(show_bar) as progress:
@@ -168,18 +177,27 @@ def _run_get_many(args: argparse.Namespace) -> int:
                 **_file_options(args),
             )
     except (KeyboardInterrupt, Terminated) as stopped:
-        if args.json:  # every item gets its line, the interrupted ones too
-            for index in sorted(set(range(len(items))) - reported):
-                item = items[index]
-                url = redact_url(item if isinstance(item, str) else item.url)
-                what = error_line(stopped, keeps_parts=False)  # "interrupted" or "terminated"
-                line = {
-                    "url": url,
-                    "error": f"{what} before it finished (its part file, if it had one, is kept)",
-                    "exit_code": exit_code_for(stopped),
-                }
-                print_json(line)
+        # The engine handed over how every item that had started ended (installed ones
+        # are reported above): each stopped one says what its part keeps; with --json,
+        # the ones that never started get their line too.
+        what = error_line(stopped, keeps_parts=False)  # "interrupted" or "terminated"
+        for index in sorted(set(range(len(items))) - reported):
+            item = items[index]
+            url = redact_url(item if isinstance(item, str) else item.url)
+            stopped_item = cancelled.get(index)
+            if stopped_item is not None:
+                text = f"{what}: {redact_urls(error_line(stopped_item))}"
+            elif args.json:
+                text = f"{what} before it started: nothing of it was written"
+            else:
+                continue
+            if args.json:
+                print_json({"url": url, "error": text, "exit_code": exit_code_for(stopped)})
+            else:
+                print(f"surefetch: {url}: {text}", file=sys.stderr)
         raise
+    for index in sorted(cancelled):  # none without a signal; said as any other failure
+        say(index, cancelled[index])
     return worst
 
 
