@@ -242,6 +242,9 @@ def test_a_url_ending_in_surefetch(server: FaultServer, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "-o NAME" in done.stderr, done.stderr
     assert leftovers(tmp_path) == []
+    # In a batch the name is an item's: the hint says how to give one.
+    with pytest.raises(sf.UnsafeDestination, match=r"choose another file name \(out=NAME\)"):
+        sf.download_many([sf.DownloadItem(url, out="x"), url], tmp_path)
     # With a name of the user's choice it works.
     assert run_cli(["get", url, "-o", "x"], cwd=tmp_path).returncode == 0
     assert (tmp_path / "x").read_bytes() == DATA

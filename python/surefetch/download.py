@@ -176,11 +176,13 @@ def _make_directory(directory: Path, hint: str = _ENDS_IN_SLASH) -> None:
         ) from exc
 
 
-def _not_reserved(path: Path) -> Path:
+def _not_reserved(path: Path, rename: str = "-o NAME, or dest=") -> Path:
+    """`path`, unless it is named like the part directory; `rename` says how to name it
+    otherwise."""
     if path.name == PART_DIR:
         raise UnsafeDestination(
             f"{path}: {PART_DIR} is the directory where surefetch keeps part files beside "
-            "the destination; choose another file name (-o NAME, or dest=)"
+            f"the destination; choose another file name ({rename})"
         )
     return path
 
@@ -524,7 +526,7 @@ def download_many(
         except ValueError as exc:  # this item fails, the others go on
             unusable[position] = ValueError(f"{redact_url(item.url)} is not a usable URL: {exc}")
             continue
-        path = _not_reserved(directory / name)
+        path = _not_reserved(directory / name, "out=NAME")
         if path in seen:
             raise ValueError(
                 f"{redact_url(seen[path])} and {redact_url(item.url)} would both write {path}: "
