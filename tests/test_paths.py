@@ -79,6 +79,28 @@ def test_cli_output_ending_in_a_slash_is_a_directory(url: str, tmp_path: Path) -
     assert leftovers(tmp_path) == ["newdir/data.bin"]
 
 
+@pytest.mark.parametrize(
+    ("args", "keywords"),
+    [
+        (["--sha256", "abc"], {"sha256": "abc"}),
+        (["--xxh3", "zz"], {"xxh3_128": "zz"}),
+        (["-c", "0"], {"connections": 0}),
+    ],
+)
+def test_a_refused_download_creates_no_directory(
+    url: str, tmp_path: Path, args: list[str], keywords: dict[str, object]
+) -> None:
+    """The directory a `dest` ending in / names is made only once the arguments are
+    known good: a refused call leaves nothing behind."""
+    with pytest.raises(ValueError):
+        sf.download(url, f"{tmp_path}/new/sub/", **keywords)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        sf.download("ftp://example.org/a.bin", f"{tmp_path}/new/sub/")
+    done = run_cli(["get", url, "-o", "new/sub/", *args], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_existing_directory_without_slash_is_still_a_directory(url: str, tmp_path: Path) -> None:
     assert sf.download(url, tmp_path).path == tmp_path / "data.bin"
 

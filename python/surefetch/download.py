@@ -136,8 +136,10 @@ def destination_for(url: str, dest: StrPath | None) -> tuple[Path, bool]:
     """The file to write, and whether it is in a directory the caller named (so that
     its name is ours to choose: from the URL, or the server with Content-Disposition).
 
-    ``None`` is the current directory; a `dest` ending in ``/`` is a directory,
-    created when missing (0755 minus the umask); an existing directory is one too.
+    ``None`` is the current directory; a `dest` ending in ``/`` is a directory, which
+    the engine creates when missing (0755 minus the umask) once it has checked the
+    download's arguments: a refused call leaves nothing behind. An existing directory is
+    one too.
     """
     if dest is None:
         directory = Path.cwd()
@@ -145,7 +147,12 @@ def destination_for(url: str, dest: StrPath | None) -> tuple[Path, bool]:
         text = os.fspath(dest)
         directory = Path(text)
         if text.endswith(("/", os.sep)):
-            _make_directory(directory)
+            if os.path.lexists(directory) and not directory.is_dir():
+                raise StorageError(
+                    errno.ENOTDIR,
+                    f"{directory} exists and is not a directory; {_ENDS_IN_SLASH}",
+                    str(directory),
+                )
         elif not directory.is_dir():
             return _not_reserved(directory), False
     return _not_reserved(directory / name_from_url(url)), True
