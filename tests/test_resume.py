@@ -285,6 +285,26 @@ def test_the_default_adds_connections_only_while_they_help(
     assert len(ADAPTIVE) <= server.bytes_sent <= len(ADAPTIVE) + 16384
 
 
+def test_a_resume_with_the_default_adds_connections_for_all_that_is_missing(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A part left by eight connections has eight gaps. The default's ramp weighs all of
+    them: it judged by the first gap alone, found it too short to be worth more
+    connections, and fetched every gap over one (7 s here instead of about 1)."""
+    url = server.add("gaps.bin", ADAPTIVE) + "?throttle=4000000"
+    token = sf.CancelToken()
+    threading.Timer(0.6, token.cancel).start()
+    with pytest.raises(sf.Cancelled):
+        sf.download(url, tmp_path / "gaps", connections=8, cancel=token)
+    gaps = _sidecar(tmp_path / "gaps")["ranges_done"]
+    assert isinstance(gaps, list) and len(gaps) > 1  # a range per connection
+    server.reset_counters()
+    resumed = sf.download(url, tmp_path / "gaps")
+    assert (tmp_path / "gaps").read_bytes() == ADAPTIVE
+    assert resumed.resumed_from > 0
+    assert len({r.client_port for r in server.requests}) >= 4
+
+
 def test_a_failed_range_is_retried_alone(server: FaultServer, url: str, tmp_path: Path) -> None:
     faulty = url + "?throttle=8000000&ranged_only=1&cut=100000&times=2"
     result = sf.download(faulty, tmp_path / "f", sha256=SHA, connections=4, retries=1)

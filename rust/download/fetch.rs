@@ -93,6 +93,10 @@ impl Job<'_> {
         }
         self.progress.set_total(size);
         self.progress.set_done(kept.len());
+        // All that is missing, not only the first stretch: a resumed part has a gap per
+        // connection of the interrupted call, and the ramp weighs what connections
+        // could still save.
+        let missing = size.map(|size| size.saturating_sub(kept.len()));
         let with_sha256 = self.options.compute_sha256 || self.expected_sha256.is_some();
         let checkpoint = Checkpoint {
             sidecar: sidecar.clone(),
@@ -114,11 +118,11 @@ impl Job<'_> {
         };
         let ramp = match plan {
             Plan::Adaptive { cap } => stretch.as_ref().map(|s| {
-                let left = s
+                let stretch_left = s
                     .end
                     .load(Ordering::Acquire)
                     .saturating_sub(s.at.load(Ordering::Acquire));
-                Ramp::new(cap, Instant::now(), Some(left))
+                Ramp::new(cap, Instant::now(), Some(missing.unwrap_or(stretch_left)))
             }),
             _ => None,
         };
