@@ -337,8 +337,9 @@ def _assert_the_catalog_matches_the_blobs(cache: Path) -> None:
             assert (len(data), xxhash.xxh3_128_hexdigest(data)) == (size, xxh3), digest
 
 
-def test_a_reader_that_goes_away_ends_the_command_quietly(urls: list[str], tmp_path: Path) -> None:
-    # `surefetch get ... --json | head -1`: the first line is read, then the pipe closes.
+def test_a_reader_that_goes_away_ends_the_command(urls: list[str], tmp_path: Path) -> None:
+    # `surefetch get ... --json | head -1`: the first line is read, then the pipe closes;
+    # the command stops, and says so in one line (not a traceback).
     child = subprocess.Popen(
         [SUREFETCH, "get", *urls[:30], "-o", str(tmp_path / "out"), "--json", "--jobs", "1"],
         stdout=subprocess.PIPE,
@@ -349,8 +350,32 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(urls: list[str], tmp_p
     assert json.loads(child.stdout.readline())["path"]
     child.stdout.close()
     err = child.stderr.read().decode()
-    assert child.wait(30) in (0, 1)
+    code = child.wait(30)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+    if code == 1:  # it had more to say when the pipe closed (else it had finished)
+        assert err.count("\n") == 1 and "stdout's reader went away" in err, err
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_an_output_that_cannot_be_written_is_one_error_line(
+    urls: list[str], tmp_path: Path, many: bool
+) -> None:
+    """stdout on a full disk (`> /dev/full`): exit 1 and one line that says so, during
+    a batch (which stops there) or when the output is flushed at the end."""
+    args = [*urls[:5], "-o", str(tmp_path / "out") + "/"] if many else [urls[0], "-o", "x"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [SUREFETCH, "get", *args, "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "cannot write to stdout: No space left on device" in done.stderr
 
 
 def test_items_start_in_their_order(server: FaultServer, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from surefetch.cli._common import (
     EXIT_USAGE,
     VERBOSE_HELP,
     Terminated,
+    cannot_write_stdout,
     exit_code_for,
     log_to_stderr,
     run_reporting_errors,
@@ -186,9 +187,14 @@ def run() -> NoReturn:
             continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # the reader went away, or the stream was closed
+        except (OSError, ValueError) as exc:  # the reader went away, a full disk...
             if stream is sys.stdout and code == EXIT_OK:
                 code = EXIT_ERROR  # what was printed did not all arrive
+                if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+                    with contextlib.suppress(OSError, ValueError, AttributeError):
+                        what = cannot_write_stdout(exc)
+                        sys.stderr.write(f"surefetch: error: {what}; the command had finished\n")
+                        sys.stderr.flush()
     os._exit(code)
 
 
@@ -208,8 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda: handler(args), keeps_parts=getattr(args, "keeps_parts", False)
             )
     except BrokenPipeError:
-        # The reader went away (`surefetch get ... --json | head -1`): stop quietly, and
-        # keep Python from complaining again when it flushes stdout at exit.
+        # The reader went away (`surefetch get ... --json | head -1`): stop, and keep
+        # Python from complaining again when it flushes stdout at exit. A command that
+        # downloads says that it stopped (what it had not finished was not made).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        if getattr(args, "keeps_parts", False):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                print(
+                    "surefetch: error: stdout's reader went away (a closed pipe): stopped; "
+                    "the downloads that had not finished were not made",
+                    file=sys.stderr,
+                )
         return EXIT_ERROR

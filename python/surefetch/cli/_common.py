@@ -190,10 +190,33 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
 
 
 def print_json(obj: Any) -> None:
-    """`obj` as one line of JSON on stdout, in one write: a signal handled meanwhile
-    never leaves half a line that the next one would continue."""
-    if sys.stdout is not None:  # None: started with stdout closed (as `print` skips it)
-        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    """`obj` as one line of JSON on stdout (`write_out`)."""
+    write_out(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def write_out(text: str) -> None:
+    """`text` on stdout in one write: a signal handled meanwhile never leaves half a line
+    that the next one would continue. A closed pipe raises `BrokenPipeError` (the
+    command stops: `surefetch.cli.main`); any other failure to write (a full disk
+    behind ``>``) is the command's error, in one line.
+
+    Raises:
+        BrokenPipeError: the reader of stdout went away.
+        CommandError: stdout cannot be written.
+    """
+    if sys.stdout is None:  # started with stdout closed (as `print` skips it)
+        return
+    try:
+        sys.stdout.write(text)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise CommandError(f"{cannot_write_stdout(exc)}; the command stopped there") from None
+
+
+def cannot_write_stdout(exc: OSError) -> str:
+    """What the error line of an output that could not be written starts with."""
+    return f"cannot write to stdout: {exc.strerror or exc}"
 
 
 def positive_int(text: str) -> int:

@@ -21,6 +21,7 @@ from surefetch.cli._common import (
     print_json,
     seconds,
     transfer_options,
+    write_out,
 )
 from surefetch.cli._progress import batch_progress_bar, progress_bar
 from surefetch.errors import Cancelled, redact_url, redact_urls
@@ -111,7 +112,7 @@ def _run_get(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.to_dict())
     elif not args.quiet:
-        print(result.path)
+        write_out(f"{result.path}\n")
     return EXIT_OK
 
 
@@ -152,9 +153,10 @@ def _run_get_many(args: argparse.Namespace) -> int:
         if isinstance(result, DownloadResult):
             if args.json:
                 print_json({"url": url, **result.to_dict()})
-            elif not args.quiet and sys.stdout is not None:
-                sys.stdout.write(f"{result.path}\n")  # one write: never half a line
-                sys.stdout.flush()
+            elif not args.quiet:
+                write_out(f"{result.path}\n")
+                if sys.stdout is not None:
+                    sys.stdout.flush()
         else:
             code = exit_code_for(result)
             worst = max(worst, code)
