@@ -138,6 +138,7 @@ PARTS_KEPT = "run the same command again: downloads that can resume continue fro
 "terminated" when the engine did not say what it kept (a batch, a sync)."""
 
 _NOTHING_KEPT = "nothing of the download was kept: the same command starts over"
+"""Said when the engine removed the part (a small body, no validator, nothing received)."""
 
 _KEPT = "surefetch_kept"
 """The attribute the engine sets on the exception that stopped one download: its note of
@@ -194,9 +195,10 @@ def print_json(obj: Any) -> None:
     write_out(json.dumps(obj, sort_keys=True) + "\n")
 
 
-def write_out(text: str) -> None:
-    """`text` on stdout in one write: a signal handled meanwhile never leaves half a line
-    that the next one would continue. A closed pipe raises `BrokenPipeError` (the
+def write_out(text: str, *, flush: bool = False) -> None:
+    """`text` on stdout in one write (then flushed, with `flush`): a signal handled
+    meanwhile never leaves half a line that the next one would continue. A closed pipe
+    raises `BrokenPipeError` (the
     command stops: `surefetch.cli.main`); any other failure to write (a full disk
     behind ``>``) is the command's error, in one line.
 
@@ -208,6 +210,8 @@ def write_out(text: str) -> None:
         return
     try:
         sys.stdout.write(text)
+        if flush:
+            sys.stdout.flush()
     except BrokenPipeError:
         raise
     except OSError as exc:

@@ -154,9 +154,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
             if args.json:
                 print_json({"url": url, **result.to_dict()})
             elif not args.quiet:
-                write_out(f"{result.path}\n")
-                if sys.stdout is not None:
-                    sys.stdout.flush()
+                write_out(f"{result.path}\n", flush=True)
         else:
             code = exit_code_for(result)
             worst = max(worst, code)
