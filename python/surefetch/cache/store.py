@@ -115,6 +115,23 @@ class BlobStore:
     def directory(self, *parts: str) -> Path:
         """``root/parts...``, created 0755 minus the umask, level by level, each
         level checked (`_check_dir`)."""
+        return self._walk(parts, create=True)
+
+    def checked(self, *parts: str) -> Path:
+        """``root/parts...``, not created; every level of it that exists is checked
+        (`_check_dir`)."""
+        try:
+            return self._walk(parts, create=False)
+        except FileNotFoundError:  # not remembered: the batch may create it
+            return self._root.joinpath(*parts)
+
+    def _walk(self, parts: tuple[str, ...], *, create: bool) -> Path:
+        """``root/parts...``, each level checked (`_check_dir`) and, with `create`, made
+        when missing; within a batch (`checks_remembered`) each level only once.
+
+        Raises:
+            FileNotFoundError: a level is missing (without `create`).
+        """
         checked = self._checked_dirs
         if checked is not None:
             known = checked.get(parts)
@@ -122,7 +139,7 @@ class BlobStore:
                 return known
         path = self._root
         if checked is None or () not in checked:
-            if not path.is_dir():
+            if create and not path.is_dir():
                 path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             _check_dir(path, os.stat(path), root=True)
             if checked is not None:
@@ -130,39 +147,14 @@ class BlobStore:
         for level in range(1, len(parts) + 1):
             path = path / parts[level - 1]
             if checked is not None and parts[:level] in checked:
-                continue  # a level an earlier call of the batch created and checked
-            with contextlib.suppress(FileExistsError):
-                path.mkdir(mode=_DIR_MODE)
+                continue  # a level an earlier call of the batch checked
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    path.mkdir(mode=_DIR_MODE)
             _check_dir(path, os.lstat(path))
             if checked is not None:
                 checked[parts[:level]] = path
         return path
-
-    def checked(self, *parts: str) -> Path:
-        """``root/parts...``, not created; every level of it that exists is checked
-        (`_check_dir`)."""
-        checked = self._checked_dirs
-        if checked is not None:
-            known = checked.get(parts)
-            if known is not None:
-                return known
-        whole = self._root.joinpath(*parts)
-        path = self._root
-        try:
-            if checked is None or () not in checked:
-                _check_dir(path, os.stat(path), root=True)
-                if checked is not None:
-                    checked[()] = path
-            for level in range(1, len(parts) + 1):
-                path = path / parts[level - 1]
-                if checked is not None and parts[:level] in checked:
-                    continue  # checked by an earlier call of the batch
-                _check_dir(path, os.lstat(path))
-                if checked is not None:
-                    checked[parts[:level]] = path
-        except FileNotFoundError:  # not remembered: the batch may create it
-            return whole
-        return whole
 
     def blob_path(self, digest: str) -> Path:
         return self.checked("blobs", "sha256", digest[:2]) / digest
