@@ -96,9 +96,10 @@ class _FromOptions:
 FROM_OPTIONS: Any = _FromOptions()
 
 PART_DIR = ".surefetch"
+"""The directory beside a destination where surefetch keeps part files (a reserved name)."""
+
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 """A SHA-256 digest as surefetch writes it: 64 lowercase hex digits."""
-"""The directory beside a destination where surefetch keeps part files (a reserved name)."""
 
 
 def _checked_out(out: str, url: str) -> str:
@@ -148,11 +149,7 @@ def destination_for(url: str, dest: StrPath | None) -> tuple[Path, bool]:
         directory = Path(text)
         if text.endswith(("/", os.sep)):
             if os.path.lexists(directory) and not directory.is_dir():
-                raise StorageError(
-                    errno.ENOTDIR,
-                    f"{directory} exists and is not a directory; {_ENDS_IN_SLASH}",
-                    str(directory),
-                )
+                raise _not_a_directory(directory, _ENDS_IN_SLASH)
         elif not directory.is_dir():
             return _not_reserved(directory), False
     return _not_reserved(directory / name_from_url(url)), True
@@ -164,17 +161,20 @@ _ENDS_IN_SLASH = (
 )
 
 
-def _make_directory(directory: Path, hint: str = _ENDS_IN_SLASH) -> None:
+def _not_a_directory(directory: Path, hint: str) -> StorageError:
+    """The error of a file where `directory` should be; `hint` says what to do."""
+    return StorageError(
+        errno.ENOTDIR, f"{directory} exists and is not a directory; {hint}", str(directory)
+    )
+
+
+def _make_directory(directory: Path, hint: str) -> None:
     """Creates `directory` (0755 minus the umask) if missing; `hint` says what to do when
     a file is there instead."""
     try:
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     except FileExistsError as exc:
-        raise StorageError(
-            errno.ENOTDIR,
-            f"{directory} exists and is not a directory; {hint}",
-            str(directory),
-        ) from exc
+        raise _not_a_directory(directory, hint) from exc
     except OSError as exc:
         raise StorageError(
             exc.errno or errno.EIO,
