@@ -139,6 +139,10 @@ def _run_get_many(args: argparse.Namespace) -> int:
     cancelled: dict[int, Exception] = {}  # items the signal stopped: its handler says so
     reported: set[int] = set()  # the items whose line is written
 
+    def shown_url(index: int) -> str:
+        item = items[index]
+        return redact_url(item if isinstance(item, str) else item.url)
+
     def report(index: int, result: DownloadResult | Exception) -> None:
         if isinstance(result, Cancelled):  # only a signal cancels the CLI's batch
             cancelled[index] = result
@@ -148,8 +152,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
     def say(index: int, result: DownloadResult | Exception) -> None:
         nonlocal worst
         reported.add(index)  # before writing: a signal during the write must not repeat it
-        item = items[index]
-        url = redact_url(item if isinstance(item, str) else item.url)
+        url = shown_url(index)
         if isinstance(result, DownloadResult):
             if args.json:
                 print_json({"url": url, **result.to_dict()})
@@ -182,8 +185,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
         # the ones that never started get their line too.
         what = error_line(stopped, keeps_parts=False)  # "interrupted" or "terminated"
         for index in sorted(set(range(len(items))) - reported):
-            item = items[index]
-            url = redact_url(item if isinstance(item, str) else item.url)
+            url = shown_url(index)
             stopped_item = cancelled.get(index)
             if stopped_item is not None:
                 text = f"{what}: {redact_urls(error_line(stopped_item))}"
