@@ -246,11 +246,12 @@ fn tell_what_is_kept(py: Python<'_>, err: &PyErr, stopped: &Error) {
     let _ = err.value(py).setattr(KEPT_ATTRIBUTE, stopped.kept_note());
 }
 
-/// Hands the engine's notes (`crate::journal`) to Python's `logging`, logger
-/// `surefetch.engine`, on this (the calling) thread. A logging failure is not the
-/// download's: it is reported by `logging` itself or dropped. But a signal handled
-/// while the logging code runs (KeyboardInterrupt, the CLI's SIGTERM) is raised there
-/// and must reach the caller, or that Ctrl+C is lost: such an error is returned.
+/// Hands the engine's notes (`crate::journal`) to the library's logging
+/// (`surefetch._log`, logger `surefetch.engine`), on this (the calling) thread. A
+/// logging failure is not the download's: it is reported by `logging` itself or
+/// dropped. But a signal handled while the logging code runs (KeyboardInterrupt, the
+/// CLI's SIGTERM) is raised there and must reach the caller, or that Ctrl+C is lost:
+/// such an error is returned.
 fn log_engine_notes(py: Python<'_>) -> PyResult<()> {
     let notes = journal::take();
     if notes.is_empty() {
@@ -260,19 +261,19 @@ fn log_engine_notes(py: Python<'_>) -> PyResult<()> {
         true => Ok(()),
         false => Err(err),
     };
-    let logger = match py
-        .import("logging")
-        .and_then(|logging| logging.call_method1("getLogger", ("surefetch.engine",)))
+    let log = match py
+        .import("surefetch._log")
+        .and_then(|module| module.getattr("log"))
     {
-        Ok(logger) => logger,
+        Ok(log) => log,
         Err(err) => return raised_by_a_signal(err),
     };
     for (level, message) in notes {
-        let method = match level {
-            journal::Level::Info => "info",
-            journal::Level::Warning => "warning",
+        let level = match level {
+            journal::Level::Info => 20,    // logging.INFO
+            journal::Level::Warning => 30, // logging.WARNING
         };
-        if let Err(err) = logger.call_method1(method, ("%s", message)) {
+        if let Err(err) = log.call1(("surefetch.engine", level, "%s", message)) {
             raised_by_a_signal(err)?;
         }
     }

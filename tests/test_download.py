@@ -7,6 +7,7 @@ import hashlib
 import inspect
 import json
 import os
+import pickle
 import stat
 import subprocess
 import threading
@@ -549,3 +550,24 @@ def test_transfer_options_value_and_keywords_combine(server: FaultServer, tmp_pa
     with pytest.raises(TypeError):
         sf.Cache(tmp_path / "cache").fetch(url, retires=2)
     assert not (tmp_path / "t" / "h.bin").exists()
+
+
+def test_transfer_options_are_a_value() -> None:
+    """Immutable, equal by fields, shown by fields, pickled whole (a worker process gets
+    the same options), and `of` checks what it changes."""
+    opts = TransferOptions(retries=0, headers={"X-Token": "abc"})
+    with pytest.raises(AttributeError, match="immutable"):
+        opts.retries = 5
+    assert opts == TransferOptions(retries=0, headers={"X-Token": "abc"})
+    assert opts != TransferOptions(retries=0)
+    assert "retries=0" in repr(opts) and "'X-Token': 'abc'" in repr(opts)
+    assert pickle.loads(pickle.dumps(opts)) == opts
+    assert TransferOptions.of(opts, retries=2) == TransferOptions(
+        retries=2, headers={"X-Token": "abc"}
+    )
+    with pytest.raises(ValueError, match="retries must be 0 or more"):
+        TransferOptions.of(opts, retries=-1)
+    headers = {"X-Token": "abc"}
+    kept = TransferOptions(headers=headers)
+    headers["X-Token"] = "changed"
+    assert kept.headers == {"X-Token": "abc"}  # a private copy

@@ -4,7 +4,6 @@ and files that are never followed through a symlink nor trusted when not ours.""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -423,9 +422,7 @@ def test_a_damaged_catalog_costs_only_downloads(url: str, tmp_path: Path, damage
     else:
         (root / "catalog.db-wal").write_bytes(b"\0" * 100)
     cache = sf.Cache(root)
-    assert cache.fetch_entry(url, sha256=entry.sha256) == dataclasses.replace(
-        entry, bytes_transferred=0
-    )
+    assert cache.fetch_entry(url, sha256=entry.sha256) == entry._replace(bytes_transferred=0)
     again = cache.fetch_entry(url)
     assert again.path.read_bytes() == DATA and again.sha256 == entry.sha256
     assert [b.sha256 for b in cache.ls()] == [entry.sha256]
@@ -439,7 +436,7 @@ def test_a_catalog_others_could_write_is_not_used(url: str, tmp_path: Path) -> N
     os.chmod(cache.root / "catalog.db", 0o666)
     later = sf.Cache(cache.root)  # the catalog is checked when a process opens it
     assert later.fetch_entry(url).bytes_transferred == len(DATA)
-    assert later.lookup(entry.sha256) == dataclasses.replace(entry, bytes_transferred=0)
+    assert later.lookup(entry.sha256) == entry._replace(bytes_transferred=0)
 
 
 def test_a_symlinked_cache_blob_level_is_refused(url: str, tmp_path: Path, elsewhere: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from surefetch._core import CancelToken, __version__
@@ -39,9 +38,8 @@ if TYPE_CHECKING:
     from surefetch.transaction import sync
 
 # The library logs its decisions to the `surefetch` logger (the engine's to
-# `surefetch.engine`) and installs no handler of its own: Python's last-resort handler
-# must not print them to a program's stderr unasked.
-logging.getLogger("surefetch").addHandler(logging.NullHandler())
+# `surefetch.engine`) and installs no handler of its own; `logging` is imported when a
+# record can reach someone (`surefetch._log`).
 
 # The cache and the lockfile are imported on first use, so that processes that only
 # download (a supervisor's workers, restarted often) start faster.

@@ -10,12 +10,14 @@ No password is ever printed or logged.
 
 from __future__ import annotations
 
-import base64
-import netrc
 import os
 import stat
 import urllib.parse
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import netrc
 
 __all__ = ["netrc_credentials"]
 
@@ -74,42 +76,45 @@ def _by_host(found: netrc.netrc | None) -> list[tuple[str, str]]:
 
 
 def _basic(login: str, password: str | None) -> str:
+    import base64
+
     token = base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
     return f"Basic {token}"
 
 
 def _read(path: str) -> netrc.netrc | None:
-    """`_parsed`, its errors as `ValueError`s that say what to do."""
-    try:
-        return _parsed(path)
-    except netrc.NetrcParseError as exc:
-        raise ValueError(
-            f"{exc.filename or path}:{exc.lineno}: cannot read it ({exc.msg}); fix it, or turn "
-            "it off (--no-netrc, netrc=False)"
-        ) from None
-    except OSError as exc:
-        raise ValueError(
-            f"cannot read {path}: {exc.strerror}; or turn it off (--no-netrc)"
-        ) from None
-
-
-def _parsed(path: str) -> netrc.netrc | None:
     """The netrc file at `path`, parsed once for as long as it does not change (a batch
     asks once per URL); None when there is none.
 
     Raises:
-        netrc.NetrcParseError, OSError: as `netrc.netrc`.
+        ValueError: it cannot be read or parsed; the message says where and what to do.
     """
     global _last
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     if not stat.S_ISREG(st.st_mode):
         return None
     version = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
     if _last is not None and _last[0] == path and _last[1] == version:
         return _last[2]
-    parsed = netrc.netrc(path)
+    import netrc  # only when there is a file: most runs have none
+
+    try:
+        parsed = netrc.netrc(path)
+    except netrc.NetrcParseError as exc:
+        raise ValueError(
+            f"{exc.filename or path}:{exc.lineno}: cannot read it ({exc.msg}); fix it, or turn "
+            "it off (--no-netrc, netrc=False)"
+        ) from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
     _last = (path, version, parsed)
     return parsed
+
+
+def _unreadable(path: str, exc: OSError) -> ValueError:
+    return ValueError(f"cannot read {path}: {exc.strerror}; or turn it off (--no-netrc)")

@@ -9,9 +9,8 @@ import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from surefetch import _core
 from surefetch._core import Batch as Batch  # for surefetch.streaming (one importer of _core)
@@ -50,8 +49,7 @@ ProgressCallback = Callable[[int, Optional[int]], Any]
 StrPath = Union[str, "os.PathLike[str]"]
 
 
-@dataclass(frozen=True)
-class DownloadResult:
+class DownloadResult(NamedTuple):
     """A download that arrived whole and verified at `path`.
 
     With ``not_modified`` the server answered a revalidation ``304``: nothing was
@@ -395,8 +393,7 @@ BatchProgressCallback = Callable[[int, int, int, int], Any]
 """Called with (items done, items, bytes done, bytes known so far), ~10 times a second."""
 
 
-@dataclass(frozen=True)
-class DownloadItem:
+class DownloadItem(NamedTuple):
     """One item of `download_many`.
 
     Attributes:

@@ -18,9 +18,8 @@ import importlib
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from surefetch._fs import fsync_dir, not_durable, storage_error
 from surefetch.download import fit_name
@@ -69,8 +68,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class LockedArtifact:
+class LockedArtifact(NamedTuple):
     """One pinned ``[[artifact]]`` of the lockfile."""
 
     name: str
@@ -87,8 +85,7 @@ class LockedArtifact:
         return self.path if self.path is not None else self.name
 
 
-@dataclass(frozen=True)
-class Lockfile:
+class Lockfile(NamedTuple):
     """A validated lockfile: its artifacts sorted by name."""
 
     artifacts: tuple[LockedArtifact, ...]

@@ -18,9 +18,8 @@ import re
 import sys
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, Union
+from typing import Any, NamedTuple, NoReturn, Protocol, Union
 
 from surefetch.errors import ManifestError, SurefetchError, redact_url
 
@@ -41,8 +40,7 @@ MANIFEST_KEYS = frozenset({"name", "url", "sha256", "size", "path", "executable"
 LOCK_KEYS = frozenset({"name", "url", "size", "sha256", "xxh3_128", "executable", "path"})
 
 
-@dataclass(frozen=True)
-class ManifestArtifact:
+class ManifestArtifact(NamedTuple):
     """One ``[[artifact]]`` of the manifest, validated and normalised."""
 
     name: str
@@ -58,8 +56,7 @@ class ManifestArtifact:
         return self.path if self.path is not None else self.name
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     """A validated manifest: its artifacts in file order."""
 
     path: Path

@@ -5,15 +5,14 @@ staged (see `surefetch.transaction` for the transaction around it)."""
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from surefetch._fs import storage_error
+from surefetch._log import get_logger
 from surefetch.download import CancelToken, TransferOptions, hash_file, sync_filesystem
 from surefetch.errors import (
     Cancelled,
@@ -33,7 +32,7 @@ from surefetch.manifest import Manifest, ManifestArtifact, StrPath
 if TYPE_CHECKING:
     from surefetch.cache import Cache, CacheEntry
 
-_log = logging.getLogger("surefetch.cache")
+_log = get_logger("surefetch.cache")
 
 __all__ = [
     "Item",
@@ -73,11 +72,10 @@ def installed_matches(
 # --- planning ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):
     """One artifact to bring into the destination."""
 
-    index: int
+    position: int  # in the manifest (or the lockfile)
     name: str
     url: str
     target: str
@@ -111,7 +109,7 @@ def plan(
         previous = pins.get(art.name)
         pin = previous if not upgrade and _is_kept(art, previous) else None
         if pin is not None:
-            pin = replace(pin, executable=art.executable, path=art.path)
+            pin = pin._replace(executable=art.executable, path=art.path)
         items.append(
             Item(
                 i,
@@ -187,8 +185,7 @@ class LazyCache:
                 self._cache.close()
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     item: Item
     entry: LockedArtifact
     staged: Path | None  # None: the target already holds these bytes
@@ -309,8 +306,8 @@ class Resolver:
                 checked = list(pool.map(check, pinned))
         except RuntimeError:  # no thread could start (EAGAIN): check them one by one
             checked = [check(item) for item in pinned]
-        found = dict(zip((i.index for i in pinned), checked))
-        return [found.get(item.index, False) for item in items]
+        found = dict(zip((i.position for i in pinned), checked))
+        return [found.get(item.position, False) for item in items]
 
     def _stage_all(self, items: list[Item], found: list[CacheEntry | Exception]) -> list[Outcome]:
         """Places each fetched blob in the staging directory, all in a few calls of the
@@ -331,7 +328,7 @@ class Resolver:
             link_mode = self.link_mode
             if link_mode == "hardlink" and item.executable:
                 link_mode = "auto"  # a hardlink shares the blob's mode; an executable needs its own
-            staged = self.staging / str(item.index)
+            staged = self.staging / str(item.position)
             to_place.setdefault(link_mode, []).append((position, item, entry, locked, staged))
         for link_mode, group in to_place.items():
             placed = place_many(

@@ -9,11 +9,11 @@ with one ``syncfs`` and their directories fsynced once, rather than two fsyncs e
 
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent.futures import Future
 from typing import Any
 
+from surefetch._log import get_logger
 from surefetch.download import (
     Batch,
     CancelToken,
@@ -26,7 +26,7 @@ from surefetch.transfer import TransferOptions
 
 __all__ = ["DownloadStream"]
 
-_log = logging.getLogger("surefetch")
+_log = get_logger("surefetch")
 _WAIT_S = 0.5  # how long the delivering thread waits for results at a time
 
 

@@ -58,9 +58,8 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from surefetch._fs import (
     fsync_dir,
@@ -110,8 +109,7 @@ _DEST_LOCK_WAIT_S = 300.0
 _POLL_S = 0.05
 
 
-@dataclass(frozen=True)
-class SyncResult:
+class SyncResult(NamedTuple):
     """What a `sync` did. Names are sorted."""
 
     installed: tuple[str, ...]
@@ -136,8 +134,7 @@ class SyncResult:
         }
 
 
-@dataclass(frozen=True)
-class Difference:
+class Difference(NamedTuple):
     """One way an installed file differs from its lock entry.
 
     `kind` is ``missing``, ``not a file``, ``size``, ``sha256``, ``xxh3_128`` or

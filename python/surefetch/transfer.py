@@ -8,15 +8,27 @@ keywords (`engine_options`).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from surefetch.credentials import netrc_credentials
 
 __all__ = ["TransferOptions"]
+
+FIELDS = (
+    "connections",
+    "resume",
+    "timeout",
+    "read_timeout",
+    "connect_timeout",
+    "retries",
+    "speed_limit",
+    "speed_time",
+    "headers",
+    "netrc",
+)
+"""The fields of `TransferOptions`, in the order of its arguments."""
 
 MAX_CONNECTIONS = 64
 """The most parallel connections a transfer may ask for."""
@@ -25,7 +37,6 @@ MAX_SECONDS = 1e9
 """The longest timeout (seconds, ~31 years); longer is no limit: use None."""
 
 
-@dataclass(frozen=True)
 class TransferOptions:
     """How each transfer behaves; checked when created.
 
@@ -55,32 +66,98 @@ class TransferOptions:
         TypeError: a field of the wrong type.
     """
 
-    connections: int | None = None
-    resume: bool = True
-    timeout: float | None = None
-    read_timeout: float | None = 30.0
-    connect_timeout: float = 30.0
-    retries: int = 3
-    speed_limit: int = 1024
-    speed_time: float = 30.0
-    headers: Mapping[str, str] = field(default_factory=dict)
-    netrc: bool = True
+    __slots__ = (
+        "connect_timeout",
+        "connections",
+        "headers",
+        "netrc",
+        "read_timeout",
+        "resume",
+        "retries",
+        "speed_limit",
+        "speed_time",
+        "timeout",
+    )
+    # Records of the library are plain classes and named tuples, not dataclasses:
+    # `dataclasses` imports `inspect`, and making one class costs ~0.4 ms, at every start.
 
-    def __post_init__(self) -> None:
-        if self.connections is not None:
-            _whole(self.connections, "connections", 1, MAX_CONNECTIONS)
-        _whole(self.retries, "retries", 0, MAX_RETRIES)
-        _whole(self.speed_limit, "speed_limit", 0, 2**63 - 1, unit=" bytes per second")
-        for name in ("timeout", "read_timeout", "connect_timeout", "speed_time"):
-            value = getattr(self, name)
-            if value is None and name in ("timeout", "read_timeout"):
-                continue  # no limit
-            _seconds(value, name)
-        for name in ("resume", "netrc"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        # A private copy: the caller's mapping may change after the options were checked.
-        object.__setattr__(self, "headers", _checked_headers(self.headers))
+    connections: int | None
+    resume: bool
+    timeout: float | None
+    read_timeout: float | None
+    connect_timeout: float
+    retries: int
+    speed_limit: int
+    speed_time: float
+    headers: Mapping[str, str]
+    netrc: bool
+
+    def __init__(
+        self,
+        connections: int | None = None,
+        resume: bool = True,
+        timeout: float | None = None,
+        read_timeout: float | None = 30.0,
+        connect_timeout: float = 30.0,
+        retries: int = 3,
+        speed_limit: int = 1024,
+        speed_time: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        netrc: bool = True,
+    ) -> None:
+        if connections is not None:
+            _whole(connections, "connections", 1, MAX_CONNECTIONS)
+        _whole(retries, "retries", 0, MAX_RETRIES)
+        _whole(speed_limit, "speed_limit", 0, 2**63 - 1, unit=" bytes per second")
+        for name, value in (("timeout", timeout), ("read_timeout", read_timeout)):
+            if value is not None:  # None: no limit
+                _seconds(value, name)
+        _seconds(connect_timeout, "connect_timeout")
+        _seconds(speed_time, "speed_time")
+        for name, flag in (("resume", resume), ("netrc", netrc)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, not {flag!r}")
+        fields: dict[str, object] = {
+            "connections": connections,
+            "resume": resume,
+            "timeout": timeout,
+            "read_timeout": read_timeout,
+            "connect_timeout": connect_timeout,
+            "retries": retries,
+            "speed_limit": speed_limit,
+            "speed_time": speed_time,
+            # A private copy: the caller's mapping may change after it was checked.
+            "headers": _checked_headers(headers),
+            "netrc": netrc,
+        }
+        for name, field in fields.items():
+            object.__setattr__(self, name, field)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields by name (the keywords that make an equal `TransferOptions`)."""
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"TransferOptions are immutable: use TransferOptions.of(options, {name}=...)"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("TransferOptions are immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TransferOptions):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # the headers are a dict
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS)
+        return f"TransferOptions({shown})"
+
+    def __reduce__(self) -> tuple[type[TransferOptions], tuple[object, ...]]:
+        return TransferOptions, tuple(getattr(self, name) for name in FIELDS)
 
     @classmethod
     def of(cls, options: TransferOptions | None = None, /, **changes: Any) -> TransferOptions:
@@ -92,14 +169,14 @@ class TransferOptions:
         """
         if options is not None and not isinstance(options, TransferOptions):
             raise TypeError(f"options must be a TransferOptions, not {type(options).__name__}")
-        unknown = sorted(set(changes) - FIELDS)
+        unknown = sorted(set(changes).difference(FIELDS))
         if unknown:
             raise TypeError(
                 f"unknown transfer option {unknown[0]!r}: the options are "
                 f"{', '.join(sorted(FIELDS))}"
             )
         base = options if options is not None else DEFAULT
-        return dataclasses.replace(base, **changes) if changes else base
+        return TransferOptions(**{**base.as_dict(), **changes}) if changes else base
 
     def engine_options(self, url: str) -> dict[str, Any]:
         """The engine's keywords for a transfer of `url`: every field but `netrc`, whose
@@ -163,5 +240,3 @@ def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 DEFAULT = TransferOptions()
 """The defaults."""
-
-FIELDS = frozenset(f.name for f in dataclasses.fields(TransferOptions))

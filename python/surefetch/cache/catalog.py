@@ -19,21 +19,21 @@ files are followed through a symlink; otherwise the cache works without it."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from surefetch._fs import written_only_by_us
+from surefetch._log import get_logger
 
 __all__ = ["BlobRecord", "Catalog", "Holder", "UrlRecord", "url_record"]
 
-_log = logging.getLogger("surefetch.cache")
+_log = get_logger("surefetch.cache")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -77,8 +77,7 @@ _warned: set[Path] = set()
 _inherited: list[sqlite3.Connection] = []
 
 
-@dataclass(frozen=True)
-class BlobRecord:
+class BlobRecord(NamedTuple):
     """What the catalog says of a blob: its size in bytes, its XXH3-128 (canonical hex),
     and the URL (redacted) it last came from, if any."""
 
@@ -87,8 +86,7 @@ class BlobRecord:
     url: str | None
 
 
-@dataclass(frozen=True)
-class UrlRecord:
+class UrlRecord(NamedTuple):
     """Which blob a URL gave last time, and its validators (RFC 9110 §8.8)."""
 
     url: str
@@ -97,8 +95,7 @@ class UrlRecord:
     last_modified: str | None
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """Who said it holds an artifact lock: a process (`pid` on `host`) fetching `url`
     (redacted) since `since` (seconds since the epoch)."""
 

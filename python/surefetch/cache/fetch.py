@@ -5,13 +5,12 @@ the engine (`Fetcher.many`); each download runs under its artifact's lock, into
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from surefetch._log import get_logger
 from surefetch.cache.index import indexed_many, offline_entry, url_key, write_index
 from surefetch.cache.locks import PARTS, BatchLocks, announce, locked, withdraw
 from surefetch.cache.store import BlobStore, CacheEntry, check_sha256, check_size
@@ -29,11 +28,10 @@ from surefetch.errors import DownloadTimeout, SurefetchError, redact_url
 
 __all__ = ["FetchRequest", "Fetcher"]
 
-_log = logging.getLogger("surefetch.cache")
+_log = get_logger("surefetch.cache")
 
 
-@dataclass(frozen=True)
-class FetchRequest:
+class FetchRequest(NamedTuple):
     """One artifact of `Cache.fetch_many`: its URL and, when known, its digest and size."""
 
     url: str
@@ -41,15 +39,17 @@ class FetchRequest:
     size: int | None = None
 
 
-@dataclass(frozen=True)
 class Fetcher:
     """How one call of `Cache` fetches: into `store`, waiting at most `lock_timeout`
     seconds for another process's lock, or (`offline`) with no network access at all.
     `Cache.fetch_entry` and `Cache.fetch_many` document the behaviour."""
 
-    store: BlobStore
-    lock_timeout: float
-    offline: bool
+    __slots__ = ("lock_timeout", "offline", "store")
+
+    def __init__(self, store: BlobStore, lock_timeout: float, offline: bool) -> None:
+        self.store = store
+        self.lock_timeout = lock_timeout
+        self.offline = offline
 
     def entry(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from surefetch._digests import sha256
 from surefetch.cache.catalog import UrlRecord, url_record
 from surefetch.cache.store import (
     SHA256,
@@ -22,9 +23,7 @@ __all__ = ["indexed_many", "offline_entry", "url_key", "write_index"]
 
 def url_key(url: str) -> str:
     """The key of a URL in the index and in lock names (``url-<key>``)."""
-    import hashlib
-
-    return hashlib.sha256(url.encode()).hexdigest()[:40]
+    return sha256(url.encode()).hexdigest()[:40]
 
 
 def indexed_many(

@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
-import logging
 import os
 import stat
 import time
@@ -34,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+from surefetch._digests import blake2b
 from surefetch._fs import (
     RANGE_LOCK_LIMIT,
     lock_byte,
@@ -41,6 +40,7 @@ from surefetch._fs import (
     try_flock,
     try_range_lock,
 )
+from surefetch._log import get_logger
 from surefetch._procs import machine_name
 from surefetch.cache.store import FILE_MODE, BlobStore, printable
 from surefetch.download import CancelToken
@@ -59,7 +59,7 @@ __all__ = [
     "withdraw",
 ]
 
-_log = logging.getLogger("surefetch.cache")
+_log = get_logger("surefetch.cache")
 _POLL_S = 0.05
 TABLE_FILES: Final = 32
 PARTS: Final = ("tmp", "v2")  # where downloads under the table's locks run
@@ -169,7 +169,7 @@ def lock_place(key: str) -> tuple[str, int]:
     """Where the artifact lock `key` is: the table file (in ``locks/``) and the byte in
     it, from 62 bits of the key's BLAKE2b (two keys share one with odds of 2**-62, and
     then only wait for each other)."""
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    digest = blake2b(key.encode(), digest_size=8).digest()
     offset = int.from_bytes(digest, "big") % RANGE_LOCK_LIMIT
     return f"artifacts.{offset % TABLE_FILES:02d}", offset
 

@@ -13,9 +13,8 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from surefetch._fs import fsync_dir, written_only_by_us
 from surefetch.cache.catalog import Catalog
@@ -43,8 +42,7 @@ _DIR_MODE = 0o755
 _SHARDS = frozenset(f"{i:02x}" for i in range(256))
 
 
-@dataclass(frozen=True)
-class CacheEntry:
+class CacheEntry(NamedTuple):
     """A verified blob in the cache.
 
     Attributes:

@@ -193,7 +193,6 @@ def _run_fetch(args: argparse.Namespace) -> int:
 
 def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
     """Installs a fetched blob at -o's path; returns the entry with that path."""
-    import dataclasses
     from pathlib import Path
 
     from surefetch.download import name_from_url
@@ -212,7 +211,7 @@ def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
             "the cached copy is fine: check the destination, or use --link-mode copy",
             str(target),
         ) from exc
-    return dataclasses.replace(entry, path=target)
+    return entry._replace(path=target)
 
 
 def _run_cache(

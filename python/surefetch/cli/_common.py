@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
+from surefetch import _log
 from surefetch._signals import COMPLETED_FIRST
 from surefetch.errors import (
     DownloadTimeout,
@@ -70,7 +71,13 @@ def log_to_stderr(prefix: str = "surefetch", *, verbose: bool = True) -> None:
     """Log records on stderr, one line each after `prefix` (the library itself installs
     no handler): with `verbose`, the `surefetch` logger's from INFO up (its decisions);
     else only the warnings of `surefetch.cache`, which concern the cache's own files
-    (an unusable catalog)."""
+    (an unusable catalog). Set up when the first such record comes (`_log`)."""
+    _log.when_listened(
+        lambda: _install_stderr_handler(prefix, verbose), _log.INFO if verbose else _log.WARNING
+    )
+
+
+def _install_stderr_handler(prefix: str, verbose: bool) -> None:
     import logging
 
     while _installed_handlers:  # one line per record, with the latest prefix

@@ -14,7 +14,6 @@ same session; a claim it cannot use is released with the reason in ``last_error`
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import signal
@@ -23,6 +22,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from surefetch._log import DEBUG, WARNING, get_logger
 from surefetch._procs import host_id, process_state, send_signal
 from surefetch.store.session_table import NOT_A_JOB, NOTIFY_CHANNEL
 from surefetch.store.sessions import SessionStore
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CancellationEnforcer"]
 
-log = logging.getLogger("surefetch.sessions")
+log = get_logger("surefetch.sessions")
 
 
 class CancellationEnforcer:
@@ -135,7 +135,7 @@ class CancellationEnforcer:
             f"uid {os.geteuid()}; run the enforcer as the user that runs the session's process"
         )
         # Warn once per session; the retries every round are logged at debug level.
-        level = logging.DEBUG if session_id in self._refusals else logging.WARNING
+        level = DEBUG if session_id in self._refusals else WARNING
         self._refusals.add(session_id)
         log.log(level, "session %s: %s", session_id, message)
         self._release(session_id, message)

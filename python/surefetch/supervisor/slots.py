@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import datetime as _dt
 import json
-import logging
 import os
 import random
 import signal
@@ -27,6 +26,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from surefetch._log import get_logger
 from surefetch._procs import send_signal
 from surefetch.supervisor.config import SupervisorConfig
 from surefetch.supervisor.control import MAX_LINE, PROTOCOL
@@ -34,7 +34,7 @@ from surefetch.supervisor.worker import EXIT_CONFIG
 
 __all__ = ["PERMANENT_EXITS", "Slot", "SlotEvents", "WorkerPool", "describe_exit"]
 
-log = logging.getLogger("surefetch.supervisor")
+log = get_logger("surefetch.supervisor")
 
 #: Exit codes after which a worker is not restarted: restarting cannot help.
 PERMANENT_EXITS = {2: "usage error", EXIT_CONFIG: "bad configuration"}

@@ -45,13 +45,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import logging
 import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from surefetch._log import get_logger
 from surefetch._procs import host_id
 from surefetch.errors import NotOwner, SessionNotFound, SurefetchError
 from surefetch.store import JobQueue, SessionStore, default_db_url
@@ -63,7 +63,7 @@ from surefetch.supervisor.waiters import Waiters
 
 __all__ = ["Supervisor"]
 
-log = logging.getLogger("surefetch.supervisor")
+log = get_logger("surefetch.supervisor")
 
 T = TypeVar("T")
 
