@@ -22,7 +22,7 @@ use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
 use crate::http::{self, Http};
 use crate::journal::{self, Level};
-use crate::part::{PartFile, PartLock, PartPaths, Sidecar};
+use crate::part::{remove_if_present, PartFile, PartLock, PartPaths, Sidecar};
 use crate::ranges::RangeSet;
 use crate::response::{Known, Validator};
 use crate::schedule::{Target, Transfer};
@@ -250,7 +250,8 @@ impl<'a> Job<'a> {
         progress: Arc<Progress>,
     ) -> Result<Self> {
         let url = http::parse_url(url)?;
-        if final_path.is_dir() {
+        // (Installed by digest, `final_path` is a name of the cache's own, never a directory.)
+        if options.install_by_digest.is_none() && final_path.is_dir() {
             return Err(Error::InvalidArgument(format!(
                 "destination {} is a directory: give a file path",
                 final_path.display()
@@ -495,8 +496,9 @@ impl<'a> Job<'a> {
         };
         if kept.is_none() {
             // The sidecar goes first: it must never describe the new part. The old part
-            // itself is replaced when the new one is created (`PartFile::create`).
-            self.paths.remove_sidecar();
+            // itself is replaced when the new one is created (`PartFile::create`), and a
+            // temporary sidecar a killed process left when the next one is stored.
+            let _ = remove_if_present(&self.paths.sidecar);
         }
         let (start, kept) = match kept {
             Some(kept) => self.open_kept(kept).await?,

@@ -158,3 +158,29 @@ def test_a_changed_netrc_is_read_again(server: FaultServer, netrc: Path, tmp_pat
     netrc.unlink()
     sf.download(url, tmp_path / "c")
     assert "authorization" not in _sent(tmp_path / "c")
+
+
+def test_a_broken_netrc_stops_a_batch_before_it_starts(
+    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch reads the file once, before any item: one clear line, nothing fetched,
+    nothing created (not one "unusable URL" per item)."""
+    path = tmp_path / "netrc"
+    path.write_text("machine 127.0.0.1 login alice password s3cret\nmachine\n")
+    monkeypatch.setenv("NETRC", str(path))
+    urls = [server.add(f"b{i}", b"b" * 100) for i in range(3)]
+    done = run_cli(["get", *urls, "-o", "out/"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and str(path) in done.stderr, done.stderr
+    assert "--no-netrc" in done.stderr and "s3cret" not in done.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "surefetch.toml").write_text(
+        "".join(f'[[artifact]]\nname = "b{i}"\nurl = "{u}"\n' for i, u in enumerate(urls))
+    )
+    synced = run_cli(["sync", "--cache", "cache", "--dest", "dest"], tmp_path)
+    assert synced.returncode == 2, synced.stderr
+    assert synced.stderr.count("\n") == 1 and str(path) in synced.stderr, synced.stderr
+    assert not (tmp_path / "surefetch.lock").exists()
+    assert not [r for r in server.requests if r.name.startswith("b")]
+    (first, *_) = sf.download_many(urls, tmp_path / "plain", netrc=False)
+    assert isinstance(first, sf.DownloadResult) and first.size == 100

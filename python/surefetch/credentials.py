@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import netrc
 
-__all__ = ["netrc_credentials"]
+__all__ = ["NetrcFile", "netrc_credentials"]
 
 # The last netrc file parsed: its path, (mtime, ctime, size, inode) then, its entries.
 _last: tuple[str, tuple[int, int, int, int], netrc.netrc] | None = None
@@ -31,22 +31,41 @@ def _netrc_path() -> str:
     return os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
 
 
-def netrc_credentials(
-    url: str, headers: Mapping[str, str] | None
-) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """`headers`, plus ``Authorization`` from the netrc entry of `url`'s host when
-    there is one and nothing else authenticates the request; and ``(host,
-    Authorization value)`` for each machine of the netrc file (``("", value)`` for its
-    ``default`` entry), for the engine to use on the host a redirect leads to when it
-    leaves the origin (where requests, too, applies netrc again). The file is read
-    once for both.
+class NetrcFile:
+    """The netrc file (``$NETRC``, else ``~/.netrc``) as read once: a batch reads it once
+    for all its URLs.
 
     Raises:
         ValueError: the netrc file does not parse (the message says where; it never
             contains a password).
     """
-    found = _read(_netrc_path())
-    return _with_entry(url, headers, found), _by_host(found)
+
+    __slots__ = ("_by_host", "_found")
+
+    def __init__(self) -> None:
+        self._found = _read(_netrc_path())
+        self._by_host = _by_host(self._found)
+
+    def credentials(
+        self, url: str, headers: Mapping[str, str] | None
+    ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """`headers`, plus ``Authorization`` from the netrc entry of `url`'s host when
+        there is one and nothing else authenticates the request; and ``(host,
+        Authorization value)`` for each machine of the netrc file (``("", value)`` for
+        its ``default`` entry), for the engine to use on the host a redirect leads to
+        when it leaves the origin (where requests, too, applies netrc again)."""
+        return _with_entry(url, headers, self._found), list(self._by_host)
+
+
+def netrc_credentials(
+    url: str, headers: Mapping[str, str] | None
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """`NetrcFile.credentials` of `url`, the file read now.
+
+    Raises:
+        ValueError: the netrc file does not parse.
+    """
+    return NetrcFile().credentials(url, headers)
 
 
 def _with_entry(

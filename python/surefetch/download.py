@@ -16,6 +16,7 @@ from surefetch import _core
 from surefetch._core import Batch as Batch  # for surefetch.streaming (one importer of _core)
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch._core import place_many as engine_place_many  # for surefetch.linking
+from surefetch.credentials import NetrcFile
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 from surefetch.transfer import TransferOptions
 
@@ -505,7 +506,8 @@ def download_many(
         `SurefetchError`, or `ValueError` for an item with a bad URL).
 
     Raises:
-        ValueError: a bad argument, or two items that would write the same file.
+        ValueError: a bad argument, two items that would write the same file, or a netrc
+            file that does not parse (with `netrc`).
         TypeError: a keyword that is neither an argument nor a `TransferOptions` field.
         StorageError: the destination directory cannot be created.
         KeyboardInterrupt: Ctrl+C; every transfer is cancelled first.
@@ -516,6 +518,7 @@ def download_many(
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
     transfer = TransferOptions.of(options, **changes)
+    netrc_file = NetrcFile() if transfer.netrc else None  # read once for the batch
     directory = Path.cwd() if dest is None else Path(os.fspath(dest))
     batch = [DownloadItem(i) if isinstance(i, str) else i for i in items]
     raw_items: list[tuple[str, str | os.PathLike[str], dict[str, Any]]] = []
@@ -526,7 +529,7 @@ def download_many(
         out = _checked_out(item.out, item.url) if item.out is not None else None
         try:
             name = out if out is not None else name_from_url(item.url)
-            engine_options = transfer.engine_options(item.url)
+            engine_options = transfer.engine_options(item.url, netrc_file)
         except ValueError as exc:  # this item fails, the others go on
             unusable[position] = ValueError(f"{redact_url(item.url)} is not a usable URL: {exc}")
             continue

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from surefetch.credentials import netrc_credentials
+from surefetch.credentials import NetrcFile
 
 __all__ = ["TransferOptions"]
 
@@ -178,12 +178,18 @@ class TransferOptions:
         base = options if options is not None else DEFAULT
         return TransferOptions(**{**base.as_dict(), **changes}) if changes else base
 
-    def engine_options(self, url: str) -> dict[str, Any]:
+    def engine_options(self, url: str, netrc_file: NetrcFile | None = None) -> dict[str, Any]:
         """The engine's keywords for a transfer of `url`: every field but `netrc`, whose
         credentials (if any) join the headers as ``Authorization``, and go with the
-        transfer for the hosts a redirect may lead to."""
+        transfer for the hosts a redirect may lead to. `netrc_file`: the file as read
+        for a batch (default: read now).
+
+        Raises:
+            ValueError: the netrc file does not parse.
+        """
         if self.netrc:
-            headers, host_credentials = netrc_credentials(url, self.headers)
+            found = netrc_file if netrc_file is not None else NetrcFile()
+            headers, host_credentials = found.credentials(url, self.headers)
         else:
             headers, host_credentials = dict(self.headers), []
         return {

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import stat
@@ -382,6 +381,8 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with open(fd, "rb") as f:
+            import json  # metadata files of caches before the catalog: rarely read
+
             value = json.loads(f.read(65536))
     except (OSError, ValueError):
         return {}

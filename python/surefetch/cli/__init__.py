@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from types import ModuleType
 from typing import Any, Callable, NoReturn, cast
 
-from surefetch.cli import _cache, _demo, _get, _sessions, _supervisor, _sync
 from surefetch.cli._common import (
     EXIT_ERROR,
     EXIT_INTEGRITY,
@@ -127,13 +126,14 @@ def version_line() -> str:
 
 
 # The command groups, and the commands each registers (`_command_group`).
+# Modules by name: only the group of the command given is imported.
 _GROUPS = {
-    _get: ("get",),
-    _cache: ("fetch", "cache"),
-    _demo: ("demo",),
-    _sync: ("sync", "verify"),
-    _sessions: ("sessions", "users", "serve", "enforce"),
-    _supervisor: ("supervise", "ctl"),
+    "surefetch.cli._get": ("get",),
+    "surefetch.cli._cache": ("fetch", "cache"),
+    "surefetch.cli._demo": ("demo",),
+    "surefetch.cli._sync": ("sync", "verify"),
+    "surefetch.cli._sessions": ("sessions", "users", "serve", "enforce"),
+    "surefetch.cli._supervisor": ("supervise", "ctl"),
 }
 
 
@@ -150,7 +150,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     group = _command_group(argv) if argv is not None else None
     for module in _GROUPS if group is None else (group,):
-        module.add_commands(sub)
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
@@ -181,9 +181,9 @@ def _fewer_collections(one_shot: bool) -> Iterator[None]:
 _ONE_SHOT_GEN0 = 50_000
 
 
-def _command_group(argv: Sequence[str]) -> ModuleType | None:
-    """The module of the command `argv` names, or None (no command, or an unknown one:
-    the full parser then says what there is)."""
+def _command_group(argv: Sequence[str]) -> str | None:
+    """The name of the module of the command `argv` names, or None (no command, or an
+    unknown one: the full parser then says what there is)."""
     word = _command_word(argv)
     return next((module for module, names in _GROUPS.items() if word in names), None)
 

@@ -15,7 +15,6 @@ refusal) is a `CommandError` carrying its message and exit code.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import signal
 import sys
@@ -199,6 +198,8 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
 
 def print_json(obj: Any) -> None:
     """`obj` as one line of JSON on stdout (`write_out`)."""
+    import json  # only for --json (~1 ms of every start otherwise)
+
     write_out(json.dumps(obj, sort_keys=True) + "\n")
 
 
