@@ -361,3 +361,33 @@ def test_a_catalog_another_process_keeps_busy_delays_nothing(url: str, root: Pat
     assert Path(out.stdout.strip()).read_bytes() == DATA
     assert took < 4, took  # it used to wait 10 s per write
     assert slow.returncode == 130 and interrupted_after < 1, interrupted_after
+
+
+@pytest.mark.parametrize("blobs", [1, 80])
+def test_a_listing_that_cannot_be_written_blames_stdout_not_the_cache(
+    server: FaultServer, tmp_path: Path, blobs: int
+) -> None:
+    """`cache ls > /dev/full`: one line that says stdout could not be written, exit 1,
+    whether the output fills the buffer mid-listing (80 blobs) or only at the end. (It
+    used to say that the cache could not be used.)"""
+    import surefetch as sf
+    from surefetch.cache import FetchRequest
+
+    cache = sf.Cache(tmp_path / "cache")
+    urls = [server.add(f"l{blobs}-{i}", payload(100, i)) for i in range(blobs)]
+    fetched = cache.fetch_many([FetchRequest(u) for u in urls])
+    assert all(not isinstance(r, Exception) for r in fetched)
+    listed = run_cli(["cache", "ls", "--cache", str(tmp_path / "cache")])
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == blobs
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [SUREFETCH, "cache", "ls", "--cache", str(tmp_path / "cache")],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "cannot write to stdout: No space left on device" in done.stderr
+    assert "cache" not in done.stderr.split("stdout", 1)[1], done.stderr

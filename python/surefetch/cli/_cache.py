@@ -16,6 +16,7 @@ from surefetch.cli._common import (
     add_network_options,
     non_negative_int,
     print_json,
+    print_line,
     seconds,
     transfer_options,
 )
@@ -187,7 +188,7 @@ def _run_fetch(args: argparse.Namespace) -> int:
             }
         )
     elif not args.quiet:
-        print(entry.path)
+        print_line(entry.path)
     return EXIT_OK
 
 
@@ -254,7 +255,7 @@ def _cache_ls(cache: Any, args: argparse.Namespace) -> int:
     if not blobs:
         print(f"no blobs in {cache.root}", file=sys.stderr)
     for b in blobs:
-        print(f"{b.sha256}  {b.size:>14}  {when(b.last_used)}  {b.url or '-'}")
+        print_line(f"{b.sha256}  {b.size:>14}  {when(b.last_used)}  {b.url or '-'}")
     return EXIT_OK
 
 
@@ -272,9 +273,11 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(f"checked {_count(report.checked, 'blob')}, {len(bad) + len(stuck)} did not match")
+        print_line(
+            f"checked {_count(report.checked, 'blob')}, {len(bad) + len(stuck)} did not match"
+        )
         if report.catalog:
-            print(
+            print_line(
                 f"the catalog could not be used: moved to {report.catalog[0]}; the blobs' "
                 "records were made again (URLs fetched without a digest download again once)"
             )
@@ -309,7 +312,7 @@ def _cache_gc(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(
+        print_line(
             f"evicted {_count(len(report.evicted), 'blob')} ({report.freed} bytes); "
             f"{report.remaining} bytes left"
             + (f"; {report.in_use} kept because in use" if report.in_use else "")
@@ -328,7 +331,7 @@ def _cache_clean(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(
+        print_line(
             f"removed {_count(len(report.removed), 'file')} ({report.freed} bytes)"
             + (f"; kept {_count(report.live, 'part')} of live downloads" if report.live else "")
         )

@@ -226,6 +226,17 @@ def write_out(text: str, *, flush: bool = False) -> None:
         raise CommandError(f"{cannot_write_stdout(exc)}; the command stopped there") from None
 
 
+def print_line(*values: object) -> None:
+    """`print` of `values` (one line on stdout), through `write_out`: every line a
+    command prints goes through here or `print_json`.
+
+    Raises:
+        BrokenPipeError: the reader of stdout went away.
+        CommandError: stdout cannot be written.
+    """
+    write_out(" ".join(map(str, values)) + "\n")
+
+
 def cannot_write_stdout(exc: OSError) -> str:
     """What the error line of an output that could not be written starts with."""
     return f"cannot write to stdout: {exc.strerror or exc}"

@@ -19,6 +19,7 @@ from surefetch.cli._common import (
     add_history_limits,
     history_limit,
     log_to_stderr,
+    print_line,
     redacted,
     seconds,
 )
@@ -114,7 +115,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "list":
             found = store.list(user, status=args.status, limit=history_limit(args))
             if args.json:
-                print(json.dumps({"sessions": [redacted(s.to_dict()) for s in found]}))
+                print_line(json.dumps({"sessions": [redacted(s.to_dict()) for s in found]}))
             else:
                 _print_session_table(found)
             return EXIT_OK
@@ -122,19 +123,19 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             if args.action == "show":
                 session = store.get(args.id, user)
                 if args.json:
-                    print(json.dumps(redacted(session.to_dict())))
+                    print_line(json.dumps(redacted(session.to_dict())))
                 else:
                     for key, value in redacted(session.to_dict()).items():
                         shown = json.dumps(value) if key == "metadata" else value
-                        print(f"{key + ':':21}{'' if shown is None else shown}")
+                        print_line(f"{key + ':':21}{'' if shown is None else shown}")
                 return EXIT_OK
             changed = store.request_cancel(args.id, user)
             session = store.get(args.id, user)
         if args.json:
             shown = redacted(session.to_dict())
-            print(json.dumps({"id": session.id, "changed": changed, "session": shown}))
+            print_line(json.dumps({"id": session.id, "changed": changed, "session": shown}))
         else:
-            print(_cancel_message(session, changed, store))
+            print_line(_cancel_message(session, changed, store))
         return EXIT_OK
     finally:
         store.close()
@@ -164,11 +165,11 @@ def _print_session_table(found: Sequence[Any]) -> None:
     if not found:
         print("no sessions", file=sys.stderr)
         return
-    print(f"{'ID':32}  {'STATUS':9}  {'UI':12}  {'CANCEL':9}  {'CREATED':20}  TITLE")
+    print_line(f"{'ID':32}  {'STATUS':9}  {'UI':12}  {'CANCEL':9}  {'CREATED':20}  TITLE")
     for s in found:
         created = s.created_at.strftime("%Y-%m-%d %H:%M:%SZ")
         title = redact_urls(s.title).replace("\n", " ")
-        print(
+        print_line(
             f"{s.id:32}  {s.status:9}  {s.ui_status:12}  {s.cancellation_status:9}  "
             f"{created:20}  {title}"
         )
@@ -211,7 +212,7 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
         token = store.add_user(args.name)
     finally:
         store.close()
-    print(token)
+    print_line(token)
     print(
         f"token for user {args.name} created; it is shown only this once: send it as "
         "`Authorization: Bearer TOKEN`",

@@ -17,6 +17,7 @@ from surefetch.cli._common import (
     log_to_stderr,
     positive_int,
     print_json,
+    print_line,
     redacted,
     seconds,
 )
@@ -250,37 +251,39 @@ def _check_waited(reply: dict[str, Any], jobs: int, timeout: float | None) -> No
 def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any]) -> None:
     command = args.ctl_command
     if command == "list-workers":
-        print(f"{'ID':<5} {'KIND':<9} {'PID':>8} {'STATE':<9} {'RESTARTS':>8}  NEXT-RESTART  JOBS")
+        print_line(
+            f"{'ID':<5} {'KIND':<9} {'PID':>8} {'STATE':<9} {'RESTARTS':>8}  NEXT-RESTART  JOBS"
+        )
         for w in reply["workers"]:
             pid = w["pid"] if w["pid"] is not None else "-"
             restart = w["next_restart"] or "-"
-            print(
+            print_line(
                 f"{w['id']:<5} {w['kind']:<9} {pid:>8} {w['state']:<9} {w['restarts']:>8}  "
                 f"{restart:<12}  {len(w['jobs'])}"
             )
             if w["reason"]:
-                print(f"      {w['reason']}")
+                print_line(f"      {w['reason']}")
     elif command == "jobs" and "counts" in reply:
-        print("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
+        print_line("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
     elif command == "jobs":
-        print(f"{'ID':<32}  {'KIND':<4}  {'STATE':<9}  {'WORKER':<8}  WHAT")
+        print_line(f"{'ID':<32}  {'KIND':<4}  {'STATE':<9}  {'WORKER':<8}  WHAT")
         for job in reply["jobs"]:
             spec = job["spec"]
             what = spec.get("url") or spec.get("dest", "")
             if job.get("error"):
                 what += f"  ({job['error']})"
-            print(
+            print_line(
                 f"{job['id']:<32}  {job['kind']:<4}  {job['state']:<9}  "
                 f"{job['worker'] or '-':<8}  {what}"
             )
     elif command == "submit":
-        print(reply["id"])
+        print_line(reply["id"])
     elif command == "wait":
-        print("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
+        print_line("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
     elif command == "cancel":
         if reply["changed"]:
-            print(f"cancellation of job {args.id} requested")
+            print_line(f"cancellation of job {args.id} requested")
         else:
-            print(f"job {args.id}: already cancelled or finished; nothing to do")
+            print_line(f"job {args.id}: already cancelled or finished; nothing to do")
     elif command == "shutdown":
-        print(f"the supervisor on {path} stopped")
+        print_line(f"the supervisor on {path} stopped")

@@ -16,6 +16,7 @@ from surefetch.cli._common import (
     add_network_options,
     positive_int,
     print_json,
+    print_line,
     seconds,
     transfer_options,
 )
@@ -116,7 +117,7 @@ def _run_sync(args: argparse.Namespace) -> int:
         print_json(result.to_dict())
     elif not args.quiet:
         lock_note = "lockfile updated" if result.lockfile_changed else "lockfile unchanged"
-        print(
+        print_line(
             f"{len(result.installed)} installed, {len(result.unchanged)} unchanged, "
             f"{len(result.removed)} removed from the lockfile; {lock_note}; "
             f"{result.bytes_transferred} bytes transferred in {result.elapsed:.2f} s"
@@ -196,7 +197,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         )
     else:
         for difference in found:
-            print(difference)
+            print_line(difference)
     if found:
         what = "do not match their digests" if code == EXIT_INTEGRITY else "are missing"
         raise CommandError(
@@ -205,5 +206,5 @@ def _run_verify(args: argparse.Namespace) -> int:
             code,
         )
     if not (args.quiet or args.json):
-        print(f"every file of {args.lock} matches in {args.dest}")
+        print_line(f"every file of {args.lock} matches in {args.dest}")
     return EXIT_OK
