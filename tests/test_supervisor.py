@@ -187,6 +187,34 @@ def crashing_worker(tmp_path: Path, body: str) -> str:
 # --- the control socket and ctl ----------------------------------------------------------
 
 
+def test_a_request_longer_than_a_supervisor_takes_is_refused_clearly(
+    start: Any, tmp_path: Path
+) -> None:
+    """A batch submit over the 1 MiB a supervisor reads in one request: `request` says so
+    before sending anything (it was a bare BrokenPipeError, with the supervisor's
+    answer unread); a line too long sent anyway gets the supervisor's own answer."""
+    import socket
+
+    from surefetch.supervisor.control import MAX_LINE
+
+    sup = start(workers=1)
+    url = "http://127.0.0.1:9/" + "x" * 200
+    jobs = [
+        {"kind": "get", "spec": {"url": url, "dest": str(tmp_path / f"o{i}")}} for i in range(6000)
+    ]
+    with pytest.raises(ValueError, match=r"at most 1,048,576 in one: send fewer jobs per submit"):
+        request(sup.socket, {"op": "submit", "jobs": jobs})
+    assert sup.jobs() == {}
+    fits = request(sup.socket, {"op": "submit", "jobs": jobs[:10]})
+    assert fits["ok"] and len(fits["ids"]) == 10
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect(str(sup.socket))
+        with contextlib.suppress(ConnectionError):
+            raw.sendall(b"{" + b" " * (MAX_LINE + 10))
+        answer = json.loads(raw.makefile("rb").readline())
+    assert answer["ok"] is False and "request too long" in answer["error"]
+
+
 def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
     start: Any, server: FaultServer, tmp_path: Path
 ) -> None:

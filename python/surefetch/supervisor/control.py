@@ -207,8 +207,15 @@ def request(
     Raises:
         SurefetchError: no supervisor listens there, it did not answer in time, or it
             closed the connection.
+        ValueError: the request is longer than a supervisor takes (`MAX_LINE` bytes).
     """
     path = os.fspath(socket_path)
+    line = (json.dumps(message) + "\n").encode()
+    if len(line) > MAX_LINE:  # the supervisor would refuse it: nothing is sent
+        raise ValueError(
+            f"the request is {len(line):,} bytes, and a supervisor takes at most {MAX_LINE:,} "
+            "in one: send fewer jobs per submit (several submits)"
+        )
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -226,7 +233,10 @@ def request(
             if exc.errno == errno.ENOTSOCK:
                 raise SurefetchError(f"{path} is not a supervisor's socket") from None
             raise SurefetchError(f"cannot connect to {path}: {exc.strerror}") from None
-        sock.sendall((json.dumps(message) + "\n").encode())
+        try:
+            sock.sendall(line)
+        except ConnectionError:  # it went away (stopping), or refused the request
+            pass  # its answer, if it sent one, says which
         data = b""
         try:
             while not data.endswith(b"\n"):
@@ -238,6 +248,10 @@ def request(
             raise SurefetchError(
                 f"the supervisor on {path} did not answer within {timeout:g}s"
             ) from None
+        except ConnectionError:
+            pass  # as an end of the connection: what arrived is judged below
+    if not data.endswith(b"\n"):
+        data = b""  # half an answer is none
     if not data:
         raise SurefetchError(f"the supervisor on {path} closed the connection without answering")
     reply = json.loads(data)
