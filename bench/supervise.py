@@ -26,8 +26,9 @@ socket with ``surefetch.supervisor.request``:
    once; a job that fails fails the part. ``direct``: one Python process
    (``python bench/supervise.py --direct LIST OUT``, timed inside, after its imports)
    calling ``surefetch.download(url, dest)`` from 16 threads, the same durable defaults.
-   Each run writes into a fresh directory (emptied and ``sync``ed first); every file's size
-   and SHA-256 are checked. Rounds alternate direct, supervised (3; quick: 2);
+   Each run writes into a new ext4 filesystem made for it (``run.fresh_filesystem``: a
+   loop device; as root), else into an emptied directory; every file's size and SHA-256
+   are checked. Rounds alternate direct, supervised (3; quick: 2);
    the ratio is the median of per-round ratios of jobs/s. Target: supervised >= 0.8x direct.
 
 The exit status is 1 when a target is missed by more than a factor of two (restart median
@@ -69,8 +70,8 @@ from run import (
     _last_line,
     _log,
     _on_sigterm,
-    _reset,
     find_nginx,
+    fresh_filesystem,
     machine_info,
     make_small_files,
     markdown_table,
@@ -371,6 +372,7 @@ class Throughput:
     direct: dict[int, float] = field(default_factory=dict)  # round -> jobs/s
     supervised: dict[int, float] = field(default_factory=dict)
     submit_s: dict[int, float] = field(default_factory=dict)  # round -> seconds to submit all
+    fresh_fs: bool = False  # each run wrote into a new filesystem (`fresh_filesystem`)
     status: str | None = None
 
     def ratio(self) -> float | None:
@@ -449,14 +451,16 @@ def measure_throughput(params: Params, install: bool) -> tuple[Throughput, str]:
             files = Files(base, names, listing)
             for r in range(params.rounds):
                 for kind in ("direct", "supervised"):
-                    out = SWORK / f"out-{kind}"
-                    _reset(out)
-                    if kind == "direct":
-                        seconds = run_direct(files, out)
-                        result.direct[r] = params.jobs / seconds
-                    else:
-                        seconds = run_supervised(files, out, SWORK / f"sup-{r}", result, r)
-                        result.supervised[r] = params.jobs / seconds
+                    with fresh_filesystem(SWORK / "out") as fresh:
+                        result.fresh_fs = fresh
+                        out = SWORK / "out" / kind
+                        out.mkdir()
+                        if kind == "direct":
+                            seconds = run_direct(files, out)
+                            result.direct[r] = params.jobs / seconds
+                        else:
+                            seconds = run_supervised(files, out, SWORK / f"sup-{r}", result, r)
+                            result.supervised[r] = params.jobs / seconds
                     _log(
                         f"[{r + 1}/{params.rounds}] {kind:10} {params.jobs} jobs in "
                         f"{seconds:6.2f} s: {params.jobs / seconds:6.0f} jobs/s"
@@ -468,9 +472,7 @@ def measure_throughput(params: Params, install: bool) -> tuple[Throughput, str]:
         result.status = f"failed: {exc}"
         _log(f"throughput: FAILED {exc}")
     finally:
-        for kind in ("direct", "supervised"):
-            with contextlib.suppress(OSError):
-                _reset(SWORK / f"out-{kind}")
+        shutil.rmtree(SWORK / "out", ignore_errors=True)  # (unmounted by now)
     return result, nginx
 
 
@@ -553,7 +555,13 @@ def throughput_report(res: Throughput | None, params: Params) -> tuple[list[str]
     text = [
         f"Throughput: {params.jobs} files of {FILE_SIZE >> 10} KiB from nginx on 127.0.0.1, "
         f"{params.rounds} interleaved rounds (direct, supervised); {TIMES} direct is the "
-        "median of per-round ratios of jobs/s; every file checked (size, SHA-256).",
+        "median of per-round ratios of jobs/s; every file checked (size, SHA-256); "
+        + (
+            "each run writes into a new ext4 filesystem (a loop device), made for it."
+            if res.fresh_fs
+            else "each run writes into an emptied directory (no fresh filesystem here: "
+            "ext4's state after other runs' deletes moves the ratio)."
+        ),
         "",
         markdown_table(
             ["row", "jobs/s median", f"min{EN_DASH}max", f"{TIMES} direct", "what"], body
