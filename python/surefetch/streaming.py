@@ -67,7 +67,7 @@ class DownloadStream:
             What `surefetch.download` raises; `Cancelled` when `cancel` fired first,
             whether or not the transfer had started.
         """
-        transfer = options if options is not None else TransferOptions()
+        transfer = TransferOptions.of(options)  # (the defaults, checked once)
         path, _ = destination_for(url, dest)
         fields = {**transfer.engine_options(url), "sha256": sha256}
         future: Future[Any] = Future()

@@ -233,10 +233,9 @@ def request(
             if exc.errno == errno.ENOTSOCK:
                 raise SurefetchError(f"{path} is not a supervisor's socket") from None
             raise SurefetchError(f"cannot connect to {path}: {exc.strerror}") from None
-        try:
+        # It may go away (stopping) or refuse the request: its answer, if any, says which.
+        with contextlib.suppress(ConnectionError):
             sock.sendall(line)
-        except ConnectionError:  # it went away (stopping), or refused the request
-            pass  # its answer, if it sent one, says which
         data = b""
         try:
             while not data.endswith(b"\n"):
