@@ -560,7 +560,7 @@ def test_transfer_options_are_a_value() -> None:
         opts.retries = 5
     assert opts == TransferOptions(retries=0, headers={"X-Token": "abc"})
     assert opts != TransferOptions(retries=0)
-    assert "retries=0" in repr(opts) and "'X-Token': 'abc'" in repr(opts)
+    assert "retries=0" in repr(opts) and "'X-Token': '***'" in repr(opts)
     assert pickle.loads(pickle.dumps(opts)) == opts
     assert TransferOptions.of(opts, retries=2) == TransferOptions(
         retries=2, headers={"X-Token": "abc"}
@@ -571,3 +571,13 @@ def test_transfer_options_are_a_value() -> None:
     kept = TransferOptions(headers=headers)
     headers["X-Token"] = "changed"
     assert kept.headers == {"X-Token": "abc"}  # a private copy
+    with pytest.raises(TypeError):  # read-only: the shared defaults cannot be changed
+        TransferOptions.of().headers["X-Leak"] = "polluted"  # type: ignore[index]
+    assert dict(TransferOptions().headers) == {}
+    secret = TransferOptions(headers={"Authorization": "Bearer SECRETTOKEN"})
+    assert "SECRETTOKEN" not in repr(secret) and "'Authorization': '***'" in repr(secret)
+    with pytest.raises(TypeError, match="not int") as refused:
+        TransferOptions(headers={"X-Key": 12345})  # type: ignore[dict-item]
+    assert "12345" not in str(refused.value)
+    with pytest.raises(TypeError, match="a mapping"):
+        TransferOptions(headers=[("A", "b")])  # type: ignore[arg-type]

@@ -184,3 +184,25 @@ def test_a_broken_netrc_stops_a_batch_before_it_starts(
     assert not [r for r in server.requests if r.name.startswith("b")]
     (first, *_) = sf.download_many(urls, tmp_path / "plain", netrc=False)
     assert isinstance(first, sf.DownloadResult) and first.size == 100
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "machine 127.0.0.1 login bob s3cr3tPW\n",  # the password keyword left out
+        "machine 127.0.0.1 login bob password my s3cr3tPW phrase\n",  # spaces in it
+    ],
+)
+def test_a_netrc_that_does_not_parse_is_never_quoted(
+    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """Python's netrc names the token it choked on, which may be the password: the
+    message says where and what an entry looks like, never what the file holds."""
+    path = tmp_path / "netrc"
+    path.write_text(text)
+    monkeypatch.setenv("NETRC", str(path))
+    done = run_cli(["get", server.add("q", b"q"), "-o", "q"], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and str(path) in done.stderr, done.stderr
+    assert "s3cr3tPW" not in done.stderr and "phrase" not in done.stderr, done.stderr
+    assert "machine HOST login NAME password SECRET" in done.stderr

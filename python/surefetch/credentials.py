@@ -125,9 +125,11 @@ def _read(path: str) -> netrc.netrc | None:
     try:
         parsed = netrc.netrc(path)
     except netrc.NetrcParseError as exc:
+        # Not exc.msg: it quotes the token it choked on, which may be a password.
         raise ValueError(
-            f"{exc.filename or path}:{exc.lineno}: cannot read it ({exc.msg}); fix it, or turn "
-            "it off (--no-netrc, netrc=False)"
+            f"{exc.filename or path}: cannot parse it (near line {exc.lineno}; an entry is "
+            "`machine HOST login NAME password SECRET`): fix it, or turn it off (--no-netrc; "
+            "in Python, netrc=False)"
         ) from None
     except OSError as exc:
         raise _unreadable(path, exc) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from surefetch.credentials import NetrcFile
@@ -138,9 +139,8 @@ class TransferOptions:
         return {name: getattr(self, name) for name in FIELDS}
 
     def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(
-            f"TransferOptions are immutable: use TransferOptions.of(options, {name}=...)"
-        )
+        hint = f": use TransferOptions.of(options, {name}=...)" if name in FIELDS else ""
+        raise AttributeError(f"TransferOptions are immutable{hint}")
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError("TransferOptions are immutable")
@@ -153,11 +153,18 @@ class TransferOptions:
     __hash__ = None  # type: ignore[assignment]  # the headers are a dict
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in FIELDS)
+        """The fields, header values hidden (they may be credentials)."""
+        shown = ", ".join(
+            f"headers={ {name: '***' for name in self.headers}!r}"
+            if name == "headers"
+            else f"{name}={getattr(self, name)!r}"
+            for name in FIELDS
+        )
         return f"TransferOptions({shown})"
 
     def __reduce__(self) -> tuple[type[TransferOptions], tuple[object, ...]]:
-        return TransferOptions, tuple(getattr(self, name) for name in FIELDS)
+        fields = {**self.as_dict(), "headers": dict(self.headers)}  # (a proxy does not pickle)
+        return TransferOptions, tuple(fields[name] for name in FIELDS)
 
     @classmethod
     def of(cls, options: TransferOptions | None = None, /, **changes: Any) -> TransferOptions:
@@ -231,17 +238,26 @@ def _seconds(value: object, name: str) -> None:
         )
 
 
-def _checked_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+def _checked_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
+    """A read-only copy of `headers`, checked (the caller's mapping may change later, and
+    the options are shared: `DEFAULT`). Values are never shown: they may be secrets."""
+    if headers is not None and not isinstance(headers, Mapping):
+        raise TypeError(
+            f"headers must be a mapping of names to values, not {type(headers).__name__}"
+        )
     checked: dict[str, str] = {}
     for name, value in (headers or {}).items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise TypeError(f"header {name!r}: names and values must be strings, not {value!r}")
+            raise TypeError(
+                f"header {name!r}: names and values must be strings, not "
+                f"{type(value).__name__ if isinstance(name, str) else type(name).__name__}"
+            )
         if not _TOKEN.fullmatch(name):
             raise ValueError(f"invalid header name {name!r} (RFC 9110 §5.1: a token, no spaces)")
         if _UNSENDABLE.search(value):
             raise ValueError(f"header {name!r}: a value cannot hold CR, LF or NUL")
         checked[name] = value
-    return checked
+    return MappingProxyType(checked)
 
 
 DEFAULT = TransferOptions()
