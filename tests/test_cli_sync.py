@@ -335,9 +335,13 @@ def test_verify_reports_every_difference_with_its_exit_code(
         f"tool: {dest / 'bin' / 'tool'}: not executable",
     ]
     assert "2 difference(s)" in out.stderr
+    # The line names every kind found (it said "files are missing" for anything not
+    # an integrity failure, and "do not match their digests" for any mix with one).
+    assert ": files missing, not executable;" in out.stderr, out.stderr
     (dest / "f1").write_bytes(b"y" * 4096)
     out = run_cli([*args, "--json"])
     assert out.returncode == 3, out.stderr
+    assert ": files missing, not matching their digests, not executable;" in out.stderr
     report = json.loads(out.stdout)
     assert report["ok"] is False
     assert sorted((d["name"], d["kind"]) for d in report["differences"]) == [

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Callable
+from typing import Any, Callable
 
 from surefetch.cli._common import (
     EXIT_ERROR,
@@ -199,12 +199,28 @@ def _run_verify(args: argparse.Namespace) -> int:
         for difference in found:
             print_line(difference)
     if found:
-        what = "do not match their digests" if code == EXIT_INTEGRITY else "are missing"
         raise CommandError(
-            f"{len(found)} difference(s) with {args.lock}: files {what}; "
+            f"{len(found)} difference(s) with {args.lock}: {_what_differs(found)}; "
             "run `surefetch sync --frozen` to restore them",
             code,
         )
     if not (args.quiet or args.json):
         print_line(f"every file of {args.lock} matches in {args.dest}")
     return EXIT_OK
+
+
+# What each kind of difference says of the files (`surefetch.transaction.Difference`).
+_DIFFERENCE_SAYS = {
+    "missing": "missing",
+    "not a file": "not files",
+    "size": "of another size",
+    "sha256": "not matching their digests",
+    "xxh3_128": "not matching their digests",
+    "not executable": "not executable",
+}
+
+
+def _what_differs(found: list[Any]) -> str:
+    """``files missing, not executable``: every kind of difference found, in one line."""
+    said = dict.fromkeys(_DIFFERENCE_SAYS.get(d.kind, d.kind) for d in found)
+    return "files " + ", ".join(said)
