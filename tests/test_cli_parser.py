@@ -90,3 +90,23 @@ def test_the_command_exits_at_once_with_all_it_printed_and_its_code(tmp_path: Pa
             )
             assert done.returncode == code, (closed, args, done.stderr)
             assert b"Traceback" not in (done.stderr or b"")
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+@pytest.mark.parametrize("argv", [["--help"], ["sync", "--help"], ["--version"]])
+def test_help_and_version_that_cannot_be_written_say_so(argv: list[str], unbuffered: bool) -> None:
+    """`--help > /dev/full`: one line that blames stdout, exit 1 (argparse swallowed the
+    error and exited 0; buffered, the interpreter's own flush ended it with 120, and an
+    unbuffered --version with a traceback)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [SUREFETCH, *argv], stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=30
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "surefetch: error: cannot write to stdout: No space left on device"
+    ), done.stderr

@@ -18,7 +18,10 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, cast
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 from surefetch.cli._common import (
     EXIT_ERROR,
@@ -63,6 +66,12 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        """As argparse's, but a failure to write is not swallowed: `main` reports it."""
+        if file is None and sys.stdout is None:
+            return
+        (file or sys.stdout).write(self.format_help())
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -208,7 +217,10 @@ def run() -> NoReturn:
     before `main` returns, so nothing is left for finalization to do. A long-running
     command (serve, enforce, supervise) exits as usual.
     """
-    code = main()
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse after --help, --version or a usage error
+        code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else 1
     if _command_word(sys.argv[1:]) in _LONG_RUNNING:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
@@ -233,7 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every handler runs in `run_reporting_errors`: the one error path (see `_common`).
     """
     words = sys.argv[1:] if argv is None else argv
-    args = build_parser(words).parse_args(words)
+    try:
+        args = build_parser(words).parse_args(words)
+    except OSError as exc:  # writing --help, --version or a usage error (unbuffered)
+        if not isinstance(exc, BrokenPipeError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.write(f"surefetch: error: {cannot_write_stdout(exc)}\n")
+        return EXIT_ERROR
     quiet = getattr(args, "quiet", False)
     log_to_stderr(verbose=(args.verbose or getattr(args, "verbose_here", False)) and not quiet)
     handler: Callable[[argparse.Namespace], int] = args.handler
