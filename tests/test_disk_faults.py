@@ -334,6 +334,24 @@ def test_a_signal_during_the_install_waits_for_it_and_the_lockfile(
     assert verify(tmp_path / "surefetch.lock", dest) == []
 
 
+@needs_strace
+def test_a_signal_while_the_sync_tidies_up_says_the_sync_was_completed(
+    server: FaultServer, tmp_path: Path
+) -> None:
+    """A Ctrl+C after the lockfile is written, while the sync removes its state directory
+    (its last step, where strace sends it), is reported as arriving after a completed
+    install: it said "interrupted; run the same command again" with everything done."""
+    names = _sync_setup(server, tmp_path, count=3)
+    dest = tmp_path / "dest"
+    state = dest / ".surefetch"
+    out = run_traced(_sync_args(tmp_path), ["-P", str(state), "-e", "inject=rmdir:signal=SIGINT"])
+    assert out.returncode == 130, out.stderr
+    assert_one_line_error(out, "interrupted, but the install had begun, and was completed first")
+    assert sorted(a.name for a in read_lockfile(tmp_path / "surefetch.lock").artifacts) == names
+    assert verify(tmp_path / "surefetch.lock", dest) == []
+    assert not state.exists()
+
+
 def test_sync_removes_a_temporary_lockfile_a_killed_sync_left(
     server: FaultServer, tmp_path: Path
 ) -> None:

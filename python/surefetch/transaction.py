@@ -429,52 +429,57 @@ def sync(
         raise
     except OSError as exc:
         raise storage_error(exc, f"cannot create {state}") from exc
-    try:
-        with _dest_lock(state, token):
-            _remove_stale_staging(state)
-            remove_stale_temporaries(lock_path)
-            staging = state / f"sync-{os.urandom(8).hex()}"
-            staging.mkdir(mode=0o700)
-            lazy_cache = LazyCache(cache)
-            try:
-                resolver = Resolver(
-                    root,
-                    staging,
-                    lazy_cache,
-                    token,
-                    TransferOptions.of(options, timeout=timeout_per_item)
-                    if timeout_per_item is not None
-                    else TransferOptions.of(options),
-                    lock_path,
-                    link_mode,
-                    artifact_progress,
-                    on_wait,
-                )
-                outcomes = resolver.run(items, jobs, progress)
-                # From the first rename on, all of it: a Ctrl+C or SIGTERM takes effect
-                # once every file is in place and the lockfile matches them.
-                with held_back(
-                    f"the install had begun, and was completed first: every artifact is in "
-                    f"{root} and {lock_path} matches them"
-                ):
+    install_done = contextlib.ExitStack()  # holds signals back once the install begins
+    with install_done:
+        try:
+            with _dest_lock(state, token):
+                _remove_stale_staging(state)
+                remove_stale_temporaries(lock_path)
+                staging = state / f"sync-{os.urandom(8).hex()}"
+                staging.mkdir(mode=0o700)
+                lazy_cache = LazyCache(cache)
+                try:
+                    resolver = Resolver(
+                        root,
+                        staging,
+                        lazy_cache,
+                        token,
+                        TransferOptions.of(options, timeout=timeout_per_item)
+                        if timeout_per_item is not None
+                        else TransferOptions.of(options),
+                        lock_path,
+                        link_mode,
+                        artifact_progress,
+                        on_wait,
+                    )
+                    outcomes = resolver.run(items, jobs, progress)
+                    # From the first rename on, all of it: a Ctrl+C or SIGTERM takes effect
+                    # once every file is in place, the lockfile matches them and the staging
+                    # area is tidied (`install_done` is left when this function ends).
+                    install_done.enter_context(
+                        held_back(
+                            f"the install had begun, and was completed first: every artifact "
+                            f"is in {root} and {lock_path} matches them"
+                        )
+                    )
                     not_durable = _install(root, outcomes, source, error)
                     changed = False
                     if not frozen:
                         entries = sorted((o.entry for o in outcomes), key=lambda a: a.name)
                         changed = write_lockfile(lock_path, Lockfile(tuple(entries)))
-                if not_durable is not None:
-                    raise not_durable
-            finally:
-                lazy_cache.release()
-                # Interrupted: as much as a moment allows, not thousands of unlinks
-                # between a Ctrl+C and the exit; the next sync removes the rest.
-                interrupted = isinstance(sys.exc_info()[1], BaseException) and not isinstance(
-                    sys.exc_info()[1], Exception
-                )
-                _remove_tree(staging, within=_INTERRUPTED_TIDY_S if interrupted else None)
-    finally:
-        with contextlib.suppress(OSError):
-            state.rmdir()  # only when empty: part files of other downloads stay
+                    if not_durable is not None:
+                        raise not_durable
+                finally:
+                    lazy_cache.release()
+                    # Interrupted: as much as a moment allows, not thousands of unlinks
+                    # between a Ctrl+C and the exit; the next sync removes the rest.
+                    interrupted = isinstance(sys.exc_info()[1], BaseException) and not isinstance(
+                        sys.exc_info()[1], Exception
+                    )
+                    _remove_tree(staging, within=_INTERRUPTED_TIDY_S if interrupted else None)
+        finally:
+            with contextlib.suppress(OSError):
+                state.rmdir()  # only when empty: part files of other downloads stay
     return SyncResult(
         installed=tuple(sorted(o.item.name for o in outcomes if o.staged is not None)),
         unchanged=tuple(sorted(o.item.name for o in outcomes if o.staged is None)),
