@@ -223,7 +223,12 @@ def write_out(text: str, *, flush: bool = False) -> None:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise CommandError(f"{cannot_write_stdout(exc)}; the command stopped there") from None
+        # Only the output stopped: what the command did before this line stands (a file
+        # installed, a lockfile written, a job queued), and a batch does no more.
+        raise CommandError(
+            f"{cannot_write_stdout(exc)}; the command stopped there, and what it had done "
+            "before stands"
+        ) from None
 
 
 def print_line(*values: object) -> None:
