@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -387,3 +388,26 @@ def test_items_start_in_their_order(server: FaultServer, tmp_path: Path) -> None
         results = sf.download_many(urls, tmp_path / "out", jobs=1)
         assert not any(isinstance(r, Exception) for r in results)
         assert [r.name for r in server.requests] == [f"o{i}.bin" for i in range(12)]
+
+
+def test_json_lines_arrive_as_items_end_through_a_pipe(server: FaultServer, tmp_path: Path) -> None:
+    """`get A B --json | consumer`: A's line arrives when A ends, not when the batch does
+    (stdout to a pipe is block-buffered: each line is flushed, as the plain paths are)."""
+    fast = server.add("fast.bin", b"f" * 1000)
+    server.add("slow.bin", payload(300_000, 3))
+    slow = server.url_for("slow.bin", throttle=100_000)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    child = subprocess.Popen(
+        [SUREFETCH, "get", fast, slow, "-o", str(tmp_path / "out") + "/", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=restore_default_signals,
+    )
+    assert child.stdout is not None
+    try:
+        first = json.loads(child.stdout.readline())
+        assert first["url"] == fast and child.poll() is None  # the slow one still runs
+    finally:
+        code = child.wait(30)
+    assert code == 0

@@ -196,11 +196,11 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
         return _fail(error_line(exc, keeps_parts=keeps_parts), exit_code_for(exc))
 
 
-def print_json(obj: Any) -> None:
-    """`obj` as one line of JSON on stdout (`write_out`)."""
+def print_json(obj: Any, *, flush: bool = False) -> None:
+    """`obj` as one line of JSON on stdout (`write_out`; flushed with `flush`)."""
     import json  # only for --json (~1 ms of every start otherwise)
 
-    write_out(json.dumps(obj, sort_keys=True) + "\n")
+    write_out(json.dumps(obj, sort_keys=True) + "\n", flush=flush)
 
 
 def write_out(text: str, *, flush: bool = False) -> None:

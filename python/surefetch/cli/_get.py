@@ -155,7 +155,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
         url = shown_url(index)
         if isinstance(result, DownloadResult):
             if args.json:
-                print_json({"url": url, **result.to_dict()})
+                print_json({"url": url, **result.to_dict()}, flush=True)  # as each ends
             elif not args.quiet:
                 write_out(f"{result.path}\n", flush=True)
         else:
@@ -163,7 +163,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
             worst = max(worst, code)
             line = redact_urls(error_line(result))
             if args.json:
-                print_json({"url": url, "error": line, "exit_code": code})
+                print_json({"url": url, "error": line, "exit_code": code}, flush=True)
             else:
                 print(f"surefetch: {url}: {line}", file=sys.stderr)
 
