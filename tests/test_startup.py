@@ -92,6 +92,13 @@ def test_a_record_waits_for_a_listener_and_reaches_it(tmp_path: Path) -> None:
         log.warning("not configured")
         logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
         log.info("configured: %s", 1)
+        logging.getLogger().handlers[0].setFormatter(logging.Formatter("at %(funcName)s"))
+        def caller():
+            log.info("where")
+        caller()
+        logging.getLogger().handlers[0].setFormatter(
+            logging.Formatter("%(name)s %(levelname)s %(message)s")
+        )
         log.debug("below the level")
         try:
             raise OSError("the cause")
@@ -104,6 +111,8 @@ def test_a_record_waits_for_a_listener_and_reaches_it(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "logging imported: False\n"
     lines = done.stderr.splitlines()
+    assert "at caller" in lines  # the record names its caller, not surefetch._log
+    lines.remove("at caller")
     assert lines[:2] == [
         "surefetch.cache INFO configured: 1",
         "surefetch.cache ERROR with its traceback",

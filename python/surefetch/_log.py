@@ -41,23 +41,23 @@ class Logger:
         self.name = name
 
     def debug(self, msg: str, *args: object) -> None:
-        log(self.name, DEBUG, msg, *args)
+        log(self.name, DEBUG, msg, *args, stacklevel=3)
 
     def info(self, msg: str, *args: object) -> None:
-        log(self.name, INFO, msg, *args)
+        log(self.name, INFO, msg, *args, stacklevel=3)
 
     def warning(self, msg: str, *args: object) -> None:
-        log(self.name, WARNING, msg, *args)
+        log(self.name, WARNING, msg, *args, stacklevel=3)
 
     def error(self, msg: str, *args: object) -> None:
-        log(self.name, ERROR, msg, *args)
+        log(self.name, ERROR, msg, *args, stacklevel=3)
 
     def exception(self, msg: str, *args: object) -> None:
         """An error, with the exception being handled (its traceback)."""
-        log(self.name, ERROR, msg, *args, exc_info=True)
+        log(self.name, ERROR, msg, *args, exc_info=True, stacklevel=3)
 
     def log(self, level: int, msg: str, *args: object) -> None:
-        log(self.name, level, msg, *args)
+        log(self.name, level, msg, *args, stacklevel=3)
 
     def __repr__(self) -> str:
         return f"<surefetch logger {self.name}>"
@@ -68,10 +68,13 @@ def get_logger(name: str) -> Logger:
     return Logger(name)
 
 
-def log(name: str, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+def log(
+    name: str, level: int, msg: str, *args: object, exc_info: bool = False, stacklevel: int = 1
+) -> None:
     """Logs `msg % args` at `level` (`logging`'s numbers) on the logger `name`: dropped
     when nothing could receive it (see the module's documentation). The engine's notes
-    come here too (logger ``surefetch.engine``)."""
+    come here too (logger ``surefetch.engine``). `stacklevel`: as `logging`'s, counted
+    from this function (the record names the caller that many frames up)."""
     if not _ready:
         if "logging" not in sys.modules and (
             _pending_from_level is None or level < _pending_from_level
@@ -80,7 +83,7 @@ def log(name: str, level: int, msg: str, *args: object, exc_info: bool = False) 
         _get_ready()
     import logging
 
-    logging.getLogger(name).log(level, msg, *args, exc_info=exc_info)
+    logging.getLogger(name).log(level, msg, *args, exc_info=exc_info, stacklevel=stacklevel)
 
 
 def when_listened(setup: Callable[[], None], level: int) -> None:
