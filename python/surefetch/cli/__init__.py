@@ -220,7 +220,9 @@ def run() -> NoReturn:
     try:
         code = main()
     except SystemExit as exc:  # argparse after --help, --version or a usage error
-        code = exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else 1
+        code = (
+            exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else EXIT_ERROR
+        )
     if _command_word(sys.argv[1:]) in _LONG_RUNNING:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):
