@@ -7,7 +7,7 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 SUREFETCH = str(Path(sys.executable).parent / "surefetch")
@@ -25,9 +25,13 @@ def restore_default_signals() -> None:
 
 
 def run_cli(
-    args: Sequence[str], cwd: Path | None = None, timeout: float = 30
+    args: Sequence[str],
+    cwd: Path | None = None,
+    timeout: float = 30,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the installed `surefetch` command, stdin closed, not on a terminal."""
+    """Runs the installed `surefetch` command, stdin closed, not on a terminal; `env`:
+    variables to set in its environment."""
     return subprocess.run(
         [SUREFETCH, *args],
         cwd=cwd,
@@ -36,7 +40,7 @@ def run_cli(
         stdin=subprocess.DEVNULL,
         timeout=timeout,
         preexec_fn=restore_default_signals,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

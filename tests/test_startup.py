@@ -12,7 +12,7 @@ import tomli_w
 
 from surefetch.testing import FaultServer
 
-from support import SUREFETCH, payload, restore_default_signals
+from support import SUREFETCH, payload, run_cli
 
 # Modules the common commands do without (each costs 1-5 ms of every start): they are
 # imported only on the paths that need them (a netrc file, a logged record, --help...).
@@ -38,18 +38,9 @@ def _imported(stderr: str) -> set[str]:
 
 
 def _run_importtime(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "HOME": str(cwd)}
-    env.pop("NETRC", None)
-    return subprocess.run(
-        [SUREFETCH, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=30,
-        preexec_fn=restore_default_signals,
-        env=env,
-    )
+    """The command with ``-X importtime`` on, and no netrc file (none in HOME or NETRC)."""
+    variables = {"PYTHONPROFILEIMPORTTIME": "1", "HOME": str(cwd), "NETRC": str(cwd / "none")}
+    return run_cli(args, cwd, env=variables)
 
 
 def test_a_sync_a_get_and_a_fetch_import_only_what_they_use(
