@@ -490,6 +490,7 @@ def test_transfer_options_defaults_are_the_engines() -> None:
         assert getattr(ours, name) == engine[name], name
     for name in ("retries", "speed_limit", "speed_time"):
         assert getattr(ours, name) == engine[name], name
+    assert tuple(inspect.signature(TransferOptions).parameters) == FIELDS  # the same order
     # download() keeps no defaults of its own: the ones it does not get come from options.
     signature = inspect.signature(sf.download)
     for name in FIELDS:

@@ -118,20 +118,19 @@ class TransferOptions:
         for name, flag in (("resume", resume), ("netrc", netrc)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, not {flag!r}")
-        fields: dict[str, object] = {
-            "connections": connections,
-            "resume": resume,
-            "timeout": timeout,
-            "read_timeout": read_timeout,
-            "connect_timeout": connect_timeout,
-            "retries": retries,
-            "speed_limit": speed_limit,
-            "speed_time": speed_time,
-            # A private copy: the caller's mapping may change after it was checked.
-            "headers": _checked_headers(headers),
-            "netrc": netrc,
-        }
-        for name, field in fields.items():
+        values = (
+            connections,
+            resume,
+            timeout,
+            read_timeout,
+            connect_timeout,
+            retries,
+            speed_limit,
+            speed_time,
+            _checked_headers(headers),  # a read-only copy: the caller's may change later
+            netrc,
+        )
+        for name, field in zip(FIELDS, values):  # (FIELDS is the arguments' order)
             object.__setattr__(self, name, field)
 
     def as_dict(self) -> dict[str, Any]:
