@@ -295,7 +295,8 @@ def test_usage_errors_exit_2(args: list[str], words: str, root: Path) -> None:
 def test_a_reader_that_went_away_is_not_blamed_on_the_cache(
     url: str, root: Path, command: list[str]
 ) -> None:
-    """`surefetch cache ls --json | head -c 10`: stdout closes; that is not the cache's fault."""
+    """`surefetch cache ls --json | head -c 10`: stdout closes; that is not the cache's fault,
+    and the command ends with its own exit code."""
     assert run_cli(["fetch", url, "--cache", str(root), "-q"]).returncode == 0
     if command[0] == "gc":
         command = ["gc", "--max-size", "0"]
@@ -311,8 +312,7 @@ def test_a_reader_that_went_away_is_not_blamed_on_the_cache(
         )
     finally:
         os.close(write_end)
-    assert done.returncode == 1
-    assert "cannot use the cache" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_a_damaged_catalog_is_named_once_and_verify_replaces_it(url: str, root: Path) -> None:

@@ -35,9 +35,11 @@ from surefetch.cli._common import (
     VERBOSE_HELP,
     Terminated,
     cannot_write_stdout,
+    discard_stdout,
     exit_code_for,
     log_to_stderr,
     run_reporting_errors,
+    stop_on_closed_pipe,
 )
 
 __all__ = [
@@ -230,10 +232,12 @@ def run() -> NoReturn:
             continue
         try:
             stream.flush()
-        except (OSError, ValueError) as exc:  # the reader went away, a full disk...
+        except BrokenPipeError:
+            pass  # the reader took what it wanted (`cache ls | head -1`): the code stands
+        except (OSError, ValueError) as exc:  # a full disk behind `>`...
             if stream is sys.stdout and code == EXIT_OK:
                 code = EXIT_ERROR  # what was printed did not all arrive
-                if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+                if isinstance(exc, OSError):
                     with contextlib.suppress(OSError, ValueError, AttributeError):
                         what = cannot_write_stdout(exc)
                         sys.stderr.write(f"surefetch: error: {what}; the command had finished\n")
@@ -249,30 +253,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(words).parse_args(words)
+    except BrokenPipeError:  # `--help | head -1`: the reader took what it wanted
+        discard_stdout()
+        return EXIT_OK
     except OSError as exc:  # writing --help, --version or a usage error (unbuffered)
-        if not isinstance(exc, BrokenPipeError):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                sys.stderr.write(f"surefetch: error: {cannot_write_stdout(exc)}\n")
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stderr.write(f"surefetch: error: {cannot_write_stdout(exc)}\n")
         return EXIT_ERROR
     quiet = getattr(args, "quiet", False)
     log_to_stderr(verbose=(args.verbose or getattr(args, "verbose_here", False)) and not quiet)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    keeps_parts = getattr(args, "keeps_parts", False)
+    stop_on_closed_pipe(keeps_parts)
     try:
         with _fewer_collections(args.command not in _LONG_RUNNING):
-            return run_reporting_errors(
-                lambda: handler(args), keeps_parts=getattr(args, "keeps_parts", False)
-            )
+            return run_reporting_errors(lambda: handler(args), keeps_parts=keeps_parts)
     except BrokenPipeError:
-        # The reader went away (`surefetch get ... --json | head -1`): stop, and keep
-        # Python from complaining again when it flushes stdout at exit. A command that
-        # downloads says that it stopped (what it had not finished was not made).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        if getattr(args, "keeps_parts", False):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                print(
-                    "surefetch: error: stdout's reader went away (a closed pipe): stopped; "
-                    "the downloads that had not finished were not made",
-                    file=sys.stderr,
-                )
+        # The reader of a command that downloads went away (`surefetch get A B --json |
+        # head -1`): stop, say so (what had not finished was not made), and keep Python
+        # from complaining again when it flushes stdout at exit.
+        discard_stdout()
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            print(
+                "surefetch: error: stdout's reader went away (a closed pipe): stopped; "
+                "the downloads that had not finished were not made",
+                file=sys.stderr,
+            )
         return EXIT_ERROR

@@ -14,11 +14,13 @@ from surefetch.cli._common import (
     EXIT_OK,
     CommandError,
     add_network_options,
+    json_line,
     non_negative_int,
     print_json,
     print_line,
     seconds,
     transfer_options,
+    write_completed,
 )
 from surefetch.cli._progress import progress_bar
 from surefetch.errors import StorageError, SurefetchError
@@ -177,18 +179,21 @@ def _run_fetch(args: argparse.Namespace) -> int:
         )
     if args.output is not None:
         entry = _install_fetched(entry, args.url, args.output, args.link_mode)
-    if args.json:
-        print_json(
-            {
-                "path": str(entry.path),
-                "size": entry.size,
-                "sha256": entry.sha256,
-                "xxh3_128": entry.xxh3_128,
-                "bytes_transferred": entry.bytes_transferred,
-            }
+    if args.json or not args.quiet:
+        shown = (
+            json_line(
+                {
+                    "path": str(entry.path),
+                    "size": entry.size,
+                    "sha256": entry.sha256,
+                    "xxh3_128": entry.xxh3_128,
+                    "bytes_transferred": entry.bytes_transferred,
+                }
+            )
+            if args.json
+            else f"{entry.path}\n"
         )
-    elif not args.quiet:
-        print_line(entry.path)
+        write_completed(shown, done=f"{entry.path} was fetched and verified")
     return EXIT_OK
 
 
@@ -201,8 +206,16 @@ def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
 
     target = Path(output)
     if output.endswith(("/", os.sep)) or target.is_dir():
-        target.mkdir(mode=0o755, parents=True, exist_ok=True)
         target = target / name_from_url(url)
+    try:  # missing directories are created, as `get -o` does
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            exc.errno or 0,
+            f"cannot create the directory {target.parent}: {exc.strerror or exc}; "
+            "the cached copy is fine: check -o",
+            str(target.parent),
+        ) from exc
     try:
         install(entry.path, target, 0o644, link_mode)
     except OSError as exc:

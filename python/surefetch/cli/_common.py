@@ -15,7 +15,9 @@ refusal) is a `CommandError` carrying its message and exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -196,22 +198,68 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
         return _fail(error_line(exc, keeps_parts=keeps_parts), exit_code_for(exc))
 
 
-def print_json(obj: Any, *, flush: bool = False) -> None:
-    """`obj` as one line of JSON on stdout (`write_out`; flushed with `flush`)."""
+def json_line(obj: Any) -> str:
+    """`obj` as one line of JSON (keys sorted), with its newline."""
     import json  # only for --json (~1 ms of every start otherwise)
 
-    write_out(json.dumps(obj, sort_keys=True) + "\n", flush=flush)
+    return json.dumps(obj, sort_keys=True) + "\n"
+
+
+def print_json(obj: Any, *, flush: bool = False) -> None:
+    """`obj` as one line of JSON on stdout (`write_out`; flushed with `flush`)."""
+    write_out(json_line(obj), flush=flush)
+
+
+def write_completed(text: str, *, done: str) -> None:
+    """`text` on stdout, flushed, by a command that has already changed what it was asked
+    to (a file installed, a lockfile written). Its exit code stays 0 whatever happens to
+    the output: a non-zero exit promises that nothing changed at the final path or in
+    the lockfile (DESIGN.md). An output that cannot be written is said on stderr, as a
+    warning that names what was `done`; a reader that went away (a closed pipe) is not
+    told, as with any command whose reader stops reading."""
+    if sys.stdout is None:  # started with stdout closed (as `print` skips it)
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        discard_stdout()  # what is still buffered must not fail the exit's flush
+        if not isinstance(exc, BrokenPipeError):
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"surefetch: warning: {cannot_write_stdout(exc)}; {done}\n")
+
+
+def discard_stdout() -> None:
+    """Points stdout's descriptor at the null device, so that what it still buffers, and
+    the interpreter's flush at exit, go nowhere instead of failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+_closed_pipe_stops = True
+
+
+def stop_on_closed_pipe(stops: bool) -> None:
+    """What `write_out` does when stdout's reader went away (``... | head -1``): raise
+    `BrokenPipeError` so that the command stops (one that downloads: it would otherwise
+    go on making files for nobody), or not (the default for commands that only report:
+    the rest of the output goes nowhere and the command ends with its own exit code,
+    so that ``surefetch verify | head -1`` still exits 3 on a difference)."""
+    global _closed_pipe_stops
+    _closed_pipe_stops = stops
 
 
 def write_out(text: str, *, flush: bool = False) -> None:
     """`text` on stdout in one write (then flushed, with `flush`): a signal handled
     meanwhile never leaves half a line that the next one would continue. A closed pipe
-    raises `BrokenPipeError` (the
-    command stops: `surefetch.cli.main`); any other failure to write (a full disk
+    is `stop_on_closed_pipe`'s to decide; any other failure to write (a full disk
     behind ``>``) is the command's error, in one line.
 
     Raises:
-        BrokenPipeError: the reader of stdout went away.
+        BrokenPipeError: the reader of stdout went away (`stop_on_closed_pipe`).
         CommandError: stdout cannot be written.
     """
     if sys.stdout is None:  # started with stdout closed (as `print` skips it)
@@ -221,7 +269,9 @@ def write_out(text: str, *, flush: bool = False) -> None:
         if flush:
             sys.stdout.flush()
     except BrokenPipeError:
-        raise
+        if _closed_pipe_stops:
+            raise
+        discard_stdout()
     except OSError as exc:
         # Only the output stopped: what the command did before this line stands (a file
         # installed, a lockfile written, a job queued), and a batch does no more.

@@ -16,11 +16,13 @@ from surefetch.cli._common import (
     add_network_options,
     error_line,
     exit_code_for,
+    json_line,
     non_negative_int,
     positive_int,
     print_json,
     seconds,
     transfer_options,
+    write_completed,
     write_out,
 )
 from surefetch.cli._progress import batch_progress_bar, progress_bar
@@ -109,10 +111,9 @@ def _run_get(args: argparse.Namespace) -> int:
             options=transfer_options(args),
             **_file_options(args),
         )
-    if args.json:
-        print_json(result.to_dict())
-    elif not args.quiet:
-        write_out(f"{result.path}\n")
+    if args.json or not args.quiet:
+        shown = json_line(result.to_dict()) if args.json else f"{result.path}\n"
+        write_completed(shown, done=f"{result.path} was downloaded and verified")
     return EXIT_OK
 
 

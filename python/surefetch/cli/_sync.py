@@ -14,11 +14,13 @@ from surefetch.cli._common import (
     EXIT_OK,
     CommandError,
     add_network_options,
+    json_line,
     positive_int,
     print_json,
     print_line,
     seconds,
     transfer_options,
+    write_completed,
 )
 from surefetch.cli._progress import named_bar
 
@@ -113,15 +115,16 @@ def _run_sync(args: argparse.Namespace) -> int:
             options=transfer_options(args),
             on_wait=on_wait,
         )
-    if args.json:
-        print_json(result.to_dict())
-    elif not args.quiet:
-        lock_note = "lockfile updated" if result.lockfile_changed else "lockfile unchanged"
-        print_line(
-            f"{len(result.installed)} installed, {len(result.unchanged)} unchanged, "
+    lock_note = "lockfile updated" if result.lockfile_changed else "lockfile unchanged"
+    if args.json or not args.quiet:
+        shown = (
+            json_line(result.to_dict())
+            if args.json
+            else f"{len(result.installed)} installed, {len(result.unchanged)} unchanged, "
             f"{len(result.removed)} removed from the lockfile; {lock_note}; "
-            f"{result.bytes_transferred} bytes transferred in {result.elapsed:.2f} s"
+            f"{result.bytes_transferred} bytes transferred in {result.elapsed:.2f} s\n"
         )
+        write_completed(shown, done=f"the sync completed ({lock_note})")
     return EXIT_OK
 
 

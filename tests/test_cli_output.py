@@ -1,0 +1,139 @@
+"""What a command's exit code says when its stdout cannot take what it prints: a full
+disk behind ``>`` (``/dev/full``) or a reader that went away (a closed pipe), for the
+commands that change files and for those that only report.
+
+The rule (DESIGN.md): a non-zero exit means nothing changed at the final path or in the
+lockfile. So a command that has installed what it was asked to exits 0 whatever happens
+to its output, and says on stderr (a full disk) what it did; a command that only reports
+ends with its own exit code when the reader left (``verify | head -1`` still exits 3), and
+exit 1 with one line when the output hit a full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from surefetch.testing import FaultServer
+
+from support import SUREFETCH, payload, restore_default_signals, run_cli
+
+BODY = payload(5000, 7)
+
+
+@contextmanager
+def _full_disk() -> Iterator[int]:
+    with open("/dev/full", "wb") as full:
+        yield full.fileno()
+
+
+@contextmanager
+def _closed_pipe() -> Iterator[int]:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        yield write_end
+    finally:
+        os.close(write_end)
+
+
+OUTPUTS: dict[str, Callable[[], contextlib.AbstractContextManager[int]]] = {
+    "full disk": _full_disk,
+    "closed pipe": _closed_pipe,
+}
+
+
+def _run(args: list[str], stdout: int, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SUREFETCH, *args],
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        timeout=30,
+        preexec_fn=restore_default_signals,
+    )
+
+
+def _sync_args(root: Path) -> list[str]:
+    return ["sync", "--manifest", str(root / "surefetch.toml"), "--lock", str(root / "l"),
+            "--dest", str(root / "d"), "--cache", str(root / "c")]  # fmt: skip
+
+
+@pytest.fixture
+def url(server: FaultServer) -> str:
+    return server.add("a.bin", BODY)
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+@pytest.mark.parametrize("command", ["get", "fetch -o", "sync"])
+def test_a_command_that_installed_exits_0_when_its_output_is_lost(
+    url: str, tmp_path: Path, command: str, json_flag: list[str], output: str
+) -> None:
+    target = tmp_path / "d" / "a.bin"
+    if command == "sync":
+        (tmp_path / "surefetch.toml").write_text(
+            tomli_w.dumps({"artifact": [{"name": "a.bin", "url": url}]})
+        )
+        args = _sync_args(tmp_path)
+    elif command == "get":
+        args = ["get", url, "-o", str(target)]
+    else:
+        args = ["fetch", url, "--cache", str(tmp_path / "c"), "-o", str(target)]
+    with OUTPUTS[output]() as stdout:
+        done = _run([*args, *json_flag], stdout, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert target.read_bytes() == BODY
+    if command == "sync":
+        assert (tmp_path / "l").exists()
+    if output == "closed pipe":  # the reader left: nobody to tell
+        assert done.stderr == "", done.stderr
+    else:
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("surefetch: warning: cannot write to stdout: No space left"), line
+        assert ("the sync completed" if command == "sync" else str(target)) in line, line
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_a_report_read_by_nobody_keeps_its_verdict(
+    url: str, tmp_path: Path, output: str
+) -> None:
+    """`verify | head -1` on a damaged file still exits 3 (the verdict is the exit code);
+    `verify > /dev/full` exits 1 with one line, as `ls > /dev/full` fails."""
+    (tmp_path / "surefetch.toml").write_text(
+        tomli_w.dumps({"artifact": [{"name": "a.bin", "url": url}]})
+    )
+    assert run_cli(_sync_args(tmp_path)).returncode == 0
+    (tmp_path / "d" / "a.bin").write_bytes(b"x" * len(BODY))
+    verify = ["verify", "--lock", str(tmp_path / "l"), "--dest", str(tmp_path / "d")]
+    with OUTPUTS[output]() as stdout:
+        done = _run(verify, stdout, tmp_path)
+    if output == "closed pipe":
+        assert done.returncode == 3, done.stderr
+    else:
+        assert done.returncode == 1, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert "cannot write to stdout: No space left on device" in line, line
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["cache", "ls"], ["cache", "ls", "--json"]]
+)
+def test_a_reader_that_took_what_it_wanted_is_a_success(
+    url: str, tmp_path: Path, args: list[str]
+) -> None:
+    """`surefetch --help | head -1`, `cache ls | head -1`: exit 0, nothing on stderr."""
+    if args[0] == "cache":
+        args = [*args, "--cache", str(tmp_path / "c")]
+        assert run_cli(["fetch", url, "--cache", str(tmp_path / "c"), "-q"]).returncode == 0
+    with _closed_pipe() as stdout:
+        done = _run(args, stdout, tmp_path)
+    assert (done.returncode, done.stderr) == (0, "")
