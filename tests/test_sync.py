@@ -506,3 +506,45 @@ def test_sync_leaves_no_file_of_a_cache_it_opened_open(
         except FileNotFoundError:  # the descriptor listdir itself used
             continue
     assert not [path for path in held if path.startswith(str(project.cache))], held
+
+
+FAILURES = {
+    "http 404": lambda server: {"url": server.url_for("gone")},
+    "refused": lambda server: {"url": "http://127.0.0.1:1/x"},
+    "wrong digest": lambda server: {"url": server.add("w", A), "sha256": _sha(B)},
+    "bad path": lambda server: {"url": server.add("w", A), "path": "../out"},
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("dest", ["new/deeper", "existing"])
+def test_a_failed_sync_leaves_no_directory_it_made(
+    server: FaultServer, tmp_path: Path, failure: str, dest: str
+) -> None:
+    """A sync that fails leaves the filesystem as it found it: a destination it had to
+    create (with its missing parents) goes again, and an existing one keeps no
+    `.surefetch/` (it left an empty `new/deeper/` behind)."""
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "m.toml").write_text(
+        tomli_w.dumps({"artifact": [{"name": "a", **FAILURES[failure](server)}]})
+    )
+    with pytest.raises(sf.SurefetchError):
+        sf.sync(tmp_path / "m.toml", tmp_path / "l", tmp_path / dest, cache=tmp_path / "c",
+                options=sf.TransferOptions(retries=0))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "c") == ["existing", "m.toml"]
+    assert list((tmp_path / "existing").iterdir()) == []
+
+
+def test_a_broken_netrc_stops_a_sync_before_anything_is_made(
+    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "netrc").write_text("machine 127.0.0.1 login alice password s3cret\nmachine\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    (tmp_path / "m.toml").write_text(
+        tomli_w.dumps({"artifact": [{"name": "a", "url": server.add("a", A)}]})
+    )
+    with pytest.raises(ValueError, match="cannot parse it"):
+        sf.sync(tmp_path / "m.toml", tmp_path / "l", tmp_path / "new", cache=tmp_path / "c")
+    with pytest.raises(ValueError, match="cannot parse it"):
+        sf.Cache(tmp_path / "c2").fetch(server.url_for("a"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.toml", "netrc"]

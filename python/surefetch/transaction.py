@@ -417,69 +417,69 @@ def sync(
         source, error = man.path, ManifestError
         if locked:
             check_locked(items, removed, old_bytes, lock_path)
-    root = _prepare_dest(Path(os.fspath(dest)))
-    parents_inside: set[str] = set()
-    for item in items:
-        _checked_target(root, item.target, source, item.name, error, parents_inside)
-    token = cancel.child() if cancel is not None else CancelToken()
-    state = Path(root, STATE_DIR)
+    made = _prepare_dest(Path(os.fspath(dest)))
+    root = made.root
     try:
-        part_dir(root)  # a real directory of ours, as the engine's part files need
-    except StorageError:
-        raise
-    except OSError as exc:
-        raise storage_error(exc, f"cannot create {state}") from exc
-    install_done = contextlib.ExitStack()  # holds signals back once the install begins
-    with install_done:
-        try:
-            with _dest_lock(state, token):
-                _remove_stale_staging(state)
-                remove_stale_temporaries(lock_path)
-                staging = state / f"sync-{os.urandom(8).hex()}"
-                staging.mkdir(mode=0o700)
-                lazy_cache = LazyCache(cache)
-                try:
-                    resolver = Resolver(
-                        root,
-                        staging,
-                        lazy_cache,
-                        token,
-                        TransferOptions.of(options, timeout=timeout_per_item)
-                        if timeout_per_item is not None
-                        else TransferOptions.of(options),
-                        lock_path,
-                        link_mode,
-                        artifact_progress,
-                        on_wait,
-                    )
-                    outcomes = resolver.run(items, jobs, progress)
-                    # From the first rename on, all of it: a Ctrl+C or SIGTERM takes effect
-                    # once every file is in place, the lockfile matches them and the staging
-                    # area is tidied (`install_done` is left when this function ends).
-                    install_done.enter_context(
-                        held_back(
-                            f"the install had begun, and was completed first: every artifact "
-                            f"is in {root} and {lock_path} matches them"
+        parents_inside: set[str] = set()
+        for item in items:
+            _checked_target(root, item.target, source, item.name, error, parents_inside)
+        token = cancel.child() if cancel is not None else CancelToken()
+        state = Path(root, STATE_DIR)
+        install_done = contextlib.ExitStack()  # holds signals back once the install begins
+        with install_done:
+            try:
+                _make_state_dir(root, state)
+                with _dest_lock(state, token):
+                    _remove_stale_staging(state)
+                    remove_stale_temporaries(lock_path)
+                    staging = state / f"sync-{os.urandom(8).hex()}"
+                    staging.mkdir(mode=0o700)
+                    lazy_cache = LazyCache(cache)
+                    try:
+                        resolver = Resolver(
+                            root,
+                            staging,
+                            lazy_cache,
+                            token,
+                            TransferOptions.of(options, timeout=timeout_per_item)
+                            if timeout_per_item is not None
+                            else TransferOptions.of(options),
+                            lock_path,
+                            link_mode,
+                            artifact_progress,
+                            on_wait,
                         )
-                    )
-                    not_durable = _install(root, outcomes, source, error)
-                    changed = False
-                    if not frozen:
-                        entries = sorted((o.entry for o in outcomes), key=lambda a: a.name)
-                        changed = write_lockfile(lock_path, Lockfile(tuple(entries)))
-                    if not_durable is not None:
-                        raise not_durable
-                finally:
-                    lazy_cache.release()
-                    # Interrupted: as much as a moment allows, not thousands of unlinks
-                    # between a Ctrl+C and the exit; the next sync removes the rest.
-                    interrupted = isinstance(sys.exc_info()[1], BaseException) and not isinstance(
-                        sys.exc_info()[1], Exception
-                    )
-                    _remove_tree(staging, within=_INTERRUPTED_TIDY_S if interrupted else None)
-        finally:
-            with contextlib.suppress(OSError):
-                state.rmdir()  # only when empty: part files of other downloads stay
+                        outcomes = resolver.run(items, jobs, progress)
+                        # From the first rename on, all of it: a Ctrl+C or SIGTERM takes effect
+                        # once every file is in place, the lockfile matches them and the staging
+                        # area is tidied (`install_done` is left when this function ends).
+                        install_done.enter_context(
+                            held_back(
+                                f"the install had begun, and was completed first: every artifact "
+                                f"is in {root} and {lock_path} matches them"
+                            )
+                        )
+                        not_durable = _install(root, outcomes, source, error)
+                        changed = False
+                        if not frozen:
+                            entries = sorted((o.entry for o in outcomes), key=lambda a: a.name)
+                            changed = write_lockfile(lock_path, Lockfile(tuple(entries)))
+                        if not_durable is not None:
+                            raise not_durable
+                    finally:
+                        lazy_cache.release()
+                        # Interrupted: as much as a moment allows, not thousands of unlinks
+                        # between a Ctrl+C and the exit; the next sync removes the rest.
+                        interrupted = isinstance(
+                            sys.exc_info()[1], BaseException
+                        ) and not isinstance(sys.exc_info()[1], Exception)
+                        _remove_tree(staging, within=_INTERRUPTED_TIDY_S if interrupted else None)
+            finally:
+                with contextlib.suppress(OSError):
+                    state.rmdir()  # only when empty: part files of other downloads stay
+    except BaseException:
+        made.undo()  # a destination this sync created goes again when it failed
+        raise
     return SyncResult(
         installed=tuple(sorted(o.item.name for o in outcomes if o.staged is not None)),
         unchanged=tuple(sorted(o.item.name for o in outcomes if o.staged is None)),
@@ -490,12 +490,42 @@ def sync(
     )
 
 
-def _prepare_dest(dest: Path) -> str:
+class _Destination(NamedTuple):
+    root: str
+    """The destination's real path."""
+    created: tuple[str, ...]
+    """The directories made for it, outermost first."""
+
+    def undo(self) -> None:
+        """Removes the directories made for the destination, innermost first, as long as
+        they are empty (best effort: a failed sync into a new directory leaves none)."""
+        for path in reversed(self.created):
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
+
+
+def _prepare_dest(dest: Path) -> _Destination:
+    missing = []
+    level = dest.absolute()
+    while not os.path.lexists(level) and level != level.parent:
+        missing.append(str(level))
+        level = level.parent
     try:
         dest.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
         raise storage_error(exc, f"cannot create the destination {dest}") from exc
-    return os.path.realpath(dest)
+    return _Destination(os.path.realpath(dest), tuple(reversed(missing)))
+
+
+def _make_state_dir(root: str, state: Path) -> None:
+    try:
+        part_dir(root)  # a real directory of ours, as the engine's part files need
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, f"cannot create {state}") from exc
 
 
 # --- verify -----------------------------------------------------------------------------------

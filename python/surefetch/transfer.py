@@ -184,6 +184,16 @@ class TransferOptions:
         base = options if options is not None else DEFAULT
         return TransferOptions(**{**base.as_dict(), **changes}) if changes else base
 
+    def check_netrc(self) -> None:
+        """Reads the netrc file now (when `netrc` is on), so that a call stops on one that
+        does not parse before it creates anything; the parse is kept for its transfers.
+
+        Raises:
+            ValueError: the netrc file cannot be read or does not parse.
+        """
+        if self.netrc:
+            NetrcFile()
+
     def engine_options(self, url: str, netrc_file: NetrcFile | None = None) -> dict[str, Any]:
         """The engine's keywords for a transfer of `url`: every field but `netrc`, whose
         credentials (if any) join the headers as ``Authorization``, and go with the

@@ -139,7 +139,8 @@ class Cache:
             DownloadTimeout: `timeout` expired (while waiting or downloading).
             Cancelled: `cancel` was cancelled.
             StorageError: the cache directory could not be written.
-            ValueError: an invalid argument (URL, digest, number).
+            ValueError: an invalid argument (URL, digest, number), or a netrc file that
+                does not parse (read before anything is created).
             TypeError: a keyword that is not a `TransferOptions` field.
         """
         return self._fetcher().entry(
@@ -187,6 +188,7 @@ class Cache:
 
         Raises:
             StorageError: the cache directory cannot be used.
+            ValueError: a netrc file that does not parse (read before anything is created).
             TypeError: a keyword that is not a `TransferOptions` field.
             KeyboardInterrupt: Ctrl+C; every download is cancelled first.
         """

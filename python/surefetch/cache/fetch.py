@@ -67,6 +67,8 @@ class Fetcher:
         deadline = time.monotonic() + timeout if timeout is not None else None
         expected = check_sha256(sha256) if sha256 is not None else None
         key = f"sha256-{expected}" if expected else _key(url)
+        if not self.offline:
+            transfer.check_netrc()  # before the cache's directories are made
         store = self.store
         with store.storage():
             hit = store.lookup(expected, touch=True) if expected is not None else None
@@ -105,6 +107,8 @@ class Fetcher:
             if on_result is not None:
                 on_result(index, result)
 
+        if not self.offline:
+            transfer.check_netrc()  # before the cache's directories are made
         store = self.store
         # Within the batch each directory is checked once, and the catalog written once.
         with (
