@@ -43,22 +43,37 @@ def _closed_pipe() -> Iterator[int]:
         os.close(write_end)
 
 
+CLOSED = -1
+"""Started with no stdout at all (`>&-`)."""
+
+
+@contextmanager
+def _closed() -> Iterator[int]:
+    yield CLOSED
+
+
 OUTPUTS: dict[str, Callable[[], contextlib.AbstractContextManager[int]]] = {
     "full disk": _full_disk,
     "closed pipe": _closed_pipe,
+    "closed": _closed,
 }
+
+
+def _close_stdout() -> None:
+    restore_default_signals()
+    os.close(1)
 
 
 def _run(args: list[str], stdout: int, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [SUREFETCH, *args],
         cwd=cwd,
-        stdout=stdout,
+        stdout=None if stdout == CLOSED else stdout,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
         timeout=30,
-        preexec_fn=restore_default_signals,
+        preexec_fn=_close_stdout if stdout == CLOSED else restore_default_signals,
     )
 
 
@@ -98,16 +113,15 @@ def test_a_command_that_installed_exits_0_when_its_output_is_lost(
         assert done.stderr == "", done.stderr
     else:
         (line,) = done.stderr.splitlines()
-        assert line.startswith("surefetch: warning: cannot write to stdout: No space left"), line
+        why = "it is closed" if output == "closed" else "No space left on device"
+        assert line.startswith(f"surefetch: warning: cannot write to stdout: {why}"), line
         assert ("the sync completed" if command == "sync" else str(target)) in line, line
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
-def test_a_report_read_by_nobody_keeps_its_verdict(
-    url: str, tmp_path: Path, output: str
-) -> None:
+def test_a_report_read_by_nobody_keeps_its_verdict(url: str, tmp_path: Path, output: str) -> None:
     """`verify | head -1` on a damaged file still exits 3 (the verdict is the exit code);
-    `verify > /dev/full` exits 1 with one line, as `ls > /dev/full` fails."""
+    `verify > /dev/full` and `verify >&-` exit 1 with one line, as `ls` fails then."""
     (tmp_path / "surefetch.toml").write_text(
         tomli_w.dumps({"artifact": [{"name": "a.bin", "url": url}]})
     )
@@ -121,7 +135,8 @@ def test_a_report_read_by_nobody_keeps_its_verdict(
     else:
         assert done.returncode == 1, done.stderr
         (line,) = done.stderr.splitlines()
-        assert "cannot write to stdout: No space left on device" in line, line
+        why = "it is closed" if output == "closed" else "No space left on device"
+        assert f"cannot write to stdout: {why}" in line, line
 
 
 @pytest.mark.parametrize(

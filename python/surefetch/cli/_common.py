@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import signal
@@ -217,13 +218,14 @@ def write_completed(text: str, *, done: str) -> None:
     the lockfile (DESIGN.md). An output that cannot be written is said on stderr, as a
     warning that names what was `done`; a reader that went away (a closed pipe) is not
     told, as with any command whose reader stops reading."""
-    if sys.stdout is None:  # started with stdout closed (as `print` skips it)
-        return
     try:
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            raise OSError(errno.EBADF, "it is closed")
         sys.stdout.write(text)
         sys.stdout.flush()
     except OSError as exc:
-        discard_stdout()  # what is still buffered must not fail the exit's flush
+        if sys.stdout is not None:
+            discard_stdout()  # what is still buffered must not fail the exit's flush
         if not isinstance(exc, BrokenPipeError):
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.write(f"surefetch: warning: {cannot_write_stdout(exc)}; {done}\n")
@@ -262,9 +264,9 @@ def write_out(text: str, *, flush: bool = False) -> None:
         BrokenPipeError: the reader of stdout went away (`stop_on_closed_pipe`).
         CommandError: stdout cannot be written.
     """
-    if sys.stdout is None:  # started with stdout closed (as `print` skips it)
-        return
     try:
+        if sys.stdout is None:  # started with stdout closed (`>&-`), as `ls >&-` fails
+            raise OSError(errno.EBADF, "it is closed")
         sys.stdout.write(text)
         if flush:
             sys.stdout.flush()
