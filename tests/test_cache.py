@@ -157,6 +157,15 @@ def test_the_overall_timeout_covers_the_wait(cache: Cache, url: str) -> None:
         cache.fetch(url, sha256=SHA, timeout=0.3)
 
 
+def test_a_fetch_that_times_out_names_the_timeout_given(cache: Cache, url: str) -> None:
+    """The engine gets what is left of the fetch's timeout; the message names the one the
+    caller gave (it said "within 0.296 s" for 0.3)."""
+    with pytest.raises(sf.DownloadTimeout) as caught:
+        cache.fetch(f"{url}?throttle=1000", timeout=0.3)
+    assert caught.value.kind == "overall"
+    assert "within 0.3 s" in str(caught.value), caught.value
+
+
 @pytest.mark.usefixtures("holder")
 def test_cancel_stops_a_wait_at_once(cache: Cache, url: str) -> None:
     token = sf.CancelToken()

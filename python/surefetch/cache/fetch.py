@@ -290,16 +290,27 @@ class Fetcher:
         cached, etag, modified = (
             self._revalidation(url, expected) if revalidate else (None, None, None)
         )
-        result = download(
-            url,
-            tmp,
-            sha256=expected,
-            options=TransferOptions.of(transfer, timeout=remaining),
-            cancel=cancel,
-            if_none_match=etag,
-            if_modified_since=modified,
-            **options,
-        )
+        try:
+            result = download(
+                url,
+                tmp,
+                sha256=expected,
+                options=TransferOptions.of(transfer, timeout=remaining),
+                cancel=cancel,
+                if_none_match=etag,
+                if_modified_since=modified,
+                **options,
+            )
+        except DownloadTimeout as exc:
+            if exc.kind != "overall" or transfer.timeout is None:
+                raise
+            # The engine was given what was left of the fetch's timeout: name the timeout
+            # the caller gave (it said "within 0.996 s" for --timeout 1).
+            raise DownloadTimeout(
+                f"{redact_url(url)} was not fetched within {transfer.timeout:g} s (the "
+                "timeout counts waiting for another process's download too): raise the timeout",
+                "overall",
+            ) from None
         if result.not_modified and cached is not None:
             kept = self._still_cached(url, cached)
             if kept is not None:
