@@ -327,6 +327,15 @@ def test_long_histories_newest_first_with_a_default_limit(
     assert [s["id"] for s in two["sessions"]] == ids[::-1][:2]
     bad = sf("sessions", "list", "--db", url, "--user", "hist", "--limit", "-1")
     assert bad.returncode == 2
+    # The table says when there are more than it shows (100 rows looked like all of them).
+    for args, rows, note in (
+        ([], 100, True),
+        (["--limit", "105"], 105, False),
+        (["--all"], 105, False),
+    ):
+        table = sf("sessions", "list", "--db", url, "--user", "hist", *args)
+        assert len(table.stdout.splitlines()) == 1 + rows, args
+        assert ("only the newest 100 sessions are shown" in table.stderr) == note, table.stderr
 
 
 def test_job_history_filters(store: SessionStore, tmp_path: Path) -> None:

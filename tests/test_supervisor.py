@@ -248,6 +248,12 @@ def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
         "state": "succeeded",
     }
     assert job["worker"] in ("w0", "w1") and jobs[job_id]["result"]["size"] == len(data)
+    for limit, note in (("1", True), ("2", False)):  # two jobs: the table says when it cuts
+        table = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--limit", limit])
+        assert len(table.stdout.splitlines()) == 1 + int(limit), table.stdout
+        assert ("only the newest 1 jobs are shown" in table.stderr) == note, table.stderr
+        cut = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--limit", limit, "--json"])
+        assert len(json.loads(cut.stdout)["jobs"]) == int(limit)
     summary = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary", "--json"])
     assert summary.returncode == 0, summary.stderr
     counts = {"queued": 0, "running": 0, "succeeded": 2, "failed": 0, "cancelled": 0}

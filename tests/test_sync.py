@@ -7,7 +7,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -508,7 +508,7 @@ def test_sync_leaves_no_file_of_a_cache_it_opened_open(
     assert not [path for path in held if path.startswith(str(project.cache))], held
 
 
-FAILURES = {
+FAILURES: dict[str, Callable[[FaultServer], dict[str, object]]] = {
     "http 404": lambda server: {"url": server.url_for("gone")},
     "refused": lambda server: {"url": "http://127.0.0.1:1/x"},
     "wrong digest": lambda server: {"url": server.add("w", A), "sha256": _sha(B)},

@@ -399,6 +399,25 @@ def history_limit(args: argparse.Namespace) -> int | None:
     return HISTORY_LIMIT
 
 
+def asked_limit(limit: int | None) -> int | None:
+    """The limit to ask the store for: one more than shown, so that `note_more` knows
+    whether more records exist."""
+    return None if limit is None else limit + 1
+
+
+def note_more(records: list[Any], limit: int | None, what: str) -> list[Any]:
+    """The first `limit` of `records` (asked with `asked_limit`); when there were more,
+    says so on stderr (a table of exactly 100 looked like all there was)."""
+    if limit is None or len(records) <= limit:
+        return records
+    print(
+        f"surefetch: only the newest {limit} {what} are shown; --limit N shows more, --all "
+        "every one",
+        file=sys.stderr,
+    )
+    return records[:limit]
+
+
 def redacted(record: dict[str, Any]) -> dict[str, Any]:
     """A session or job as printed: the URLs in its title, metadata, spec and error
     without their passwords (the store keeps them: a job needs them to run)."""

@@ -17,8 +17,10 @@ from surefetch.cli._common import (
     EXIT_USAGE,
     CommandError,
     add_history_limits,
+    asked_limit,
     history_limit,
     log_to_stderr,
+    note_more,
     print_line,
     redacted,
     seconds,
@@ -113,11 +115,13 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     store = _open_store(args.db)
     try:
         if args.action == "list":
-            found = store.list(user, status=args.status, limit=history_limit(args))
+            limit = history_limit(args)
+            found = store.list(user, status=args.status, limit=asked_limit(limit))
             if args.json:
+                found = found[:limit] if limit is not None else found
                 print_line(json.dumps({"sessions": [redacted(s.to_dict()) for s in found]}))
             else:
-                _print_session_table(found)
+                _print_session_table(note_more(found, limit, "sessions"))
             return EXIT_OK
         with _seen_by(user, args.id):
             if args.action == "show":

@@ -13,8 +13,10 @@ from surefetch.cli._common import (
     EXIT_USAGE,
     CommandError,
     add_history_limits,
+    asked_limit,
     history_limit,
     log_to_stderr,
+    note_more,
     positive_int,
     print_json,
     print_line,
@@ -189,7 +191,7 @@ def _ctl_request(args: argparse.Namespace) -> dict[str, Any]:
             )
         return {"op": "jobs", "summary": True}
     if args.ctl_command == "jobs":
-        return {"op": "jobs", "state": args.state, "limit": history_limit(args)}
+        return {"op": "jobs", "state": args.state, "limit": asked_limit(history_limit(args))}
     return {"op": args.ctl_command}
 
 
@@ -206,8 +208,14 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         error = str(reply.get("error", "the supervisor refused"))
         raise CommandError(error, int(reply.get("exit", 1)))
     reply.pop("ok", None)
-    if args.ctl_command == "jobs" and args.all and isinstance(reply.get("jobs"), list):
-        reply["jobs"].reverse()  # every job comes in submission order: newest first
+    if args.ctl_command == "jobs" and isinstance(reply.get("jobs"), list):
+        if args.all:
+            reply["jobs"].reverse()  # every job comes in submission order: newest first
+        limit = history_limit(args)
+        if as_json:
+            reply["jobs"] = reply["jobs"][:limit] if limit is not None else reply["jobs"]
+        else:
+            reply["jobs"] = note_more(reply["jobs"], limit, "jobs")
     if isinstance(reply.get("jobs"), list):
         reply["jobs"] = [redacted(job) for job in reply["jobs"]]
     if as_json:
