@@ -120,7 +120,9 @@ def test_user_defaults_to_the_login_user_and_db_to_env(tmp_path: Path) -> None:
     env = {"XDG_DATA_HOME": str(tmp_path / "xdg"), "SUREFETCH_DB": ""}
     out = sf("sessions", "list", "--json", env=env)
     assert out.returncode == 0 and json.loads(out.stdout) == {"sessions": []}
-    assert (tmp_path / "xdg" / "surefetch" / "sessions.db").is_file()
+    table = sf("sessions", "list", env=env)  # names the store it found missing (not made)
+    assert str(tmp_path / "xdg" / "surefetch" / "sessions.db") in table.stderr, table.stderr
+    assert not (tmp_path / "xdg").exists()
 
 
 def test_users_add_prints_a_token(store: SessionStore) -> None:
@@ -349,3 +351,25 @@ def test_job_history_filters(store: SessionStore, tmp_path: Path) -> None:
     assert queue.list("hist", state="running") == []
     with pytest.raises(ValueError, match="state must be one of"):
         queue.list("hist", state="done")
+
+
+@pytest.mark.parametrize(
+    "args, code, out",
+    [
+        (["list"], 0, ""),
+        (["list", "--json"], 0, '{"sessions": []}\n'),
+        (["show", "0" * 32], 1, ""),
+        (["cancel", "0" * 32], 1, ""),
+    ],
+)
+def test_a_store_that_does_not_exist_is_not_created(
+    tmp_path: Path, args: list[str], code: int, out: str
+) -> None:
+    """`sessions` only reads or asks: a --db naming nothing (a typo) made a new database
+    and its directories."""
+    db = tmp_path / "nodir" / "x.db"
+    done = sf("sessions", *args, "--db", f"sqlite:///{db}")
+    assert (done.returncode, done.stdout) == (code, out), done.stderr
+    assert len(done.stderr.splitlines()) == (0 if "--json" in args else 1), done.stderr
+    assert str(db) in done.stderr or "--json" in args
+    assert not (tmp_path / "nodir").exists()

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from surefetch.cli._common import (
+    EXIT_ERROR,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_USAGE,
@@ -112,6 +113,18 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     import getpass
 
     user: str = args.user if args.user is not None else getpass.getuser()
+    missing = _missing_store(args)
+    if missing is not None:  # nothing to read: say so rather than create it
+        if args.action != "list":
+            raise CommandError(
+                f"no session {args.id!r}: there is no session store at {missing}; check --db",
+                EXIT_ERROR,
+            )
+        if args.json:
+            print_line(json.dumps({"sessions": []}))
+        else:
+            print(f"no sessions: there is no session store at {missing} yet", file=sys.stderr)
+        return EXIT_OK
     store = _open_store(args.db)
     try:
         if args.action == "list":
@@ -163,6 +176,15 @@ def _seen_by(user: str, session_id: str) -> Iterator[None]:
             f"session {session_id} belongs to another user, not {user}; you can only see and "
             "cancel your own sessions"
         ) from exc
+
+
+def _missing_store(args: argparse.Namespace) -> str | None:
+    """The file of the SQLite store `args` name when it does not exist: a command that
+    only reads or asks must not create it and its directories (a mistyped --db made a
+    new database)."""
+    from surefetch.store.db import default_db_url, missing_sqlite_file
+
+    return missing_sqlite_file(args.db if args.db is not None else default_db_url())
 
 
 def _print_session_table(found: Sequence[Any]) -> None:

@@ -276,6 +276,19 @@ class _Postgres(_Backend):
         )
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """The file a ``sqlite:///`` `url` names when there is nothing there yet (a command
+    that only reads then has nothing to read, and creates nothing); None otherwise.
+
+    Raises:
+        ValueError: the URL is not one of the forms `Database` accepts.
+    """
+    backend = _parse_url(url, 0.0)
+    if isinstance(backend, _SQLite) and not os.path.lexists(backend.path):
+        return backend.path
+    return None
+
+
 def _parse_url(url: str, busy_timeout: float) -> _Backend:
     if not isinstance(url, str) or not url:
         raise ValueError("a session store URL is required, e.g. sqlite:////path/sessions.db")
