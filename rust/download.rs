@@ -149,6 +149,16 @@ const UNIT_MAX_SKIP: u64 = BLOCK_SIZE as u64;
 /// Fresh starts after the file changed on the server, beyond the retries.
 const MAX_RESTARTS: u32 = 2;
 
+/// What an attempt finds of an earlier call (`Job::load_kept`).
+enum Resume {
+    /// No sidecar: nothing to resume, and nothing to remove first.
+    NoSidecar,
+    /// A sidecar that cannot be used (another URL, no validator, corrupt, its part
+    /// gone or of another size): removed, and the download starts over.
+    StartOver,
+    Kept(Kept),
+}
+
 /// What an earlier, interrupted call left that this one can build on.
 struct Kept {
     sidecar: Sidecar,
@@ -446,7 +456,7 @@ impl<'a> Job<'a> {
     /// body, or nothing received yet), the part is removed and `error` is as it was.
     fn what_is_kept(&self, error: Error) -> Error {
         match self.load_kept() {
-            Ok(Some(kept)) if !kept.ranges.is_empty() => Error::PartKept {
+            Ok(Resume::Kept(kept)) if !kept.ranges.is_empty() => Error::PartKept {
                 error: Box::new(error),
                 note: format!(
                     "the {} bytes received are kept in {}: run the same download again to resume",
@@ -461,10 +471,12 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// What the sidecar and part file allow to keep; `None` means start over.
-    fn load_kept(&self) -> Result<Option<Kept>> {
-        let Some(sidecar) = Sidecar::load(&self.paths.sidecar) else {
-            return Ok(None);
+    /// What the sidecar and part file allow to keep.
+    fn load_kept(&self) -> Result<Resume> {
+        let sidecar = match Sidecar::read(&self.paths.sidecar) {
+            Ok(Some(sidecar)) => sidecar,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Resume::NoSidecar),
+            _ => return Ok(Resume::StartOver),
         };
         let usable = sidecar.url == self.shown_url
             && (sidecar.etag.is_some() || sidecar.last_modified.is_some())
@@ -472,14 +484,14 @@ impl<'a> Job<'a> {
                 .size
                 .is_some_and(|s| self.options.size.is_none_or(|e| e == s));
         let Some(size) = sidecar.size.filter(|_| usable) else {
-            return Ok(None);
+            return Ok(Resume::StartOver);
         };
         let Some(part) = PartFile::open_existing(&self.paths.part, size, self.options.durable)?
         else {
-            return Ok(None);
+            return Ok(Resume::StartOver);
         };
         let ranges = RangeSet::from_pairs(&sidecar.ranges_done).clamp_aligned(size, RESUME_ALIGN);
-        Ok(Some(Kept {
+        Ok(Resume::Kept(Kept {
             sidecar,
             ranges,
             part,
@@ -489,17 +501,22 @@ impl<'a> Job<'a> {
     /// One attempt: continue what `kept` holds (or start fresh), fetch what is
     /// missing over one or more connections, verify, persist.
     async fn attempt(&self, mode: Mode, resume: bool) -> Result<(u64, Option<String>, String)> {
-        let kept = if resume && mode != Mode::Plain {
+        let found = if resume && mode != Mode::Plain {
             self.load_kept()?
         } else {
-            None
+            Resume::StartOver
         };
-        if kept.is_none() {
-            // The sidecar goes first: it must never describe the new part. The old part
-            // itself is replaced when the new one is created (`PartFile::create`), and a
-            // temporary sidecar a killed process left when the next one is stored.
-            let _ = remove_if_present(&self.paths.sidecar);
-        }
+        let kept = match found {
+            Resume::Kept(kept) => Some(kept),
+            Resume::NoSidecar => None, // (most calls: nothing to remove)
+            Resume::StartOver => {
+                // The sidecar goes first: it must never describe the new part. The old
+                // part itself is replaced when the new one is created (`PartFile::create`),
+                // and a temporary sidecar a killed process left when the next one is stored.
+                let _ = remove_if_present(&self.paths.sidecar);
+                None
+            }
+        };
         let (start, kept) = match kept {
             Some(kept) => self.open_kept(kept).await?,
             None => (self.open_fresh(mode).await?, None),

@@ -298,15 +298,22 @@ impl Sidecar {
 
     /// Reads a sidecar; a missing, unreadable or corrupt one is `None` (start over).
     pub fn load(path: &Path) -> Option<Self> {
-        let mut text = Vec::new();
-        OpenOptions::new()
+        Self::read(path).ok().flatten()
+    }
+
+    /// Reads a sidecar: an error when it cannot be opened (`NotFound`: there is none),
+    /// `None` when it is unreadable or corrupt.
+    pub fn read(path: &Path) -> io::Result<Option<Self>> {
+        let mut file = OpenOptions::new()
             .read(true)
             .custom_flags(OWN_FILE_FLAGS)
-            .open(path)
-            .and_then(|mut file| file.read_to_end(&mut text))
-            .ok()?;
-        let sidecar: Sidecar = serde_json::from_slice(&text).ok()?;
-        (sidecar.version == Self::VERSION).then_some(sidecar)
+            .open(path)?;
+        let mut text = Vec::new();
+        if file.read_to_end(&mut text).is_err() {
+            return Ok(None);
+        }
+        let sidecar = serde_json::from_slice::<Sidecar>(&text).ok();
+        Ok(sidecar.filter(|s| s.version == Self::VERSION))
     }
 
     /// Writes to a new temporary file (0600: the URL may hold a password), then
