@@ -850,6 +850,19 @@ fn part_dir(directory: PathBuf) -> PyResult<PathBuf> {
     part::part_dir(&directory).map_err(|e| PyEngineError(e).into())
 }
 
+/// Starts the I/O runtime and the default HTTP client on a thread of their own and
+/// returns at once, so that a caller about to download (a sync still reading its
+/// manifest) finds them ready. Failures are left for the download to report.
+#[pyfunction]
+fn warm_up() {
+    let _ = std::thread::Builder::new()
+        .name("surefetch-warm".into())
+        .spawn(|| {
+            let _ = runtime();
+            let _ = http::Http::shared(Options::default().connect_timeout);
+        });
+}
+
 fn outcome_dict(py: Python<'_>, outcome: Outcome) -> PyResult<Bound<'_, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("path", outcome.path)?;
@@ -883,5 +896,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fit_name, m)?)?;
     m.add_function(wrap_pyfunction!(part_dir, m)?)?;
     m.add_function(wrap_pyfunction!(place_many, m)?)?;
+    m.add_function(wrap_pyfunction!(warm_up, m)?)?;
     Ok(())
 }

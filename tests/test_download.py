@@ -10,6 +10,7 @@ import os
 import pickle
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -582,3 +583,37 @@ def test_transfer_options_are_a_value() -> None:
     assert "12345" not in str(refused.value)
     with pytest.raises(TypeError, match="a mapping"):
         TransferOptions(headers=[("A", "b")])  # type: ignore[arg-type]
+
+
+def test_warm_up_starts_the_engine_in_the_background(url: str, tmp_path: Path) -> None:
+    """`warm_up` (called by a sync before it reads its manifest) returns at once and the
+    runtime's threads come up on their own; a download then uses them."""
+    script = f"""
+import os, sys, time
+from surefetch.download import download, warm_up
+def io_threads():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{{task}}/comm") as comm:
+                names.append(comm.read().strip())
+        except FileNotFoundError:
+            pass
+    return names.count("surefetch-io")
+assert io_threads() == 0
+warm_up()
+warm_up()  # again, at once: still one runtime
+deadline = time.monotonic() + 10
+while io_threads() < min(os.cpu_count() or 2, 2) and time.monotonic() < deadline:
+    time.sleep(0.005)
+started = io_threads()
+download({url!r}, {str(tmp_path / "a")!r})
+print(started, io_threads())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    started, after = map(int, done.stdout.split())
+    assert started >= 2 and after == started  # the download ran on the warmed runtime
+    assert (tmp_path / "a").read_bytes() == DATA

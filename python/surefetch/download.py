@@ -16,6 +16,7 @@ from surefetch import _core
 from surefetch._core import Batch as Batch  # for surefetch.streaming (one importer of _core)
 from surefetch._core import CancelToken, fit_name, hash_file, part_dir, sync_filesystem
 from surefetch._core import place_many as engine_place_many  # for surefetch.linking
+from surefetch._core import warm_up as warm_up  # for surefetch.transaction
 from surefetch.credentials import NetrcFile
 from surefetch.errors import StorageError, SurefetchError, UnsafeDestination, redact_url
 from surefetch.transfer import TransferOptions

@@ -68,7 +68,7 @@ from surefetch._fs import (
     try_flock,
 )
 from surefetch._signals import held_back
-from surefetch.download import CancelToken, TransferOptions, hash_file, part_dir
+from surefetch.download import CancelToken, TransferOptions, hash_file, part_dir, warm_up
 from surefetch.errors import (
     Cancelled,
     LockfileError,
@@ -397,6 +397,7 @@ def sync(
     """
     started = time.monotonic()
     _check_arguments(jobs, timeout_per_item, locked, frozen, upgrade)
+    warm_up()  # the engine starts on another core while the manifest and lockfile are read
     if link_mode not in LINK_MODES:
         raise ValueError(f"link_mode must be one of {', '.join(LINK_MODES)}, not {link_mode!r}")
     lock_path = Path(os.fspath(lock))
