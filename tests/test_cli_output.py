@@ -11,6 +11,7 @@ exit 1 with one line when the output hit a full disk."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -152,3 +153,52 @@ def test_a_reader_that_took_what_it_wanted_is_a_success(
     with _closed_pipe() as stdout:
         done = _run(args, stdout, tmp_path)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def _close_stderr() -> None:
+    restore_default_signals()
+    os.close(2)
+
+
+@pytest.mark.parametrize("command", ["get", "fetch -o", "sync", "get (fails)"])
+def test_a_command_started_without_stderr_works_and_keeps_stdout_clean(
+    url: str, tmp_path: Path, command: str
+) -> None:
+    """`2>&-` (a cron job's habit): the command runs as usual (a progress-bar check on the
+    missing stderr made it fail with exit 1, having done nothing), its messages go
+    nowhere rather than onto stdout, and no file it opens takes descriptor 2."""
+    target = tmp_path / "d" / "a.bin"
+    if command == "sync":
+        (tmp_path / "surefetch.toml").write_text(
+            tomli_w.dumps({"artifact": [{"name": "a.bin", "url": url}]})
+        )
+        args = _sync_args(tmp_path)
+    elif command == "fetch -o":
+        args = ["fetch", url, "--cache", str(tmp_path / "c"), "-o", str(target)]
+    else:
+        args = ["get", url if command == "get" else "http://127.0.0.1:1/a.bin", "-o", str(target)]
+    done = subprocess.run(
+        [SUREFETCH, *args, "--json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        timeout=30,
+        preexec_fn=_close_stderr,
+    )
+    if command == "get (fails)":
+        assert (done.returncode, done.stdout) == (4, "")
+        assert not target.exists()
+        return
+    assert done.returncode == 0
+    assert target.read_bytes() == BODY
+    assert json.loads(done.stdout)  # one object, and nothing else on stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["sync", "--help"]])
+def test_help_into_a_closed_stdout_fails_as_ls_does(tmp_path: Path, args: list[str]) -> None:
+    """`surefetch --help >&-` exited 0, argparse having written the help on stderr."""
+    with _closed() as stdout:
+        done = _run(args, stdout, tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == "surefetch: error: cannot write to stdout: it is closed\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import importlib
 import os
@@ -70,9 +71,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
-        """As argparse's, but a failure to write is not swallowed: `main` reports it."""
+        """As argparse's, but a failure to write is not swallowed: `main` reports it
+        (stdout closed, too: argparse printed the help on stderr then)."""
         if file is None and sys.stdout is None:
-            return
+            raise OSError(errno.EBADF, "it is closed")
         (file or sys.stdout).write(self.format_help())
 
     def error(self, message: str) -> NoReturn:
@@ -116,6 +118,8 @@ class _VersionAction(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> NoReturn:
+        if sys.stdout is None:  # started with stdout closed (`>&-`), as `ls --version` fails
+            raise OSError(errno.EBADF, "it is closed")
         print(version_line())
         parser.exit(EXIT_OK)
 
@@ -245,12 +249,28 @@ def run() -> NoReturn:
     os._exit(code)
 
 
+def _fill_closed_standard_descriptors() -> None:
+    """For a process started with stdin, stdout or stderr closed (`>&-`): puts the null
+    device at that descriptor, so that no file surefetch opens (a part file, the
+    catalog) gets it and receives what is meant for it; what was meant for stderr then
+    goes nowhere, as asked. `sys.stdout` stays None: a command with something to print
+    says that it could not (`write_out`)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command `argv` (default: ``sys.argv[1:]``) and returns its exit code.
 
     Every handler runs in `run_reporting_errors`: the one error path (see `_common`).
     """
     words = sys.argv[1:] if argv is None else argv
+    _fill_closed_standard_descriptors()
     try:
         args = build_parser(words).parse_args(words)
     except BrokenPipeError:  # `--help | head -1`: the reader took what it wanted
