@@ -352,6 +352,28 @@ def test_a_signal_while_the_sync_tidies_up_says_the_sync_was_completed(
     assert not state.exists()
 
 
+@needs_strace
+@pytest.mark.parametrize("fault", ["signal=SIGINT", "error=ENOSPC"])
+def test_a_fault_at_the_staging_directory_leaves_nothing(
+    server: FaultServer, tmp_path: Path, fault: str
+) -> None:
+    """The staging directory's mkdir (the sync's 4th into an existing destination) fails,
+    or a Ctrl+C arrives just after it: one line, and no `.surefetch/` left behind (a
+    Ctrl+C there left an empty staging directory; a failure was a traceback)."""
+    _sync_setup(server, tmp_path, count=3)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = run_traced(_sync_args(tmp_path), ["-e", f"inject=mkdir:{fault}:when=4"])
+    if fault.startswith("signal"):
+        assert out.returncode == 130, out.stderr
+        assert_one_line_error(out, "interrupted")
+    else:
+        assert out.returncode == 1, out.stderr
+        assert_one_line_error(out, "cannot create the staging directory", "No space left")
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "surefetch.lock").exists()
+
+
 def test_sync_removes_a_temporary_lockfile_a_killed_sync_left(
     server: FaultServer, tmp_path: Path
 ) -> None:

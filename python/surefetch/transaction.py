@@ -434,9 +434,9 @@ def sync(
                     _remove_stale_staging(state)
                     remove_stale_temporaries(lock_path)
                     staging = state / f"sync-{os.urandom(8).hex()}"
-                    staging.mkdir(mode=0o700)
                     lazy_cache = LazyCache(cache)
                     try:
+                        _make_staging_dir(staging)  # (in here: a Ctrl+C now removes it too)
                         resolver = Resolver(
                             root,
                             staging,
@@ -518,6 +518,13 @@ def _prepare_dest(dest: Path) -> _Destination:
     except OSError as exc:
         raise storage_error(exc, f"cannot create the destination {dest}") from exc
     return _Destination(os.path.realpath(dest), tuple(reversed(missing)))
+
+
+def _make_staging_dir(staging: Path) -> None:
+    try:
+        staging.mkdir(mode=0o700)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot create the staging directory {staging}") from exc
 
 
 def _make_state_dir(root: str, state: Path) -> None:
