@@ -184,7 +184,8 @@ def _fail(message: str, code: int) -> int:
 def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True) -> int:
     """Runs `action` with SIGTERM raising `Terminated`, and returns its exit code; turns
     the exceptions surefetch documents (and `CommandError`, SIGINT, SIGTERM) into one
-    stderr line and the exit code of `exit_code_for`. Anything else is a bug: it
+    stderr line and the exit code of `exit_code_for` (a signal held back until the
+    command's work was complete: a warning, exit 0). Anything else is a bug: it
     propagates, with its traceback.
 
     Args:
@@ -196,6 +197,11 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
         with _sigterm_raises():
             return action()
     except (CommandError, SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
+        if getattr(exc, COMPLETED_FIRST, None) is not None:
+            # The signal was held back until the work was complete (a sync's install):
+            # exit 0, since a non-zero exit says that nothing changed (DESIGN.md).
+            print(f"surefetch: warning: {error_line(exc)}", file=sys.stderr)
+            return EXIT_OK
         return _fail(error_line(exc, keeps_parts=keeps_parts), exit_code_for(exc))
 
 
