@@ -202,3 +202,78 @@ def test_help_into_a_closed_stdout_fails_as_ls_does(tmp_path: Path, args: list[s
         done = _run(args, stdout, tmp_path)
     assert done.returncode == 1
     assert done.stderr == "surefetch: error: cannot write to stdout: it is closed\n"
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("command", ["gc", "clean", "verify"])
+def test_cache_maintenance_that_changed_the_cache_keeps_its_exit_code(
+    url: str, tmp_path: Path, command: str, output: str
+) -> None:
+    """`cache gc`, `clean` and `verify` change the cache (evict, remove, quarantine): their
+    exit code says what they found, whatever happens to the report (they exited 1, and
+    verify's line saying where a damaged blob went was replaced by the write error)."""
+    cache = tmp_path / "c"
+    fetched = run_cli(["fetch", url, "--cache", str(cache)])
+    assert fetched.returncode == 0, fetched.stderr
+    blob = Path(fetched.stdout.strip())
+    args = {
+        "gc": ["gc", "--max-size", "0"],
+        "clean": ["clean", "--older-than", "0"],
+        "verify": ["verify"],
+    }[command]
+    if command == "verify":
+        blob.chmod(0o644)
+        blob.write_bytes(b"damaged")
+    with OUTPUTS[output]() as stdout:
+        done = _run(["cache", *args, "--cache", str(cache), "--json"], stdout, tmp_path)
+    lines = done.stderr.splitlines()
+    if command == "verify":
+        assert done.returncode == 3, done.stderr
+        assert "moved to" in lines[-1] and str(cache / "quarantine") in lines[-1], lines
+        lines = lines[:-1]
+    else:
+        assert done.returncode == 0, done.stderr
+    if command != "clean":
+        assert not blob.exists()
+    if output == "closed pipe":
+        assert lines == []
+    else:
+        (line,) = lines
+        assert line.startswith("surefetch: warning: cannot write to stdout"), line
+
+
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_a_token_nobody_could_read_is_revoked(tmp_path: Path, output: str) -> None:
+    """`users add NAME > /dev/full` left a live token nobody had seen: the output is its
+    only copy, so it is revoked, and the command fails saying so."""
+    from surefetch.sessions import SessionStore
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    with OUTPUTS[output]() as stdout:
+        done = _run(["users", "add", "alice", "--db", db], stdout, tmp_path)
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("surefetch: error: cannot write to stdout"), line
+    assert "the token was revoked" in line, line
+    with SessionStore(db) as store, store.db.connection() as conn:
+        (count,) = store.db.execute(conn, "SELECT count(*) FROM tokens").fetchone()
+    assert count == 0
+    shown = run_cli(["users", "add", "alice", "--db", db])
+    assert shown.returncode == 0 and shown.stdout.strip()
+
+
+@pytest.mark.parametrize("output", ["full disk", "closed"])
+def test_a_cancel_request_made_keeps_exit_0(tmp_path: Path, output: str) -> None:
+    from surefetch.sessions import SessionStore
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    with SessionStore(db) as store:
+        session = store.create("alice", "t")
+    with OUTPUTS[output]() as stdout:
+        done = _run(["sessions", "cancel", session.id, "--db", db, "--user", "alice"], stdout,
+                    tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.endswith(f"session {session.id}: its cancellation was requested"), line
+    with SessionStore(db) as store:
+        assert store.get(session.id, "alice").cancellation_status == "requested"

@@ -262,6 +262,16 @@ def test_ctl_submit_get_runs_the_job_and_reports_workers_and_jobs(
     assert text == "queued 0  running 0  succeeded 2  failed 0  cancelled 0\n"
     both = run_cli(["ctl", "jobs", "--socket", str(sup.socket), "--summary", "--state", "queued"])
     assert both.returncode == 2 and "drop --state" in both.stderr, both.stderr
+    with open("/dev/full", "w") as full:  # submitted: exit 0, and the id said on stderr
+        lost = subprocess.run(
+            [SUREFETCH, "ctl", "--socket", str(sup.socket), "submit", "get", url, "-o", "lost"],
+            cwd=out, stdout=full, stderr=subprocess.PIPE, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    assert lost.returncode == 0, lost.stderr
+    (warning,) = lost.stderr.splitlines()
+    lost_id = warning.rsplit("job ", 1)[1].split()[0]
+    assert warning.endswith(f"job {lost_id} was submitted"), warning
+    sup.wait_jobs([lost_id], "succeeded")
 
     workers = json.loads(
         run_cli(["ctl", "--socket", str(sup.socket), "list-workers", "--json"]).stdout

@@ -277,7 +277,7 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
     bad = [str(p) for p in report.quarantined]
     stuck = [str(p) for p in report.not_quarantined]
     if args.json:
-        print_json(
+        text = json_line(
             {
                 "checked": report.checked,
                 "quarantined": bad,
@@ -286,14 +286,14 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        print_line(
-            f"checked {_count(report.checked, 'blob')}, {len(bad) + len(stuck)} did not match"
-        )
+        text = f"checked {_count(report.checked, 'blob')}, {len(bad) + len(stuck)} did not match\n"
         if report.catalog:
-            print_line(
+            text += (
                 f"the catalog could not be used: moved to {report.catalog[0]}; the blobs' "
-                "records were made again (URLs fetched without a digest download again once)"
+                "records were made again (URLs fetched without a digest download again once)\n"
             )
+    # It may have quarantined blobs and the catalog: done, whatever happens to the report.
+    write_completed(text, done=f"{_count(report.checked, 'blob')} checked")
     if report.catalog_problem is not None:
         print(f"surefetch: the catalog is not used: {report.catalog_problem}", file=sys.stderr)
     if stuck:
@@ -315,8 +315,9 @@ def _cache_verify(cache: Any, args: argparse.Namespace) -> int:
 
 def _cache_gc(cache: Any, args: argparse.Namespace) -> int:
     report = cache.gc(args.max_size)
+    evicted = f"evicted {_count(len(report.evicted), 'blob')} ({report.freed} bytes)"
     if args.json:
-        print_json(
+        text = json_line(
             {
                 "evicted": [str(p) for p in report.evicted],
                 "freed": report.freed,
@@ -325,18 +326,20 @@ def _cache_gc(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        print_line(
-            f"evicted {_count(len(report.evicted), 'blob')} ({report.freed} bytes); "
-            f"{report.remaining} bytes left"
+        text = (
+            f"{evicted}; {report.remaining} bytes left"
             + (f"; {report.in_use} kept because in use" if report.in_use else "")
+            + "\n"
         )
+    write_completed(text, done=evicted)
     return EXIT_OK
 
 
 def _cache_clean(cache: Any, args: argparse.Namespace) -> int:
     report = cache.clean(args.older_than, quarantine=args.quarantine)
+    removed = f"removed {_count(len(report.removed), 'file')} ({report.freed} bytes)"
     if args.json:
-        print_json(
+        text = json_line(
             {
                 "removed": [str(p) for p in report.removed],
                 "freed": report.freed,
@@ -344,10 +347,12 @@ def _cache_clean(cache: Any, args: argparse.Namespace) -> int:
             }
         )
     else:
-        print_line(
-            f"removed {_count(len(report.removed), 'file')} ({report.freed} bytes)"
+        text = (
+            removed
             + (f"; kept {_count(report.live, 'part')} of live downloads" if report.live else "")
+            + "\n"
         )
+    write_completed(text, done=removed)
     return EXIT_OK
 
 

@@ -224,6 +224,33 @@ def write_completed(text: str, *, done: str) -> None:
     the lockfile (DESIGN.md). An output that cannot be written is said on stderr, as a
     warning that names what was `done`; a reader that went away (a closed pipe) is not
     told, as with any command whose reader stops reading."""
+    exc = _write_flushed(text)
+    if exc is not None and not isinstance(exc, BrokenPipeError):
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"surefetch: warning: {cannot_write_stdout(exc)}; {done}\n")
+
+
+def write_or_undo(text: str, undo: Callable[[], None], *, undone: str) -> None:
+    """`text` on stdout, flushed, when it is the only copy of what the command made (a new
+    token): when it cannot be written, or nobody reads it, `undo` is called and the
+    command fails, saying `undone`.
+
+    Raises:
+        CommandError: the output could not be written (after `undo`).
+    """
+    exc = _write_flushed(text)
+    if exc is None:
+        return
+    undo()
+    why = "its reader went away" if isinstance(exc, BrokenPipeError) else None
+    raise CommandError(
+        f"{f'cannot write to stdout: {why}' if why else cannot_write_stdout(exc)}; {undone}"
+    )
+
+
+def _write_flushed(text: str) -> OSError | None:
+    """Writes and flushes `text` on stdout; the error when it could not (stdout then
+    discarded, so that the exit's flush does not fail again)."""
     try:
         if sys.stdout is None:  # started with stdout closed (`>&-`)
             raise OSError(errno.EBADF, "it is closed")
@@ -231,10 +258,9 @@ def write_completed(text: str, *, done: str) -> None:
         sys.stdout.flush()
     except OSError as exc:
         if sys.stdout is not None:
-            discard_stdout()  # what is still buffered must not fail the exit's flush
-        if not isinstance(exc, BrokenPipeError):
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(f"surefetch: warning: {cannot_write_stdout(exc)}; {done}\n")
+            discard_stdout()
+        return exc
+    return None
 
 
 def discard_stdout() -> None:

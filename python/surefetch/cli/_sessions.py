@@ -25,6 +25,8 @@ from surefetch.cli._common import (
     print_line,
     redacted,
     seconds,
+    write_completed,
+    write_or_undo,
 )
 from surefetch.errors import redact_urls
 
@@ -150,9 +152,11 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             session = store.get(args.id, user)
         if args.json:
             shown = redacted(session.to_dict())
-            print_line(json.dumps({"id": session.id, "changed": changed, "session": shown}))
+            text = json.dumps({"id": session.id, "changed": changed, "session": shown})
         else:
-            print_line(_cancel_message(session, changed, store))
+            text = _cancel_message(session, changed, store)
+        done = "its cancellation was requested" if changed else "nothing was changed"
+        write_completed(f"{text}\n", done=f"session {session.id}: {done}")
         return EXIT_OK
     finally:
         store.close()
@@ -236,9 +240,14 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
     store = _open_store(args.db)
     try:
         token = store.add_user(args.name)
+        # The output is the token's only copy: a token nobody could read is revoked.
+        write_or_undo(
+            f"{token}\n",
+            lambda: store.revoke_token(token),
+            undone=f"the token was revoked, and user {args.name} has no new token",
+        )
     finally:
         store.close()
-    print_line(token)
     print(
         f"token for user {args.name} created; it is shown only this once: send it as "
         "`Authorization: Bearer TOKEN`",

@@ -15,6 +15,7 @@ from surefetch.cli._common import (
     add_history_limits,
     asked_limit,
     history_limit,
+    json_line,
     log_to_stderr,
     note_more,
     positive_int,
@@ -22,6 +23,7 @@ from surefetch.cli._common import (
     print_line,
     redacted,
     seconds,
+    write_completed,
 )
 
 
@@ -218,7 +220,10 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
             reply["jobs"] = note_more(reply["jobs"], limit, "jobs")
     if isinstance(reply.get("jobs"), list):
         reply["jobs"] = [redacted(job) for job in reply["jobs"]]
-    if as_json:
+    if args.ctl_command in ("submit", "cancel", "shutdown"):  # done, whatever the output
+        line, done = _change_reply(args, path, reply)
+        write_completed(json_line(reply) if as_json else f"{line}\n", done=done)
+    elif as_json:
         print_json(reply)
     else:
         _print_ctl_reply(args, path, reply)
@@ -284,14 +289,19 @@ def _print_ctl_reply(args: argparse.Namespace, path: str, reply: dict[str, Any])
                 f"{job['id']:<32}  {job['kind']:<4}  {job['state']:<9}  "
                 f"{job['worker'] or '-':<8}  {what}"
             )
-    elif command == "submit":
-        print_line(reply["id"])
     elif command == "wait":
         print_line("  ".join(f"{state} {count}" for state, count in reply["counts"].items()))
-    elif command == "cancel":
+
+
+def _change_reply(args: argparse.Namespace, path: str, reply: dict[str, Any]) -> tuple[str, str]:
+    """The line a command that changed something prints, and what it did (for the warning
+    when that line cannot be written)."""
+    command = args.ctl_command
+    if command == "submit":
+        return reply["id"], f"job {reply['id']} was submitted"
+    if command == "cancel":
         if reply["changed"]:
-            print_line(f"cancellation of job {args.id} requested")
-        else:
-            print_line(f"job {args.id}: already cancelled or finished; nothing to do")
-    elif command == "shutdown":
-        print_line(f"the supervisor on {path} stopped")
+            line = f"cancellation of job {args.id} requested"
+            return line, line
+        return f"job {args.id}: already cancelled or finished; nothing to do", "nothing changed"
+    return f"the supervisor on {path} stopped", f"the supervisor on {path} stopped"

@@ -425,6 +425,10 @@ class SessionStore:
         """
         return users.add_user(self.db, name)
 
+    def revoke_token(self, token: str) -> bool:
+        """Removes a token `add_user` returned; True when it existed."""
+        return users.revoke_token(self.db, token)
+
     def authenticate(self, token: str) -> str | None:
         """The user a bearer token belongs to, or None for an unknown token.
 

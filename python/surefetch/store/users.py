@@ -14,7 +14,7 @@ import time
 from surefetch.store.checks import MAX_OWNER, check_text
 from surefetch.store.db import Database, Migration, register_migration
 
-__all__ = ["add_user", "authenticate"]
+__all__ = ["add_user", "authenticate", "revoke_token"]
 
 register_migration(
     Migration(
@@ -57,6 +57,21 @@ def add_user(db: Database, name: str) -> str:
             (_hash_token(token), name, time.time()),
         )
     return token
+
+
+def revoke_token(db: Database, token: str) -> bool:
+    """Removes a token: requests with it are refused from now on.
+
+    Args:
+        db: the store's database.
+        token: the token `add_user` returned.
+
+    Returns:
+        Whether the token existed.
+    """
+    with db.connection() as conn:
+        cursor = db.execute(conn, "DELETE FROM tokens WHERE token_hash = ?", (_hash_token(token),))
+        return bool(cursor.rowcount)
 
 
 def authenticate(db: Database, token: str) -> str | None:
