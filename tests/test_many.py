@@ -357,15 +357,20 @@ def test_a_reader_that_goes_away_ends_the_command(urls: list[str], tmp_path: Pat
         assert err.count("\n") == 1 and "stdout's reader went away" in err, err
 
 
-def test_an_output_that_cannot_be_written_is_one_error_line(
-    urls: list[str], tmp_path: Path
+@pytest.mark.parametrize("left", [True, False], ids=["items-left", "all-ended"])
+def test_an_output_that_cannot_be_written_stops_the_batch(
+    server: FaultServer, urls: list[str], tmp_path: Path, left: bool
 ) -> None:
-    """stdout on a full disk (`> /dev/full`) during a batch: it stops there, exit 1 and one
-    line that says so (one `get` that installed its file exits 0: test_cli_output)."""
-    args = [*urls[:5], "-o", str(tmp_path / "out") + "/"]
+    """stdout on a full disk (`> /dev/full`) during a batch: it stops there. With items
+    left undone (a slow one), exit 1 and one line; when every item had ended (the lost
+    line was the last), the exit code is the items', with a warning (it was 1 with every
+    file installed)."""
+    slow = server.add("slow.bin", payload(400_000, 9)) + "?throttle=100000"
+    (tmp_path / "list").write_text(f"{urls[0]}\n")  # a batch of one: its line is the last
+    args = [urls[0], slow] if left else ["-i", str(tmp_path / "list")]
     with open("/dev/full", "w") as full:
         done = subprocess.run(
-            [SUREFETCH, "get", *args, "--json"],
+            [SUREFETCH, "get", *args, "-o", str(tmp_path / "out") + "/", "--json", "--jobs", "2"],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
@@ -373,9 +378,16 @@ def test_an_output_that_cannot_be_written_is_one_error_line(
             timeout=30,
             check=False,
         )
-    assert done.returncode == 1
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert "cannot write to stdout: No space left on device" in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "cannot write to stdout: No space left on device" in line, line
+    if left:
+        assert done.returncode == 1
+        assert line.startswith("surefetch: error: ") and "stopped there" in line, line
+        assert not (tmp_path / "out" / "slow.bin").exists()
+    else:
+        assert done.returncode == 0
+        assert line.startswith("surefetch: warning: ") and "every item ended" in line, line
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.bin"]
 
 
 def test_items_start_in_their_order(server: FaultServer, tmp_path: Path) -> None:

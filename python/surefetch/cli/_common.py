@@ -224,7 +224,7 @@ def write_completed(text: str, *, done: str) -> None:
     the lockfile (DESIGN.md). An output that cannot be written is said on stderr, as a
     warning that names what was `done`; a reader that went away (a closed pipe) is not
     told, as with any command whose reader stops reading."""
-    exc = _write_flushed(text)
+    exc = write_flushed(text)
     if exc is not None and not isinstance(exc, BrokenPipeError):
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.write(f"surefetch: warning: {cannot_write_stdout(exc)}; {done}\n")
@@ -238,7 +238,7 @@ def write_or_undo(text: str, undo: Callable[[], None], *, undone: str) -> None:
     Raises:
         CommandError: the output could not be written (after `undo`).
     """
-    exc = _write_flushed(text)
+    exc = write_flushed(text)
     if exc is None:
         return
     undo()
@@ -248,9 +248,9 @@ def write_or_undo(text: str, undo: Callable[[], None], *, undone: str) -> None:
     )
 
 
-def _write_flushed(text: str) -> OSError | None:
+def write_flushed(text: str) -> OSError | None:
     """Writes and flushes `text` on stdout; the error when it could not (stdout then
-    discarded, so that the exit's flush does not fail again)."""
+    discarded, so that later lines and the exit's flush do not fail again)."""
     try:
         if sys.stdout is None:  # started with stdout closed (`>&-`)
             raise OSError(errno.EBADF, "it is closed")
@@ -309,10 +309,16 @@ def write_out(text: str, *, flush: bool = False) -> None:
     except OSError as exc:
         # Only the output stopped: what the command did before this line stands (a file
         # installed, a lockfile written, a job queued), and a batch does no more.
-        raise CommandError(
-            f"{cannot_write_stdout(exc)}; the command stopped there, and what it had done "
-            "before stands"
-        ) from None
+        raise stopped_by_output(exc) from None
+
+
+def stopped_by_output(exc: OSError) -> CommandError:
+    """The error of a command that stopped because its output could not be written."""
+    # Only the output stopped: what the command did before this line stands (a file
+    # installed, a lockfile written, a job queued), and a batch does no more.
+    return CommandError(
+        f"{cannot_write_stdout(exc)}; the command stopped there, and what it had done before stands"
+    )
 
 
 def print_line(*values: object) -> None:

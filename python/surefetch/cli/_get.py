@@ -14,6 +14,7 @@ from surefetch.cli._common import (
     CommandError,
     Terminated,
     add_network_options,
+    cannot_write_stdout,
     error_line,
     exit_code_for,
     json_line,
@@ -21,9 +22,10 @@ from surefetch.cli._common import (
     positive_int,
     print_json,
     seconds,
+    stopped_by_output,
     transfer_options,
     write_completed,
-    write_out,
+    write_flushed,
 )
 from surefetch.cli._progress import batch_progress_bar, progress_bar
 from surefetch.errors import Cancelled, redact_url, redact_urls
@@ -138,6 +140,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
         )
     worst = EXIT_OK
     cancelled: dict[int, Exception] = {}  # items the signal stopped: its handler says so
+    output_lost: list[BaseException] = []  # why an item's line could not be written
     reported: set[int] = set()  # the items whose line is written
 
     def shown_url(index: int) -> str:
@@ -154,19 +157,24 @@ def _run_get_many(args: argparse.Namespace) -> int:
         nonlocal worst
         reported.add(index)  # before writing: a signal during the write must not repeat it
         url = shown_url(index)
+        text = None
         if isinstance(result, DownloadResult):
             if args.json:
-                print_json({"url": url, **result.to_dict()}, flush=True)  # as each ends
+                text = json_line({"url": url, **result.to_dict()})
             elif not args.quiet:
-                write_out(f"{result.path}\n", flush=True)
+                text = f"{result.path}\n"
         else:
             code = exit_code_for(result)
             worst = max(worst, code)
             line = redact_urls(error_line(result))
             if args.json:
-                print_json({"url": url, "error": line, "exit_code": code}, flush=True)
+                text = json_line({"url": url, "error": line, "exit_code": code})
             else:
                 print(f"surefetch: {url}: {line}", file=sys.stderr)
+        lost = write_flushed(text) if text is not None else None  # as each item ends
+        if lost is not None:
+            output_lost.append(lost)  # stops the batch: its files would be for nobody
+            raise lost
 
     try:
         with batch_progress_bar(show_bar) as progress:
@@ -179,6 +187,16 @@ def _run_get_many(args: argparse.Namespace) -> int:
                 on_result=report,
                 options=transfer_options(args),
                 **_file_options(args),
+            )
+    except OSError as exc:
+        if exc not in output_lost:
+            raise
+        if len(reported) < len(items):  # items were left undone: the batch failed
+            raise exc if isinstance(exc, BrokenPipeError) else stopped_by_output(exc) from None
+        # Only the last lines were lost: every item ended as reported, and the code stands.
+        if not isinstance(exc, BrokenPipeError):
+            print(
+                f"surefetch: warning: {cannot_write_stdout(exc)}; every item ended", file=sys.stderr
             )
     except (KeyboardInterrupt, Terminated) as stopped:
         # The engine handed over how every item that had started ended (installed ones
