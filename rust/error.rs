@@ -284,6 +284,13 @@ impl Clone for Error {
     }
 }
 
+/// `d` in seconds as a user would write it: at most three decimals, without trailing
+/// zeros (`--timeout 1` is "1 s", not "1.000 s").
+fn seconds(d: Duration) -> String {
+    let text = format!("{:.3}", d.as_secs_f64());
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -300,23 +307,23 @@ impl fmt::Display for Error {
             }
             Error::Network { message, .. } => f.write_str(message),
             Error::Timeout { kind, after } => {
-                let secs = after.as_secs_f64();
+                let secs = seconds(*after);
                 match kind {
                     TimeoutKind::Connect => write!(
                         f,
-                        "could not connect within {secs:.3} s: check the host and your network"
+                        "could not connect within {secs} s: check the host and your network"
                     ),
                     TimeoutKind::Read => write!(
                         f,
-                        "the server sent nothing for {secs:.3} s: retry later or raise the read timeout"
+                        "the server sent nothing for {secs} s: retry later or raise the read timeout"
                     ),
                     TimeoutKind::LowSpeed(limit) => write!(
                         f,
-                        "the server sent less than {limit} bytes/s for {secs:.0} s (the low-speed limit): it or the network is stalled; retry later, or change --speed-limit / --speed-time"
+                        "the server sent less than {limit} bytes/s for {secs} s (the low-speed limit): it or the network is stalled; retry later, or change --speed-limit / --speed-time"
                     ),
                     TimeoutKind::Overall => write!(
                         f,
-                        "the download did not finish within {secs:.3} s: raise the timeout"
+                        "the download did not finish within {secs} s: raise the timeout"
                     ),
                 }
             }
@@ -411,6 +418,24 @@ impl std::error::Error for Error {}
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn seconds_are_written_as_given() {
+        for (secs, shown) in [
+            (1.0, "1"),
+            (0.25, "0.25"),
+            (1.5, "1.5"),
+            (30.0, "30"),
+            (100.0, "100"),
+        ] {
+            assert_eq!(seconds(Duration::from_secs_f64(secs)), shown);
+        }
+        let timeout = Error::Timeout {
+            kind: TimeoutKind::Overall,
+            after: Duration::from_secs(1),
+        };
+        assert!(timeout.to_string().contains("within 1 s:"), "{timeout}");
+    }
+
     use super::*;
 
     #[test]
