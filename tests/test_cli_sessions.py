@@ -338,6 +338,11 @@ def test_long_histories_newest_first_with_a_default_limit(
         table = sf("sessions", "list", "--db", url, "--user", "hist", *args)
         assert len(table.stdout.splitlines()) == 1 + rows, args
         assert ("only the newest 100 sessions are shown" in table.stderr) == note, table.stderr
+    listed = sf("sessions", "list", "--db", url, "--user", "hist", "--json")  # said there too
+    assert "only the newest 100 sessions are shown" in listed.stderr, listed.stderr
+    for conflicting in (["--limit", "0"], ["--limit", "5", "--all"]):  # 0 showed "no sessions"
+        refused = sf("sessions", "list", "--db", url, "--user", "hist", *conflicting)
+        assert refused.returncode == 2, (conflicting, refused.stderr)
 
 
 def test_job_history_filters(store: SessionStore, tmp_path: Path) -> None:

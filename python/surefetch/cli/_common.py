@@ -417,13 +417,14 @@ def transfer_options(args: argparse.Namespace) -> TransferOptions:
 def add_history_limits(parser: argparse.ArgumentParser, what: str) -> None:
     # The store's default is read when the command runs (`history_limit`): importing the
     # store here would cost every command its start-up.
-    parser.add_argument(
+    limits = parser.add_mutually_exclusive_group()
+    limits.add_argument(
         "--limit",
         metavar="N",
-        type=non_negative_int,
+        type=positive_int,
         help=f"the newest N {what} (default: as many as the HTTP API shows, 100)",
     )
-    parser.add_argument("--all", action="store_true", help=f"every one of your {what}")
+    limits.add_argument("--all", action="store_true", help=f"every one of your {what}")
 
 
 def history_limit(args: argparse.Namespace) -> int | None:
@@ -443,17 +444,21 @@ def asked_limit(limit: int | None) -> int | None:
     return None if limit is None else limit + 1
 
 
-def note_more(records: list[Any], limit: int | None, what: str) -> list[Any]:
-    """The first `limit` of `records` (asked with `asked_limit`); when there were more,
-    says so on stderr (a table of exactly 100 looked like all there was)."""
-    if limit is None or len(records) <= limit:
-        return records
-    print(
-        f"surefetch: only the newest {limit} {what} are shown; --limit N shows more, --all "
-        "every one",
-        file=sys.stderr,
-    )
-    return records[:limit]
+def shown_records(records: list[Any], limit: int | None) -> list[Any]:
+    """The first `limit` of `records` (asked with `asked_limit`)."""
+    return records if limit is None else records[:limit]
+
+
+def note_more(records: list[Any], limit: int | None, what: str) -> None:
+    """Says on stderr, once the table is printed, when there were more `records` (asked
+    with `asked_limit`) than the `limit` shown: a table of exactly 100 looked like all
+    there was."""
+    if limit is not None and len(records) > limit:
+        print(
+            f"surefetch: only the newest {limit} {what} are shown; --limit N shows more, "
+            "--all every one",
+            file=sys.stderr,
+        )
 
 
 def redacted(record: dict[str, Any]) -> dict[str, Any]:

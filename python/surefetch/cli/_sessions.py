@@ -25,6 +25,7 @@ from surefetch.cli._common import (
     print_line,
     redacted,
     seconds,
+    shown_records,
     write_completed,
     write_or_undo,
 )
@@ -132,11 +133,12 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "list":
             limit = history_limit(args)
             found = store.list(user, status=args.status, limit=asked_limit(limit))
+            listed = shown_records(found, limit)
             if args.json:
-                found = found[:limit] if limit is not None else found
-                print_line(json.dumps({"sessions": [redacted(s.to_dict()) for s in found]}))
+                print_line(json.dumps({"sessions": [redacted(s.to_dict()) for s in listed]}))
             else:
-                _print_session_table(note_more(found, limit, "sessions"))
+                _print_session_table(listed)
+            note_more(found, limit, "sessions")
             return EXIT_OK
         with _seen_by(user, args.id):
             if args.action == "show":

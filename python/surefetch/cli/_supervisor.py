@@ -23,6 +23,7 @@ from surefetch.cli._common import (
     print_line,
     redacted,
     seconds,
+    shown_records,
     write_completed,
 )
 
@@ -210,14 +211,12 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         error = str(reply.get("error", "the supervisor refused"))
         raise CommandError(error, int(reply.get("exit", 1)))
     reply.pop("ok", None)
+    listed: list[Any] = []  # every job the supervisor sent (one more than shown)
     if args.ctl_command == "jobs" and isinstance(reply.get("jobs"), list):
         if args.all:
             reply["jobs"].reverse()  # every job comes in submission order: newest first
-        limit = history_limit(args)
-        if as_json:
-            reply["jobs"] = reply["jobs"][:limit] if limit is not None else reply["jobs"]
-        else:
-            reply["jobs"] = note_more(reply["jobs"], limit, "jobs")
+        listed = reply["jobs"]
+        reply["jobs"] = shown_records(listed, history_limit(args))
     if isinstance(reply.get("jobs"), list):
         reply["jobs"] = [redacted(job) for job in reply["jobs"]]
     if args.ctl_command in ("submit", "cancel", "shutdown"):  # done, whatever the output
@@ -227,6 +226,8 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         print_json(reply)
     else:
         _print_ctl_reply(args, path, reply)
+    if listed:
+        note_more(listed, history_limit(args), "jobs")
     if args.ctl_command == "wait":
         _check_waited(reply, len(set(args.ids)), args.timeout)
     return EXIT_OK
