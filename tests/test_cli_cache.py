@@ -391,3 +391,27 @@ def test_a_listing_that_cannot_be_written_blames_stdout_not_the_cache(
     assert done.stderr.count("\n") == 1, done.stderr
     assert "cannot write to stdout: No space left on device" in done.stderr
     assert "cache" not in done.stderr.split("stdout", 1)[1], done.stderr
+
+
+@pytest.mark.parametrize(
+    "output, blocker, why",
+    [
+        ("new/deeper/a.bin", None, None),
+        ("file/x/y/a.bin", "file", "is not a directory"),
+        ("dangling/a.bin", "dangling", "is a symbolic link that leads nowhere"),
+    ],
+)
+def test_fetch_o_makes_missing_directories_or_names_what_is_in_the_way(
+    url: str, root: Path, tmp_path: Path, output: str, blocker: str | None, why: str | None
+) -> None:
+    """As `get -o` does; a failure named the deepest directory, not the file in the way."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    done = run_cli(["fetch", url, "--cache", str(root), "-o", output, "-q"], tmp_path)
+    if blocker is None:
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / output).read_bytes() == DATA
+        return
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert f"{blocker} {why}" in line and "the cached copy is fine" in line, line

@@ -210,10 +210,11 @@ def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
     try:  # missing directories are created, as `get -o` does
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
+        why = _why_not_a_directory(target.parent, exc)
         raise StorageError(
             exc.errno or 0,
-            f"cannot create the directory {target.parent}: {exc.strerror or exc}; "
-            "the cached copy is fine: check -o",
+            f"cannot create the directory {target.parent}: {why}; the cached copy is fine: "
+            "check -o",
             str(target.parent),
         ) from exc
     try:
@@ -226,6 +227,20 @@ def _install_fetched(entry: Any, url: str, output: str, link_mode: Any) -> Any:
             str(target),
         ) from exc
     return entry._replace(path=target)
+
+
+def _why_not_a_directory(path: Any, exc: OSError) -> str:
+    """Why `path` cannot be made a directory: the first level of it that is in the way
+    (a file, a symlink that leads nowhere), else what the system said."""
+    for level in [*reversed(path.parents), path]:
+        if level.is_dir():
+            continue
+        if level.is_symlink():
+            return f"{level} is a symbolic link that leads nowhere"
+        if os.path.lexists(level):
+            return f"{level} is not a directory"
+        break
+    return str(exc.strerror or exc)
 
 
 def _run_cache(
