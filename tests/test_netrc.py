@@ -187,14 +187,15 @@ def test_a_broken_netrc_stops_a_batch_before_it_starts(
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, line",
     [
-        "machine 127.0.0.1 login bob s3cr3tPW\n",  # the password keyword left out
-        "machine 127.0.0.1 login bob password my s3cr3tPW phrase\n",  # spaces in it
+        ("machine 127.0.0.1 login bob s3cr3tPW\n", 1),  # the password keyword left out
+        ("machine 127.0.0.1 login bob password my s3cr3tPW phrase\n", 1),  # spaces in it
+        ("machine a login b password c\nmachine\n", 2),  # cut short (netrc said line 3)
     ],
 )
 def test_a_netrc_that_does_not_parse_is_never_quoted(
-    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+    server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, line: int
 ) -> None:
     """Python's netrc names the token it choked on, which may be the password: the
     message says where and what an entry looks like, never what the file holds."""
@@ -206,3 +207,4 @@ def test_a_netrc_that_does_not_parse_is_never_quoted(
     assert done.stderr.count("\n") == 1 and str(path) in done.stderr, done.stderr
     assert "s3cr3tPW" not in done.stderr and "phrase" not in done.stderr, done.stderr
     assert "machine HOST login NAME password SECRET" in done.stderr
+    assert f"near line {line};" in done.stderr, done.stderr

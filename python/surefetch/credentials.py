@@ -126,8 +126,9 @@ def _read(path: str) -> netrc.netrc | None:
         parsed = netrc.netrc(path)
     except netrc.NetrcParseError as exc:
         # Not exc.msg: it quotes the token it choked on, which may be a password.
+        line = _line(path, exc.lineno)
         raise ValueError(
-            f"{exc.filename or path}: cannot parse it (near line {exc.lineno}; an entry is "
+            f"{exc.filename or path}: cannot parse it (near line {line}; an entry is "
             "`machine HOST login NAME password SECRET`): fix it, or turn it off (--no-netrc; "
             "in Python, netrc=False)"
         ) from None
@@ -135,6 +136,17 @@ def _read(path: str) -> netrc.netrc | None:
         raise _unreadable(path, exc) from None
     _last = (path, version, parsed)
     return parsed
+
+
+def _line(path: str, lineno: int) -> int:
+    """`lineno` as netrc counts it, within the file (at its end, netrc counts the line
+    after the last one)."""
+    try:
+        with open(path, "rb") as file:
+            lines = len(file.read().splitlines())
+    except OSError:
+        return lineno
+    return max(1, min(lineno, lines))
 
 
 def _unreadable(path: str, exc: OSError) -> ValueError:
