@@ -138,9 +138,11 @@ def _read(path: str) -> netrc.netrc | None:
     return parsed
 
 
-def _line(path: str, lineno: int) -> int:
+def _line(path: str, lineno: int | None) -> int | None:
     """`lineno` as netrc counts it, within the file (at its end, netrc counts the line
     after the last one)."""
+    if lineno is None:
+        return None
     try:
         with open(path, "rb") as file:
             lines = len(file.read().splitlines())
