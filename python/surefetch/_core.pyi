@@ -19,6 +19,7 @@ __all__ = [
     "part_dir",
     "place_many",
     "sync_filesystem",
+    "warm_up",
 ]
 
 __version__: str
