@@ -343,6 +343,41 @@ def test_a_signal_during_the_install_waits_for_it_and_the_lockfile(
 
 
 @needs_strace
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["get", "fetch -o", "sync"])
+def test_a_signal_after_the_work_is_done_does_not_undo_its_exit_code(
+    server: FaultServer, tmp_path: Path, command: str, sig: str
+) -> None:
+    """A Ctrl+C or SIGTERM while the command prints its result (strace sends it at that
+    write, into a file): the file is installed (and the lockfile written), so the command
+    says so in a warning and exits 0 (it exited 130 or 143, or died by the signal with a
+    traceback)."""
+    names = _sync_setup(server, tmp_path, count=2)
+    target = tmp_path / "dest" / names[0]
+    args = {
+        "get": ["get", server.url_for(names[0]), "-o", str(target)],
+        "fetch -o": ["fetch", server.url_for(names[0]), "--cache", str(tmp_path / "c"), "-o",
+                     str(target)],
+        "sync": _sync_args(tmp_path),
+    }[command]  # fmt: skip
+    out = tmp_path / "out.txt"
+    assert STRACE is not None
+    done = subprocess.run(
+        [STRACE, "-I1", "-f", "-qq", "-o", "/dev/null", "-P", str(out), "-e",
+         f"inject=write:signal={sig}:when=1", "sh", "-c", f'exec "$0" "$@" > {out}',
+         SUREFETCH, *args],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=40,
+        preexec_fn=restore_default_signals, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    what = "interrupted" if sig == "SIGINT" else "terminated"
+    assert_one_line_warning(done, f"{what}, but")
+    assert target.read_bytes() == payload(200_000, seed=70)
+    if command == "sync":
+        assert verify(tmp_path / "surefetch.lock", tmp_path / "dest") == []
+
+
+@needs_strace
 def test_a_signal_while_the_sync_tidies_up_says_the_sync_was_completed(
     server: FaultServer, tmp_path: Path
 ) -> None:

@@ -133,3 +133,23 @@ def test_the_interrupt_says_what_the_part_file_keeps(
         assert f"bytes received are kept in {part}" in stderr.decode()
     else:
         assert "nothing of the download was kept" in stderr.decode()
+
+
+def test_a_held_back_signal_acts_after_a_completed_step_only() -> None:
+    """`held_back`: a Ctrl+C during a step that completes is raised after it, marked as
+    arriving after the completion; during a step that fails, the step's error is raised
+    (it was replaced by a KeyboardInterrupt saying the step had completed)."""
+    from surefetch import _signals
+
+    _signals.mark_completed(None)
+    with pytest.raises(KeyboardInterrupt) as caught, _signals.held_back("the step ended"):
+        signal.raise_signal(signal.SIGINT)
+        done = True
+    assert done and getattr(caught.value, _signals.COMPLETED_FIRST) == "the step ended"
+    assert _signals.completed() == "the step ended"
+    _signals.mark_completed(None)
+    with pytest.raises(OSError, match="disk"), _signals.held_back("never"):
+        signal.raise_signal(signal.SIGINT)
+        raise OSError("disk")
+    assert _signals.completed() is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -38,6 +38,7 @@ from surefetch.cli._common import (
     cannot_write_stdout,
     discard_stdout,
     exit_code_for,
+    keep_signal_handlers_at_exit,
     log_to_stderr,
     run_reporting_errors,
     stop_on_closed_pipe,
@@ -223,6 +224,7 @@ def run() -> NoReturn:
     before `main` returns, so nothing is left for finalization to do. A long-running
     command (serve, enforce, supervise) exits as usual.
     """
+    keep_signal_handlers_at_exit()  # the process ends right after the command
     try:
         code = main()
     except SystemExit as exc:  # argparse after --help, --version or a usage error

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
+from surefetch._signals import mark_completed
 from surefetch.cli._common import (
     EXIT_INTEGRITY,
     EXIT_OK,
@@ -179,6 +180,7 @@ def _run_fetch(args: argparse.Namespace) -> int:
         )
     if args.output is not None:
         entry = _install_fetched(entry, args.url, args.output, args.link_mode)
+    mark_completed(f"{entry.path} was fetched and verified")  # a signal cannot undo it now
     if args.json or not args.quiet:
         shown = (
             json_line(

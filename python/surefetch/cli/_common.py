@@ -24,9 +24,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable
 
-from surefetch import _log
+from surefetch import _log, _signals
 from surefetch._signals import COMPLETED_FIRST
 from surefetch.errors import (
     DownloadTimeout,
@@ -108,17 +108,44 @@ class Terminated(BaseException):
     """SIGTERM arrived; raised from the signal handler like KeyboardInterrupt for SIGINT."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
-    raise Terminated()
+_keep_handlers_at_exit = False
+
+
+def keep_signal_handlers_at_exit() -> None:
+    """For the console script, whose process ends right after the command: the handlers
+    of `_signals_until_complete` stay, so that a signal during the exit that follows a
+    completed command is noted, not raised (a traceback, or exit 130 with the work done)."""
+    global _keep_handlers_at_exit
+    _keep_handlers_at_exit = True
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+def _signals_until_complete(defer: bool) -> Iterator[list[int]]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM `Terminated`; with `defer` (a command
+    that downloads), only until its work is complete (`surefetch._signals.completed`: a
+    sync's install done, a download returned): a signal after that is only noted in the
+    list yielded, since the work is done and an exit code other than 0 would say that
+    nothing changed (DESIGN.md)."""
+    late: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if defer and _signals.completed() is not None:
+            late.append(signum)
+            return
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated()
+
+    _signals.mark_completed(None)
+    previous = {
+        signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
-        yield
+        yield late
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not _keep_handlers_at_exit:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -194,8 +221,12 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
             its part file is kept.
     """
     try:
-        with _sigterm_raises():
-            return action()
+        with _signals_until_complete(defer=keeps_parts) as late:
+            code = action()
+        if late:
+            what = "interrupted" if late[0] == signal.SIGINT else "terminated"
+            print(f"surefetch: warning: {what}, but {_signals.completed()}", file=sys.stderr)
+        return code
     except (CommandError, SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
         if getattr(exc, COMPLETED_FIRST, None) is not None:
             # The signal was held back until the work was complete (a sync's install):

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from surefetch._signals import mark_completed
 from surefetch.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -113,9 +114,11 @@ def _run_get(args: argparse.Namespace) -> int:
             options=transfer_options(args),
             **_file_options(args),
         )
+    done = f"{result.path} was downloaded and verified"
+    mark_completed(done)  # a signal from now on cannot undo it: the command ends with 0
     if args.json or not args.quiet:
         shown = json_line(result.to_dict()) if args.json else f"{result.path}\n"
-        write_completed(shown, done=f"{result.path} was downloaded and verified")
+        write_completed(shown, done=done)
     return EXIT_OK
 
 
@@ -217,6 +220,7 @@ def _run_get_many(args: argparse.Namespace) -> int:
             else:
                 print(f"surefetch: {url}: {text}", file=sys.stderr)
         raise
+    mark_completed("every item had ended")  # (as reported): a signal cannot undo that
     for index in sorted(cancelled):  # none without a signal; said as any other failure
         say(index, cancelled[index])
     return worst
