@@ -357,37 +357,67 @@ def test_a_reader_that_goes_away_ends_the_command(urls: list[str], tmp_path: Pat
         assert err.count("\n") == 1 and "stdout's reader went away" in err, err
 
 
+def _close_stdout() -> None:
+    os.close(1)
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["full", "closed"])
 @pytest.mark.parametrize("left", [True, False], ids=["items-left", "all-ended"])
 def test_an_output_that_cannot_be_written_stops_the_batch(
-    server: FaultServer, urls: list[str], tmp_path: Path, left: bool
+    server: FaultServer, urls: list[str], tmp_path: Path, left: bool, closed: bool
 ) -> None:
-    """stdout on a full disk (`> /dev/full`) during a batch: it stops there. With items
-    left undone (a slow one), exit 1 and one line; when every item had ended (the lost
-    line was the last), the exit code is the items', with a warning (it was 1 with every
-    file installed)."""
+    """stdout on a full disk (`> /dev/full`) or closed (`>&-`) during a batch: it stops
+    there. With items left undone (a slow one), exit 1 and one line; when every item had
+    ended, the exit code is the items', with a warning. (It exited 1 with every file
+    installed: the engine still installed the group in flight after the stop, unreported.)"""
     slow = server.add("slow.bin", payload(400_000, 9)) + "?throttle=100000"
     (tmp_path / "list").write_text(f"{urls[0]}\n")  # a batch of one: its line is the last
     args = [urls[0], slow] if left else ["-i", str(tmp_path / "list")]
     with open("/dev/full", "w") as full:
         done = subprocess.run(
             [SUREFETCH, "get", *args, "-o", str(tmp_path / "out") + "/", "--json", "--jobs", "2"],
-            stdout=full,
+            stdout=None if closed else full,
             stderr=subprocess.PIPE,
             text=True,
             cwd=tmp_path,
             timeout=30,
             check=False,
+            preexec_fn=_close_stdout if closed else None,
         )
     (line,) = done.stderr.splitlines()
-    assert "cannot write to stdout: No space left on device" in line, line
+    why = "it is closed" if closed else "No space left on device"
+    assert f"cannot write to stdout: {why}" in line, line
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.bin"]
     if left:
         assert done.returncode == 1
         assert line.startswith("surefetch: error: ") and "stopped there" in line, line
-        assert not (tmp_path / "out" / "slow.bin").exists()
     else:
         assert done.returncode == 0
         assert line.startswith("surefetch: warning: ") and "every item ended" in line, line
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.bin"]
+
+
+@pytest.mark.parametrize("jobs", ["1", "8"])
+def test_the_exit_code_of_a_stopped_batch_matches_what_it_installed(
+    server: FaultServer, tmp_path: Path, jobs: str
+) -> None:
+    """A batch whose output is lost stops, but the group in flight may still be installed
+    by then: the exit code follows what is on disk, 0 only when every file is (it was
+    1 with all ten installed, those not being reported after the stop)."""
+    urls = [server.add(f"s{i}.bin", payload(3000, 30 + i)) for i in range(10)]
+    done = subprocess.run(
+        [SUREFETCH, "get", *urls, "-o", str(tmp_path / "out") + "/", "--jobs", jobs],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+        check=False,
+        preexec_fn=_close_stdout,
+    )
+    installed = sorted(p.name for p in (tmp_path / "out").iterdir())
+    (line,) = done.stderr.splitlines()
+    if installed == sorted(f"s{i}.bin" for i in range(10)):
+        assert done.returncode == 0 and line.startswith("surefetch: warning: "), done.stderr
+    else:
+        assert done.returncode == 1 and line.startswith("surefetch: error: "), done.stderr
 
 
 def test_items_start_in_their_order(server: FaultServer, tmp_path: Path) -> None:

@@ -123,7 +123,13 @@ def _run_get(args: argparse.Namespace) -> int:
 
 
 def _run_get_many(args: argparse.Namespace) -> int:
-    from surefetch.download import DownloadItem, DownloadResult, download_many, parse_items
+    from surefetch.download import (
+        CancelToken,
+        DownloadItem,
+        DownloadResult,
+        download_many,
+        parse_items,
+    )
 
     for flag, value in (("--sha256", args.sha256), ("--xxh3", args.xxh3), ("--size", args.size)):
         if value is not None:
@@ -142,16 +148,17 @@ def _run_get_many(args: argparse.Namespace) -> int:
             f"-o {args.output} is a file: with several URLs -o names a directory", EXIT_USAGE
         )
     worst = EXIT_OK
-    cancelled: dict[int, Exception] = {}  # items the signal stopped: its handler says so
-    output_lost: list[BaseException] = []  # why an item's line could not be written
+    cancelled: dict[int, Exception] = {}  # items a signal (or a lost output) stopped
+    output_lost: list[OSError] = []  # why an item's line could not be written
     reported: set[int] = set()  # the items whose line is written
+    stop = CancelToken()  # cancelled when the output is lost: its files would be for nobody
 
     def shown_url(index: int) -> str:
         item = items[index]
         return redact_url(item if isinstance(item, str) else item.url)
 
     def report(index: int, result: DownloadResult | Exception) -> None:
-        if isinstance(result, Cancelled):  # only a signal cancels the CLI's batch
+        if isinstance(result, Cancelled):  # a signal, or a lost output, cancelled the batch
             cancelled[index] = result
         else:
             say(index, result)
@@ -174,10 +181,12 @@ def _run_get_many(args: argparse.Namespace) -> int:
                 text = json_line({"url": url, "error": line, "exit_code": code})
             else:
                 print(f"surefetch: {url}: {line}", file=sys.stderr)
-        lost = write_flushed(text) if text is not None else None  # as each item ends
+        if text is None or output_lost:  # (nobody reads what follows a lost line)
+            return
+        lost = write_flushed(text)  # as each item ends
         if lost is not None:
-            output_lost.append(lost)  # stops the batch: its files would be for nobody
-            raise lost
+            output_lost.append(lost)
+            stop.cancel()  # the engine still reports how each item ended
 
     try:
         with batch_progress_bar(show_bar) as progress:
@@ -188,18 +197,9 @@ def _run_get_many(args: argparse.Namespace) -> int:
                 durable=not args.no_fsync,
                 progress=progress,
                 on_result=report,
+                cancel=stop,
                 options=transfer_options(args),
                 **_file_options(args),
-            )
-    except OSError as exc:
-        if exc not in output_lost:
-            raise
-        if len(reported) < len(items):  # items were left undone: the batch failed
-            raise exc if isinstance(exc, BrokenPipeError) else stopped_by_output(exc) from None
-        # Only the last lines were lost: every item ended as reported, and the code stands.
-        if not isinstance(exc, BrokenPipeError):
-            print(
-                f"surefetch: warning: {cannot_write_stdout(exc)}; every item ended", file=sys.stderr
             )
     except (KeyboardInterrupt, Terminated) as stopped:
         # The engine handed over how every item that had started ended (installed ones
@@ -220,9 +220,29 @@ def _run_get_many(args: argparse.Namespace) -> int:
             else:
                 print(f"surefetch: {url}: {text}", file=sys.stderr)
         raise
+    if output_lost:
+        return _after_lost_output(output_lost[0], bool(cancelled), worst)
     mark_completed("every item had ended")  # (as reported): a signal cannot undo that
     for index in sorted(cancelled):  # none without a signal; said as any other failure
         say(index, cancelled[index])
+    return worst
+
+
+def _after_lost_output(lost: OSError, left_undone: bool, worst: int) -> int:
+    """The end of a batch whose output could not be written (it was cancelled then): a
+    failure when items were left undone; else every item ended as reported, and their
+    exit code stands, with a warning (none for a reader that went away).
+
+    Raises:
+        BrokenPipeError: stdout's reader went away, items left undone (`main` says so).
+        CommandError: the output failed otherwise, items left undone.
+    """
+    if left_undone:
+        raise lost if isinstance(lost, BrokenPipeError) else stopped_by_output(lost)
+    mark_completed("every item had ended")
+    if not isinstance(lost, BrokenPipeError):
+        what = cannot_write_stdout(lost)
+        print(f"surefetch: warning: {what}; every item ended", file=sys.stderr)
     return worst
 
 
