@@ -277,3 +277,22 @@ def test_a_cancel_request_made_keeps_exit_0(tmp_path: Path, output: str) -> None
     assert line.endswith(f"session {session.id}: its cancellation was requested"), line
     with SessionStore(db) as store:
         assert store.get(session.id, "alice").cancellation_status == "requested"
+
+
+def _close_stdin() -> None:
+    restore_default_signals()
+    os.close(0)
+
+
+def test_a_list_from_a_closed_stdin_is_empty(tmp_path: Path) -> None:
+    """`get -i - <&-` ended with a traceback (no `sys.stdin`); it reads nothing, as from
+    /dev/null."""
+    done = subprocess.run(
+        [SUREFETCH, "get", "-i", "-", "-o", str(tmp_path / "out") + "/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=_close_stdin,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "surefetch: error: no URL given: name some, or -i FILE\n"

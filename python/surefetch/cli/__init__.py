@@ -254,14 +254,16 @@ def run() -> NoReturn:
 def _fill_closed_standard_descriptors() -> None:
     """For a process started with stdin, stdout or stderr closed (`>&-`): puts the null
     device at that descriptor, so that no file surefetch opens (a part file, the
-    catalog) gets it and receives what is meant for it; what was meant for stderr then
-    goes nowhere, as asked. `sys.stdout` stays None: a command with something to print
-    says that it could not (`write_out`)."""
+    catalog) gets it and receives what is meant for it; stdin then reads nothing, and
+    what was meant for stderr goes nowhere, as asked. `sys.stdout` stays None: a command
+    with something to print says that it could not (`write_out`)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+    if sys.stdin is None:  # `-i -` then reads nothing, as from /dev/null
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (for the process)
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (for the process)
 
