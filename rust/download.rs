@@ -17,7 +17,7 @@ use reqwest::Url;
 
 use crate::buffer::BLOCK_SIZE;
 use crate::cancel::CancelToken;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, TimeoutKind};
 use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
 use crate::http::{self, Http};
@@ -282,14 +282,17 @@ impl<'a> Job<'a> {
             .as_deref()
             .map(|d| parse_digest("xxh3_128", d, XXH3_128_HEX_LEN))
             .transpose()?;
-        // Silence longer than the low-speed window is below any limit.
+        // Silence longer than the low-speed window is below any limit, and said as such.
+        let read = options.read_timeout.map(|r| (r, TimeoutKind::Read));
         let idle = match options.speed_limit {
-            0 => options.read_timeout,
-            _ => Some(
-                options
-                    .read_timeout
-                    .map_or(options.speed_time, |r| r.min(options.speed_time)),
-            ),
+            0 => read,
+            limit => {
+                let low_speed = (options.speed_time, TimeoutKind::LowSpeed(limit));
+                Some(
+                    read.filter(|(r, _)| *r <= options.speed_time)
+                        .unwrap_or(low_speed),
+                )
+            }
         };
         Ok(Self {
             paths: PartPaths::new(final_path)?,

@@ -284,10 +284,10 @@ impl Clone for Error {
     }
 }
 
-/// `d` in seconds as a user would write it: at most three decimals, without trailing
-/// zeros (`--timeout 1` is "1 s", not "1.000 s").
+/// `d` in seconds as a user would write it: at most six decimals, without trailing
+/// zeros (`--timeout 1` is "1 s", not "1.000 s"; 0.1234 stays 0.1234).
 fn seconds(d: Duration) -> String {
-    let text = format!("{:.3}", d.as_secs_f64());
+    let text = format!("{:.6}", d.as_secs_f64());
     text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 

@@ -14,20 +14,22 @@ pub struct Guard {
     cancel: CancelToken,
     overall: Option<Duration>,
     deadline: Option<Instant>,
-    read_timeout: Option<Duration>,
+    idle: Option<(Duration, TimeoutKind)>,
 }
 
 impl Guard {
+    /// `idle`: how long a network read may stay silent, and which limit that is (the
+    /// read timeout, or the low-speed limit when its window is shorter).
     pub fn new(
         cancel: CancelToken,
         overall: Option<Duration>,
-        read_timeout: Option<Duration>,
+        idle: Option<(Duration, TimeoutKind)>,
     ) -> Self {
         Self {
             cancel,
             overall,
             deadline: overall.map(|d| Instant::now() + d),
-            read_timeout,
+            idle,
         }
     }
 
@@ -51,7 +53,7 @@ impl Guard {
 
     /// Like `wait`, and also fails when the network stays silent for the read timeout.
     pub async fn read<F: Future>(&self, fut: F) -> Result<F::Output> {
-        self.race(fut, self.read_timeout).await
+        self.race(fut, self.idle).await
     }
 
     /// Sleeps, unless cancelled or out of time.
@@ -59,9 +61,13 @@ impl Guard {
         self.wait(tokio::time::sleep(duration)).await
     }
 
-    async fn race<F: Future>(&self, fut: F, idle: Option<Duration>) -> Result<F::Output> {
+    async fn race<F: Future>(
+        &self,
+        fut: F,
+        idle: Option<(Duration, TimeoutKind)>,
+    ) -> Result<F::Output> {
         let overall = sleep_until_or_forever(self.deadline);
-        let idle_timer = sleep_until_or_forever(idle.map(|d| Instant::now() + d));
+        let idle_timer = sleep_until_or_forever(idle.map(|(d, _)| Instant::now() + d));
         tokio::select! {
             biased;
             _ = self.cancel.cancelled() => Err(Error::Cancelled),
@@ -70,10 +76,10 @@ impl Guard {
                 after: self.overall.unwrap_or_default(),
             }),
             out = fut => Ok(out),
-            _ = idle_timer => Err(Error::Timeout {
-                kind: TimeoutKind::Read,
-                after: idle.unwrap_or_default(),
-            }),
+            _ = idle_timer => {
+                let (after, kind) = idle.unwrap_or((Duration::ZERO, TimeoutKind::Read));
+                Err(Error::Timeout { kind, after })
+            }
         }
     }
 }
@@ -109,7 +115,7 @@ mod tests {
         let guard = Guard::new(
             CancelToken::new(),
             Some(Duration::from_millis(200)),
-            Some(Duration::from_millis(30)),
+            Some((Duration::from_millis(30), TimeoutKind::Read)),
         );
         let out = guard.read(std::future::pending::<()>()).await;
         assert!(matches!(

@@ -38,7 +38,7 @@ impl SpeedMeter {
         if (self.bytes as f64) < self.limit as f64 * elapsed.as_secs_f64() {
             return Err(Error::Timeout {
                 kind: TimeoutKind::LowSpeed(self.limit),
-                after: elapsed,
+                after: self.window, // the --speed-time given, as the message says
             });
         }
         self.since = now;

@@ -180,6 +180,29 @@ def test_a_trickle_without_retries_is_a_timeout(server: FaultServer, tmp_path: P
     assert not (tmp_path / "w.bin").exists()
 
 
+@pytest.mark.parametrize(
+    "fault, options, said",
+    [
+        # The low-speed window is shorter than the read timeout: a silent body is a stall
+        # below the limit (it advised raising the read timeout).
+        ("stall_after=65536&stall=5", {"speed_time": 0.5}, "the low-speed limit"),
+        ("trickle=1000&trickle_after=65536", {"speed_time": 0.5}, "the low-speed limit"),
+        # The read timeout is the shorter: silence is said as such.
+        ("stall_after=65536&stall=5", {"read_timeout": 0.4, "speed_time": 30}, "sent nothing"),
+    ],
+)
+def test_a_stall_names_the_limit_it_hit_with_its_value(
+    server: FaultServer, tmp_path: Path, fault: str, options: dict[str, float], said: str
+) -> None:
+    url = server.add("v.bin", V1) + "?" + fault
+    with pytest.raises(sf.DownloadTimeout) as caught:
+        sf.download(url, tmp_path / "v.bin", retries=0, speed_limit=100_000, **options)  # type: ignore[arg-type]
+    message = str(caught.value)
+    shorter = min(options.get("read_timeout", 30.0), options["speed_time"])
+    assert said in message and f" {shorter:g} s" in message, message
+    assert caught.value.kind == ("read" if said == "sent nothing" else "low-speed")
+
+
 # --- against a real nginx --------------------------------------------------------------------
 
 
