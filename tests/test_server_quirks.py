@@ -203,6 +203,27 @@ def test_a_stall_names_the_limit_it_hit_with_its_value(
     assert caught.value.kind == ("read" if said == "sent nothing" else "low-speed")
 
 
+@pytest.mark.parametrize("command", ["fetch", "sync"])
+def test_fetch_and_sync_take_the_low_speed_limit_too(
+    server: FaultServer, tmp_path: Path, command: str
+) -> None:
+    """DESIGN lists --speed-limit/--speed-time among the options of every command that
+    downloads; only `get` took them (fetch and sync: a usage error)."""
+    url = server.add("v.bin", V1) + "?trickle=1000&trickle_after=65536"
+    limits = ["--speed-limit", "100000", "--speed-time", "0.5", "--retries", "0"]
+    if command == "fetch":
+        args = ["fetch", url, "--cache", str(tmp_path / "c"), *limits]
+    else:
+        (tmp_path / "m.toml").write_text(f'[[artifact]]\nname = "v"\nurl = "{url}"\n')
+        args = ["sync", "--manifest", str(tmp_path / "m.toml"), "--lock", str(tmp_path / "l"),
+                "--dest", str(tmp_path / "d"), "--cache", str(tmp_path / "c"), *limits]  # fmt: skip
+    started = time.monotonic()
+    proc = run_cli(args)
+    assert proc.returncode == 5, proc.stderr
+    assert "low-speed limit" in proc.stderr and " 0.5 s" in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 10  # not the default 30 s window
+
+
 # --- against a real nginx --------------------------------------------------------------------
 
 

@@ -399,7 +399,8 @@ def _header(text: str) -> tuple[str, str]:
 
 
 def add_network_options(parser: argparse.ArgumentParser) -> None:
-    """The options every command that downloads shares: timeouts, retries, headers."""
+    """The options every command that downloads shares: timeouts, retries, the low-speed
+    limit (DESIGN.md: curl's names), headers."""
     parser.add_argument(
         "--read-timeout", metavar="S", type=seconds, default=30.0, help="idle read limit"
     )
@@ -407,6 +408,16 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
         "--connect-timeout", metavar="S", type=seconds, default=30.0, help="connect limit"
     )
     parser.add_argument("--retries", metavar="N", type=non_negative_int, default=3)
+    parser.add_argument(
+        "--speed-limit",
+        metavar="BYTES_PER_S",
+        type=non_negative_int,
+        default=1024,
+        help="slower than this for --speed-time is a stall, retried (0: off; default 1024)",
+    )
+    parser.add_argument(
+        "--speed-time", metavar="S", type=seconds, default=30.0, help="low-speed window"
+    )
     parser.add_argument(
         "-H",
         "--header",

@@ -69,16 +69,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     get.add_argument("--no-fsync", action="store_true", help="skip fsync (rebuildable caches)")
     get.add_argument("--no-sha256", action="store_true", help="compute only XXH3-128")
     get.add_argument("--timeout", metavar="S", type=seconds, help="overall time limit")
-    get.add_argument(
-        "--speed-limit",
-        metavar="BYTES_PER_S",
-        type=non_negative_int,
-        default=1024,
-        help="slower than this for --speed-time is a stall, retried (0: off; default 1024)",
-    )
-    get.add_argument(
-        "--speed-time", metavar="S", type=seconds, default=30.0, help="low-speed window"
-    )
     add_network_options(get)
     get.add_argument("--executable", action="store_true", help="make the file executable")
     get.add_argument(
