@@ -22,7 +22,7 @@ use crate::guard::Guard;
 use crate::hash::{parse_digest, SHA256_HEX_LEN, XXH3_128_HEX_LEN};
 use crate::http::{self, Http};
 use crate::journal::{self, Level};
-use crate::part::{remove_if_present, PartFile, PartLock, PartPaths, Sidecar};
+use crate::part::{self, remove_if_present, PartFile, PartLock, PartPaths, Sidecar};
 use crate::ranges::RangeSet;
 use crate::response::{Known, Validator};
 use crate::schedule::{Target, Transfer};
@@ -84,6 +84,7 @@ async fn fetch_verified(
     let started = Instant::now();
     let mut job = Job::new(url, final_path, options, cancel, progress)?;
     job.defer_commit = defer_commit;
+    let made = part::missing_levels(job.paths.dir.parent().unwrap_or(Path::new(".")));
     let lock = match options.part_lock {
         true => Some(job.paths.lock().map_err(Error::before_writing)?),
         false => {
@@ -117,6 +118,9 @@ async fn fetch_verified(
             drop(lock);
             // Leaves the destination tidy when nothing else is in progress there.
             let _ = std::fs::remove_dir(&job.paths.dir);
+            if result.is_err() {
+                part::remove_made(&made); // a failed download leaves no directory it made
+            }
             None
         }
     };

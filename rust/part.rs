@@ -149,6 +149,28 @@ impl PartPaths {
     }
 }
 
+/// The levels of `dir` that do not exist yet, outermost first: what creating it makes,
+/// so that a download that fails can remove them again (`remove_made`).
+pub fn missing_levels(dir: &Path) -> Vec<PathBuf> {
+    let mut missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|level| !level.as_os_str().is_empty() && fs::symlink_metadata(level).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    missing.reverse();
+    missing
+}
+
+/// Removes the directories `missing_levels` found missing, innermost first, as long as
+/// they are empty (another download may have put something there: it stays).
+pub fn remove_made(levels: &[PathBuf]) {
+    for level in levels.iter().rev() {
+        if fs::remove_dir(level).is_err() {
+            return;
+        }
+    }
+}
+
 pub(crate) fn owned_by_me_or_root(meta: &fs::Metadata) -> bool {
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };

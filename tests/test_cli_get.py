@@ -153,3 +153,30 @@ def test_signals_stop_at_once_and_keep_the_part(
     done = sidecar["ranges_done"][0][1]
     assert done > 0
     assert part.read_bytes()[:done] == DATA[:done]
+
+
+@pytest.mark.parametrize("output", ["new/sub/a.bin", "new/sub/", "many"])
+@pytest.mark.parametrize("failure", ["404", "refused", "wrong digest"])
+def test_a_failed_get_leaves_no_directory_it_made(
+    server: FaultServer, tmp_path: Path, output: str, failure: str
+) -> None:
+    """As a failed sync: the directories a get made for its file go again (they stayed,
+    empty), while one that already existed, and what is in it, stays."""
+    body = payload(5000, seed=8)
+    good = server.add("g.bin", body)
+    url = {
+        "404": server.url_for("gone"),
+        "refused": "http://127.0.0.1:1/a.bin",
+        "wrong digest": good,
+    }[failure]
+    digest = ["--sha256", "0" * 64] if failure == "wrong digest" else []
+    (tmp_path / "kept").mkdir()
+    if output == "many":
+        pin = f" sha256={'0' * 64}" if digest else ""
+        (tmp_path / "kept" / "list").write_text(f"{url} out=a{pin}\n{url} out=b{pin}\n")
+        args = ["-i", "kept/list", "-o", "new/sub/"]
+    else:
+        args = [url, "-o", output, *digest]
+    done = run_cli(["get", *args, "--retries", "0"], tmp_path)
+    assert done.returncode in (3, 4), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]

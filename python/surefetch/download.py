@@ -168,6 +168,25 @@ def _not_a_directory(directory: Path, hint: str) -> StorageError:
     )
 
 
+def _missing_levels(directory: Path) -> list[Path]:
+    """The levels of `directory` that do not exist yet, outermost first."""
+    missing = []
+    for level in (directory, *directory.parents):
+        if str(level) in ("", ".") or os.path.lexists(level):
+            break
+        missing.append(level)
+    return missing[::-1]
+
+
+def _remove_if_empty(levels: list[Path]) -> None:
+    """Removes `levels` (from `_missing_levels`), innermost first, while they are empty."""
+    for level in reversed(levels):
+        try:
+            os.rmdir(level)
+        except OSError:
+            return
+
+
 def _make_directory(directory: Path, hint: str) -> None:
     """Creates `directory` (0755 minus the umask) if missing; `hint` says what to do when
     a file is there instead."""
@@ -556,6 +575,7 @@ def download_many(
         raw_items.append((item.url, path, per_item))
         positions.append(position)
     # Only once the items are known to be usable: a refused batch leaves nothing behind.
+    made = _missing_levels(directory)
     _make_directory(
         directory,
         "the files of a batch go into a directory: name one (or a path to create)",
@@ -576,15 +596,18 @@ def download_many(
         if on_result is not None:
             on_result(position, error)
 
-    _core.download_many(
-        raw_items,
-        jobs=jobs,
-        durable=durable,
-        cancel=cancel,
-        on_result=collect,
-        progress=progress,
-        item_progress=item_progress,
-    )
+    try:
+        _core.download_many(
+            raw_items,
+            jobs=jobs,
+            durable=durable,
+            cancel=cancel,
+            on_result=collect,
+            progress=progress,
+            item_progress=item_progress,
+        )
+    finally:
+        _remove_if_empty(made)  # a batch that installed nothing leaves no directory it made
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise SurefetchError(
