@@ -28,6 +28,27 @@ def written_only_by_us(st: os.stat_result) -> bool:
     )
 
 
+def missing_levels(directory: Path) -> list[Path]:
+    """The levels of `directory` that do not exist yet, outermost first: what making it
+    creates, for `remove_empty_levels` to take back when what needed it failed."""
+    missing = []
+    for level in (directory, *directory.parents):
+        if str(level) in ("", ".") or os.path.lexists(level):
+            break
+        missing.append(level)
+    return missing[::-1]
+
+
+def remove_empty_levels(levels: list[Path]) -> None:
+    """Removes `levels` (from `missing_levels`), innermost first, while they are empty:
+    one that holds anything (another download's file) stays, and so do those above it."""
+    for level in reversed(levels):
+        try:
+            os.rmdir(level)
+        except OSError:
+            return
+
+
 def fsync_dir(directory: Path) -> None:
     """fsyncs a directory, so that renames into it survive a power cut (a filesystem
     that cannot sync a directory, EINVAL, has nothing more to do)."""

@@ -168,25 +168,6 @@ def _not_a_directory(directory: Path, hint: str) -> StorageError:
     )
 
 
-def _missing_levels(directory: Path) -> list[Path]:
-    """The levels of `directory` that do not exist yet, outermost first."""
-    missing = []
-    for level in (directory, *directory.parents):
-        if str(level) in ("", ".") or os.path.lexists(level):
-            break
-        missing.append(level)
-    return missing[::-1]
-
-
-def _remove_if_empty(levels: list[Path]) -> None:
-    """Removes `levels` (from `_missing_levels`), innermost first, while they are empty."""
-    for level in reversed(levels):
-        try:
-            os.rmdir(level)
-        except OSError:
-            return
-
-
 def _make_directory(directory: Path, hint: str) -> None:
     """Creates `directory` (0755 minus the umask) if missing; `hint` says what to do when
     a file is there instead."""
@@ -575,7 +556,9 @@ def download_many(
         raw_items.append((item.url, path, per_item))
         positions.append(position)
     # Only once the items are known to be usable: a refused batch leaves nothing behind.
-    made = _missing_levels(directory)
+    from surefetch._fs import missing_levels, remove_empty_levels  # (not on a get's start-up)
+
+    made = missing_levels(directory)
     _make_directory(
         directory,
         "the files of a batch go into a directory: name one (or a path to create)",
@@ -607,7 +590,7 @@ def download_many(
             item_progress=item_progress,
         )
     finally:
-        _remove_if_empty(made)  # a batch that installed nothing leaves no directory it made
+        remove_empty_levels(made)  # a batch that installed nothing leaves no directory it made
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise SurefetchError(

@@ -63,7 +63,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from surefetch._fs import (
     fsync_dir,
+    missing_levels,
     not_durable,
+    remove_empty_levels,
     storage_error,
     try_flock,
 )
@@ -418,8 +420,7 @@ def sync(
         source, error = man.path, ManifestError
         if locked:
             check_locked(items, removed, old_bytes, lock_path)
-    made = _prepare_dest(Path(os.fspath(dest)))
-    root = made.root
+    root, made = _prepare_dest(Path(os.fspath(dest)))
     try:
         parents_inside: set[str] = set()
         for item in items:
@@ -479,7 +480,7 @@ def sync(
                 with contextlib.suppress(OSError):
                     state.rmdir()  # only when empty: part files of other downloads stay
     except BaseException:
-        made.undo()  # a destination this sync created goes again when it failed
+        remove_empty_levels(made)  # a destination this sync created goes when it failed
         raise
     return SyncResult(
         installed=tuple(sorted(o.item.name for o in outcomes if o.staged is not None)),
@@ -491,33 +492,14 @@ def sync(
     )
 
 
-class _Destination(NamedTuple):
-    root: str
-    """The destination's real path."""
-    created: tuple[str, ...]
-    """The directories made for it, outermost first."""
-
-    def undo(self) -> None:
-        """Removes the directories made for the destination, innermost first, as long as
-        they are empty (best effort: a failed sync into a new directory leaves none)."""
-        for path in reversed(self.created):
-            try:
-                os.rmdir(path)
-            except OSError:
-                return
-
-
-def _prepare_dest(dest: Path) -> _Destination:
-    missing = []
-    level = dest.absolute()
-    while not os.path.lexists(level) and level != level.parent:
-        missing.append(str(level))
-        level = level.parent
+def _prepare_dest(dest: Path) -> tuple[str, list[Path]]:
+    """Makes `dest` (and its missing parents); its real path, and the directories made."""
+    made = missing_levels(dest.absolute())
     try:
         dest.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
         raise storage_error(exc, f"cannot create the destination {dest}") from exc
-    return _Destination(os.path.realpath(dest), tuple(reversed(missing)))
+    return os.path.realpath(dest), made
 
 
 def _make_staging_dir(staging: Path) -> None:
