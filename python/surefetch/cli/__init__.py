@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import gc
 import importlib
 import os
@@ -41,6 +40,7 @@ from surefetch.cli._common import (
     keep_signal_handlers_at_exit,
     log_to_stderr,
     run_reporting_errors,
+    stdout,
     stop_on_closed_pipe,
 )
 
@@ -74,9 +74,7 @@ class _Parser(argparse.ArgumentParser):
     def print_help(self, file: SupportsWrite[str] | None = None) -> None:
         """As argparse's, but a failure to write is not swallowed: `main` reports it
         (stdout closed, too: argparse printed the help on stderr then)."""
-        if file is None and sys.stdout is None:
-            raise OSError(errno.EBADF, "it is closed")
-        (file or sys.stdout).write(self.format_help())
+        (file or stdout()).write(self.format_help())
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -119,9 +117,7 @@ class _VersionAction(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> NoReturn:
-        if sys.stdout is None:  # started with stdout closed (`>&-`), as `ls --version` fails
-            raise OSError(errno.EBADF, "it is closed")
-        print(version_line())
+        stdout().write(f"{version_line()}\n")
         parser.exit(EXIT_OK)
 
 

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from surefetch import _log, _signals
 from surefetch._signals import COMPLETED_FIRST
@@ -279,14 +279,25 @@ def write_or_undo(text: str, undo: Callable[[], None], *, undone: str) -> None:
     )
 
 
+def stdout() -> TextIO:
+    """`sys.stdout`, for a command with something to print.
+
+    Raises:
+        OSError: EBADF, the process was started with stdout closed (`>&-`): a command
+            whose output is lost fails, as `ls >&-` does (Python's `print` skips it).
+    """
+    if sys.stdout is None:
+        raise OSError(errno.EBADF, "it is closed")
+    return sys.stdout
+
+
 def write_flushed(text: str) -> OSError | None:
     """Writes and flushes `text` on stdout; the error when it could not (stdout then
     discarded, so that later lines and the exit's flush do not fail again)."""
     try:
-        if sys.stdout is None:  # started with stdout closed (`>&-`)
-            raise OSError(errno.EBADF, "it is closed")
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out = stdout()
+        out.write(text)
+        out.flush()
     except OSError as exc:
         if sys.stdout is not None:
             discard_stdout()
@@ -328,11 +339,10 @@ def write_out(text: str, *, flush: bool = False) -> None:
         CommandError: stdout cannot be written.
     """
     try:
-        if sys.stdout is None:  # started with stdout closed (`>&-`), as `ls >&-` fails
-            raise OSError(errno.EBADF, "it is closed")
-        sys.stdout.write(text)
+        out = stdout()
+        out.write(text)
         if flush:
-            sys.stdout.flush()
+            out.flush()
     except BrokenPipeError:
         if _closed_pipe_stops:
             raise
