@@ -19,7 +19,8 @@ from typing import Any
 __all__ = ["COMPLETED_FIRST", "completed", "held_back", "mark_completed"]
 
 #: The attribute of an exception raised by a held-back signal's handler that says what
-#: completed before it took effect (for the command line's one line on stderr).
+#: completed before it took effect (for a library caller; the command line's handlers
+#: note a signal after completion instead of raising: `completed`).
 COMPLETED_FIRST = "surefetch_completed_first"
 
 _HELD = (signal.SIGINT, signal.SIGTERM)

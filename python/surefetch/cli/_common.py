@@ -27,7 +27,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from surefetch import _log, _signals
-from surefetch._signals import COMPLETED_FIRST
 from surefetch.errors import (
     DownloadTimeout,
     HTTPError,
@@ -187,9 +186,6 @@ def error_line(exc: BaseException, *, keeps_parts: bool = True) -> str:
     line tells a command that downloads (`keeps_parts`) how to continue."""
     if isinstance(exc, (KeyboardInterrupt, Terminated)):
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
-        completed = getattr(exc, COMPLETED_FIRST, None)
-        if completed is not None:  # held back until a step that cannot stop halfway ended
-            return f"{what}, but {completed}"
         if not keeps_parts:
             return what
         if hasattr(exc, _KEPT):  # one download, and the engine said what it kept
@@ -211,9 +207,9 @@ def _fail(message: str, code: int) -> int:
 def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True) -> int:
     """Runs `action` with SIGTERM raising `Terminated`, and returns its exit code; turns
     the exceptions surefetch documents (and `CommandError`, SIGINT, SIGTERM) into one
-    stderr line and the exit code of `exit_code_for` (a signal held back until the
-    command's work was complete: a warning, exit 0). Anything else is a bug: it
-    propagates, with its traceback.
+    stderr line and the exit code of `exit_code_for` (a signal after the command's work
+    was complete: a warning, and its exit code). Anything else is a bug: it propagates,
+    with its traceback.
 
     Args:
         action: the command; returns its exit code.
@@ -228,11 +224,6 @@ def run_reporting_errors(action: Callable[[], int], *, keeps_parts: bool = True)
             print(f"surefetch: warning: {what}, but {_signals.completed()}", file=sys.stderr)
         return code
     except (CommandError, SurefetchError, ValueError, KeyboardInterrupt, Terminated) as exc:
-        if getattr(exc, COMPLETED_FIRST, None) is not None:
-            # The signal was held back until the work was complete (a sync's install):
-            # exit 0, since a non-zero exit says that nothing changed (DESIGN.md).
-            print(f"surefetch: warning: {error_line(exc)}", file=sys.stderr)
-            return EXIT_OK
         return _fail(error_line(exc, keeps_parts=keeps_parts), exit_code_for(exc))
 
 
