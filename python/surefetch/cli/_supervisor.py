@@ -212,11 +212,12 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         raise CommandError(error, int(reply.get("exit", 1)))
     reply.pop("ok", None)
     listed: list[Any] = []  # every job the supervisor sent (one more than shown)
+    limit = history_limit(args) if args.ctl_command == "jobs" else None
     if args.ctl_command == "jobs" and isinstance(reply.get("jobs"), list):
         if args.all:
             reply["jobs"].reverse()  # every job comes in submission order: newest first
         listed = reply["jobs"]
-        reply["jobs"] = shown_records(listed, history_limit(args))
+        reply["jobs"] = shown_records(listed, limit)
     if isinstance(reply.get("jobs"), list):
         reply["jobs"] = [redacted(job) for job in reply["jobs"]]
     if args.ctl_command in ("submit", "cancel", "shutdown"):  # done, whatever the output
@@ -227,7 +228,7 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
     else:
         _print_ctl_reply(args, path, reply)
     if listed:
-        note_more(listed, history_limit(args), "jobs")
+        note_more(listed, limit, "jobs")
     if args.ctl_command == "wait":
         _check_waited(reply, len(set(args.ids)), args.timeout)
     return EXIT_OK
