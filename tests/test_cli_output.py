@@ -83,6 +83,18 @@ def _sync_args(root: Path) -> list[str]:
             "--dest", str(root / "d"), "--cache", str(root / "c")]  # fmt: skip
 
 
+def _installing(command: str, url: str, tmp_path: Path, target: Path) -> list[str]:
+    """The arguments of `get`, `fetch -o` or `sync` that install `url` at `target`."""
+    if command == "sync":
+        (tmp_path / "surefetch.toml").write_text(
+            tomli_w.dumps({"artifact": [{"name": target.name, "url": url}]})
+        )
+        return _sync_args(tmp_path)
+    if command == "get":
+        return ["get", url, "-o", str(target)]
+    return ["fetch", url, "--cache", str(tmp_path / "c"), "-o", str(target)]
+
+
 @pytest.fixture
 def url(server: FaultServer) -> str:
     return server.add("a.bin", BODY)
@@ -95,15 +107,7 @@ def test_a_command_that_installed_exits_0_when_its_output_is_lost(
     url: str, tmp_path: Path, command: str, json_flag: list[str], output: str
 ) -> None:
     target = tmp_path / "d" / "a.bin"
-    if command == "sync":
-        (tmp_path / "surefetch.toml").write_text(
-            tomli_w.dumps({"artifact": [{"name": "a.bin", "url": url}]})
-        )
-        args = _sync_args(tmp_path)
-    elif command == "get":
-        args = ["get", url, "-o", str(target)]
-    else:
-        args = ["fetch", url, "--cache", str(tmp_path / "c"), "-o", str(target)]
+    args = _installing(command, url, tmp_path, target)
     with OUTPUTS[output]() as stdout:
         done = _run([*args, *json_flag], stdout, tmp_path)
     assert done.returncode == 0, done.stderr
@@ -168,15 +172,10 @@ def test_a_command_started_without_stderr_works_and_keeps_stdout_clean(
     missing stderr made it fail with exit 1, having done nothing), its messages go
     nowhere rather than onto stdout, and no file it opens takes descriptor 2."""
     target = tmp_path / "d" / "a.bin"
-    if command == "sync":
-        (tmp_path / "surefetch.toml").write_text(
-            tomli_w.dumps({"artifact": [{"name": "a.bin", "url": url}]})
-        )
-        args = _sync_args(tmp_path)
-    elif command == "fetch -o":
-        args = ["fetch", url, "--cache", str(tmp_path / "c"), "-o", str(target)]
-    else:
-        args = ["get", url if command == "get" else "http://127.0.0.1:1/a.bin", "-o", str(target)]
+    failing = command == "get (fails)"
+    args = _installing("get" if failing else command, url, tmp_path, target)
+    if failing:
+        args[1] = "http://127.0.0.1:1/a.bin"
     done = subprocess.run(
         [SUREFETCH, *args, "--json"],
         cwd=tmp_path,
